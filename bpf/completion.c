@@ -1,0 +1,678 @@
+// SPDX-License-Identifier: GPL-2.0
+// kvm-completion-tracer probes (loaded by tracer/probes.py through bcc).
+//
+// Per vCPU, in the kernel:  IDLE --KVM_RUN--> RUNNING --kvm_userspace_exit--> PENDING | IDLE
+// A save or restore ioctl on a vCPU fd while its vCPU is PENDING is reported at the ioctl's entry,
+// so the verdict follows the real interleaving of threads however late Python reads the ring.
+// One that entered while the vCPU was RUNNING waits on the vCPU mutex in KVM; it is judged when
+// it returns: if a completion-needing exit happened meanwhile, it ran mid-completion.
+//
+// ABI relied on (no kernel struct is ever read):
+//  - syscalls:sys_{enter,exit}_{ioctl,dup,dup2,dup3,fcntl,mmap,close,close_range}: syscall args.
+//  - raw tracepoint kvm_userspace_exit(__u32 reason, int errno): fired by kvm_vcpu_ioctl's
+//    KVM_RUN case, in the vCPU thread, after the arch run returns (errno 0: a real exit to
+//    userspace; -EINTR: immediate exit or signal, nothing pending).
+//  - kvm:kvm_exit (exit_reason, isa, vcpu_id) and kvm:kvm_entry (vcpu_id): classic fields.
+//  - sched:sched_process_exit (group_dead where the kernel has it), sched:sched_process_exec.
+//  - struct kvm_run (UAPI): immediate_exit at 1, exit union at 32, read from the VMM's own
+//    mapping with bpf_probe_read_user in the vCPU thread.
+// Constants come from tracer/abi.py as -D flags: KVM_RUN_NR, KVM_CREATE_VCPU_NR,
+// KVM_ENABLE_CAP_NR, KVM_CAP_DISABLE_QUIRKS_NR, KVM_CAP_DISABLE_QUIRKS2_NR, KVMIO_TYPE,
+// ACCESS_BYTES, MAX_EXIT_REASON; map sizes as MAX_VCPUS, MAX_VCPU_FDS, MAX_THREADS,
+// MAX_PROCS, MAX_GUEST_EXIT_KEYS, RINGBUF_PAGES; HAVE_GROUP_DEAD, TRACE_EXITS optional.
+
+#include <uapi/linux/ptrace.h>
+
+enum event_type {
+    EV_VIOLATION = 1,
+    EV_VCPU_CREATED = 2,
+    EV_VCPU_FD_DUP = 3,
+    EV_VCPU_FD_CLOSED = 4,
+    EV_PROCESS_EXIT = 5,
+    EV_WINDOW_CLOSED = 6,
+    EV_UNKNOWN_FD = 7,
+    EV_QUIRKS_DISABLED = 8,
+    EV_FD_RANGE_CLOSED = 9,
+    EV_RUN_ENTER = 10,
+    EV_USERSPACE_EXIT = 11,
+    EV_STATE_IOCTL = 12,
+    EV_TYPES = 16,
+};
+
+enum event_flag {
+    EV_F_ACCESS_VALID = 1,
+    EV_F_QUIRK_7E_DISABLED = 2,
+    EV_F_AT_RETURN = 4,
+    EV_F_IMMEDIATE_EXIT = 8,
+};
+
+// Indexes of the per-CPU `counters` array; tracer/probes.py names them (COUNTER_NAMES).
+enum counter {
+    C_LOST_BASE = 0,  // + event type: ring buffer full, event dropped
+    C_VCPU_MAP_FULL = EV_TYPES,
+    C_FD_MAP_FULL,
+    C_THREAD_MAP_FULL,
+    C_INFLIGHT_MAP_FULL,
+    C_PROC_MAP_FULL,
+    C_GUEST_EXIT_MAP_FULL,
+    C_ACCESS_READ_FAILED,  // kvm_run not readable when reporting: alert without the access
+    C_USERSPACE_EXITS,
+    C_PENDING_EXITS,
+    C_COMPLETIONS,
+    C_COMPLETIONS_IMMEDIATE,
+    C_UNTRACKED_EXITS,  // kvm_userspace_exit from a thread whose vCPU is unknown
+    C_COUNTERS,
+};
+
+enum vcpu_run_state { VCPU_IDLE = 0, VCPU_RUNNING = 1, VCPU_PENDING = 2 };
+
+enum ioctl_kind { IOCTL_SAVE = 1, IOCTL_RESTORE = 2 };
+
+enum inflight_op { OP_CREATE_VCPU = 1, OP_STATE_WHILE_RUNNING = 2, OP_DUP = 3, OP_MMAP = 4 };
+
+// Wire format: tracer/events.py EVENT_STRUCT mirrors it field by field.
+struct event {
+    u32 type;
+    u32 tgid;
+    u32 tid;
+    u32 vcpu_id;
+    s32 fd;
+    u32 cmd;
+    u32 exit_reason;
+    u32 flags;
+    u64 seq;
+    u64 pending_since_ns;
+    u64 ts_ns;
+    s64 aux;
+    u64 vcpu_uid;
+    u8 access[ACCESS_BYTES];
+    char comm[16];
+};
+
+struct fd_key {
+    u32 tgid;
+    s32 fd;
+};
+
+struct fd_val {
+    u64 vcpu_uid;  // key of `vcpus`; unique per KVM_CREATE_VCPU, never reused
+    u32 vcpu_id;
+    s32 vm_fd;
+};
+
+struct vcpu_state {
+    u64 seq;            // completion-needing exits so far: the current window's id
+    u64 pending_since;  // ktime of the exit that opened the window
+    u64 run_addr;       // the VMM's address of struct kvm_run (0: unknown)
+    u32 tgid;
+    u32 vcpu_id;
+    u32 state;          // enum vcpu_run_state
+    u32 exit_reason;    // of the last exit to userspace
+    u32 run_tid;        // thread in (or last in) KVM_RUN
+    u32 fd_refs;        // fds referring to this vCPU in its process
+    u32 window_reports; // violations reported in the current window
+};
+
+struct proc_state {
+    u64 quirks_disabled;  // KVM_X86_QUIRK_* bits the process disabled on a VM fd
+    u32 vcpus;
+    u32 pad;
+};
+
+struct inflight {
+    u32 op;       // enum inflight_op
+    s32 fd;       // vm fd (create), vCPU fd (state ioctl), old fd (dup)
+    s32 fd2;      // dup2/dup3 target, -1 otherwise
+    u32 cmd;
+    u64 vcpu_uid;
+    u64 seq;      // window id when a state ioctl entered while the vCPU ran
+    u32 vcpu_id;
+    u32 pad;
+};
+
+struct vcpu_key {
+    u32 tgid;
+    u32 vcpu_id;  // KVM's vCPU id as the kvm tracepoints report it
+};
+
+struct guest_exit_key {
+    u32 tgid;
+    u32 vcpu_id;
+    u32 isa;  // 1 VMX, 2 SVM (kvm_exit's isa field)
+    u32 reason;
+};
+
+BPF_RINGBUF_OUTPUT(events, RINGBUF_PAGES);
+BPF_HASH(vcpu_fds, struct fd_key, struct fd_val, MAX_VCPU_FDS);
+BPF_HASH(vcpus, u64, struct vcpu_state, MAX_VCPUS);
+BPF_HASH(run_threads, u32, u64, MAX_THREADS);      // tid -> vcpu_uid of its last KVM_RUN
+BPF_HASH(inflight, u32, struct inflight, MAX_THREADS);  // tid -> syscall awaiting its return
+BPF_HASH(procs, u32, struct proc_state, MAX_PROCS);
+BPF_TABLE("lru_hash", struct fd_key, u8, unknown_fds, 1024);  // UNKNOWN_FD sent once per fd
+BPF_ARRAY(pending_exits, u8, MAX_EXIT_REASON);      // policy: 1 = exit leaves a completion
+BPF_HASH(ioctl_kinds, u32, u8, 128);                // policy: enum ioctl_kind by full cmd
+BPF_ARRAY(next_uid, u64, 1);
+BPF_PERCPU_ARRAY(counters, u64, C_COUNTERS);
+BPF_HASH(guest_exits, struct guest_exit_key, u64, MAX_GUEST_EXIT_KEYS);
+BPF_HASH(guest_entries, struct vcpu_key, u64, MAX_VCPUS);  // kvm_entry count
+
+static __always_inline void count(u32 idx)
+{
+    u64 *c = counters.lookup(&idx);
+    if (c)
+        (*c)++;  // per-CPU slot: no atomic needed
+}
+
+static __always_inline struct event *new_event(u32 type, u32 tgid, u32 tid)
+{
+    struct event *ev = events.ringbuf_reserve(sizeof(struct event));
+    if (!ev) {
+        count(C_LOST_BASE + type);
+        return 0;
+    }
+    __builtin_memset(ev, 0, sizeof(*ev));
+    ev->type = type;
+    ev->tgid = tgid;
+    ev->tid = tid;
+    ev->ts_ns = bpf_ktime_get_ns();
+    bpf_get_current_comm(&ev->comm, sizeof(ev->comm));
+    return ev;
+}
+
+static __always_inline void fill_vcpu(struct event *ev, u64 uid, struct vcpu_state *st)
+{
+    ev->vcpu_uid = uid;
+    ev->vcpu_id = st->vcpu_id;
+    ev->exit_reason = st->exit_reason;
+    ev->seq = st->seq;
+    ev->pending_since_ns = st->pending_since;
+}
+
+// The pending exit's access (port, GPA, MSR) is the exit union at kvm_run offset 32. KVM leaves
+// it alone until the next KVM_RUN, so it is read only when reported, never on the exit path; the
+// read runs in a thread of the VMM (vCPU ioctls must come from the VM's mm). It fails while the
+// VMM has not touched the page yet (no fault-in from BPF): the alert then lacks the access.
+static __always_inline void read_access(struct event *ev, struct vcpu_state *st)
+{
+    if (st->run_addr &&
+        bpf_probe_read_user(ev->access, ACCESS_BYTES, (void *)(st->run_addr + 32)) == 0)
+        ev->flags |= EV_F_ACCESS_VALID;
+    else
+        count(C_ACCESS_READ_FAILED);
+}
+
+static __always_inline u32 quirk_flags(u32 tgid)
+{
+    struct proc_state *p = procs.lookup(&tgid);
+    // KVM_X86_QUIRK_OUT_7E_INC_RIP is bit 3 (arch/x86/include/uapi/asm/kvm.h).
+    return (p && (p->quirks_disabled & (1ULL << 3))) ? EV_F_QUIRK_7E_DISABLED : 0;
+}
+
+static __always_inline void report_violation(u32 tgid, u32 tid, s32 fd, u32 cmd, u64 uid,
+                                             struct vcpu_state *st, u32 extra_flags)
+{
+    __sync_fetch_and_add(&st->window_reports, 1);
+    struct event *ev = new_event(EV_VIOLATION, tgid, tid);
+    if (!ev)
+        return;
+    fill_vcpu(ev, uid, st);
+    read_access(ev, st);
+    ev->fd = fd;
+    ev->cmd = cmd;
+    ev->flags |= extra_flags | quirk_flags(tgid);
+    events.ringbuf_submit(ev, 0);
+}
+
+static __always_inline void emit_simple(u32 type, u32 tgid, u32 tid, s32 fd, u32 vcpu_id,
+                                        u64 uid, s64 aux)
+{
+    struct event *ev = new_event(type, tgid, tid);
+    if (!ev)
+        return;
+    ev->fd = fd;
+    ev->vcpu_id = vcpu_id;
+    ev->vcpu_uid = uid;
+    ev->aux = aux;
+    events.ringbuf_submit(ev, 0);
+}
+
+static __always_inline struct proc_state *proc_get(u32 tgid)
+{
+    struct proc_state zero = {};
+    struct proc_state *p = procs.lookup(&tgid);
+    if (p)
+        return p;
+    if (procs.update(&tgid, &zero)) {
+        count(C_PROC_MAP_FULL);
+        return 0;
+    }
+    return procs.lookup(&tgid);
+}
+
+// Drop one fd's reference to its vCPU; the vCPU's state goes with its last fd (nothing can
+// reach a vCPU without an fd, so a reused fd number or a new vCPU never inherits it).
+static __always_inline void forget_fd(u32 tgid, u32 tid, struct fd_key *key)
+{
+    struct fd_val *fv = vcpu_fds.lookup(key);
+    if (!fv)
+        return;
+    u64 uid = fv->vcpu_uid;
+    u32 vcpu_id = fv->vcpu_id;
+    vcpu_fds.delete(key);
+    struct vcpu_state *st = vcpus.lookup(&uid);
+    s64 left = 0;
+    if (st) {
+        if (st->fd_refs > 1) {
+            st->fd_refs--;
+            left = st->fd_refs;
+        } else {
+            vcpus.delete(&uid);
+            struct proc_state *p = procs.lookup(&tgid);
+            if (p && p->vcpus > 0)
+                p->vcpus--;
+        }
+    }
+    emit_simple(EV_VCPU_FD_CLOSED, tgid, tid, key->fd, vcpu_id, uid, left);
+}
+
+// ---- KVM_RUN ----------------------------------------------------------------------------------
+
+static __always_inline void on_run_enter(u32 tgid, u32 tid, u64 uid, struct vcpu_state *st)
+{
+    if (st->state == VCPU_PENDING) {
+        // KVM completes the pending operation at the top of KVM_RUN; immediate_exit (kvm_run
+        // offset 1) tells whether the guest may run afterwards.
+        u8 immediate = 0;
+        if (st->run_addr)
+            bpf_probe_read_user(&immediate, 1, (void *)(st->run_addr + 1));
+        count(immediate ? C_COMPLETIONS_IMMEDIATE : C_COMPLETIONS);
+        if (st->window_reports) {
+            struct event *ev = new_event(EV_WINDOW_CLOSED, tgid, tid);
+            if (ev) {
+                fill_vcpu(ev, uid, st);
+                ev->aux = st->window_reports;
+                ev->flags = immediate ? EV_F_IMMEDIATE_EXIT : 0;
+                events.ringbuf_submit(ev, 0);
+            }
+        }
+    }
+    st->state = VCPU_RUNNING;
+    st->run_tid = tid;
+    u64 *cur = run_threads.lookup(&tid);
+    if (!cur || *cur != uid) {
+        if (run_threads.update(&tid, &uid))
+            count(C_THREAD_MAP_FULL);
+    }
+#ifdef TRACE_EXITS
+    emit_simple(EV_RUN_ENTER, tgid, tid, -1, st->vcpu_id, uid, st->seq);
+#endif
+}
+
+RAW_TRACEPOINT_PROBE(kvm_userspace_exit)
+{
+    u64 id = bpf_get_current_pid_tgid();
+    u32 tid = (u32)id;
+    u32 reason = (u32)ctx->args[0];
+    int err = (int)ctx->args[1];
+
+    count(C_USERSPACE_EXITS);
+    u64 *uidp = run_threads.lookup(&tid);
+    if (!uidp) {
+        count(C_UNTRACKED_EXITS);
+        return 0;
+    }
+    u64 uid = *uidp;
+    struct vcpu_state *st = vcpus.lookup(&uid);
+    if (!st) {
+        count(C_UNTRACKED_EXITS);
+        return 0;
+    }
+    u8 *pending = 0;
+    if (err == 0 && reason < MAX_EXIT_REASON) {
+        u32 idx = reason;
+        pending = pending_exits.lookup(&idx);
+    }
+    if (err == 0)
+        st->exit_reason = reason;
+    if (pending && *pending) {
+        count(C_PENDING_EXITS);
+        st->seq++;
+        st->pending_since = bpf_ktime_get_ns();
+        st->window_reports = 0;
+        st->state = VCPU_PENDING;  // last: other CPUs test state before reading the rest
+    } else {
+        st->state = VCPU_IDLE;
+    }
+#ifdef TRACE_EXITS
+    emit_simple(EV_USERSPACE_EXIT, (u32)(id >> 32), tid, -1, st->vcpu_id, uid,
+                ((s64)err << 32) | reason);
+#endif
+    return 0;
+}
+
+// ---- ioctl ------------------------------------------------------------------------------------
+
+static __always_inline void on_enable_cap(u32 tgid, u32 tid, u64 arg)
+{
+    // struct kvm_enable_cap { __u32 cap; __u32 flags; __u64 args[4]; __u8 pad[64]; }
+    struct {
+        u32 cap;
+        u32 flags;
+        u64 arg0;
+    } cap = {};
+    if (bpf_probe_read_user(&cap, sizeof(cap), (void *)arg))
+        return;
+    if (cap.cap != KVM_CAP_DISABLE_QUIRKS_NR && cap.cap != KVM_CAP_DISABLE_QUIRKS2_NR)
+        return;
+    struct proc_state *p = proc_get(tgid);
+    if (p)
+        p->quirks_disabled |= cap.arg0;
+    emit_simple(EV_QUIRKS_DISABLED, tgid, tid, -1, 0, 0, (s64)cap.arg0);
+}
+
+static __always_inline void stash(u32 tid, struct inflight *inf)
+{
+    if (inflight.update(&tid, inf))
+        count(C_INFLIGHT_MAP_FULL);
+}
+
+TRACEPOINT_PROBE(syscalls, sys_enter_ioctl)
+{
+    u32 cmd = (u32)args->cmd;
+    if (((cmd >> 8) & 0xff) != KVMIO_TYPE)  // every non-KVM ioctl on the host leaves here
+        return 0;
+    u64 id = bpf_get_current_pid_tgid();
+    u32 tgid = id >> 32, tid = (u32)id;
+    struct fd_key fk = {.tgid = tgid, .fd = (s32)args->fd};
+
+    if (cmd == KVM_ENABLE_CAP_NR) {
+        on_enable_cap(tgid, tid, args->arg);
+        return 0;
+    }
+    struct fd_val *fv = vcpu_fds.lookup(&fk);
+    if (!fv) {
+        if (cmd == KVM_CREATE_VCPU_NR) {
+            struct inflight inf = {.op = OP_CREATE_VCPU, .fd = fk.fd, .fd2 = -1,
+                                   .vcpu_id = (u32)args->arg};
+            stash(tid, &inf);
+            return 0;
+        }
+        u8 *kind = ioctl_kinds.lookup(&cmd);
+        if (cmd == KVM_RUN_NR || kind) {
+            if (cmd == KVM_RUN_NR)
+                run_threads.delete(&tid);  // its exits must not land on an older vCPU
+            u8 one = 1;
+            if (!unknown_fds.lookup(&fk)) {
+                unknown_fds.update(&fk, &one);
+                emit_simple(EV_UNKNOWN_FD, tgid, tid, fk.fd, 0, 0, cmd);
+            }
+        }
+        return 0;
+    }
+    u64 uid = fv->vcpu_uid;
+    struct vcpu_state *st = vcpus.lookup(&uid);
+    if (!st)
+        return 0;
+    if (cmd == KVM_RUN_NR) {
+        on_run_enter(tgid, tid, uid, st);
+        return 0;
+    }
+    u8 *kind = ioctl_kinds.lookup(&cmd);
+    if (!kind)
+        return 0;
+    u32 state = st->state;
+    if (state == VCPU_PENDING) {
+        report_violation(tgid, tid, fk.fd, cmd, uid, st, 0);
+    } else if (state == VCPU_RUNNING) {
+        struct inflight inf = {.op = OP_STATE_WHILE_RUNNING, .fd = fk.fd, .fd2 = -1,
+                               .cmd = cmd, .vcpu_uid = uid, .seq = st->seq,
+                               .vcpu_id = st->vcpu_id};
+        stash(tid, &inf);
+    }
+#ifdef TRACE_EXITS
+    else {
+        struct event *ev = new_event(EV_STATE_IOCTL, tgid, tid);
+        if (ev) {
+            fill_vcpu(ev, uid, st);
+            ev->fd = fk.fd;
+            ev->cmd = cmd;
+            events.ringbuf_submit(ev, 0);
+        }
+    }
+#endif
+    return 0;
+}
+
+static __always_inline void on_vcpu_created(u32 tgid, u32 tid, struct inflight *inf, s32 fd)
+{
+    u32 idx = 0;
+    u64 *next = next_uid.lookup(&idx);
+    if (!next)
+        return;
+    // Unique even when two CPUs create vCPUs at once: the atomic add hands out distinct values.
+    u64 uid = __sync_fetch_and_add(next, 1) + 1;
+    struct fd_key fk = {.tgid = tgid, .fd = fd};
+    forget_fd(tgid, tid, &fk);  // a stale entry (missed close) must not keep a vCPU alive
+    struct fd_val fv = {.vcpu_uid = uid, .vcpu_id = inf->vcpu_id, .vm_fd = inf->fd};
+    if (vcpu_fds.update(&fk, &fv)) {
+        count(C_FD_MAP_FULL);
+        return;
+    }
+    struct vcpu_state st = {};
+    st.tgid = tgid;
+    st.vcpu_id = inf->vcpu_id;
+    st.fd_refs = 1;
+    if (vcpus.update(&uid, &st)) {
+        count(C_VCPU_MAP_FULL);
+        vcpu_fds.delete(&fk);
+        return;
+    }
+    struct proc_state *p = proc_get(tgid);
+    if (p)
+        p->vcpus++;
+    emit_simple(EV_VCPU_CREATED, tgid, tid, fd, inf->vcpu_id, uid, inf->fd);
+}
+
+TRACEPOINT_PROBE(syscalls, sys_exit_ioctl)
+{
+    u64 id = bpf_get_current_pid_tgid();
+    u32 tid = (u32)id;
+    struct inflight *inf = inflight.lookup(&tid);
+    if (!inf)
+        return 0;
+    u32 tgid = id >> 32;
+    long ret = args->ret;
+    if (inf->op == OP_CREATE_VCPU && ret >= 0) {
+        on_vcpu_created(tgid, tid, inf, (s32)ret);
+    } else if (inf->op == OP_STATE_WHILE_RUNNING) {
+        u64 uid = inf->vcpu_uid;
+        struct vcpu_state *st = vcpus.lookup(&uid);
+        // The ioctl waited for the running KVM_RUN to drop the vCPU mutex; if that run ended
+        // in a completion-needing exit (a new window), the ioctl ran inside it.
+        if (st && st->state == VCPU_PENDING && st->seq != inf->seq)
+            report_violation(tgid, tid, inf->fd, inf->cmd, uid, st, EV_F_AT_RETURN);
+    }
+    inflight.delete(&tid);
+    return 0;
+}
+
+// ---- fd lifecycle: dup, close, mmap of struct kvm_run -----------------------------------------
+
+static __always_inline void dup_enter(s32 oldfd, s32 newfd)
+{
+    u64 id = bpf_get_current_pid_tgid();
+    struct fd_key fk = {.tgid = id >> 32, .fd = oldfd};
+    struct fd_key nk = {.tgid = id >> 32, .fd = newfd};
+    // Only vCPU fds matter: as source, or as a dup2 target that gets closed.
+    if (!vcpu_fds.lookup(&fk) && (newfd < 0 || !vcpu_fds.lookup(&nk)))
+        return;
+    struct inflight inf = {.op = OP_DUP, .fd = oldfd, .fd2 = newfd};
+    stash((u32)id, &inf);
+}
+
+static __always_inline void dup_exit(long ret)
+{
+    u64 id = bpf_get_current_pid_tgid();
+    u32 tgid = id >> 32, tid = (u32)id;
+    struct inflight *inf = inflight.lookup(&tid);
+    if (!inf)
+        return;
+    if (inf->op != OP_DUP || ret < 0 || ret == inf->fd) {
+        inflight.delete(&tid);
+        return;
+    }
+    struct fd_key nk = {.tgid = tgid, .fd = (s32)ret};
+    forget_fd(tgid, tid, &nk);  // dup2/dup3 closed whatever the target was
+    struct fd_key fk = {.tgid = tgid, .fd = inf->fd};
+    inflight.delete(&tid);
+    struct fd_val *fv = vcpu_fds.lookup(&fk);
+    if (!fv)
+        return;
+    struct fd_val copy = *fv;
+    struct vcpu_state *st = vcpus.lookup(&copy.vcpu_uid);
+    if (!st)
+        return;
+    if (vcpu_fds.update(&nk, &copy)) {
+        count(C_FD_MAP_FULL);
+        return;
+    }
+    st->fd_refs++;
+    emit_simple(EV_VCPU_FD_DUP, tgid, tid, (s32)ret, copy.vcpu_id, copy.vcpu_uid, fk.fd);
+}
+
+TRACEPOINT_PROBE(syscalls, sys_enter_dup) { dup_enter((s32)args->fildes, -1); return 0; }
+TRACEPOINT_PROBE(syscalls, sys_exit_dup) { dup_exit(args->ret); return 0; }
+TRACEPOINT_PROBE(syscalls, sys_enter_dup2) { dup_enter((s32)args->oldfd, (s32)args->newfd); return 0; }
+TRACEPOINT_PROBE(syscalls, sys_exit_dup2) { dup_exit(args->ret); return 0; }
+TRACEPOINT_PROBE(syscalls, sys_enter_dup3) { dup_enter((s32)args->oldfd, (s32)args->newfd); return 0; }
+TRACEPOINT_PROBE(syscalls, sys_exit_dup3) { dup_exit(args->ret); return 0; }
+
+TRACEPOINT_PROBE(syscalls, sys_enter_fcntl)
+{
+    u32 cmd = (u32)args->cmd;
+    // F_DUPFD (0) and F_DUPFD_CLOEXEC (1030) duplicate; every other fcntl leaves here.
+    if (cmd == 0 || cmd == 1030)
+        dup_enter((s32)args->fd, -1);
+    return 0;
+}
+
+TRACEPOINT_PROBE(syscalls, sys_exit_fcntl) { dup_exit(args->ret); return 0; }
+
+TRACEPOINT_PROBE(syscalls, sys_enter_close)
+{
+    u64 id = bpf_get_current_pid_tgid();
+    struct fd_key fk = {.tgid = id >> 32, .fd = (s32)args->fd};
+    forget_fd(fk.tgid, (u32)id, &fk);
+    unknown_fds.delete(&fk);
+    return 0;
+}
+
+TRACEPOINT_PROBE(syscalls, sys_enter_close_range)
+{
+    // A range cannot be walked here; Python rescans the process's fds (procs: it has vCPUs).
+    u64 id = bpf_get_current_pid_tgid();
+    u32 tgid = id >> 32;
+    if (procs.lookup(&tgid))
+        emit_simple(EV_FD_RANGE_CLOSED, tgid, (u32)id, (s32)args->fd, 0, 0, (s64)args->max_fd);
+    return 0;
+}
+
+TRACEPOINT_PROBE(syscalls, sys_enter_mmap)
+{
+    s32 fd = (s32)args->fd;
+    if (fd < 0 || args->off != 0)  // struct kvm_run is page 0 of the vCPU fd
+        return 0;
+    u64 id = bpf_get_current_pid_tgid();
+    struct fd_key fk = {.tgid = id >> 32, .fd = fd};
+    struct fd_val *fv = vcpu_fds.lookup(&fk);
+    if (!fv)
+        return 0;
+    struct inflight inf = {.op = OP_MMAP, .fd = fd, .fd2 = -1, .vcpu_uid = fv->vcpu_uid};
+    stash((u32)id, &inf);
+    return 0;
+}
+
+TRACEPOINT_PROBE(syscalls, sys_exit_mmap)
+{
+    u32 tid = (u32)bpf_get_current_pid_tgid();
+    struct inflight *inf = inflight.lookup(&tid);
+    if (!inf)
+        return 0;
+    if (inf->op == OP_MMAP && args->ret >= 0) {
+        u64 uid = inf->vcpu_uid;
+        struct vcpu_state *st = vcpus.lookup(&uid);
+        if (st)
+            st->run_addr = (u64)args->ret;
+    }
+    inflight.delete(&tid);
+    return 0;
+}
+
+// ---- process lifecycle ------------------------------------------------------------------------
+
+static __always_inline void process_gone(u32 tgid, u32 tid)
+{
+    if (!procs.lookup(&tgid))
+        return;
+    procs.delete(&tgid);
+    // The fd and vCPU entries of this process are removed by Python on this event (a hash map
+    // cannot be walked here); until then nothing can reach them: the fds are gone with the
+    // process, and a new process reusing the pid gets new vCPU uids from KVM_CREATE_VCPU.
+    emit_simple(EV_PROCESS_EXIT, tgid, tid, -1, 0, 0, 0);
+}
+
+TRACEPOINT_PROBE(sched, sched_process_exit)
+{
+    u64 id = bpf_get_current_pid_tgid();
+    u32 tgid = id >> 32, tid = (u32)id;
+    run_threads.delete(&tid);
+    inflight.delete(&tid);
+#ifdef HAVE_GROUP_DEAD
+    if (args->group_dead)
+        process_gone(tgid, tid);
+#else
+    if (tgid == tid)
+        process_gone(tgid, tid);
+#endif
+    return 0;
+}
+
+TRACEPOINT_PROBE(sched, sched_process_exec)
+{
+    // exec closes the O_CLOEXEC vCPU fds KVM hands out: the old VM is gone for this process.
+    u64 id = bpf_get_current_pid_tgid();
+    process_gone(id >> 32, (u32)id);
+    return 0;
+}
+
+// ---- guest exits and entries (x86 hardware virtualization; never fire under PVM) --------------
+
+TRACEPOINT_PROBE(kvm, kvm_exit)
+{
+    struct guest_exit_key k = {.tgid = bpf_get_current_pid_tgid() >> 32,
+                               .vcpu_id = args->vcpu_id, .isa = args->isa,
+                               .reason = args->exit_reason};
+    u64 *c = guest_exits.lookup(&k);
+    if (c) {
+        __sync_fetch_and_add(c, 1);
+    } else {
+        u64 one = 1;
+        if (guest_exits.update(&k, &one))
+            count(C_GUEST_EXIT_MAP_FULL);
+    }
+    return 0;
+}
+
+TRACEPOINT_PROBE(kvm, kvm_entry)
+{
+    struct vcpu_key k = {.tgid = bpf_get_current_pid_tgid() >> 32, .vcpu_id = args->vcpu_id};
+    u64 *c = guest_entries.lookup(&k);
+    if (c) {
+        __sync_fetch_and_add(c, 1);
+    } else {
+        u64 one = 1;
+        if (guest_entries.update(&k, &one))
+            count(C_GUEST_EXIT_MAP_FULL);
+    }
+    return 0;
+}

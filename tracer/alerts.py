@@ -1,0 +1,145 @@
+"""What the tracker reports, and the structlog sink that prints it.
+
+Sinks receive typed alerts; this module renders them as structured log events (JSON lines on
+stdout, or the console renderer on a TTY). Metrics (a later sink) take the same objects.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from dataclasses import asdict, dataclass, field
+from typing import Any, Protocol, TextIO
+
+import structlog
+
+
+@dataclass(frozen=True)
+class ViolationAlert:
+    """One save/restore ioctl issued while a completion was pending."""
+
+    pid: int
+    tid: int
+    comm: str
+    vm: str
+    vmm: str
+    vcpu_id: int
+    vcpu_fd: int
+    exit_reason: str
+    access: dict[str, object]
+    ioctl: str
+    kind: str  # "save" | "restore"
+    pending_ns: int
+    rule: str
+    severity: str
+    reason: str
+    detected_at: str  # "ioctl_entry" | "ioctl_return"
+    window: int  # per-vCPU id of the pending window (count of completion-needing exits)
+    sanctioned: bool = False
+
+
+@dataclass(frozen=True)
+class SnapshotAlert:
+    """Several save ioctls inside one pending window: a snapshot taken mid-completion."""
+
+    pid: int
+    vm: str
+    vmm: str
+    vcpu_id: int
+    exit_reason: str
+    access: dict[str, object]
+    ioctls: list[str]
+    tids: list[int]
+    window: int
+    pending_ns: int  # from the exit to the last save of the window
+    closed_by: str  # "reentry" | "immediate_exit" | "vcpu_closed" | "process_exit" | "idle"
+    severity: str = "critical"
+    reason: str = field(default="")
+
+
+class AlertSink(Protocol):
+    def violation(self, alert: ViolationAlert) -> None: ...
+
+    def sanctioned(self, alert: ViolationAlert) -> None: ...
+
+    def snapshot(self, alert: SnapshotAlert) -> None: ...
+
+    def notice(self, event: str, level: str, **fields: Any) -> None: ...
+
+
+class MultiSink:
+    """Fan one alert out to several sinks (logs now, metrics later)."""
+
+    def __init__(self, *sinks: AlertSink) -> None:
+        self.sinks = list(sinks)
+
+    def violation(self, alert: ViolationAlert) -> None:
+        for sink in self.sinks:
+            sink.violation(alert)
+
+    def sanctioned(self, alert: ViolationAlert) -> None:
+        for sink in self.sinks:
+            sink.sanctioned(alert)
+
+    def snapshot(self, alert: SnapshotAlert) -> None:
+        for sink in self.sinks:
+            sink.snapshot(alert)
+
+    def notice(self, event: str, level: str, **fields: Any) -> None:
+        for sink in self.sinks:
+            sink.notice(event, level, **fields)
+
+
+LEVELS = ("debug", "info", "warning", "error", "critical")
+_SEVERITY_LEVEL = {"info": "info", "warning": "warning", "error": "error", "critical": "critical"}
+
+
+def configure_logging(log_format: str = "auto", level: str = "info",
+                      stream: TextIO | None = None) -> None:
+    """JSON lines (or the console renderer on a TTY) on ``stream``, filtered at ``level``."""
+    out = stream or sys.stdout
+    use_console = log_format == "console" or (log_format == "auto" and out.isatty())
+    renderer: Any = (structlog.dev.ConsoleRenderer(colors=out.isatty()) if use_console
+                     else structlog.processors.JSONRenderer(sort_keys=False))
+    structlog.configure(
+        processors=[
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            renderer,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(getattr(logging, level.upper())),
+        logger_factory=structlog.PrintLoggerFactory(file=out),
+        cache_logger_on_first_use=False,
+    )
+
+
+class LogSink:
+    """Alerts as structlog events: ``completion_violation``, ``completion_snapshot``, ..."""
+
+    def __init__(self) -> None:
+        self.log = structlog.get_logger("kvm-completion-tracer")
+
+    def _emit(self, level: str, event: str, **fields: Any) -> None:
+        getattr(self.log, level)(event, **fields)
+
+    def violation(self, alert: ViolationAlert) -> None:
+        fields = asdict(alert)
+        fields.pop("sanctioned")
+        self._emit(_level_for(alert.severity), "completion_violation", **fields)
+
+    def sanctioned(self, alert: ViolationAlert) -> None:
+        fields = asdict(alert)
+        fields.pop("sanctioned")
+        self._emit("debug", "completion_sanctioned", **fields)
+
+    def snapshot(self, alert: SnapshotAlert) -> None:
+        self._emit(_level_for(alert.severity), "completion_snapshot", **asdict(alert))
+
+    def notice(self, event: str, level: str, **fields: Any) -> None:
+        self._emit(level, event, **fields)
+
+
+def _level_for(severity: str) -> str:
+    # Violations are never below warning: an operator filtering at warning must still see them.
+    level = _SEVERITY_LEVEL.get(severity, "warning")
+    return "warning" if level in ("debug", "info") else level

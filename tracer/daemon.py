@@ -1,0 +1,129 @@
+"""``run``: attach the probes, feed their events to the tracker, until SIGINT/SIGTERM."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType
+
+from tracer import __version__, vmident
+from tracer.alerts import AlertSink, LogSink
+from tracer.events import MalformedEvent, decode_event
+from tracer.policy import CompletionPolicy, describe
+from tracer.probes import ProbeConfig, Probes
+from tracer.tracker import Tracker
+from tracer.vmident import VmIdentity
+
+POLL_MS = 100  # ring buffer poll timeout: bounds alert latency when events trickle in
+SWEEP_S = 5.0  # how often to look for processes whose exit event was lost
+LOSS_CHECK_S = 2.0
+
+
+class SystemProcView:
+    """The tracker's window on /proc (tracer.vmident)."""
+
+    def __init__(self, proc_root: Path = vmident.PROC) -> None:
+        self.proc_root = proc_root
+
+    def identify(self, pid: int) -> VmIdentity:
+        return vmident.identify_vm(pid, self.proc_root)
+
+    def resolve_fd(self, pid: int, fd: int) -> int | None:
+        return vmident.resolve_fd(pid, fd, self.proc_root)
+
+    def run_addr(self, pid: int, vcpu_id: int) -> int | None:
+        return vmident.vcpu_run_addr(pid, vcpu_id, self.proc_root)
+
+    def alive(self, pid: int) -> bool:
+        return vmident.process_start_time(pid, self.proc_root) is not None
+
+
+@dataclass
+class DaemonOptions:
+    policy: CompletionPolicy
+    probe_config: ProbeConfig = field(default_factory=ProbeConfig)
+    snapshot_idle_s: float = 1.0
+
+
+class Daemon:
+    """Probes -> events -> tracker -> sinks, driven from one thread."""
+
+    def __init__(self, options: DaemonOptions, sink: AlertSink | None = None) -> None:
+        self.options = options
+        self.sink: AlertSink = sink or LogSink()
+        self.probes = Probes(options.policy, options.probe_config)
+        self.tracker = Tracker(options.policy, self.sink, SystemProcView(), self.probes,
+                               snapshot_idle_s=options.snapshot_idle_s)
+        self.probes.on_event(self._on_raw_event)
+        self.stop_requested = threading.Event()
+        self._lost_reported = 0
+
+    def _on_raw_event(self, raw: bytes) -> None:
+        try:
+            event = decode_event(raw)
+        except MalformedEvent as err:
+            self.tracker.stats.malformed_events += 1
+            self.sink.notice("malformed_event", "warning", error=str(err))
+            return
+        self.tracker.handle(event)
+
+    def start(self) -> None:
+        """Adopt VMs that predate us (after attaching, so none slips between) and say ready."""
+        adopted = self.tracker.adopt_existing(vmident.discover_vcpus())
+        self.sink.notice("ready", "info", version=__version__, pid=os.getpid(),
+                         probes=self.probes.attached(), vcpus_adopted=adopted,
+                         policy=describe(self.options.policy))
+
+    def poll_once(self, timeout_ms: int = POLL_MS) -> None:
+        self.probes.poll(timeout_ms)
+        self.tracker.tick()
+
+    def check_losses(self) -> None:
+        counters = self.probes.counters()
+        lost = counters["events_lost"]
+        if lost > self._lost_reported:
+            self.sink.notice("events_lost", "warning", lost=lost - self._lost_reported,
+                             total=lost, hint="raise ringbuf_pages; alerts may be missing")
+            self._lost_reported = lost
+        full = {k: v for k, v in counters.items() if k.endswith("_map_full") and v}
+        if full:
+            self.sink.notice("maps_full", "warning", **full)
+
+    def run_forever(self, should_stop: Callable[[], bool] | None = None) -> None:
+        stop = should_stop or self.stop_requested.is_set
+        next_sweep = next_loss = time.monotonic()
+        while not stop():
+            self.poll_once()
+            now = time.monotonic()
+            if now >= next_sweep:
+                self.tracker.sweep()
+                next_sweep = now + SWEEP_S
+            if now >= next_loss:
+                self.check_losses()
+                next_loss = now + LOSS_CHECK_S
+        self.probes.poll(0)  # drain what is already in the ring
+        self.tracker.tick()
+
+    def close(self) -> None:
+        self.probes.close()
+
+
+def run(options: DaemonOptions) -> int:
+    daemon = Daemon(options)
+    try:
+        def _stop(signum: int, _frame: FrameType | None) -> None:
+            daemon.stop_requested.set()
+
+        signal.signal(signal.SIGINT, _stop)
+        signal.signal(signal.SIGTERM, _stop)
+        daemon.start()
+        daemon.run_forever()
+        daemon.sink.notice("stopped", "info", reason="signal")
+    finally:
+        daemon.close()
+    return 0

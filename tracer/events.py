@@ -1,0 +1,176 @@
+"""Events from the probes: the wire layout shared with ``bpf/completion.c`` and its decoding.
+
+Pure Python (no bcc): the probes module hands raw ring-buffer bytes to :func:`decode_event`.
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+from dataclasses import dataclass
+from typing import Final
+
+from tracer import abi
+
+
+class EventType(enum.IntEnum):
+    """``enum event_type`` in bpf/completion.c."""
+
+    VIOLATION = 1  # a save/restore ioctl on a vCPU whose completion is pending
+    VCPU_CREATED = 2  # KVM_CREATE_VCPU returned a vCPU fd
+    VCPU_FD_DUP = 3  # a vCPU fd was duplicated (dup/dup2/dup3/fcntl F_DUPFD)
+    VCPU_FD_CLOSED = 4  # a vCPU fd was closed; aux = fds left for that vCPU
+    PROCESS_EXIT = 5  # a process holding vCPUs exited or exec'd
+    WINDOW_CLOSED = 6  # userspace re-entered KVM_RUN after a window that had violations
+    UNKNOWN_FD = 7  # a vCPU-class ioctl on an fd the probes do not know
+    QUIRKS_DISABLED = 8  # KVM_ENABLE_CAP(KVM_CAP_DISABLE_QUIRKS[2]); aux = quirk mask
+    FD_RANGE_CLOSED = 9  # close_range() in a process holding vCPUs: rescan its fds
+    # Only with --trace-exits (debugging / differential testing): one per exit.
+    RUN_ENTER = 10
+    USERSPACE_EXIT = 11  # exit_reason, aux = errno
+    STATE_IOCTL = 12  # a save/restore ioctl while no completion is pending
+
+
+class EventFlag(enum.IntFlag):
+    """``EV_F_*`` in bpf/completion.c."""
+
+    ACCESS_VALID = 1  # access[] holds the kvm_run exit union of the pending exit
+    QUIRK_7E_DISABLED = 2  # the process disabled KVM_X86_QUIRK_OUT_7E_INC_RIP
+    AT_RETURN = 4  # detected when the ioctl returned (it waited on a running KVM_RUN)
+    IMMEDIATE_EXIT = 8  # the re-entry had kvm_run->immediate_exit set
+
+
+class CompletionPath(enum.Enum):
+    IMMEDIATE_EXIT = "immediate_exit"
+    REENTRY = "reentry"
+
+
+# struct event: u32 type, tgid, tid, vcpu_id; s32 fd; u32 cmd, exit_reason, flags;
+# u64 seq, pending_since_ns, ts_ns; s64 aux; u64 vcpu_uid; u8 access[24]; char comm[16]
+EVENT_STRUCT: Final = struct.Struct("<IIIIiIIIQQQqQ24s16s")
+EVENT_SIZE: Final = EVENT_STRUCT.size  # 112, asserted against the C side by the probes
+
+
+@dataclass(frozen=True)
+class PioAccess:
+    port: int
+    direction: str  # "in" | "out"
+    size: int
+    count: int
+
+    def describe(self) -> dict[str, object]:
+        return {"port": f"0x{self.port:x}", "direction": self.direction, "size": self.size,
+                "count": self.count}
+
+
+@dataclass(frozen=True)
+class MmioAccess:
+    gpa: int
+    length: int
+    is_write: bool
+
+    def describe(self) -> dict[str, object]:
+        return {"gpa": f"0x{self.gpa:x}", "length": self.length,
+                "direction": "write" if self.is_write else "read"}
+
+
+@dataclass(frozen=True)
+class MsrAccess:
+    index: int
+    is_write: bool
+
+    def describe(self) -> dict[str, object]:
+        return {"msr": f"0x{self.index:x}", "direction": "write" if self.is_write else "read"}
+
+
+@dataclass(frozen=True)
+class HypercallAccess:
+    nr: int
+
+    def describe(self) -> dict[str, object]:
+        return {"hypercall_nr": self.nr}
+
+
+@dataclass(frozen=True)
+class HypervAccess:
+    type: int  # KVM_EXIT_HYPERV_SYNIC 1, _HCALL 2, _SYNDBG 3
+
+    def describe(self) -> dict[str, object]:
+        return {"hyperv_type": self.type}
+
+
+PendingAccess = PioAccess | MmioAccess | MsrAccess | HypercallAccess | HypervAccess
+
+
+def decode_access(exit_reason: int, raw: bytes) -> PendingAccess | None:
+    """Decode the kvm_run exit union (bytes 32..55 of struct kvm_run) for ``exit_reason``."""
+    if len(raw) < abi.ACCESS_BYTES:
+        return None
+    if exit_reason == abi.KVM_EXIT_IO:
+        direction, size, port, count = struct.unpack_from("<BBHI", raw, 0)
+        return PioAccess(port, "out" if direction == abi.KVM_EXIT_IO_OUT else "in", size, count)
+    if exit_reason == abi.KVM_EXIT_MMIO:
+        (gpa,) = struct.unpack_from("<Q", raw, 0)
+        length, is_write = struct.unpack_from("<IB", raw, 16)
+        return MmioAccess(gpa, length, bool(is_write))
+    if exit_reason in (abi.KVM_EXIT_X86_RDMSR, abi.KVM_EXIT_X86_WRMSR):
+        (index,) = struct.unpack_from("<I", raw, 12)
+        return MsrAccess(index, exit_reason == abi.KVM_EXIT_X86_WRMSR)
+    if exit_reason == abi.KVM_EXIT_HYPERCALL:
+        (nr,) = struct.unpack_from("<Q", raw, 0)
+        return HypercallAccess(nr)
+    if exit_reason == abi.KVM_EXIT_HYPERV:
+        (hv_type,) = struct.unpack_from("<I", raw, 0)
+        return HypervAccess(hv_type)
+    return None
+
+
+@dataclass(frozen=True)
+class KernelEvent:
+    type: EventType
+    tgid: int
+    tid: int
+    vcpu_id: int
+    fd: int
+    cmd: int
+    exit_reason: int
+    flags: EventFlag
+    seq: int
+    pending_since_ns: int
+    ts_ns: int
+    aux: int
+    vcpu_uid: int  # the probes' key for one vCPU (unique per KVM_CREATE_VCPU)
+    access: PendingAccess | None
+    comm: str
+
+    @property
+    def pending_ns(self) -> int:
+        return max(0, self.ts_ns - self.pending_since_ns)
+
+
+class MalformedEvent(ValueError):
+    pass
+
+
+def decode_event(raw: bytes) -> KernelEvent:
+    if len(raw) < EVENT_SIZE:
+        raise MalformedEvent(f"event of {len(raw)} bytes, expected {EVENT_SIZE}")
+    (etype, tgid, tid, vcpu_id, fd, cmd, reason, flags, seq, since, ts, aux, uid, access,
+     comm) = EVENT_STRUCT.unpack_from(raw, 0)
+    try:
+        event_type = EventType(etype)
+    except ValueError as err:
+        raise MalformedEvent(f"unknown event type {etype}") from err
+    eflags = EventFlag(flags & sum(EventFlag))
+    decoded = decode_access(reason, access) if eflags & EventFlag.ACCESS_VALID else None
+    return KernelEvent(event_type, tgid, tid, vcpu_id, fd, cmd, reason, eflags, seq, since, ts,
+                       aux, uid, decoded, comm.split(b"\0", 1)[0].decode("utf-8", "replace"))
+
+
+def encode_event(ev: KernelEvent, access_raw: bytes = b"") -> bytes:
+    """Inverse of :func:`decode_event` (tests and replay)."""
+    return EVENT_STRUCT.pack(int(ev.type), ev.tgid, ev.tid, ev.vcpu_id, ev.fd, ev.cmd,
+                             ev.exit_reason, int(ev.flags), ev.seq, ev.pending_since_ns,
+                             ev.ts_ns, ev.aux, ev.vcpu_uid,
+                             access_raw.ljust(abi.ACCESS_BYTES, b"\0"),
+                             ev.comm.encode()[:16])

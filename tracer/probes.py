@@ -1,0 +1,299 @@
+"""The BPF half: compile ``bpf/completion.c`` with bcc, attach it, read its ring buffer and maps.
+
+This is the only module that imports bcc. Everything it hands out is plain Python: raw event
+bytes (decoded by :mod:`tracer.events`) and dicts of counters.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final
+
+from tracer import abi
+from tracer.events import EVENT_SIZE, EventType
+from tracer.policy import CompletionPolicy
+from tracer.tracefs import tracefs_root
+
+BPF_SOURCE_NAME: Final = "completion.c"
+
+# enum counter in bpf/completion.c, in order after the per-event-type "lost" slots.
+EVENT_TYPES: Final = 16
+COUNTER_NAMES: Final = (
+    "vcpu_map_full", "fd_map_full", "thread_map_full", "inflight_map_full", "proc_map_full",
+    "guest_exit_map_full", "access_read_failed", "userspace_exits", "pending_exits",
+    "completions_reentry", "completions_immediate_exit", "untracked_exits",
+)
+# Python-adopted vCPUs (found in /proc at start-up) take uids from the top half so they never
+# collide with the kernel's counter.
+ADOPTED_UID_BASE: Final = 1 << 63
+
+
+class ProbeError(RuntimeError):
+    """Loading or attaching failed; the message says what and how to fix it."""
+
+
+@dataclass(frozen=True)
+class ProbeConfig:
+    max_vcpus: int = 4096
+    max_vcpu_fds: int = 16384
+    max_threads: int = 16384
+    max_procs: int = 1024
+    max_guest_exit_keys: int = 16384
+    ringbuf_pages: int = 64  # 256 KiB: ~2300 events of 112 bytes between two polls
+    trace_exits: bool = False  # one event per exit, for debugging and differential tests
+
+
+def bpf_source() -> Path:
+    """``bpf/completion.c`` in a source checkout, else where ``pip install`` put it."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here.parent / "bpf" / BPF_SOURCE_NAME,
+                      Path(sys.prefix) / "share" / "kvm-completion-tracer" / "bpf" /
+                      BPF_SOURCE_NAME):
+        if candidate.is_file():
+            return candidate
+    raise ProbeError(f"BPF source {BPF_SOURCE_NAME} not found next to the package or under "
+                     f"{sys.prefix}/share/kvm-completion-tracer/bpf: reinstall the package")
+
+
+def _tracepoint_exists(category: str, event: str) -> bool:
+    root = tracefs_root()
+    return root is not None and (root / "events" / category / event).is_dir()
+
+
+def _has_field(category: str, event: str, field_name: str) -> bool:
+    root = tracefs_root()
+    if root is None:
+        return False
+    try:
+        text = (root / "events" / category / event / "format").read_text()
+    except OSError:
+        return False
+    return f" {field_name};" in text
+
+
+def cflags(config: ProbeConfig) -> list[str]:
+    """Every constant the C side needs, from :mod:`tracer.abi` and the config."""
+    defs: dict[str, int | str] = {
+        "KVMIO_TYPE": abi.KVMIO,
+        "KVM_RUN_NR": f"{abi.KVM_RUN:#x}u",
+        "KVM_CREATE_VCPU_NR": f"{abi.KVM_CREATE_VCPU:#x}u",
+        "KVM_ENABLE_CAP_NR": f"{abi.KVM_ENABLE_CAP:#x}u",
+        "KVM_CAP_DISABLE_QUIRKS_NR": abi.KVM_CAP_DISABLE_QUIRKS,
+        "KVM_CAP_DISABLE_QUIRKS2_NR": abi.KVM_CAP_DISABLE_QUIRKS2,
+        "ACCESS_BYTES": abi.ACCESS_BYTES,
+        "MAX_EXIT_REASON": abi.MAX_EXIT_REASON,
+        "MAX_VCPUS": config.max_vcpus,
+        "MAX_VCPU_FDS": config.max_vcpu_fds,
+        "MAX_THREADS": config.max_threads,
+        "MAX_PROCS": config.max_procs,
+        "MAX_GUEST_EXIT_KEYS": config.max_guest_exit_keys,
+        "RINGBUF_PAGES": config.ringbuf_pages,
+    }
+    flags = [f"-D{k}={v}" for k, v in defs.items()]
+    if _has_field("sched", "sched_process_exit", "group_dead"):
+        flags.append("-DHAVE_GROUP_DEAD")
+    if config.trace_exits:
+        flags.append("-DTRACE_EXITS")
+    return flags
+
+
+def _without_missing_kvm_tracepoints(source: str) -> tuple[str, list[str]]:
+    """kvm_exit/kvm_entry are x86-only: drop their programs where the kernel lacks them."""
+    skipped = []
+    for event in ("kvm_exit", "kvm_entry"):
+        if not _tracepoint_exists("kvm", event):
+            marker = f"TRACEPOINT_PROBE(kvm, {event})"
+            start = source.find(marker)
+            end = source.find("\n}\n", start)
+            if start >= 0 and end >= 0:
+                source = source[:start] + source[end + 3:]
+                skipped.append(f"kvm:{event}")
+    return source, skipped
+
+
+ATTACHED_TRACEPOINTS: Final = (
+    "syscalls:sys_enter_ioctl", "syscalls:sys_exit_ioctl",
+    "syscalls:sys_enter_dup", "syscalls:sys_exit_dup",
+    "syscalls:sys_enter_dup2", "syscalls:sys_exit_dup2",
+    "syscalls:sys_enter_dup3", "syscalls:sys_exit_dup3",
+    "syscalls:sys_enter_fcntl", "syscalls:sys_exit_fcntl",
+    "syscalls:sys_enter_close", "syscalls:sys_enter_close_range",
+    "syscalls:sys_enter_mmap", "syscalls:sys_exit_mmap",
+    "sched:sched_process_exit", "sched:sched_process_exec",
+    "kvm:kvm_exit", "kvm:kvm_entry",
+)
+
+
+class Probes:
+    """Loaded and attached BPF programs; :meth:`close` detaches them."""
+
+    def __init__(self, policy: CompletionPolicy, config: ProbeConfig | None = None) -> None:
+        self.config = config or ProbeConfig()
+        try:
+            from bcc import BPF  # the one bcc import of the project
+        except ImportError as err:
+            raise ProbeError(f"cannot import bcc ({err}): install Debian's python3-bpfcc and run "
+                             "under /usr/bin/python3 or a venv made with "
+                             "--system-site-packages") from None
+        source, self.skipped = _without_missing_kvm_tracepoints(bpf_source().read_text())
+        try:
+            # bcc attaches every TRACEPOINT_PROBE/RAW_TRACEPOINT_PROBE while loading.
+            self._bpf: Any = BPF(text=source, cflags=cflags(self.config))
+        except Exception as err:  # bcc raises bare Exception for compile/load/attach failures
+            raise ProbeError(_explain_load_failure(err)) from None
+        self._ring_open = False
+        self._closed = False
+        self._next_adopted_uid = ADOPTED_UID_BASE
+        self.set_policy(policy)
+
+    # ---- policy into maps ----------------------------------------------------------------------
+    def set_policy(self, policy: CompletionPolicy) -> None:
+        pending = self._bpf["pending_exits"]
+        for reason in range(abi.MAX_EXIT_REASON):
+            pending[ctypes.c_int(reason)] = ctypes.c_uint8(1 if policy.leaves_pending(reason)
+                                                           else 0)
+        kinds = self._bpf["ioctl_kinds"]
+        for number in abi.SAVE_IOCTLS:
+            kinds[ctypes.c_uint32(number)] = ctypes.c_uint8(1)
+        for number in abi.RESTORE_IOCTLS:
+            kinds[ctypes.c_uint32(number)] = ctypes.c_uint8(2)
+
+    # ---- attach state --------------------------------------------------------------------------
+    def attached(self) -> list[str]:
+        names = [tp for tp in ATTACHED_TRACEPOINTS if tp not in self.skipped]
+        return ["raw:kvm_userspace_exit", *names]
+
+    def attached_count(self) -> int:
+        return int(self._bpf.num_open_tracepoints()) + len(self._bpf.raw_tracepoint_fds)
+
+    # ---- events --------------------------------------------------------------------------------
+    def on_event(self, handler: Callable[[bytes], None]) -> None:
+        def _callback(_ctx: Any, data: Any, size: int) -> None:
+            handler(ctypes.string_at(data, min(size, EVENT_SIZE)))
+
+        self._bpf["events"].open_ring_buffer(_callback)
+        self._ring_open = True
+
+    def poll(self, timeout_ms: int) -> None:
+        if self._ring_open:
+            self._bpf.ring_buffer_poll(timeout_ms)
+
+    # ---- map maintenance from Python -----------------------------------------------------------
+    def adopt_vcpu(self, pid: int, fd: int, vcpu_id: int, run_addr: int | None,
+                   uid: int | None = None) -> int | None:
+        """Track a vCPU fd created before the probes attached; returns its uid, None if known."""
+        fds = self._bpf["vcpu_fds"]
+        key = fds.Key(pid, fd)
+        if key in fds:
+            return None
+        if uid is None:
+            uid = self._next_adopted_uid
+            self._next_adopted_uid += 1
+            vcpus = self._bpf["vcpus"]
+            leaf = vcpus.Leaf()
+            leaf.tgid, leaf.vcpu_id, leaf.fd_refs = pid, vcpu_id, 1
+            leaf.run_addr = run_addr or 0
+            vcpus[ctypes.c_uint64(uid)] = leaf
+        else:
+            vcpus = self._bpf["vcpus"]
+            existing = vcpus[ctypes.c_uint64(uid)]
+            existing.fd_refs += 1
+            vcpus[ctypes.c_uint64(uid)] = existing
+        fds[key] = fds.Leaf(uid, vcpu_id, -1)
+        procs = self._bpf["procs"]
+        pkey = procs.Key(pid)
+        proc = procs.get(pkey) or procs.Leaf()
+        proc.vcpus += 1
+        procs[pkey] = proc
+        return uid
+
+    def forget_process(self, pid: int, uids: set[int]) -> int:
+        """Drop the map entries of an exited process: only its own vCPUs (``uids``), since a
+        new process may already have reused the pid. Returns how many vCPUs went."""
+        fds = self._bpf["vcpu_fds"]
+        for key in [k for k, v in fds.items() if k.tgid == pid and v.vcpu_uid in uids]:
+            fds.pop(key, None)
+        vcpus = self._bpf["vcpus"]
+        gone = 0
+        for uid in uids:
+            if vcpus.pop(ctypes.c_uint64(uid), None) is not None:
+                gone += 1
+        unknown = self._bpf["unknown_fds"]
+        for key in [k for k in unknown if k.tgid == pid]:
+            unknown.pop(key, None)
+        return gone
+
+    def forget_fd(self, pid: int, fd: int) -> None:
+        """An fd closed behind the probes' back (close_range): drop it like close() would."""
+        fds = self._bpf["vcpu_fds"]
+        key = fds.Key(pid, fd)
+        leaf = fds.get(key)
+        if leaf is None:
+            return
+        fds.pop(key, None)
+        vcpus = self._bpf["vcpus"]
+        vkey = ctypes.c_uint64(leaf.vcpu_uid)
+        state = vcpus.get(vkey)
+        if state is not None:
+            if state.fd_refs > 1:
+                state.fd_refs -= 1
+                vcpus[vkey] = state
+            else:
+                vcpus.pop(vkey, None)
+
+    def tracked_fds(self, pid: int) -> dict[int, int]:
+        """fd -> vcpu uid for one process, as the probes see it."""
+        return {k.fd: v.vcpu_uid for k, v in self._bpf["vcpu_fds"].items() if k.tgid == pid}
+
+    def tracked_pids(self) -> set[int]:
+        return {int(k.value) for k in self._bpf["procs"]}
+
+    def vcpu_states(self) -> list[dict[str, int]]:
+        out = []
+        for key, st in self._bpf["vcpus"].items():
+            out.append({"uid": int(key.value), "pid": st.tgid, "vcpu_id": st.vcpu_id,
+                        "state": st.state, "exit_reason": st.exit_reason, "seq": st.seq,
+                        "pending_since_ns": st.pending_since, "run_tid": st.run_tid,
+                        "fd_refs": st.fd_refs, "run_addr": st.run_addr})
+        return out
+
+    # ---- counters ------------------------------------------------------------------------------
+    def counters(self) -> dict[str, int]:
+        table = self._bpf["counters"]
+        totals = [int(table.sum(table.Key(i)).value)
+                  for i in range(EVENT_TYPES + len(COUNTER_NAMES))]
+        out = {name: totals[EVENT_TYPES + i] for i, name in enumerate(COUNTER_NAMES)}
+        for etype in EventType:
+            out[f"lost_{etype.name.lower()}"] = totals[int(etype)]
+        out["events_lost"] = sum(totals[:EVENT_TYPES])
+        return out
+
+    def guest_exit_counts(self) -> dict[tuple[int, int, int, int], int]:
+        return {(k.tgid, k.vcpu_id, k.isa, k.reason): int(v.value)
+                for k, v in self._bpf["guest_exits"].items()}
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._bpf.cleanup()
+
+
+def _explain_load_failure(err: Exception) -> str:
+    text = str(err).strip().splitlines()
+    first = text[-1] if text else type(err).__name__
+    if os.geteuid() != 0:
+        return "loading the BPF programs needs root (or CAP_BPF+CAP_PERFMON): run with sudo"
+    if "Permission denied" in str(err) or "Operation not permitted" in str(err):
+        return (f"the kernel refused the BPF programs ({first}): check lockdown mode and "
+                "kernel.unprivileged_bpf_disabled / CAP_BPF")
+    if "tracepoint" in str(err).lower() or "attach" in str(err).lower():
+        return (f"attaching a tracepoint failed ({first}): mount tracefs "
+                "(mount -t tracefs tracefs /sys/kernel/tracing) and run "
+                "'kvm-completion-tracer check'")
+    return (f"compiling or loading the BPF programs failed ({first}): kernel headers must be "
+            "installed at /lib/modules/$(uname -r)/build; run 'kvm-completion-tracer check'")

@@ -1,0 +1,300 @@
+"""Per-vCPU mirror of the probes' state, fed by decoded events; turns them into alerts.
+
+The kernel decides *whether* a save/restore ran while a completion was pending (that needs the
+true interleaving of threads). The tracker decides what it means: the policy's ruling, the VM's
+name, and the grouping of several saves in one pending window into a snapshot alert. It also
+keeps the probes' maps clean (process exit, fds closed by close_range, vCPUs that predate us).
+
+Pure Python: no bcc. The probes are reached through :class:`ProbeControl`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from tracer import abi
+from tracer.alerts import AlertSink, SnapshotAlert, ViolationAlert
+from tracer.events import EventFlag, EventType, KernelEvent, PendingAccess
+from tracer.policy import CompletionPolicy, Kind, Verdict
+from tracer.vmident import DiscoveredVcpu, VmIdentity
+
+
+class ProbeControl(Protocol):
+    """What the tracker needs from the loaded probes (implemented by tracer.probes.Probes)."""
+
+    def adopt_vcpu(self, pid: int, fd: int, vcpu_id: int, run_addr: int | None,
+                   uid: int | None = None) -> int | None: ...
+
+    def forget_process(self, pid: int, uids: set[int]) -> int: ...
+
+    def forget_fd(self, pid: int, fd: int) -> None: ...
+
+    def tracked_fds(self, pid: int) -> dict[int, int]: ...
+
+
+class ProcView(Protocol):
+    """What the tracker reads from /proc (tracer.vmident; fakes in unit tests)."""
+
+    def identify(self, pid: int) -> VmIdentity: ...
+
+    def resolve_fd(self, pid: int, fd: int) -> int | None: ...
+
+    def run_addr(self, pid: int, vcpu_id: int) -> int | None: ...
+
+    def alive(self, pid: int) -> bool: ...
+
+
+@dataclass
+class VcpuRecord:
+    uid: int
+    pid: int
+    vcpu_id: int
+    fds: set[int] = field(default_factory=set)
+
+
+@dataclass
+class Window:
+    """The violations of one pending-completion window of one vCPU."""
+
+    uid: int
+    seq: int
+    pid: int
+    vcpu_id: int
+    exit_reason: int
+    access: PendingAccess | None
+    pending_since_ns: int
+    saves: list[str] = field(default_factory=list)
+    tids: list[int] = field(default_factory=list)
+    last_ts_ns: int = 0
+    touched_at: float = 0.0  # tracker clock, for the idle flush
+
+
+@dataclass
+class TrackerStats:
+    violations: Counter[tuple[str, str, str, str]] = field(default_factory=Counter)
+    sanctioned: Counter[str] = field(default_factory=Counter)
+    snapshots: Counter[str] = field(default_factory=Counter)
+    not_pending: int = 0
+    malformed_events: int = 0
+
+
+CLOSED_BY_FLAGS = {True: "immediate_exit", False: "reentry"}
+
+
+class Tracker:
+    def __init__(self, policy: CompletionPolicy, sink: AlertSink, proc: ProcView,
+                 control: ProbeControl | None = None, snapshot_idle_s: float = 1.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.policy = policy
+        self.sink = sink
+        self.proc = proc
+        self.control = control
+        self.snapshot_idle_s = snapshot_idle_s
+        self.clock = clock
+        self.vcpus: dict[int, VcpuRecord] = {}
+        self.windows: dict[tuple[int, int], Window] = {}
+        self.stats = TrackerStats()
+        self._names: dict[int, VmIdentity] = {}
+        self._rescan: set[int] = set()
+
+    # ---- naming --------------------------------------------------------------------------------
+    def identity(self, pid: int) -> VmIdentity:
+        ident = self._names.get(pid)
+        if ident is None or ident.source == "unavailable":
+            ident = self.proc.identify(pid)
+            self._names[pid] = ident
+        return ident
+
+    # ---- events --------------------------------------------------------------------------------
+    def handle(self, ev: KernelEvent) -> None:
+        handler = _HANDLERS.get(ev.type)
+        if handler is not None:
+            handler(self, ev)
+
+    def _on_created(self, ev: KernelEvent) -> None:
+        self.vcpus[ev.vcpu_uid] = VcpuRecord(ev.vcpu_uid, ev.tgid, ev.vcpu_id, {ev.fd})
+        ident = self.identity(ev.tgid)
+        self.sink.notice("vcpu_created", "debug", pid=ev.tgid, vm=ident.name, vcpu_id=ev.vcpu_id,
+                         vcpu_fd=ev.fd, vm_fd=ev.aux)
+
+    def _on_dup(self, ev: KernelEvent) -> None:
+        rec = self.vcpus.get(ev.vcpu_uid)
+        if rec is not None:
+            rec.fds.add(ev.fd)
+
+    def _on_fd_closed(self, ev: KernelEvent) -> None:
+        rec = self.vcpus.get(ev.vcpu_uid)
+        if rec is None:
+            return
+        rec.fds.discard(ev.fd)
+        if ev.aux == 0:  # the vCPU's last fd: nothing can reach it any more
+            self._drop_vcpu(ev.vcpu_uid, "vcpu_closed")
+            self.sink.notice("vcpu_closed", "debug", pid=ev.tgid, vcpu_id=ev.vcpu_id)
+
+    def _drop_vcpu(self, uid: int, closed_by: str) -> None:
+        self._close_windows(lambda w: w.uid == uid, closed_by)
+        self.vcpus.pop(uid, None)
+
+    def _on_process_exit(self, ev: KernelEvent) -> None:
+        self._forget_process(ev.tgid)
+
+    def _forget_process(self, pid: int) -> None:
+        self._close_windows(lambda w: w.pid == pid, "process_exit")
+        uids = {uid for uid, rec in self.vcpus.items() if rec.pid == pid}
+        for uid in uids:
+            del self.vcpus[uid]
+        self._names.pop(pid, None)
+        self._rescan.discard(pid)
+        if self.control is not None:
+            self.control.forget_process(pid, uids)
+        if uids:
+            self.sink.notice("process_exit", "debug", pid=pid, vcpus=len(uids))
+
+    def _on_window_closed(self, ev: KernelEvent) -> None:
+        closed_by = CLOSED_BY_FLAGS[bool(ev.flags & EventFlag.IMMEDIATE_EXIT)]
+        self._close_windows(lambda w: w.uid == ev.vcpu_uid and w.seq == ev.seq, closed_by)
+
+    def _on_unknown_fd(self, ev: KernelEvent) -> None:
+        """A vCPU ioctl on an fd we never saw created: a VM older than us, or an fd passed in."""
+        vcpu_id = self.proc.resolve_fd(ev.tgid, ev.fd)
+        if vcpu_id is None or self.control is None:
+            return
+        same = [r for r in self.vcpus.values() if r.pid == ev.tgid and r.vcpu_id == vcpu_id]
+        uid = self.control.adopt_vcpu(ev.tgid, ev.fd, vcpu_id,
+                                      self.proc.run_addr(ev.tgid, vcpu_id),
+                                      same[0].uid if len(same) == 1 else None)
+        if uid is None:
+            return
+        rec = self.vcpus.setdefault(uid, VcpuRecord(uid, ev.tgid, vcpu_id))
+        rec.fds.add(ev.fd)
+        self.sink.notice("vcpu_adopted", "info", pid=ev.tgid, vm=self.identity(ev.tgid).name,
+                         vcpu_id=vcpu_id, vcpu_fd=ev.fd,
+                         why=f"{abi.ioctl_name(ev.aux)} on an fd created before the probes")
+
+    def _on_quirks(self, ev: KernelEvent) -> None:
+        self.sink.notice("quirks_disabled", "info", pid=ev.tgid, vm=self.identity(ev.tgid).name,
+                         quirks=f"0x{ev.aux:x}",
+                         out_7e_inc_rip=bool(ev.aux & abi.KVM_X86_QUIRK_OUT_7E_INC_RIP))
+
+    def _on_fd_range_closed(self, ev: KernelEvent) -> None:
+        self._rescan.add(ev.tgid)  # after close_range returns: checked on the next tick
+
+    def _on_violation(self, ev: KernelEvent) -> None:
+        ioctl = abi.IOCTLS.get(ev.cmd)
+        if ioctl is None or ioctl.kind not in (abi.IoctlKind.SAVE, abi.IoctlKind.RESTORE):
+            return
+        kind = Kind.SAVE if ioctl.kind is abi.IoctlKind.SAVE else Kind.RESTORE
+        ruling = self.policy.judge(kind, ev.exit_reason, ev.access,
+                                   bool(ev.flags & EventFlag.QUIRK_7E_DISABLED), ioctl.name)
+        if ruling.verdict is Verdict.NOT_PENDING:
+            self.stats.not_pending += 1
+            return
+        ident = self.identity(ev.tgid)
+        exit_name = abi.exit_reason_name(ev.exit_reason)
+        alert = ViolationAlert(
+            pid=ev.tgid, tid=ev.tid, comm=ev.comm, vm=ident.name, vmm=ident.vmm,
+            vcpu_id=ev.vcpu_id, vcpu_fd=ev.fd, exit_reason=exit_name,
+            access=ev.access.describe() if ev.access else {}, ioctl=ioctl.name, kind=kind.value,
+            pending_ns=ev.pending_ns, rule=ruling.rule, severity=ruling.severity.value,
+            reason=ruling.reason,
+            detected_at="ioctl_return" if ev.flags & EventFlag.AT_RETURN else "ioctl_entry",
+            window=ev.seq, sanctioned=ruling.verdict is Verdict.SANCTIONED)
+        if alert.sanctioned:
+            self.stats.sanctioned[ruling.rule] += 1
+            self.sink.sanctioned(alert)
+            return
+        self.stats.violations[(ident.name, kind.value, ioctl.name, exit_name)] += 1
+        self.sink.violation(alert)
+        if kind is Kind.SAVE:
+            key = (ev.vcpu_uid, ev.seq)
+            window = self.windows.get(key)
+            if window is None:
+                window = Window(ev.vcpu_uid, ev.seq, ev.tgid, ev.vcpu_id, ev.exit_reason,
+                                ev.access, ev.pending_since_ns)
+                self.windows[key] = window
+            window.saves.append(ioctl.name)
+            if ev.tid not in window.tids:
+                window.tids.append(ev.tid)
+            window.last_ts_ns = max(window.last_ts_ns, ev.ts_ns)
+            window.touched_at = self.clock()
+
+    # ---- windows -------------------------------------------------------------------------------
+    def _close_windows(self, match: Callable[[Window], bool], closed_by: str) -> None:
+        for key in [k for k, w in self.windows.items() if match(w)]:
+            window = self.windows.pop(key)
+            if len(window.saves) >= 2:
+                ident = self.identity(window.pid)
+                exit_name = abi.exit_reason_name(window.exit_reason)
+                self.stats.snapshots[ident.name] += 1
+                self.sink.snapshot(SnapshotAlert(
+                    pid=window.pid, vm=ident.name, vmm=ident.vmm, vcpu_id=window.vcpu_id,
+                    exit_reason=exit_name,
+                    access=window.access.describe() if window.access else {},
+                    ioctls=window.saves, tids=window.tids, window=window.seq,
+                    pending_ns=max(0, window.last_ts_ns - window.pending_since_ns),
+                    closed_by=closed_by,
+                    reason=f"{len(window.saves)} state reads while {exit_name} was pending: a "
+                           "snapshot taken mid-completion replays or loses that operation when "
+                           "restored"))
+
+    # ---- housekeeping --------------------------------------------------------------------------
+    def tick(self) -> None:
+        """Flush idle windows, reconcile fds after close_range, drop processes that are gone."""
+        now = self.clock()
+        self._close_windows(lambda w: now - w.touched_at >= self.snapshot_idle_s, "idle")
+        for pid in list(self._rescan):
+            self._rescan.discard(pid)
+            self._reconcile_fds(pid)
+
+    def sweep(self) -> None:
+        """Slow path (every few seconds): processes whose exit event was lost."""
+        for pid in {rec.pid for rec in self.vcpus.values()}:
+            if not self.proc.alive(pid):
+                self._forget_process(pid)
+
+    def _reconcile_fds(self, pid: int) -> None:
+        if self.control is None:
+            return
+        for fd, uid in self.control.tracked_fds(pid).items():
+            if self.proc.resolve_fd(pid, fd) is None:
+                self.control.forget_fd(pid, fd)
+                rec = self.vcpus.get(uid)
+                if rec is not None:
+                    rec.fds.discard(fd)
+                    if not rec.fds:
+                        self._drop_vcpu(uid, "vcpu_closed")
+
+    def adopt_existing(self, found: Iterable[DiscoveredVcpu]) -> int:
+        """vCPUs that were running before the probes attached (from a /proc scan)."""
+        if self.control is None:
+            return 0
+        adopted = 0
+        uid_of: dict[tuple[int, int], int] = {}
+        for vcpu in found:
+            key = (vcpu.pid, vcpu.vcpu_id)
+            uid = self.control.adopt_vcpu(vcpu.pid, vcpu.fd, vcpu.vcpu_id, vcpu.run_addr,
+                                          uid_of.get(key))
+            if uid is None:
+                continue  # created after the probes attached: the kernel tracks it already
+            uid_of[key] = uid
+            rec = self.vcpus.setdefault(uid, VcpuRecord(uid, vcpu.pid, vcpu.vcpu_id))
+            rec.fds.add(vcpu.fd)
+            adopted += 1
+        return adopted
+
+
+_HANDLERS: dict[EventType, Callable[[Tracker, KernelEvent], None]] = {
+    EventType.VIOLATION: Tracker._on_violation,
+    EventType.VCPU_CREATED: Tracker._on_created,
+    EventType.VCPU_FD_DUP: Tracker._on_dup,
+    EventType.VCPU_FD_CLOSED: Tracker._on_fd_closed,
+    EventType.PROCESS_EXIT: Tracker._on_process_exit,
+    EventType.WINDOW_CLOSED: Tracker._on_window_closed,
+    EventType.UNKNOWN_FD: Tracker._on_unknown_fd,
+    EventType.QUIRKS_DISABLED: Tracker._on_quirks,
+    EventType.FD_RANGE_CLOSED: Tracker._on_fd_range_closed,
+}
