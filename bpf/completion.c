@@ -277,12 +277,13 @@ static __always_inline void forget_fd(u32 tgid, u32 tid, struct fd_key *key)
 
 // ---- KVM_RUN ----------------------------------------------------------------------------------
 
-static __always_inline void on_run_enter(u32 tgid, u32 tid, u64 uid, struct vcpu_state *st)
+static __always_inline void on_run_enter(u32 tgid, u32 tid, s32 fd, u64 uid,
+                                         struct vcpu_state *st)
 {
+    u8 immediate = 0;
     if (st->state == VCPU_PENDING) {
         // KVM completes the pending operation at the top of KVM_RUN; immediate_exit (kvm_run
         // offset 1) tells whether the guest may run afterwards.
-        u8 immediate = 0;
         if (st->run_addr)
             bpf_probe_read_user(&immediate, 1, (void *)(st->run_addr + 1));
         count(immediate ? C_COMPLETIONS_IMMEDIATE : C_COMPLETIONS);
@@ -304,7 +305,13 @@ static __always_inline void on_run_enter(u32 tgid, u32 tid, u64 uid, struct vcpu
             count(C_THREAD_MAP_FULL);
     }
 #ifdef TRACE_EXITS
-    emit_simple(EV_RUN_ENTER, tgid, tid, -1, st->vcpu_id, uid, st->seq);
+    struct event *ev = new_event(EV_RUN_ENTER, tgid, tid);
+    if (ev) {
+        fill_vcpu(ev, uid, st);
+        ev->fd = fd;
+        ev->flags = immediate ? EV_F_IMMEDIATE_EXIT : 0;
+        events.ringbuf_submit(ev, 0);
+    }
 #endif
 }
 
@@ -414,7 +421,7 @@ TRACEPOINT_PROBE(syscalls, sys_enter_ioctl)
     if (!st)
         return 0;
     if (cmd == KVM_RUN_NR) {
-        on_run_enter(tgid, tid, uid, st);
+        on_run_enter(tgid, tid, fk.fd, uid, st);
         return 0;
     }
     u8 *kind = ioctl_kinds.lookup(&cmd);
@@ -423,21 +430,22 @@ TRACEPOINT_PROBE(syscalls, sys_enter_ioctl)
     u32 state = st->state;
     if (state == VCPU_PENDING) {
         report_violation(tgid, tid, fk.fd, cmd, uid, st, 0);
-    } else if (state == VCPU_RUNNING) {
+        return 0;
+    }
+    if (state == VCPU_RUNNING) {
         struct inflight inf = {.op = OP_STATE_WHILE_RUNNING, .fd = fk.fd, .fd2 = -1,
                                .cmd = cmd, .vcpu_uid = uid, .seq = st->seq,
                                .vcpu_id = st->vcpu_id};
         stash(tid, &inf);
     }
 #ifdef TRACE_EXITS
-    else {
-        struct event *ev = new_event(EV_STATE_IOCTL, tgid, tid);
-        if (ev) {
-            fill_vcpu(ev, uid, st);
-            ev->fd = fk.fd;
-            ev->cmd = cmd;
-            events.ringbuf_submit(ev, 0);
-        }
+    struct event *ev = new_event(EV_STATE_IOCTL, tgid, tid);
+    if (ev) {
+        fill_vcpu(ev, uid, st);
+        ev->fd = fk.fd;
+        ev->cmd = cmd;
+        ev->aux = state;
+        events.ringbuf_submit(ev, 0);
     }
 #endif
     return 0;

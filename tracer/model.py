@@ -1,0 +1,232 @@
+"""An executable specification of the probes' state machine (bpf/completion.c) in Python.
+
+It consumes what the probes observe (syscalls and the kvm_userspace_exit tracepoint) and
+produces the :class:`~tracer.events.KernelEvent` stream the probes would. Unit tests drive it
+with event sequences to pin the semantics down without a kernel; the end-to-end suite runs the
+real probes with ``--trace-exits`` and checks they reach the same verdicts as this model.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+from tracer import abi
+from tracer.events import EventFlag, EventType, KernelEvent, PendingAccess
+
+
+class RunState(enum.Enum):
+    IDLE = 0
+    RUNNING = 1
+    PENDING = 2
+
+
+@dataclass
+class ModelVcpu:
+    uid: int
+    pid: int
+    vcpu_id: int
+    fd_refs: int = 1
+    state: RunState = RunState.IDLE
+    seq: int = 0
+    pending_since: int = 0
+    exit_reason: int = 0
+    access: PendingAccess | None = None
+    window_reports: int = 0
+
+
+@dataclass
+class _Inflight:
+    op: str  # "create" | "state_while_running"
+    fd: int
+    cmd: int = 0
+    uid: int = 0
+    seq: int = 0
+    vcpu_id: int = 0
+
+
+@dataclass
+class ProbeModel:
+    pending_exits: frozenset[int]
+    now: int = 0
+    fds: dict[tuple[int, int], int] = field(default_factory=dict)  # (pid, fd) -> uid
+    vcpus: dict[int, ModelVcpu] = field(default_factory=dict)
+    run_threads: dict[int, int] = field(default_factory=dict)  # tid -> uid
+    inflight: dict[int, _Inflight] = field(default_factory=dict)
+    quirks_disabled: dict[int, int] = field(default_factory=dict)  # pid -> mask
+    procs: set[int] = field(default_factory=set)
+    out: list[KernelEvent] = field(default_factory=list)
+    _next_uid: int = 0
+
+    # ---- helpers -------------------------------------------------------------------------------
+    def _tick(self) -> int:
+        self.now += 1000
+        return self.now
+
+    def _emit(self, etype: EventType, pid: int, tid: int, *, fd: int = -1, cmd: int = 0,
+              vcpu: ModelVcpu | None = None, flags: EventFlag = EventFlag(0), aux: int = 0,
+              vcpu_id: int = 0, uid: int = 0) -> None:
+        access = vcpu.access if vcpu and etype is EventType.VIOLATION else None
+        if access is not None:
+            flags |= EventFlag.ACCESS_VALID
+        self.out.append(KernelEvent(
+            type=etype, tgid=pid, tid=tid, vcpu_id=vcpu.vcpu_id if vcpu else vcpu_id, fd=fd,
+            cmd=cmd, exit_reason=vcpu.exit_reason if vcpu else 0, flags=flags,
+            seq=vcpu.seq if vcpu else 0, pending_since_ns=vcpu.pending_since if vcpu else 0,
+            ts_ns=self._tick(), aux=aux, vcpu_uid=vcpu.uid if vcpu else uid, access=access,
+            comm="vmm"))
+
+    def _forget_fd(self, pid: int, tid: int, fd: int) -> None:
+        uid = self.fds.pop((pid, fd), None)
+        if uid is None:
+            return
+        vcpu = self.vcpus.get(uid)
+        left = 0
+        vcpu_id = vcpu.vcpu_id if vcpu else 0
+        if vcpu is not None:
+            if vcpu.fd_refs > 1:
+                vcpu.fd_refs -= 1
+                left = vcpu.fd_refs
+            else:
+                del self.vcpus[uid]
+        self._emit(EventType.VCPU_FD_CLOSED, pid, tid, fd=fd, aux=left, vcpu_id=vcpu_id,
+                   uid=uid)
+
+    def _report(self, pid: int, tid: int, fd: int, cmd: int, vcpu: ModelVcpu,
+                extra: EventFlag = EventFlag(0)) -> None:
+        vcpu.window_reports += 1
+        if self.quirks_disabled.get(pid, 0) & abi.KVM_X86_QUIRK_OUT_7E_INC_RIP:
+            extra |= EventFlag.QUIRK_7E_DISABLED
+        self._emit(EventType.VIOLATION, pid, tid, fd=fd, cmd=cmd, vcpu=vcpu, flags=extra)
+
+    # ---- observations --------------------------------------------------------------------------
+    def ioctl_enter(self, pid: int, tid: int, fd: int, cmd: int, arg: int = 0,
+                    immediate_exit: bool = False) -> None:
+        """sys_enter_ioctl; ``immediate_exit`` is kvm_run->immediate_exit at a KVM_RUN."""
+        uid = self.fds.get((pid, fd))
+        if uid is None:
+            if cmd == abi.KVM_CREATE_VCPU:
+                self.inflight[tid] = _Inflight("create", fd, vcpu_id=arg)
+            elif cmd == abi.KVM_RUN:
+                self.run_threads.pop(tid, None)
+            return
+        vcpu = self.vcpus.get(uid)
+        if vcpu is None:
+            return
+        if cmd == abi.KVM_RUN:
+            if vcpu.state is RunState.PENDING and vcpu.window_reports:
+                self._emit(EventType.WINDOW_CLOSED, pid, tid, vcpu=vcpu,
+                           aux=vcpu.window_reports,
+                           flags=EventFlag.IMMEDIATE_EXIT if immediate_exit else EventFlag(0))
+            vcpu.state = RunState.RUNNING
+            self.run_threads[tid] = uid
+            return
+        if cmd not in abi.SAVE_IOCTLS and cmd not in abi.RESTORE_IOCTLS:
+            return
+        if vcpu.state is RunState.PENDING:
+            self._report(pid, tid, fd, cmd, vcpu)
+        elif vcpu.state is RunState.RUNNING:
+            self.inflight[tid] = _Inflight("state_while_running", fd, cmd, uid, vcpu.seq)
+
+    def ioctl_exit(self, pid: int, tid: int, ret: int) -> None:
+        inf = self.inflight.pop(tid, None)
+        if inf is None:
+            return
+        if inf.op == "create" and ret >= 0:
+            self._forget_fd(pid, tid, ret)
+            self._next_uid += 1
+            uid = self._next_uid
+            self.fds[(pid, ret)] = uid
+            self.vcpus[uid] = ModelVcpu(uid, pid, inf.vcpu_id)
+            self.procs.add(pid)
+            self._emit(EventType.VCPU_CREATED, pid, tid, fd=ret, vcpu_id=inf.vcpu_id, uid=uid,
+                       aux=inf.fd)
+        elif inf.op == "state_while_running":
+            vcpu = self.vcpus.get(inf.uid)
+            if vcpu and vcpu.state is RunState.PENDING and vcpu.seq != inf.seq:
+                self._report(pid, tid, inf.fd, inf.cmd, vcpu, EventFlag.AT_RETURN)
+
+    def userspace_exit(self, tid: int, reason: int, errno: int = 0,
+                       access: PendingAccess | None = None) -> None:
+        """The raw tracepoint kvm_userspace_exit(reason, errno) in the vCPU thread."""
+        uid = self.run_threads.get(tid)
+        vcpu = self.vcpus.get(uid) if uid is not None else None
+        if vcpu is None:
+            return
+        if errno == 0:
+            vcpu.exit_reason = reason
+        if errno == 0 and reason in self.pending_exits:
+            vcpu.seq += 1
+            vcpu.pending_since = self._tick()
+            vcpu.window_reports = 0
+            vcpu.access = access
+            vcpu.state = RunState.PENDING
+        else:
+            vcpu.state = RunState.IDLE
+
+    def dup(self, pid: int, tid: int, oldfd: int, newfd: int) -> None:
+        """A successful dup/dup2/dup3/fcntl(F_DUPFD) that returned ``newfd``."""
+        if newfd == oldfd:
+            return
+        self._forget_fd(pid, tid, newfd)
+        uid = self.fds.get((pid, oldfd))
+        vcpu = self.vcpus.get(uid) if uid is not None else None
+        if uid is None or vcpu is None:
+            return
+        self.fds[(pid, newfd)] = uid
+        vcpu.fd_refs += 1
+        self._emit(EventType.VCPU_FD_DUP, pid, tid, fd=newfd, vcpu_id=vcpu.vcpu_id, uid=uid,
+                   aux=oldfd)
+
+    def close(self, pid: int, tid: int, fd: int) -> None:
+        self._forget_fd(pid, tid, fd)
+
+    def disable_quirks(self, pid: int, tid: int, mask: int) -> None:
+        self.quirks_disabled[pid] = self.quirks_disabled.get(pid, 0) | mask
+        self.procs.add(pid)
+        self._emit(EventType.QUIRKS_DISABLED, pid, tid, aux=mask)
+
+    def thread_exit(self, tid: int) -> None:
+        self.run_threads.pop(tid, None)
+        self.inflight.pop(tid, None)
+
+    def process_exit(self, pid: int) -> None:
+        """The last thread exited (or exec): entries go when the tracker forgets the process."""
+        if pid in self.procs:
+            self.procs.discard(pid)
+            self.quirks_disabled.pop(pid, None)
+            self._emit(EventType.PROCESS_EXIT, pid, pid)
+
+    # ---- what the tracker asks of the probes (ProbeControl) ------------------------------------
+    def adopt_vcpu(self, pid: int, fd: int, vcpu_id: int, run_addr: int | None,
+                   uid: int | None = None) -> int | None:
+        if (pid, fd) in self.fds:
+            return None
+        if uid is None or uid not in self.vcpus:
+            self._next_uid += 1
+            uid = (1 << 63) + self._next_uid
+            self.vcpus[uid] = ModelVcpu(uid, pid, vcpu_id, fd_refs=0)
+        self.vcpus[uid].fd_refs += 1
+        self.fds[(pid, fd)] = uid
+        self.procs.add(pid)
+        return uid
+
+    def forget_process(self, pid: int, uids: set[int]) -> int:
+        for key in [k for k, u in self.fds.items() if k[0] == pid and u in uids]:
+            del self.fds[key]
+        return sum(1 for uid in uids if self.vcpus.pop(uid, None) is not None)
+
+    def forget_fd(self, pid: int, fd: int) -> None:
+        uid = self.fds.pop((pid, fd), None)
+        vcpu = self.vcpus.get(uid) if uid is not None else None
+        if vcpu is not None and uid is not None:
+            vcpu.fd_refs -= 1
+            if vcpu.fd_refs <= 0:
+                del self.vcpus[uid]
+
+    def tracked_fds(self, pid: int) -> dict[int, int]:
+        return {fd: uid for (p, fd), uid in self.fds.items() if p == pid}
+
+    def drain(self) -> list[KernelEvent]:
+        out, self.out = self.out, []
+        return out

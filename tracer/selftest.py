@@ -1,0 +1,187 @@
+"""``selftest``: run the built-in VMM's scenarios under the live probes and compare verdicts.
+
+Each scenario runs as its own process (``python -m tracer.vmm``), so the probes see a real VMM
+with its own pid and threads; its report says which ioctls went in mid-completion. The alerts
+the daemon raised for that pid must match exactly: same thread, vCPU, fd, exit, ioctl, kind and
+access, nothing more and nothing less.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tracer.alerts import SnapshotAlert, ViolationAlert
+from tracer.daemon import Daemon, DaemonOptions
+from tracer.policy import build_policy
+from tracer.vmm.report import ExpectedViolation, ScenarioReport
+
+# Scenarios that need no extra process around them, in the order selftest runs them.
+SELFTEST_SCENARIOS = (
+    "correct-io", "correct-mmio", "correct-msr", "buggy-io-out", "buggy-io-in",
+    "buggy-mmio-write", "buggy-mmio-read", "buggy-rdmsr", "buggy-wrmsr", "buggy-other-thread",
+    "restore-mmio", "restore-pio", "hlt", "eintr", "port-7e", "port-7e-quirk-disabled",
+    "dup-fd", "fd-reuse", "multi", "process-exit",
+)
+SETTLE_S = 0.3  # after the VMM exits: ring buffer drained, idle windows flushed
+
+
+AlertKey = tuple[int, int, int, str, str, str, tuple[tuple[str, Any], ...]]
+
+
+def _access_of_expected(e: ExpectedViolation) -> tuple[tuple[str, Any], ...]:
+    if e.port is not None:
+        return (("port", e.port),)
+    if e.gpa is not None:
+        return (("gpa", e.gpa),)
+    if e.msr_index is not None:
+        return (("msr", e.msr_index),)
+    return ()
+
+
+def _access_of_alert(access: Mapping[str, Any]) -> tuple[tuple[str, Any], ...]:
+    for key in ("port", "gpa", "msr"):
+        if key in access:
+            return ((key, int(str(access[key]), 16)),)
+    return ()
+
+
+def expected_key(e: ExpectedViolation) -> AlertKey:
+    return (e.tid, e.vcpu_id, e.vcpu_fd, e.exit_reason, e.ioctl, e.kind,
+            _access_of_expected(e))
+
+
+def alert_key(a: Mapping[str, Any]) -> AlertKey:
+    """From a ViolationAlert as a dict, or a ``completion_violation`` JSON log line."""
+    return (int(a["tid"]), int(a["vcpu_id"]), int(a["vcpu_fd"]), str(a["exit_reason"]),
+            str(a["ioctl"]), str(a["kind"]), _access_of_alert(a.get("access") or {}))
+
+
+def expected_snapshots(report: ScenarioReport) -> int:
+    """Windows in which the VMM issued two or more unsanctioned saves."""
+    per_window = Counter((e.vm_fd, e.vcpu_id, e.pending_since_ns)
+                         for e in report.violations if e.kind == "save")
+    return sum(1 for n in per_window.values() if n >= 2)
+
+
+def compare(report: ScenarioReport, violations: Iterable[Mapping[str, Any]],
+            sanctioned: Iterable[Mapping[str, Any]], snapshots: int) -> list[str]:
+    """Every difference between what the VMM did and what the tracer said, as text."""
+    problems = []
+    want, got = Counter(map(expected_key, report.violations)), Counter(map(alert_key, violations))
+    for key in sorted((want - got).elements()):
+        problems.append(f"missed violation {key}")
+    for key in sorted((got - want).elements()):
+        problems.append(f"unexpected violation {key}")
+    want_s = Counter((expected_key(e), e.rule) for e in report.sanctioned)
+    got_s = Counter((alert_key(a), str(a["rule"])) for a in sanctioned)
+    for key in sorted((want_s - got_s).elements()):
+        problems.append(f"missed sanctioned case {key}")
+    for key in sorted((got_s - want_s).elements()):
+        problems.append(f"unexpected sanctioned case {key}")
+    if snapshots != expected_snapshots(report):
+        problems.append(f"{snapshots} snapshot alerts, expected {expected_snapshots(report)}")
+    return problems
+
+
+@dataclass
+class CollectingSink:
+    """Keeps alerts in memory (selftest and tests)."""
+
+    violations: list[ViolationAlert] = field(default_factory=list)
+    sanctions: list[ViolationAlert] = field(default_factory=list)
+    snapshots: list[SnapshotAlert] = field(default_factory=list)
+
+    def violation(self, alert: ViolationAlert) -> None:
+        self.violations.append(alert)
+
+    def sanctioned(self, alert: ViolationAlert) -> None:
+        self.sanctions.append(alert)
+
+    def snapshot(self, alert: SnapshotAlert) -> None:
+        self.snapshots.append(alert)
+
+    def notice(self, event: str, level: str, **fields: Any) -> None:
+        pass
+
+    def for_pid(self, pid: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]], int]:
+        return ([asdict(a) for a in self.violations if a.pid == pid],
+                [asdict(a) for a in self.sanctions if a.pid == pid],
+                sum(1 for s in self.snapshots if s.pid == pid))
+
+
+def run_vmm(scenario: str, iterations: int, daemon: Daemon | None = None,
+            extra: Iterable[str] = (), timeout_s: float = 60.0) -> ScenarioReport:
+    """Run one scenario in a child process; poll ``daemon`` meanwhile so its ring stays empty."""
+    with tempfile.TemporaryDirectory(prefix="kct-selftest-") as tmp:
+        report_path = Path(tmp) / "report.json"
+        cmd = [sys.executable, "-m", "tracer.vmm", scenario, "--iterations", str(iterations),
+               "--report", str(report_path), *extra]
+        child = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                 text=True)
+        deadline = time.monotonic() + timeout_s
+        while child.poll() is None:
+            if time.monotonic() > deadline:
+                child.kill()
+                raise RuntimeError(f"scenario {scenario} did not finish in {timeout_s:.0f} s")
+            if daemon is not None:
+                daemon.poll_once(20)
+            else:
+                time.sleep(0.02)
+        stderr = child.stderr.read() if child.stderr else ""
+        if child.returncode != 0:
+            raise RuntimeError(f"scenario {scenario} failed (exit {child.returncode}): "
+                               f"{stderr.strip().splitlines()[-1] if stderr.strip() else ''}")
+        report = ScenarioReport.from_json(report_path.read_text())
+    if daemon is not None:
+        settle = time.monotonic() + max(SETTLE_S, daemon.options.snapshot_idle_s + 0.1)
+        while time.monotonic() < settle:
+            daemon.poll_once(20)
+    return report
+
+
+def run_selftest(iterations: int, only: Iterable[str] = ()) -> int:
+    names = list(only) or list(SELFTEST_SCENARIOS)
+    unknown = [n for n in names if n not in SELFTEST_SCENARIOS]
+    if unknown:
+        print(f"unknown scenario {unknown[0]!r}; known: {', '.join(SELFTEST_SCENARIOS)}",
+              file=sys.stderr)
+        return 2
+    sink = CollectingSink()
+    daemon = Daemon(DaemonOptions(policy=build_policy(), snapshot_idle_s=0.2), sink=sink)
+    passed = failed = lost = 0
+    try:
+        daemon.start()
+        for name in names:
+            try:
+                report = run_vmm(name, iterations, daemon)
+            except RuntimeError as err:
+                print(f"FAIL {name}: {err}")
+                failed += 1
+                continue
+            problems = compare(report, *sink.for_pid(report.pid))
+            _, _, snaps = sink.for_pid(report.pid)
+            summary = (f"{len(report.violations)} violations, {len(report.sanctioned)} "
+                       f"sanctioned, {snaps} snapshots, {sum(report.exits.values())} exits")
+            if problems:
+                failed += 1
+                print(f"FAIL {name}: {summary}")
+                for problem in problems[:10]:
+                    print(f"     {problem}")
+            else:
+                passed += 1
+                print(f"ok   {name}: {summary}")
+        lost = daemon.probes.counters()["events_lost"]
+        failed += 1 if lost else 0
+    finally:
+        daemon.close()
+    print(f"selftest: {passed} passed, {failed} failed" + (f", {lost} events lost" if lost
+                                                            else ""))
+    return 0 if failed == 0 else 1

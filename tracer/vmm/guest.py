@@ -1,0 +1,257 @@
+"""Tiny real-mode guest programs, hand-assembled (16-bit code, CS = 0, IP = load address).
+
+Each instruction is emitted by a helper below whose bytes are spelled out next to the assembly
+they encode, so a program's listing (:meth:`GuestProgram.listing`) reads like an assembler's.
+
+Memory map the scenarios use: one slot backs GPA [0, 64 KiB); programs load at 0x1000 (one
+vCPU) or 0x1000 + 0x100 * n (several vCPUs sharing a VM). The MMIO address 0x20000 lies outside
+every slot, so accesses there exit with KVM_EXIT_MMIO; real mode reaches it through ES
+(segment 0x2000, offset 0), loaded by the program itself.
+
+Loop programs end in a short jump back to their loop head, so every KVM_RUN gives exactly one
+exit of the kind listed in :attr:`GuestProgram.exits`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import struct
+from dataclasses import dataclass
+from typing import Final
+
+LOAD_ADDR: Final = 0x1000
+MEMORY_SIZE: Final = 0x10000
+MMIO_GPA: Final = 0x20000
+SERIAL_PORT: Final = 0x3F8
+PORT_7E: Final = 0x7E
+# An MSR index KVM does not know: with KVM_CAP_X86_USER_SPACE_MSR (reason UNKNOWN) accesses to it
+# exit to userspace. PVM claims 0x4b564d00-ff for itself, so stay clear of those.
+USER_MSR: Final = 0x12345678
+
+
+@dataclass(frozen=True)
+class Insn:
+    offset: int  # from the program start
+    code: bytes
+    asm: str
+
+
+@dataclass(frozen=True)
+class GuestProgram:
+    name: str
+    instructions: tuple[Insn, ...]
+    exits: tuple[str, ...]  # per loop iteration, or for the whole program if it does not loop
+    loops: bool
+    loop_head: int  # offset the closing jump returns to (0 when the program does not loop)
+    description: str
+    port: int | None = None
+    gpa: int | None = None
+    msr_index: int | None = None
+    direction: str | None = None  # of the loop's access: "in"/"out" (PIO), "read"/"write"
+    load_addr: int = LOAD_ADDR
+
+    @property
+    def code(self) -> bytes:
+        return b"".join(i.code for i in self.instructions)
+
+    def listing(self) -> str:
+        return "\n".join(
+            f"{self.load_addr + i.offset:04x}: {i.code.hex(' '):<20} {i.asm}"
+            for i in self.instructions
+        )
+
+    def at(self, load_addr: int) -> GuestProgram:
+        """The same program loaded elsewhere (the code is position independent)."""
+        return dataclasses.replace(self, load_addr=load_addr)
+
+
+class _Asm:
+    """Appends instructions with their offsets; one method per encoding the programs use."""
+
+    def __init__(self) -> None:
+        self.insns: list[Insn] = []
+        self.pos = 0
+
+    def _emit(self, code: bytes, asm: str) -> int:
+        start = self.pos
+        self.insns.append(Insn(start, code, asm))
+        self.pos += len(code)
+        return start
+
+    # 16-bit operand size is the default in real mode; 0x66 selects 32 bits.
+    def mov_ax(self, value: int) -> int:
+        return self._emit(b"\xb8" + struct.pack("<H", value), f"mov ax, {value:#x}")
+
+    def mov_al(self, value: int) -> int:
+        return self._emit(bytes([0xB0, value]), f"mov al, {value:#x}")
+
+    def mov_dx(self, value: int) -> int:
+        return self._emit(b"\xba" + struct.pack("<H", value), f"mov dx, {value:#x}")
+
+    def mov_eax(self, value: int) -> int:
+        return self._emit(b"\x66\xb8" + struct.pack("<I", value), f"mov eax, {value:#x}")
+
+    def mov_ecx(self, value: int) -> int:
+        return self._emit(b"\x66\xb9" + struct.pack("<I", value), f"mov ecx, {value:#x}")
+
+    def mov_edx(self, value: int) -> int:
+        return self._emit(b"\x66\xba" + struct.pack("<I", value), f"mov edx, {value:#x}")
+
+    def mov_es_ax(self) -> int:
+        return self._emit(b"\x8e\xc0", "mov es, ax")  # 8E /r, ModRM 11 000(es) 000(ax)
+
+    def out_dx(self, size: int) -> int:
+        # EE: out dx, al; EF: out dx, ax; 66 EF: out dx, eax
+        code = {1: b"\xee", 2: b"\xef", 4: b"\x66\xef"}[size]
+        return self._emit(code, f"out dx, {_acc(size)}")
+
+    def in_dx(self, size: int) -> int:
+        # EC: in al, dx; ED: in ax, dx; 66 ED: in eax, dx
+        code = {1: b"\xec", 2: b"\xed", 4: b"\x66\xed"}[size]
+        return self._emit(code, f"in {_acc(size)}, dx")
+
+    def store_es_al(self, offset: int) -> int:
+        # 26 = ES override; A2 = mov moffs16, al
+        return self._emit(b"\x26\xa2" + struct.pack("<H", offset), f"mov [es:{offset:#x}], al")
+
+    def load_al_es(self, offset: int) -> int:
+        # 26 = ES override; A0 = mov al, moffs16
+        return self._emit(b"\x26\xa0" + struct.pack("<H", offset), f"mov al, [es:{offset:#x}]")
+
+    def rdmsr(self) -> int:
+        return self._emit(b"\x0f\x32", "rdmsr")
+
+    def wrmsr(self) -> int:
+        return self._emit(b"\x0f\x30", "wrmsr")
+
+    def hlt(self) -> int:
+        return self._emit(b"\xf4", "hlt")
+
+    def jmp_short(self, target: int) -> int:
+        # EB rel8: the displacement counts from the end of this 2-byte instruction.
+        rel = target - (self.pos + 2)
+        if not -128 <= rel <= 127:
+            raise ValueError(f"short jump of {rel} bytes")
+        return self._emit(bytes([0xEB, rel & 0xFF]), f"jmp short {target:#x}")
+
+    def loop_program(self, name: str, head: int, exits: tuple[str, ...], description: str,
+                     direction: str, **access: int) -> GuestProgram:
+        self.jmp_short(head)
+        return GuestProgram(name, tuple(self.insns), exits, True, head, description,
+                            direction=direction, **access)
+
+
+def _acc(size: int) -> str:
+    return {1: "al", 2: "ax", 4: "eax"}[size]
+
+
+def _real_mode_segment(gpa: int) -> tuple[int, int]:
+    """Segment and offset reaching ``gpa`` from real mode (below 1 MiB + 64 KiB)."""
+    segment = min(gpa >> 4, 0xFFFF)
+    offset = gpa - (segment << 4)
+    if not 0 <= offset <= 0xFFFF:
+        raise ValueError(f"GPA {gpa:#x} is out of real-mode reach")
+    return segment, offset
+
+
+def out_loop(port: int = SERIAL_PORT, value: int = 0x41, size: int = 1) -> GuestProgram:
+    """OUT of ``value`` to ``port`` forever: one KVM_EXIT_IO (direction out) per KVM_RUN."""
+    a = _Asm()
+    a.mov_dx(port)
+    a.mov_eax(value)
+    head = a.out_dx(size)
+    return a.loop_program(f"out-{port:#x}", head, ("KVM_EXIT_IO",),
+                          f"out dx, {_acc(size)} to port {port:#x} in a loop", "out",
+                          port=port)
+
+
+def in_loop(port: int = SERIAL_PORT, size: int = 1) -> GuestProgram:
+    """IN from ``port`` forever: one KVM_EXIT_IO (direction in) per KVM_RUN; the value the VMM
+    answers lands in AL/AX/EAX only when the exit is completed."""
+    a = _Asm()
+    a.mov_dx(port)
+    head = a.in_dx(size)
+    return a.loop_program(f"in-{port:#x}", head, ("KVM_EXIT_IO",),
+                          f"in {_acc(size)}, dx from port {port:#x} in a loop", "in",
+                          port=port)
+
+
+def mmio_write_loop(gpa: int = MMIO_GPA, value: int = 0x42) -> GuestProgram:
+    """Byte store to unbacked ``gpa`` forever: one KVM_EXIT_MMIO (is_write=1, len 1) per KVM_RUN."""
+    segment, offset = _real_mode_segment(gpa)
+    a = _Asm()
+    a.mov_ax(segment)
+    a.mov_es_ax()
+    a.mov_al(value)
+    head = a.store_es_al(offset)
+    return a.loop_program(f"mmio-write-{gpa:#x}", head, ("KVM_EXIT_MMIO",),
+                          f"byte store to MMIO {gpa:#x} in a loop", "write", gpa=gpa)
+
+
+def mmio_read_loop(gpa: int = MMIO_GPA) -> GuestProgram:
+    """Byte load from unbacked ``gpa`` forever: one KVM_EXIT_MMIO (is_write=0, len 1) per KVM_RUN;
+    the VMM's answer reaches AL on completion."""
+    segment, offset = _real_mode_segment(gpa)
+    a = _Asm()
+    a.mov_ax(segment)
+    a.mov_es_ax()
+    head = a.load_al_es(offset)
+    return a.loop_program(f"mmio-read-{gpa:#x}", head, ("KVM_EXIT_MMIO",),
+                          f"byte load from MMIO {gpa:#x} in a loop", "read", gpa=gpa)
+
+
+def rdmsr_loop(index: int = USER_MSR) -> GuestProgram:
+    """RDMSR of ``index`` forever: one KVM_EXIT_X86_RDMSR per KVM_RUN (needs the VM to send
+    unknown MSRs to userspace); EDX:EAX get the VMM's answer on completion."""
+    a = _Asm()
+    a.mov_ecx(index)
+    head = a.rdmsr()
+    return a.loop_program(f"rdmsr-{index:#x}", head, ("KVM_EXIT_X86_RDMSR",),
+                          f"rdmsr {index:#x} in a loop", "read", msr_index=index)
+
+
+def wrmsr_loop(index: int = USER_MSR, value: int = 0x0BADF00D_DEADBEEF) -> GuestProgram:
+    """WRMSR of ``value`` to ``index`` forever: one KVM_EXIT_X86_WRMSR per KVM_RUN."""
+    a = _Asm()
+    a.mov_ecx(index)
+    a.mov_eax(value & 0xFFFFFFFF)
+    a.mov_edx(value >> 32)
+    head = a.wrmsr()
+    return a.loop_program(f"wrmsr-{index:#x}", head, ("KVM_EXIT_X86_WRMSR",),
+                          f"wrmsr {index:#x} <- {value:#x} in a loop", "write",
+                          msr_index=index)
+
+
+def hlt_loop() -> GuestProgram:
+    """HLT forever: one KVM_EXIT_HLT per KVM_RUN (no in-kernel irqchip, so KVM hands the halt
+    to userspace with RIP already past it; nothing is left to complete)."""
+    a = _Asm()
+    head = a.hlt()
+    return a.loop_program("hlt", head, ("KVM_EXIT_HLT",), "hlt in a loop", "")
+
+
+def sequence(port: int = SERIAL_PORT, gpa: int = MMIO_GPA, msr: int = USER_MSR) -> GuestProgram:
+    """One of each exit, in order, then HLT forever (every later KVM_RUN gives KVM_EXIT_HLT)."""
+    segment, offset = _real_mode_segment(gpa)
+    a = _Asm()
+    a.mov_dx(port)
+    a.mov_al(0x41)
+    a.out_dx(1)  # KVM_EXIT_IO out
+    a.in_dx(1)  # KVM_EXIT_IO in
+    a.mov_ax(segment)
+    a.mov_es_ax()
+    a.mov_al(0x42)
+    a.store_es_al(offset)  # KVM_EXIT_MMIO write
+    a.load_al_es(offset)  # KVM_EXIT_MMIO read
+    a.mov_ecx(msr)
+    a.rdmsr()  # KVM_EXIT_X86_RDMSR
+    a.mov_eax(0x1234)
+    a.mov_edx(0)
+    a.wrmsr()  # KVM_EXIT_X86_WRMSR
+    head = a.hlt()  # KVM_EXIT_HLT
+    a.jmp_short(head)
+    exits = ("KVM_EXIT_IO", "KVM_EXIT_IO", "KVM_EXIT_MMIO", "KVM_EXIT_MMIO",
+             "KVM_EXIT_X86_RDMSR", "KVM_EXIT_X86_WRMSR", "KVM_EXIT_HLT")
+    return GuestProgram("sequence", tuple(a.insns), exits, False, 0,
+                        "out, in, MMIO write, MMIO read, rdmsr, wrmsr, then hlt forever",
+                        port=port, gpa=gpa, msr_index=msr)

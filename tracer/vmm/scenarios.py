@@ -1,0 +1,560 @@
+"""Named VMM behaviours, correct and buggy, each run on a real VM and reported as JSON.
+
+A *buggy* VMM saves (or restores) vCPU state right after an exit that still owes the guest a
+completion; a *correct* one first re-enters KVM_RUN with ``immediate_exit = 1``, which finishes
+the instruction without running the guest and returns -EINTR. Every scenario returns a
+:class:`~tracer.vmm.report.ScenarioReport` listing the save/restore ioctls a tracer must flag.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Final
+
+from tracer import abi
+from tracer.vmm import guest, snapshot
+from tracer.vmm.guest import GuestProgram
+from tracer.vmm.kvm import KVM_EXIT_INTR, Kvm, MmioExit, MsrExit, PioExit, Vcpu, Vm, VmmError
+from tracer.vmm.report import (
+    ScenarioReport,
+    VcpuInfo,
+    exit_counts,
+    pending_info,
+    split_expectations,
+)
+
+DEFAULT_ITERATIONS: Final = 5
+LOOP_IO_ITERATIONS: Final = 20_000
+THREAD_TIMEOUT_S: Final = 20.0
+
+# Scenarios whose VMs must outlive the call (process-exit) park them here: the fds stay open
+# until the process exits and the kernel closes them.
+_KEPT_OPEN: list[Kvm] = []
+
+
+class _Session:
+    """One scenario's VMs and vCPUs, and the bookkeeping that turns into its report."""
+
+    def __init__(self, name: str, iterations: int) -> None:
+        if iterations < 1:
+            raise ValueError("iterations must be at least 1")
+        self.name = name
+        self.iterations = iterations
+        self.kvm = Kvm()
+        self.started_ns = time.monotonic_ns()
+        self.vcpus: list[tuple[Vcpu, VcpuInfo]] = []
+        self.facts: dict[str, int | str | bool | float] = {}
+        self.notes: list[str] = []
+
+    def vm(self, *, user_msr: bool = False, disable_quirk_7e: bool = False) -> Vm:
+        vm = self.kvm.create_vm()
+        vm.set_tss_addr()
+        vm.add_memory(0, guest.MEMORY_SIZE)
+        if user_msr:
+            vm.enable_user_space_msr()
+        if disable_quirk_7e:
+            vm.disable_quirks(abi.KVM_X86_QUIRK_OUT_7E_INC_RIP)
+        return vm
+
+    def vcpu(self, vm: Vm, vcpu_id: int, program: GuestProgram, *, buggy: bool = False) -> Vcpu:
+        vm.memory[0].write(program.load_addr, program.code)
+        vcpu = vm.create_vcpu(vcpu_id)
+        vcpu.setup_real_mode(program.load_addr)
+        self.vcpus.append((vcpu, VcpuInfo(vm.fd, vcpu_id, vcpu.fd, program.name, buggy)))
+        return vcpu
+
+    def report(self, *, keep_open: bool = False) -> ScenarioReport:
+        finished = time.monotonic_ns()
+        kvm = self.kvm
+        violations, sanctioned = split_expectations(kvm.mid_completion)
+        pending = [
+            pending_info(v.vm.fd, v.vcpu_id, v.fd, v.pending)
+            for v, _ in self.vcpus
+            if v.pending is not None and v.fd >= 0
+        ]
+        infos = []
+        for vcpu, info in self.vcpus:
+            tids = sorted({r.tid for r in kvm.run_log if r.fd == info.fd
+                           and r.vcpu_id == info.vcpu_id})
+            infos.append(VcpuInfo(info.vm_fd, info.vcpu_id, info.fd, info.program, info.buggy,
+                                  list(vcpu.dup_fds) or _dups_seen(kvm, vcpu, info), tids))
+        report = ScenarioReport(
+            scenario=self.name, pid=os.getpid(), iterations=self.iterations,
+            violations=violations, sanctioned=sanctioned, exits=exit_counts(kvm.run_log),
+            completions=sum(1 for r in kvm.run_log if r.immediate_exit),
+            vcpus=infos, pending_at_end=pending, started_ns=self.started_ns,
+            finished_ns=finished, facts=self.facts, notes=self.notes,
+            ioctl_log=list(kvm.ioctl_log), run_log=list(kvm.run_log),
+        )
+        if keep_open:
+            _KEPT_OPEN.append(kvm)
+        else:
+            kvm.close()
+        return report
+
+    def close(self) -> None:
+        self.kvm.close()
+
+
+def _dups_seen(kvm: Kvm, vcpu: Vcpu, info: VcpuInfo) -> list[int]:
+    """Dup fds are closed with their vCPU; recover the ones it used from the mid-completion log."""
+    return sorted({r.fd for r in kvm.mid_completion
+                   if r.vcpu_id == info.vcpu_id and r.vm_fd == info.vm_fd and r.fd != info.fd})
+
+
+# --- the device model: what the VMM answers -----------------------------------------------
+def _answer(iteration: int) -> int:
+    """The value served to reads in ``iteration``: varies so a stale register shows."""
+    return 0x5A ^ (iteration & 0xFF)
+
+
+def _exit(vcpu: Vcpu, program: GuestProgram, iteration: int) -> int:
+    """KVM_RUN until the program's exit, answering reads; returns the exit reason."""
+    reason = vcpu.run()
+    name = abi.exit_reason_name(reason)
+    if name not in program.exits:
+        raise VmmError(f"vCPU {vcpu.vcpu_id} running {program.name}: got {name}, expected "
+                       f"{'/'.join(program.exits)}")
+    value = _answer(iteration)
+    access = vcpu.exit_access(reason)
+    if isinstance(access, PioExit) and access.direction == "in":
+        vcpu.set_io_in_data(value)
+    elif isinstance(access, MmioExit) and not access.is_write:
+        vcpu.set_mmio_read_data(value)
+    elif isinstance(access, MsrExit):
+        vcpu.set_msr_result(0 if access.is_write else value)
+    return reason
+
+
+def _complete(vcpu: Vcpu) -> None:
+    result = vcpu.complete_pending()
+    if result != KVM_EXIT_INTR:
+        raise VmmError(f"immediate-exit KVM_RUN on vCPU {vcpu.vcpu_id} returned "
+                       f"{abi.exit_reason_name(result)}, expected -EINTR")
+
+
+def _check_read_completed(vcpu: Vcpu, snap: snapshot.Snapshot, iteration: int,
+                          program: GuestProgram) -> None:
+    """After a completed read the answer must be in the accumulator: proof the completion ran
+    before the save (the very thing a buggy VMM gets wrong)."""
+    want = _answer(iteration)
+    if program.msr_index is not None and program.direction == "read":
+        got = ((snap.regs.rdx & 0xFFFFFFFF) << 32) | (snap.regs.rax & 0xFFFFFFFF)
+    elif program.direction in ("in", "read"):
+        got = snap.regs.rax & 0xFF  # byte-sized IN and MMIO loads
+    else:
+        return
+    if got != want:
+        raise VmmError(f"vCPU {vcpu.vcpu_id}: completed read left {got:#x}, expected {want:#x}")
+
+
+def _correct_round(vcpu: Vcpu, program: GuestProgram, iteration: int) -> None:
+    _exit(vcpu, program, iteration)
+    _complete(vcpu)
+    snap = snapshot.save(vcpu)
+    _check_read_completed(vcpu, snap, iteration, program)
+    snapshot.restore(vcpu, snap)
+
+
+def _buggy_round(vcpu: Vcpu, program: GuestProgram, iteration: int) -> bool:
+    """Snapshot mid-completion; True when the saved RIP still points at the exiting
+    instruction (a restore would replay it)."""
+    _exit(vcpu, program, iteration)
+    snap = snapshot.save(vcpu)
+    _complete(vcpu)
+    return bool(snap.regs.rip == program.load_addr + program.loop_head)
+
+
+# --- scenarios ------------------------------------------------------------------------------
+def _correct(name: str, program: GuestProgram, iterations: int, user_msr: bool = False
+             ) -> ScenarioReport:
+    s = _Session(name, iterations)
+    try:
+        vcpu = s.vcpu(s.vm(user_msr=user_msr), 0, program)
+        for i in range(iterations):
+            _correct_round(vcpu, program, i)
+        return s.report()
+    finally:
+        s.close()
+
+
+def correct_io(iterations: int = DEFAULT_ITERATIONS) -> ScenarioReport:
+    """OUT exits, completed with immediate_exit before each save+restore: no violations."""
+    return _correct("correct-io", guest.out_loop(), iterations)
+
+
+def correct_mmio(iterations: int = DEFAULT_ITERATIONS) -> ScenarioReport:
+    """MMIO read exits, completed before each save+restore (checks AL got the answer)."""
+    return _correct("correct-mmio", guest.mmio_read_loop(), iterations)
+
+
+def correct_msr(iterations: int = DEFAULT_ITERATIONS) -> ScenarioReport:
+    """RDMSR exits, completed before each save+restore (checks EDX:EAX got the answer)."""
+    return _correct("correct-msr", guest.rdmsr_loop(), iterations, user_msr=True)
+
+
+def _buggy(name: str, program: GuestProgram, iterations: int, user_msr: bool = False
+           ) -> ScenarioReport:
+    s = _Session(name, iterations)
+    try:
+        vcpu = s.vcpu(s.vm(user_msr=user_msr), 0, program, buggy=True)
+        stale = sum(_buggy_round(vcpu, program, i) for i in range(iterations))
+        s.facts["saves_with_rip_at_exiting_insn"] = stale
+        s.facts["save_ioctls_per_iteration"] = len(snapshot.SAVE_IOCTLS)
+        return s.report()
+    finally:
+        s.close()
+
+
+def buggy_io_out(iterations: int = DEFAULT_ITERATIONS) -> ScenarioReport:
+    """Snapshot from the vCPU thread while an OUT to 0x3f8 is pending."""
+    return _buggy("buggy-io-out", guest.out_loop(), iterations)
+
+
+def buggy_io_in(iterations: int = DEFAULT_ITERATIONS) -> ScenarioReport:
+    """Snapshot while an IN from 0x3f8 is pending (the saved AL misses the answer)."""
+    return _buggy("buggy-io-in", guest.in_loop(), iterations)
+
+
+def buggy_mmio_write(iterations: int = DEFAULT_ITERATIONS) -> ScenarioReport:
+    """Snapshot while an MMIO byte store to 0x20000 is pending."""
+    return _buggy("buggy-mmio-write", guest.mmio_write_loop(), iterations)
+
+
+def buggy_mmio_read(iterations: int = DEFAULT_ITERATIONS) -> ScenarioReport:
+    """Snapshot while an MMIO byte load from 0x20000 is pending."""
+    return _buggy("buggy-mmio-read", guest.mmio_read_loop(), iterations)
+
+
+def buggy_rdmsr(iterations: int = DEFAULT_ITERATIONS) -> ScenarioReport:
+    """Snapshot while an RDMSR of 0x12345678 is pending."""
+    return _buggy("buggy-rdmsr", guest.rdmsr_loop(), iterations, user_msr=True)
+
+
+def buggy_wrmsr(iterations: int = DEFAULT_ITERATIONS) -> ScenarioReport:
+    """Snapshot while a WRMSR of 0x12345678 is pending."""
+    return _buggy("buggy-wrmsr", guest.wrmsr_loop(), iterations, user_msr=True)
+
+
+class _Worker(threading.Thread):
+    """A thread whose exception is handed to whoever joins it."""
+
+    def __init__(self, name: str, body: Callable[[], None]) -> None:
+        super().__init__(name=name, daemon=True)
+        self._body = body
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            self._body()
+        except BaseException as err:  # re-raised in the joining thread
+            self.error = err
+
+    def finish(self) -> None:
+        self.join(THREAD_TIMEOUT_S)
+        if self.is_alive():
+            raise VmmError(f"thread {self.name} did not finish in {THREAD_TIMEOUT_S} s")
+        if self.error is not None:
+            raise VmmError(f"thread {self.name} failed: {self.error}") from self.error
+
+
+def _wait(event: threading.Event, what: str, worker: _Worker) -> None:
+    if not event.wait(THREAD_TIMEOUT_S):
+        worker.finish()  # surfaces the worker's error if it died
+        raise VmmError(f"timed out waiting for {what}")
+    event.clear()
+
+
+def buggy_other_thread(iterations: int = DEFAULT_ITERATIONS) -> ScenarioReport:
+    """The vCPU thread parks after an OUT exit; another thread saves GET_REGS + GET_SREGS."""
+    s = _Session("buggy-other-thread", iterations)
+    try:
+        program = guest.out_loop()
+        vcpu = s.vcpu(s.vm(), 0, program, buggy=True)
+        exited, saved = threading.Event(), threading.Event()
+
+        def vcpu_thread() -> None:
+            for i in range(iterations):
+                _exit(vcpu, program, i)
+                exited.set()
+                if not saved.wait(THREAD_TIMEOUT_S):
+                    raise VmmError("saver thread never finished")
+                saved.clear()
+                _complete(vcpu)
+
+        worker = _Worker("vcpu0", vcpu_thread)
+        worker.start()
+        for _ in range(iterations):
+            _wait(exited, "the vCPU exit", worker)
+            vcpu.get_regs()
+            vcpu.get_sregs()
+            saved.set()
+        worker.finish()
+        s.facts["saver_tid"] = threading.get_native_id()
+        return s.report()
+    finally:
+        s.close()
+
+
+def _restore_mid(name: str, program: GuestProgram, iterations: int) -> ScenarioReport:
+    s = _Session(name, iterations)
+    try:
+        vcpu = s.vcpu(s.vm(), 0, program, buggy=True)
+        for i in range(iterations):
+            regs = vcpu.get_regs()  # nothing pending yet: a clean save
+            _exit(vcpu, program, i)
+            vcpu.set_regs(regs)  # the restore mid-completion
+            _complete(vcpu)
+        return s.report()
+    finally:
+        s.close()
+
+
+def restore_mmio(iterations: int = DEFAULT_ITERATIONS) -> ScenarioReport:
+    """SET_REGS while an MMIO read is pending: a restore violation (the completion overwrites)."""
+    return _restore_mid("restore-mmio", guest.mmio_read_loop(), iterations)
+
+
+def restore_pio(iterations: int = DEFAULT_ITERATIONS) -> ScenarioReport:
+    """SET_REGS while an OUT is pending: tolerated (rule restore-after-pio), not a violation."""
+    return _restore_mid("restore-pio", guest.out_loop(), iterations)
+
+
+def hlt(iterations: int = DEFAULT_ITERATIONS) -> ScenarioReport:
+    """Snapshot after each HLT exit: HLT needs no completion, so no violations."""
+    s = _Session("hlt", iterations)
+    try:
+        program = guest.hlt_loop()
+        vcpu = s.vcpu(s.vm(), 0, program)
+        for i in range(iterations):
+            _exit(vcpu, program, i)
+            snapshot.save(vcpu)
+        return s.report()
+    finally:
+        s.close()
+
+
+def eintr(iterations: int = DEFAULT_ITERATIONS) -> ScenarioReport:
+    """OUT exit, immediate-exit completion, save; then a second immediate exit with nothing
+    pending and another save. Every KVM_RUN with immediate_exit returns -EINTR; no violations."""
+    s = _Session("eintr", iterations)
+    try:
+        program = guest.out_loop()
+        vcpu = s.vcpu(s.vm(), 0, program)
+        for i in range(iterations):
+            _exit(vcpu, program, i)
+            _complete(vcpu)
+            snapshot.save(vcpu)
+            _complete(vcpu)  # nothing pending: still -EINTR, still no guest code run
+            snapshot.save(vcpu)
+        return s.report()
+    finally:
+        s.close()
+
+
+def _port_7e(name: str, iterations: int, disable_quirk: bool) -> ScenarioReport:
+    s = _Session(name, iterations)
+    try:
+        # QEMU's kvmvapic ROM does `out 0x7e, ax`: a 2-byte OUT.
+        program = guest.out_loop(port=guest.PORT_7E, value=0x1, size=2)
+        vcpu = s.vcpu(s.vm(disable_quirk_7e=disable_quirk), 0, program, buggy=disable_quirk)
+        for i in range(iterations):
+            _exit(vcpu, program, i)
+            snapshot.restore(vcpu, snapshot.save(vcpu))
+            _complete(vcpu)
+        s.facts["quirk_out_7e_inc_rip"] = not disable_quirk
+        return s.report()
+    finally:
+        s.close()
+
+
+def port_7e(iterations: int = DEFAULT_ITERATIONS) -> ScenarioReport:
+    """Save+restore while `out 0x7e, ax` is pending, quirk on: all sanctioned (port-0x7e)."""
+    return _port_7e("port-7e", iterations, disable_quirk=False)
+
+
+def port_7e_quirk_disabled(iterations: int = DEFAULT_ITERATIONS) -> ScenarioReport:
+    """As port-7e after disabling KVM_X86_QUIRK_OUT_7E_INC_RIP: the saves are violations, the
+    restores sanctioned only as restore-after-pio."""
+    return _port_7e("port-7e-quirk-disabled", iterations, disable_quirk=True)
+
+
+@contextmanager
+def _through(vcpu: Vcpu, fd: int) -> Iterator[None]:
+    vcpu.state_fd = fd
+    try:
+        yield
+    finally:
+        vcpu.state_fd = vcpu.fd
+
+
+def dup_fd(iterations: int = DEFAULT_ITERATIONS) -> ScenarioReport:
+    """Snapshot through an os.dup() of the vCPU fd while an OUT is pending."""
+    s = _Session("dup-fd", iterations)
+    try:
+        program = guest.out_loop()
+        vcpu = s.vcpu(s.vm(), 0, program, buggy=True)
+        dup = vcpu.dup()
+        s.facts["dup_fd"] = dup
+        for i in range(iterations):
+            _exit(vcpu, program, i)
+            with _through(vcpu, dup):
+                snapshot.save(vcpu)
+            _complete(vcpu)
+        return s.report()
+    finally:
+        s.close()
+
+
+def fd_reuse(iterations: int = DEFAULT_ITERATIONS) -> ScenarioReport:
+    """Close a vCPU (and its VM) with an OUT pending; a new VM's vCPU gets the same fd number
+    and is saved with nothing pending: no violations."""
+    s = _Session("fd-reuse", iterations)
+    try:
+        program = guest.out_loop()
+        old_vm = s.vm()
+        old = s.vcpu(old_vm, 0, program, buggy=True)
+        old_fd = old.fd
+        _exit(old, program, 0)
+        s.facts["abandoned_exit"] = old.pending.exit_name if old.pending else ""
+        old_vm.close()  # vCPU fd (and kvm_run mapping) first, then the VM fd; nothing completed
+        vcpu = s.vcpu(s.vm(), 0, program)
+        s.facts.update(old_vcpu_fd=old_fd, new_vcpu_fd=vcpu.fd, fd_reused=vcpu.fd == old_fd)
+        if vcpu.fd != old_fd:
+            s.notes.append(f"new vCPU got fd {vcpu.fd}, not {old_fd}: some other fd was free")
+        snapshot.save(vcpu)  # a vCPU that never ran: nothing can be pending
+        for i in range(iterations):
+            _correct_round(vcpu, program, i)
+        return s.report()
+    finally:
+        s.close()
+
+
+_MULTI_PROGRAMS: Final[tuple[Callable[[], GuestProgram], ...]] = (
+    guest.out_loop, guest.mmio_read_loop, guest.rdmsr_loop,
+    guest.in_loop, guest.mmio_write_loop, guest.wrmsr_loop,
+)
+
+
+def multi(iterations: int = DEFAULT_ITERATIONS, *, vms: int = 2, vcpus: int = 2
+          ) -> ScenarioReport:
+    """Several VMs x vCPUs, one thread per vCPU, all at once; odd vCPU ids snapshot
+    mid-completion, even ones complete first. Programs rotate through every exit kind."""
+    if vms < 1 or vcpus < 1:
+        raise ValueError("--vms and --vcpus must be at least 1")
+    s = _Session("multi", iterations)
+    try:
+        jobs: list[tuple[Vcpu, GuestProgram, bool]] = []
+        for vm_index in range(vms):
+            vm = s.vm(user_msr=True)
+            for vcpu_id in range(vcpus):
+                make = _MULTI_PROGRAMS[(vm_index * vcpus + vcpu_id) % len(_MULTI_PROGRAMS)]
+                program = make().at(guest.LOAD_ADDR + 0x100 * vcpu_id)
+                buggy = vcpu_id % 2 == 1
+                jobs.append((s.vcpu(vm, vcpu_id, program, buggy=buggy), program, buggy))
+        start = threading.Barrier(len(jobs))
+
+        def body(vcpu: Vcpu, program: GuestProgram, buggy: bool) -> Callable[[], None]:
+            def loop() -> None:
+                start.wait(THREAD_TIMEOUT_S)
+                for i in range(iterations):
+                    if buggy:
+                        _buggy_round(vcpu, program, i)
+                    else:
+                        _correct_round(vcpu, program, i)
+            return loop
+
+        workers = [_Worker(f"vm{v.vm.fd}-vcpu{v.vcpu_id}", body(v, p, b)) for v, p, b in jobs]
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.finish()
+        s.facts.update(vms=vms, vcpus_per_vm=vcpus)
+        return s.report()
+    finally:
+        s.close()
+
+
+def loop_io(iterations: int = LOOP_IO_ITERATIONS) -> ScenarioReport:
+    """Benchmark: OUT exits completed by plain re-entry (KVM_RUN, KVM_RUN, ...), no saves."""
+    s = _Session("loop-io", iterations)
+    try:
+        program = guest.out_loop()
+        vcpu = s.vcpu(s.vm(), 0, program)
+        t0 = time.monotonic_ns()
+        for _ in range(iterations):
+            if vcpu.run() != abi.KVM_EXIT_IO:
+                raise VmmError(f"loop-io: unexpected {abi.exit_reason_name(vcpu.exit_reason)}")
+        elapsed = time.monotonic_ns() - t0
+        _complete(vcpu)  # leave nothing pending behind
+        s.facts.update(loop_ns=elapsed, ns_per_exit=elapsed / iterations)
+        return s.report()
+    finally:
+        s.close()
+
+
+def process_exit(iterations: int = DEFAULT_ITERATIONS) -> ScenarioReport:
+    """Two vCPUs (OUT and MMIO read) left with a completion pending; the VM stays open so the
+    process exits with it (the CLI's --hold-before-exit keeps it alive a while first)."""
+    s = _Session("process-exit", iterations)
+    try:
+        vm = s.vm()
+        programs = (guest.out_loop(), guest.mmio_read_loop().at(guest.LOAD_ADDR + 0x100))
+        for vcpu_id, program in enumerate(programs):
+            vcpu = s.vcpu(vm, vcpu_id, program)
+            for i in range(iterations):
+                _exit(vcpu, program, i)  # the next run() completes the previous exit
+        report = s.report(keep_open=True)
+        if len(report.pending_at_end) != len(programs):
+            raise VmmError("process-exit: expected every vCPU to be left pending")
+        return report
+    except BaseException:
+        s.close()
+        raise
+
+
+ScenarioFn = Callable[..., ScenarioReport]
+SCENARIOS: Final[dict[str, ScenarioFn]] = {
+    "correct-io": correct_io,
+    "correct-mmio": correct_mmio,
+    "correct-msr": correct_msr,
+    "buggy-io-out": buggy_io_out,
+    "buggy-io-in": buggy_io_in,
+    "buggy-mmio-write": buggy_mmio_write,
+    "buggy-mmio-read": buggy_mmio_read,
+    "buggy-rdmsr": buggy_rdmsr,
+    "buggy-wrmsr": buggy_wrmsr,
+    "buggy-other-thread": buggy_other_thread,
+    "restore-mmio": restore_mmio,
+    "restore-pio": restore_pio,
+    "hlt": hlt,
+    "eintr": eintr,
+    "port-7e": port_7e,
+    "port-7e-quirk-disabled": port_7e_quirk_disabled,
+    "dup-fd": dup_fd,
+    "fd-reuse": fd_reuse,
+    "multi": multi,
+    "loop-io": loop_io,
+    "process-exit": process_exit,
+}
+
+
+def describe(name: str) -> str:
+    doc = SCENARIOS[name].__doc__ or ""
+    return " ".join(doc.split())
+
+
+def run_scenario(name: str, iterations: int | None = None, *, vms: int = 2, vcpus: int = 2
+                 ) -> ScenarioReport:
+    """Run scenario ``name``; ``iterations`` None means the scenario's default."""
+    fn = SCENARIOS.get(name)
+    if fn is None:
+        raise KeyError(f"unknown scenario {name!r}; known: {', '.join(SCENARIOS)}")
+    args: dict[str, int] = {} if iterations is None else {"iterations": iterations}
+    if fn is multi:
+        args.update(vms=vms, vcpus=vcpus)
+    return fn(**args)
