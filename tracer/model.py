@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from tracer import abi
 from tracer.events import EventFlag, EventType, KernelEvent, PendingAccess
 
+NO_FLAGS = EventFlag(0)
+
 
 class RunState(enum.Enum):
     IDLE = 0
@@ -64,7 +66,7 @@ class ProbeModel:
         return self.now
 
     def _emit(self, etype: EventType, pid: int, tid: int, *, fd: int = -1, cmd: int = 0,
-              vcpu: ModelVcpu | None = None, flags: EventFlag = EventFlag(0), aux: int = 0,
+              vcpu: ModelVcpu | None = None, flags: EventFlag = NO_FLAGS, aux: int = 0,
               vcpu_id: int = 0, uid: int = 0) -> None:
         access = vcpu.access if vcpu and etype is EventType.VIOLATION else None
         if access is not None:
@@ -93,7 +95,7 @@ class ProbeModel:
                    uid=uid)
 
     def _report(self, pid: int, tid: int, fd: int, cmd: int, vcpu: ModelVcpu,
-                extra: EventFlag = EventFlag(0)) -> None:
+                extra: EventFlag = NO_FLAGS) -> None:
         vcpu.window_reports += 1
         if self.quirks_disabled.get(pid, 0) & abi.KVM_X86_QUIRK_OUT_7E_INC_RIP:
             extra |= EventFlag.QUIRK_7E_DISABLED
@@ -117,7 +119,7 @@ class ProbeModel:
             if vcpu.state is RunState.PENDING and vcpu.window_reports:
                 self._emit(EventType.WINDOW_CLOSED, pid, tid, vcpu=vcpu,
                            aux=vcpu.window_reports,
-                           flags=EventFlag.IMMEDIATE_EXIT if immediate_exit else EventFlag(0))
+                           flags=EventFlag.IMMEDIATE_EXIT if immediate_exit else NO_FLAGS)
             vcpu.state = RunState.RUNNING
             self.run_threads[tid] = uid
             return

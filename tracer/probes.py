@@ -153,11 +153,11 @@ class Probes:
 
     # ---- policy into maps ----------------------------------------------------------------------
     def set_policy(self, policy: CompletionPolicy) -> None:
-        pending = self._bpf["pending_exits"]
+        pending = self._bpf[b"pending_exits"]
         for reason in range(abi.MAX_EXIT_REASON):
             pending[ctypes.c_int(reason)] = ctypes.c_uint8(1 if policy.leaves_pending(reason)
                                                            else 0)
-        kinds = self._bpf["ioctl_kinds"]
+        kinds = self._bpf[b"ioctl_kinds"]
         for number in abi.SAVE_IOCTLS:
             kinds[ctypes.c_uint32(number)] = ctypes.c_uint8(1)
         for number in abi.RESTORE_IOCTLS:
@@ -176,7 +176,7 @@ class Probes:
         def _callback(_ctx: Any, data: Any, size: int) -> None:
             handler(ctypes.string_at(data, min(size, EVENT_SIZE)))
 
-        self._bpf["events"].open_ring_buffer(_callback)
+        self._bpf[b"events"].open_ring_buffer(_callback)
         self._ring_open = True
 
     def poll(self, timeout_ms: int) -> None:
@@ -187,25 +187,25 @@ class Probes:
     def adopt_vcpu(self, pid: int, fd: int, vcpu_id: int, run_addr: int | None,
                    uid: int | None = None) -> int | None:
         """Track a vCPU fd created before the probes attached; returns its uid, None if known."""
-        fds = self._bpf["vcpu_fds"]
+        fds = self._bpf[b"vcpu_fds"]
         key = fds.Key(pid, fd)
         if key in fds:
             return None
         if uid is None:
             uid = self._next_adopted_uid
             self._next_adopted_uid += 1
-            vcpus = self._bpf["vcpus"]
+            vcpus = self._bpf[b"vcpus"]
             leaf = vcpus.Leaf()
             leaf.tgid, leaf.vcpu_id, leaf.fd_refs = pid, vcpu_id, 1
             leaf.run_addr = run_addr or 0
             vcpus[ctypes.c_uint64(uid)] = leaf
         else:
-            vcpus = self._bpf["vcpus"]
+            vcpus = self._bpf[b"vcpus"]
             existing = vcpus[ctypes.c_uint64(uid)]
             existing.fd_refs += 1
             vcpus[ctypes.c_uint64(uid)] = existing
         fds[key] = fds.Leaf(uid, vcpu_id, -1)
-        procs = self._bpf["procs"]
+        procs = self._bpf[b"procs"]
         pkey = procs.Key(pid)
         proc = procs.get(pkey) or procs.Leaf()
         proc.vcpus += 1
@@ -215,28 +215,28 @@ class Probes:
     def forget_process(self, pid: int, uids: set[int]) -> int:
         """Drop the map entries of an exited process: only its own vCPUs (``uids``), since a
         new process may already have reused the pid. Returns how many vCPUs went."""
-        fds = self._bpf["vcpu_fds"]
+        fds = self._bpf[b"vcpu_fds"]
         for key in [k for k, v in fds.items() if k.tgid == pid and v.vcpu_uid in uids]:
             fds.pop(key, None)
-        vcpus = self._bpf["vcpus"]
+        vcpus = self._bpf[b"vcpus"]
         gone = 0
         for uid in uids:
             if vcpus.pop(ctypes.c_uint64(uid), None) is not None:
                 gone += 1
-        unknown = self._bpf["unknown_fds"]
+        unknown = self._bpf[b"unknown_fds"]
         for key in [k for k in unknown if k.tgid == pid]:
             unknown.pop(key, None)
         return gone
 
     def forget_fd(self, pid: int, fd: int) -> None:
         """An fd closed behind the probes' back (close_range): drop it like close() would."""
-        fds = self._bpf["vcpu_fds"]
+        fds = self._bpf[b"vcpu_fds"]
         key = fds.Key(pid, fd)
         leaf = fds.get(key)
         if leaf is None:
             return
         fds.pop(key, None)
-        vcpus = self._bpf["vcpus"]
+        vcpus = self._bpf[b"vcpus"]
         vkey = ctypes.c_uint64(leaf.vcpu_uid)
         state = vcpus.get(vkey)
         if state is not None:
@@ -248,14 +248,14 @@ class Probes:
 
     def tracked_fds(self, pid: int) -> dict[int, int]:
         """fd -> vcpu uid for one process, as the probes see it."""
-        return {k.fd: v.vcpu_uid for k, v in self._bpf["vcpu_fds"].items() if k.tgid == pid}
+        return {k.fd: v.vcpu_uid for k, v in self._bpf[b"vcpu_fds"].items() if k.tgid == pid}
 
     def tracked_pids(self) -> set[int]:
-        return {int(k.value) for k in self._bpf["procs"]}
+        return {int(k.value) for k in self._bpf[b"procs"]}
 
     def vcpu_states(self) -> list[dict[str, int]]:
         out = []
-        for key, st in self._bpf["vcpus"].items():
+        for key, st in self._bpf[b"vcpus"].items():
             out.append({"uid": int(key.value), "pid": st.tgid, "vcpu_id": st.vcpu_id,
                         "state": st.state, "exit_reason": st.exit_reason, "seq": st.seq,
                         "pending_since_ns": st.pending_since, "run_tid": st.run_tid,
@@ -264,7 +264,7 @@ class Probes:
 
     # ---- counters ------------------------------------------------------------------------------
     def counters(self) -> dict[str, int]:
-        table = self._bpf["counters"]
+        table = self._bpf[b"counters"]
         totals = [int(table.sum(table.Key(i)).value)
                   for i in range(EVENT_TYPES + len(COUNTER_NAMES))]
         out = {name: totals[EVENT_TYPES + i] for i, name in enumerate(COUNTER_NAMES)}
@@ -275,7 +275,7 @@ class Probes:
 
     def guest_exit_counts(self) -> dict[tuple[int, int, int, int], int]:
         return {(k.tgid, k.vcpu_id, k.isa, k.reason): int(v.value)
-                for k, v in self._bpf["guest_exits"].items()}
+                for k, v in self._bpf[b"guest_exits"].items()}
 
     def close(self) -> None:
         if not self._closed:

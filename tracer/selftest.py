@@ -80,12 +80,12 @@ def compare(report: ScenarioReport, violations: Iterable[Mapping[str, Any]],
         problems.append(f"missed violation {key}")
     for key in sorted((got - want).elements()):
         problems.append(f"unexpected violation {key}")
-    want_s = Counter((expected_key(e), e.rule) for e in report.sanctioned)
+    want_s = Counter((expected_key(e), str(e.rule)) for e in report.sanctioned)
     got_s = Counter((alert_key(a), str(a["rule"])) for a in sanctioned)
-    for key in sorted((want_s - got_s).elements()):
-        problems.append(f"missed sanctioned case {key}")
-    for key in sorted((got_s - want_s).elements()):
-        problems.append(f"unexpected sanctioned case {key}")
+    for rule_key in sorted((want_s - got_s).elements()):
+        problems.append(f"missed sanctioned case {rule_key}")
+    for rule_key in sorted((got_s - want_s).elements()):
+        problems.append(f"unexpected sanctioned case {rule_key}")
     if snapshots != expected_snapshots(report):
         problems.append(f"{snapshots} snapshot alerts, expected {expected_snapshots(report)}")
     return problems

@@ -353,6 +353,10 @@ class Vcpu:
         self.vm = vm
         self.vcpu_id = vcpu_id
         self.fd = fd
+        # Lifetime in monotonic ns, so a reader of the logs can tell apart two vCPUs that got
+        # the same fd number one after the other.
+        self.created_ns = time.monotonic_ns()
+        self.closed_ns: int | None = None
         self.run_page = Mapping(vm.kvm.vcpu_mmap_size, fd)
         self.pending: PendingExit | None = None
         self.dup_fds: list[int] = []
@@ -589,6 +593,7 @@ class Vcpu:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+            self.closed_ns = time.monotonic_ns()
         if self in self.vm.vcpus:
             self.vm.vcpus.remove(self)
 

@@ -79,6 +79,8 @@ class VcpuInfo:
     fd: int
     program: str
     buggy: bool
+    created_ns: int  # monotonic ns after KVM_CREATE_VCPU returned
+    closed_ns: int | None  # monotonic ns after its fd was closed; None if open at report time
     dup_fds: list[int] = field(default_factory=list)
     run_tids: list[int] = field(default_factory=list)  # threads that issued its KVM_RUNs
 

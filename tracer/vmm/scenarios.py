@@ -8,6 +8,7 @@ the instruction without running the guest and returns -EINTR. Every scenario ret
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import threading
 import time
@@ -34,6 +35,12 @@ THREAD_TIMEOUT_S: Final = 20.0
 # Scenarios whose VMs must outlive the call (process-exit) park them here: the fds stay open
 # until the process exits and the kernel closes them.
 _KEPT_OPEN: list[Kvm] = []
+
+
+def close_kept_open() -> None:
+    """Close what process-exit left open (for callers that stay alive, e.g. a test run)."""
+    while _KEPT_OPEN:
+        _KEPT_OPEN.pop().close()
 
 
 class _Session:
@@ -64,7 +71,8 @@ class _Session:
         vm.memory[0].write(program.load_addr, program.code)
         vcpu = vm.create_vcpu(vcpu_id)
         vcpu.setup_real_mode(program.load_addr)
-        self.vcpus.append((vcpu, VcpuInfo(vm.fd, vcpu_id, vcpu.fd, program.name, buggy)))
+        self.vcpus.append((vcpu, VcpuInfo(vm.fd, vcpu_id, vcpu.fd, program.name, buggy,
+                                          vcpu.created_ns, None)))
         return vcpu
 
     def report(self, *, keep_open: bool = False) -> ScenarioReport:
@@ -78,10 +86,12 @@ class _Session:
         ]
         infos = []
         for vcpu, info in self.vcpus:
+            end = vcpu.closed_ns if vcpu.closed_ns is not None else finished
             tids = sorted({r.tid for r in kvm.run_log if r.fd == info.fd
-                           and r.vcpu_id == info.vcpu_id})
-            infos.append(VcpuInfo(info.vm_fd, info.vcpu_id, info.fd, info.program, info.buggy,
-                                  list(vcpu.dup_fds) or _dups_seen(kvm, vcpu, info), tids))
+                           and info.created_ns <= r.ts_ns <= end})
+            dups = list(vcpu.dup_fds) or _dups_seen(kvm, info, end)
+            infos.append(dataclasses.replace(info, closed_ns=vcpu.closed_ns, dup_fds=dups,
+                                             run_tids=tids))
         report = ScenarioReport(
             scenario=self.name, pid=os.getpid(), iterations=self.iterations,
             violations=violations, sanctioned=sanctioned, exits=exit_counts(kvm.run_log),
@@ -100,10 +110,11 @@ class _Session:
         self.kvm.close()
 
 
-def _dups_seen(kvm: Kvm, vcpu: Vcpu, info: VcpuInfo) -> list[int]:
-    """Dup fds are closed with their vCPU; recover the ones it used from the mid-completion log."""
+def _dups_seen(kvm: Kvm, info: VcpuInfo, end: int) -> list[int]:
+    """Dup fds are closed with their vCPU; recover those it used from the mid-completion log."""
     return sorted({r.fd for r in kvm.mid_completion
-                   if r.vcpu_id == info.vcpu_id and r.vm_fd == info.vm_fd and r.fd != info.fd})
+                   if r.vcpu_id == info.vcpu_id and r.vm_fd == info.vm_fd and r.fd != info.fd
+                   and info.created_ns <= r.ts_ns <= end})
 
 
 # --- the device model: what the VMM answers -----------------------------------------------
