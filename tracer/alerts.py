@@ -105,12 +105,19 @@ def configure_logging(log_format: str = "auto", level: str = "info",
         processors=[
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
+            _event_first,
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(getattr(logging, level.upper())),
         logger_factory=structlog.PrintLoggerFactory(file=out),
         cache_logger_on_first_use=False,
     )
+
+
+def _event_first(_logger: Any, _method: str, event_dict: Any) -> Any:
+    """``event``, ``level`` and ``timestamp`` lead each JSON line: easier to scan and to grep."""
+    head = {k: event_dict.pop(k) for k in ("event", "level", "timestamp") if k in event_dict}
+    return {**head, **event_dict}
 
 
 class LogSink:

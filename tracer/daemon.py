@@ -15,7 +15,7 @@ from tracer import __version__, vmident
 from tracer.alerts import AlertSink, LogSink
 from tracer.events import MalformedEvent, decode_event
 from tracer.policy import CompletionPolicy, describe
-from tracer.probes import ProbeConfig, Probes
+from tracer.probes import ProbeConfig, ProbeError, Probes
 from tracer.tracker import Tracker
 from tracer.vmident import VmIdentity
 
@@ -59,6 +59,11 @@ class Daemon:
         self.probes = Probes(options.policy, options.probe_config)
         self.tracker = Tracker(options.policy, self.sink, SystemProcView(), self.probes,
                                snapshot_idle_s=options.snapshot_idle_s)
+        missing = self.probes.missing()
+        if missing:
+            self.probes.close()
+            raise ProbeError(f"probes not attached: {', '.join(missing)}; run "
+                             "'kvm-completion-tracer check'")
         self.probes.on_event(self._on_raw_event)
         self.stop_requested = threading.Event()
         self._lost_reported = 0

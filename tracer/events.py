@@ -148,6 +148,11 @@ class KernelEvent:
         return max(0, self.ts_ns - self.pending_since_ns)
 
 
+def split_exit_aux(aux: int) -> tuple[int, int]:
+    """USERSPACE_EXIT's aux is ``(s64)errno << 32 | reason``: (reason, errno)."""
+    return aux & 0xFFFFFFFF, aux >> 32  # aux is signed, so >> keeps errno's sign
+
+
 class MalformedEvent(ValueError):
     pass
 

@@ -236,6 +236,9 @@ def load_policy_file(path: Path) -> PolicyOverrides:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except OSError as err:
         raise PolicyError(f"cannot read policy file {path}: {err.strerror}") from None
+    except UnicodeDecodeError as err:
+        raise PolicyError(f"policy file {path} is not UTF-8 text: {err.reason} at byte "
+                          f"{err.start}") from None
     except tomllib.TOMLDecodeError as err:
         raise PolicyError(f"policy file {path} is not valid TOML: {err}") from None
     table = data.get("policy", data)

@@ -116,7 +116,8 @@ def _without_missing_kvm_tracepoints(source: str) -> tuple[str, list[str]]:
     return source, skipped
 
 
-ATTACHED_TRACEPOINTS: Final = (
+EXPECTED_PROBES: Final = (
+    "raw:kvm_userspace_exit",
     "syscalls:sys_enter_ioctl", "syscalls:sys_exit_ioctl",
     "syscalls:sys_enter_dup", "syscalls:sys_exit_dup",
     "syscalls:sys_enter_dup2", "syscalls:sys_exit_dup2",
@@ -143,7 +144,7 @@ class Probes:
         source, self.skipped = _without_missing_kvm_tracepoints(bpf_source().read_text())
         try:
             # bcc attaches every TRACEPOINT_PROBE/RAW_TRACEPOINT_PROBE while loading.
-            self._bpf: Any = BPF(text=source, cflags=cflags(self.config))
+            self._bpf: Any = BPF(text=source.encode(), cflags=cflags(self.config))
         except Exception as err:  # bcc raises bare Exception for compile/load/attach failures
             raise ProbeError(_explain_load_failure(err)) from None
         self._ring_open = False
@@ -165,11 +166,14 @@ class Probes:
 
     # ---- attach state --------------------------------------------------------------------------
     def attached(self) -> list[str]:
-        names = [tp for tp in ATTACHED_TRACEPOINTS if tp not in self.skipped]
-        return ["raw:kvm_userspace_exit", *names]
+        """What bcc actually holds open, as ``category:event`` (``raw:`` for raw tracepoints)."""
+        raw = [f"raw:{name.decode()}" for name in self._bpf.raw_tracepoint_fds]
+        return raw + sorted(name.decode() for name in self._bpf.tracepoint_fds)
 
-    def attached_count(self) -> int:
-        return int(self._bpf.num_open_tracepoints()) + len(self._bpf.raw_tracepoint_fds)
+    def missing(self) -> list[str]:
+        """Expected probes that are not attached (besides those the kernel lacks)."""
+        have = set(self.attached())
+        return [p for p in EXPECTED_PROBES if p not in have and p not in self.skipped]
 
     # ---- events --------------------------------------------------------------------------------
     def on_event(self, handler: Callable[[bytes], None]) -> None:

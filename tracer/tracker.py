@@ -18,7 +18,7 @@ from typing import Protocol
 
 from tracer import abi
 from tracer.alerts import AlertSink, SnapshotAlert, ViolationAlert
-from tracer.events import EventFlag, EventType, KernelEvent, PendingAccess
+from tracer.events import EventFlag, EventType, KernelEvent, PendingAccess, split_exit_aux
 from tracer.policy import CompletionPolicy, Kind, Verdict
 from tracer.vmident import DiscoveredVcpu, VmIdentity
 
@@ -183,6 +183,20 @@ class Tracker:
     def _on_fd_range_closed(self, ev: KernelEvent) -> None:
         self._rescan.add(ev.tgid)  # after close_range returns: checked on the next tick
 
+    def _on_trace(self, ev: KernelEvent) -> None:
+        """--trace-exits: every re-entry, exit and clean state ioctl, at debug level."""
+        fields: dict[str, object] = {"pid": ev.tgid, "tid": ev.tid, "vcpu_id": ev.vcpu_id,
+                                     "window": ev.seq}
+        if ev.type is EventType.USERSPACE_EXIT:
+            reason, errno = split_exit_aux(ev.aux)
+            fields.update(exit_reason=abi.exit_reason_name(reason), errno=errno)
+        elif ev.type is EventType.RUN_ENTER:
+            fields.update(vcpu_fd=ev.fd,
+                          immediate_exit=bool(ev.flags & EventFlag.IMMEDIATE_EXIT))
+        else:
+            fields.update(vcpu_fd=ev.fd, ioctl=abi.ioctl_name(ev.cmd))
+        self.sink.notice(f"trace_{ev.type.name.lower()}", "debug", **fields)
+
     def _on_violation(self, ev: KernelEvent) -> None:
         ioctl = abi.IOCTLS.get(ev.cmd)
         if ioctl is None or ioctl.kind not in (abi.IoctlKind.SAVE, abi.IoctlKind.RESTORE):
@@ -297,4 +311,7 @@ _HANDLERS: dict[EventType, Callable[[Tracker, KernelEvent], None]] = {
     EventType.UNKNOWN_FD: Tracker._on_unknown_fd,
     EventType.QUIRKS_DISABLED: Tracker._on_quirks,
     EventType.FD_RANGE_CLOSED: Tracker._on_fd_range_closed,
+    EventType.RUN_ENTER: Tracker._on_trace,
+    EventType.USERSPACE_EXIT: Tracker._on_trace,
+    EventType.STATE_IOCTL: Tracker._on_trace,
 }

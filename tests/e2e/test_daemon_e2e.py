@@ -189,3 +189,38 @@ def test_policy_is_applied_in_the_kernel() -> None:
     finally:
         assert d.stop() == 0
         d.out.unlink()
+
+
+def test_vm_that_predates_the_daemon_is_adopted_and_judged() -> None:
+    """The VMM creates its vCPU (fd open, kvm_run mapped) before the daemon starts; the daemon
+    finds it in /proc, and the saves that follow are judged like any other."""
+    with tempfile.TemporaryDirectory() as tmp:
+        gate, path = Path(tmp) / "gate", Path(tmp) / "report.json"
+        vmm = subprocess.Popen([sys.executable, "-m", "tracer.vmm", "buggy-mmio-read",
+                                "--iterations", "2", "--gate", str(gate), "--report",
+                                str(path)], cwd=REPO)
+        deadline = time.monotonic() + 30
+        while not Path(f"{gate}.ready").exists():
+            assert vmm.poll() is None and time.monotonic() < deadline
+            time.sleep(0.02)
+        d = DaemonProcess()
+        try:
+            ready = d.wait_for(lambda e: e["event"] == "ready")
+            assert ready["vcpus_adopted"] >= 1
+            gate.touch()
+            assert vmm.wait(timeout=60) == 0
+            report = ScenarioReport.from_json(path.read_text())
+            assert report.violations and verdicts(d, report) == []
+            first = d.for_pid(report.pid, "completion_violation")[0]
+            assert first["access"]["direction"] == "read"  # kvm_run found through /proc maps
+        finally:
+            assert d.stop() == 0
+            d.out.unlink()
+
+
+def test_ready_lists_every_probe(daemon: DaemonProcess) -> None:
+    ready = next(e for e in daemon.lines() if e["event"] == "ready")
+    for probe in ("raw:kvm_userspace_exit", "syscalls:sys_enter_ioctl", "syscalls:sys_exit_ioctl",
+                  "syscalls:sys_enter_close", "sched:sched_process_exit", "kvm:kvm_exit",
+                  "kvm:kvm_entry"):
+        assert probe in ready["probes"]

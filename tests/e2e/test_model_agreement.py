@@ -14,7 +14,7 @@ from conftest import requires_kvm_bpf
 
 from tracer import abi
 from tracer.daemon import Daemon, DaemonOptions
-from tracer.events import EventFlag, EventType, KernelEvent
+from tracer.events import EventFlag, EventType, KernelEvent, split_exit_aux
 from tracer.model import ProbeModel
 from tracer.policy import build_policy
 from tracer.probes import ProbeConfig
@@ -47,8 +47,7 @@ def replay(events: list[KernelEvent], model: ProbeModel) -> None:
             model.ioctl_enter(pid, tid, ev.fd, abi.KVM_RUN,
                               immediate_exit=bool(ev.flags & EventFlag.IMMEDIATE_EXIT))
         elif ev.type is EventType.USERSPACE_EXIT:
-            errno = (ev.aux >> 32) - (1 << 32 if ev.aux >> 63 else 0)
-            model.userspace_exit(tid, ev.aux & 0xFFFFFFFF, int(errno))
+            model.userspace_exit(tid, *split_exit_aux(ev.aux))
         elif ev.type is EventType.STATE_IOCTL:
             model.ioctl_enter(pid, tid, ev.fd, ev.cmd)
         elif ev.type is EventType.VIOLATION:

@@ -421,3 +421,33 @@ def test_save_entered_while_idle_is_judged_at_entry_only() -> None:
     h.model.ioctl_exit(PID, OTHER_TID, 0)
     h.flush()
     assert h.violations == []
+
+
+def test_close_range_is_reconciled_from_proc_on_the_next_tick() -> None:
+    from tracer.events import EventFlag, KernelEvent
+
+    h = Harness()
+    h.create_vcpu(fd=5, vcpu_id=0)
+    h.create_vcpu(fd=6, vcpu_id=1)
+    h.proc.fds[(PID, 6)] = 1  # fd 6 still open after close_range(5, 5)
+    h.tracker.handle(KernelEvent(EventType.FD_RANGE_CLOSED, PID, VCPU_TID, 0, 5, 0, 0,
+                                 EventFlag(0), 0, 0, 1, 5, 0, None, "vmm"))
+    assert len(h.tracker.vcpus) == 2  # not before close_range has returned
+    h.tracker.tick()
+    assert [r.vcpu_id for r in h.tracker.vcpus.values()] == [1]
+    assert h.model.tracked_fds(PID) == {6: 2}
+
+
+def test_trace_events_become_debug_notices() -> None:
+    h = Harness()
+    h.create_vcpu(fd=5)
+    from tracer.events import EventFlag, KernelEvent, decode_event, encode_event
+
+    # As the C side builds it: ((s64)errno << 32) | reason, through the wire format.
+    aux = (-4 << 32) | 10
+    ev = KernelEvent(EventType.USERSPACE_EXIT, PID, VCPU_TID, 0, -1, 0, 0, EventFlag(0), 1, 0,
+                     1, aux, 1, None, "vmm")
+    h.tracker.handle(decode_event(encode_event(ev)))
+    event, fields = h.sink.notices[-1]
+    assert event == "trace_userspace_exit"
+    assert fields["exit_reason"] == "KVM_EXIT_INTR" and fields["errno"] == -4

@@ -9,9 +9,10 @@ import argparse
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 from tracer.vmm.kvm import KvmUnavailableError, VmmError
-from tracer.vmm.scenarios import SCENARIOS, describe, run_scenario
+from tracer.vmm.scenarios import SCENARIOS, describe, run_scenario, set_gate
 
 EXIT_VMM_FAILED = 1
 EXIT_NO_KVM = 3
@@ -34,6 +35,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="sleep before opening /dev/kvm (lets a watcher attach to the pid)")
     p.add_argument("--hold-before-exit", type=float, default=0.0, metavar="SECONDS",
                    help="after writing the report, stay alive this long before exiting")
+    p.add_argument("--gate", metavar="FILE", type=Path,
+                   help="after the first vCPU exists, touch FILE.ready and wait for FILE")
     p.add_argument("--report", metavar="FILE", help="write the JSON report here (default stdout)")
     p.add_argument("--no-logs", action="store_true",
                    help="leave ioctl_log and run_log out of the report (large for loop-io)")
@@ -54,6 +57,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--iterations must be at least 1")
     if args.start_delay > 0:
         time.sleep(args.start_delay)
+    if args.gate is not None:
+        set_gate(args.gate)
     try:
         report = run_scenario(args.scenario, args.iterations, vms=args.vms, vcpus=args.vcpus)
     except KvmUnavailableError as err:
@@ -64,8 +69,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_VMM_FAILED
     text = report.to_json(with_logs=not args.no_logs)
     if args.report:
-        with open(args.report, "w", encoding="utf-8") as out:
-            out.write(text + "\n")
+        try:
+            with open(args.report, "w", encoding="utf-8") as out:
+                out.write(text + "\n")
+        except OSError as err:
+            print(f"tracer.vmm: cannot write {args.report}: {err.strerror}", file=sys.stderr)
+            return EXIT_VMM_FAILED
     else:
         sys.stdout.write(text + "\n")
         sys.stdout.flush()

@@ -359,7 +359,8 @@ class Vcpu:
         self.closed_ns: int | None = None
         self.run_page = Mapping(vm.kvm.vcpu_mmap_size, fd)
         self.pending: PendingExit | None = None
-        self.dup_fds: list[int] = []
+        self.dup_fds: list[int] = []  # open duplicates, closed with the vCPU
+        self.dup_history: list[int] = []  # every duplicate ever made, for reports
         self._log = vm.kvm.ioctl_log
         # State ioctls go through this fd; dup-fd tests point it at a duplicate.
         self.state_fd = fd
@@ -580,8 +581,9 @@ class Vcpu:
 
     def dup(self) -> int:
         """A duplicate of the vCPU fd (closed with the vCPU)."""
-        fd = os.dup(self.fd)
+        fd = os.dup(self.fd)  # CPython issues fcntl(F_DUPFD_CLOEXEC), not dup(2)
         self.dup_fds.append(fd)
+        self.dup_history.append(fd)
         return fd
 
     def close(self) -> None:

@@ -14,6 +14,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Final
 
 from tracer import abi
@@ -35,6 +36,28 @@ THREAD_TIMEOUT_S: Final = 20.0
 # Scenarios whose VMs must outlive the call (process-exit) park them here: the fds stay open
 # until the process exits and the kernel closes them.
 _KEPT_OPEN: list[Kvm] = []
+
+
+# --gate FILE: after its first vCPU exists (fd open, kvm_run mapped), a scenario touches
+# FILE.ready and waits for FILE, so a tracer can be started against a VM that predates it.
+_GATE: list[Path] = []
+GATE_TIMEOUT_S: Final = 120.0
+
+
+def set_gate(path: Path) -> None:
+    _GATE[:] = [path]
+
+
+def _pass_gate() -> None:
+    if not _GATE:
+        return
+    gate = _GATE.pop()
+    Path(f"{gate}.ready").touch()
+    deadline = time.monotonic() + GATE_TIMEOUT_S
+    while not gate.exists():
+        if time.monotonic() > deadline:
+            raise VmmError(f"gate {gate} did not open within {GATE_TIMEOUT_S:.0f} s")
+        time.sleep(0.01)
 
 
 def close_kept_open() -> None:
@@ -73,6 +96,7 @@ class _Session:
         vcpu.setup_real_mode(program.load_addr)
         self.vcpus.append((vcpu, VcpuInfo(vm.fd, vcpu_id, vcpu.fd, program.name, buggy,
                                           vcpu.created_ns, None)))
+        _pass_gate()
         return vcpu
 
     def report(self, *, keep_open: bool = False) -> ScenarioReport:
@@ -89,9 +113,8 @@ class _Session:
             end = vcpu.closed_ns if vcpu.closed_ns is not None else finished
             tids = sorted({r.tid for r in kvm.run_log if r.fd == info.fd
                            and info.created_ns <= r.ts_ns <= end})
-            dups = list(vcpu.dup_fds) or _dups_seen(kvm, info, end)
-            infos.append(dataclasses.replace(info, closed_ns=vcpu.closed_ns, dup_fds=dups,
-                                             run_tids=tids))
+            infos.append(dataclasses.replace(info, closed_ns=vcpu.closed_ns,
+                                             dup_fds=list(vcpu.dup_history), run_tids=tids))
         report = ScenarioReport(
             scenario=self.name, pid=os.getpid(), iterations=self.iterations,
             violations=violations, sanctioned=sanctioned, exits=exit_counts(kvm.run_log),
@@ -110,13 +133,6 @@ class _Session:
         self.kvm.close()
 
 
-def _dups_seen(kvm: Kvm, info: VcpuInfo, end: int) -> list[int]:
-    """Dup fds are closed with their vCPU; recover those it used from the mid-completion log."""
-    return sorted({r.fd for r in kvm.mid_completion
-                   if r.vcpu_id == info.vcpu_id and r.vm_fd == info.vm_fd and r.fd != info.fd
-                   and info.created_ns <= r.ts_ns <= end})
-
-
 # --- the device model: what the VMM answers -----------------------------------------------
 def _answer(iteration: int) -> int:
     """The value served to reads in ``iteration``: varies so a stale register shows."""
@@ -124,7 +140,8 @@ def _answer(iteration: int) -> int:
 
 
 def _exit(vcpu: Vcpu, program: GuestProgram, iteration: int) -> int:
-    """KVM_RUN until the program's exit, answering reads; returns the exit reason."""
+    """One KVM_RUN, which must give the program's exit; answer it if it reads. Returns the
+    exit reason; the exit's completion is then pending."""
     reason = vcpu.run()
     name = abi.exit_reason_name(reason)
     if name not in program.exits:
