@@ -28,7 +28,7 @@ SELFTEST_SCENARIOS = (
     "correct-io", "correct-mmio", "correct-msr", "buggy-io-out", "buggy-io-in",
     "buggy-mmio-write", "buggy-mmio-read", "buggy-rdmsr", "buggy-wrmsr", "buggy-other-thread",
     "restore-mmio", "restore-pio", "hlt", "eintr", "port-7e", "port-7e-quirk-disabled",
-    "dup-fd", "fd-reuse", "multi", "process-exit",
+    "dup-fd", "dup2-fd", "dup3-fd", "fd-reuse", "multi", "process-exit",
 )
 SETTLE_S = 0.3  # after the VMM exits: ring buffer drained, idle windows flushed
 

@@ -106,7 +106,8 @@ def verdicts(d: DaemonProcess, report: ScenarioReport) -> list[str]:
 
 @pytest.mark.parametrize("scenario", [
     "buggy-io-out", "buggy-io-in", "buggy-mmio-write", "buggy-mmio-read", "buggy-rdmsr",
-    "buggy-wrmsr", "buggy-other-thread", "restore-mmio", "dup-fd", "port-7e-quirk-disabled",
+    "buggy-wrmsr", "buggy-other-thread", "restore-mmio", "dup-fd", "dup2-fd", "dup3-fd",
+    "port-7e-quirk-disabled",
 ])
 def test_buggy_vmm_gets_exactly_the_expected_alerts(daemon: DaemonProcess,
                                                     scenario: str) -> None:

@@ -579,9 +579,13 @@ class Vcpu:
         regs.rflags = 0x2  # bit 1 is reserved and must be set; interrupts off
         self.set_regs(regs)
 
-    def dup(self) -> int:
-        """A duplicate of the vCPU fd (closed with the vCPU)."""
-        fd = os.dup(self.fd)  # CPython issues fcntl(F_DUPFD_CLOEXEC), not dup(2)
+    def dup(self, target: int | None = None, *, cloexec: bool = True) -> int:
+        """A duplicate of the vCPU fd (closed with the vCPU). Without ``target`` CPython issues
+        fcntl(F_DUPFD_CLOEXEC); with one, dup3(O_CLOEXEC) or, with ``cloexec=False``, dup2."""
+        if target is None:
+            fd = os.dup(self.fd)
+        else:
+            fd = os.dup2(self.fd, target, inheritable=not cloexec)
         self.dup_fds.append(fd)
         self.dup_history.append(fd)
         return fd

@@ -420,22 +420,40 @@ def _through(vcpu: Vcpu, fd: int) -> Iterator[None]:
         vcpu.state_fd = vcpu.fd
 
 
-def dup_fd(iterations: int = DEFAULT_ITERATIONS) -> ScenarioReport:
-    """Snapshot through an os.dup() of the vCPU fd while an OUT is pending."""
-    s = _Session("dup-fd", iterations)
+def _dup_scenario(name: str, iterations: int, dup: Callable[[Vcpu], int]) -> ScenarioReport:
+    s = _Session(name, iterations)
     try:
         program = guest.out_loop()
         vcpu = s.vcpu(s.vm(), 0, program, buggy=True)
-        dup = vcpu.dup()
-        s.facts["dup_fd"] = dup
+        fd = dup(vcpu)
+        s.facts["dup_fd"] = fd
         for i in range(iterations):
             _exit(vcpu, program, i)
-            with _through(vcpu, dup):
+            with _through(vcpu, fd):
                 snapshot.save(vcpu)
             _complete(vcpu)
         return s.report()
     finally:
         s.close()
+
+
+# Far above what the scenario itself opens, so the target fd is free.
+DUP_TARGET_FD: Final = 200
+
+
+def dup_fd(iterations: int = DEFAULT_ITERATIONS) -> ScenarioReport:
+    """Snapshot through an os.dup() (fcntl F_DUPFD_CLOEXEC) of the vCPU fd, OUT pending."""
+    return _dup_scenario("dup-fd", iterations, lambda v: v.dup())
+
+
+def dup2_fd(iterations: int = DEFAULT_ITERATIONS) -> ScenarioReport:
+    """Snapshot through dup2(vcpu_fd, 200) while an OUT is pending."""
+    return _dup_scenario("dup2-fd", iterations, lambda v: v.dup(DUP_TARGET_FD, cloexec=False))
+
+
+def dup3_fd(iterations: int = DEFAULT_ITERATIONS) -> ScenarioReport:
+    """Snapshot through dup3(vcpu_fd, 201, O_CLOEXEC) while an OUT is pending."""
+    return _dup_scenario("dup3-fd", iterations, lambda v: v.dup(DUP_TARGET_FD + 1))
 
 
 def fd_reuse(iterations: int = DEFAULT_ITERATIONS) -> ScenarioReport:
@@ -564,6 +582,8 @@ SCENARIOS: Final[dict[str, ScenarioFn]] = {
     "port-7e": port_7e,
     "port-7e-quirk-disabled": port_7e_quirk_disabled,
     "dup-fd": dup_fd,
+    "dup2-fd": dup2_fd,
+    "dup3-fd": dup3_fd,
     "fd-reuse": fd_reuse,
     "multi": multi,
     "loop-io": loop_io,
