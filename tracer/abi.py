@@ -175,6 +175,9 @@ _IOCTL_TABLE: Final[tuple[tuple[str, int, IoctlKind], ...]] = (
     ("KVM_NMI", _io(0x9A), _O),
     ("KVM_SET_SIGNAL_MASK", _iow(0x8B, 0x4), _O),
     ("KVM_KVMCLOCK_CTRL", _io(0xAD), _O),
+    # QEMU's kvmvapic issues these inside the port-0x7e exit, next to its state sync.
+    ("KVM_TPR_ACCESS_REPORTING", _iowr(0x92, 0x28), _O),
+    ("KVM_SET_VAPIC_ADDR", _iow(0x93, 0x8), _O),
 )
 
 IOCTLS: Final[dict[int, Ioctl]] = {num: Ioctl(name, num, kind) for name, num, kind in _IOCTL_TABLE}

@@ -492,12 +492,10 @@ def test_unreadable_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Non
     assert str(path) in str(info.value)
 
 
-@pytest.mark.xfail(strict=True, reason="bug: load_policy_file lets UnicodeDecodeError escape "
-                   "(only OSError and TOMLDecodeError are turned into PolicyError)")
 def test_file_that_is_not_utf8(tmp_path: Path) -> None:
     path = tmp_path / "latin1.toml"
     path.write_bytes(b"extra_pending_exits = [\"\xff\"]\n")
-    with pytest.raises(PolicyError) as info:
+    with pytest.raises(PolicyError, match="not UTF-8") as info:
         load_policy_file(path)
     assert str(path) in str(info.value)
 
