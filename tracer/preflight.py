@@ -87,9 +87,16 @@ def check_tracepoints(root: Path | None) -> list[CheckResult]:
 def check_headers(release: str | None = None, modules: Path = Path("/lib/modules")) -> CheckResult:
     release = release or platform.release()
     build = modules / release / "build"
-    if (build / "include").is_dir() or (build / "Makefile").is_file():
+    # bcc compiles with build/include (generated config) and, on split Debian packages, the
+    # common tree behind source/: both must be there, not just a directory called include/.
+    generated = build / "include" / "generated" / "autoconf.h"
+    kconfig = [tree / "include" / "linux" / "kconfig.h"
+               for tree in (build, modules / release / "source")]
+    if generated.is_file() and any(k.is_file() for k in kconfig):
         return CheckResult("kernel headers", True, f"{build} -> {os.path.realpath(build)}")
-    return CheckResult("kernel headers", False, f"{build} missing (bcc compiles against it)",
+    what = "missing" if not build.exists() else "incomplete (no include/generated/autoconf.h " \
+        "or include/linux/kconfig.h)"
+    return CheckResult("kernel headers", False, f"{build} {what} (bcc compiles against it)",
                        f"apt-get install linux-headers-{release}, or linux-headers-amd64 and "
                        "link /lib/modules/$(uname -r)/{build,source} to it "
                        "(scripts/setup-host.sh does this)")

@@ -6,10 +6,12 @@ bytes (decoded by :mod:`tracer.events`) and dicts of counters.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import sys
-from collections.abc import Callable
+import tempfile
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
@@ -142,11 +144,17 @@ class Probes:
                              "under /usr/bin/python3 or a venv made with "
                              "--system-site-packages") from None
         source, self.skipped = _without_missing_kvm_tracepoints(bpf_source().read_text())
-        try:
-            # bcc attaches every TRACEPOINT_PROBE/RAW_TRACEPOINT_PROBE while loading.
-            self._bpf: Any = BPF(text=source.encode(), cflags=cflags(self.config))
-        except Exception as err:  # bcc raises bare Exception for compile/load/attach failures
-            raise ProbeError(_explain_load_failure(err)) from None
+        with _captured_stderr() as diagnostics:
+            try:
+                # bcc attaches every TRACEPOINT_PROBE/RAW_TRACEPOINT_PROBE while loading.
+                self._bpf: Any = BPF(text=source.encode(), cflags=cflags(self.config))
+            except Exception as err:  # bcc raises bare Exception for compile/load/attach
+                failure: Exception | None = err
+            else:
+                failure = None
+        if failure is not None:
+            raise ProbeError(_explain_load_failure(failure, diagnostics.text())) from None
+        self.compiler_warnings = diagnostics.text()
         self._ring_open = False
         self._closed = False
         self._next_adopted_uid = ADOPTED_UID_BASE
@@ -287,9 +295,42 @@ class Probes:
             self._bpf.cleanup()
 
 
-def _explain_load_failure(err: Exception) -> str:
+@dataclass
+class _Captured:
+    data: bytes = b""
+
+    def text(self) -> str:
+        return self.data.decode("utf-8", "replace")
+
+
+@contextlib.contextmanager
+def _captured_stderr() -> Iterator[_Captured]:
+    """clang and libbcc print diagnostics straight to fd 2: keep them out of the operator's
+    terminal and the JSON log, and quote the first error in the one-line failure instead."""
+    captured = _Captured()
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as sink:
+        try:
+            os.dup2(sink.fileno(), 2)
+            yield captured
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            sink.seek(0)
+            captured.data = sink.read()
+
+
+def _first_error(diagnostics: str) -> str:
+    for line in diagnostics.splitlines():
+        if "error" in line.lower():
+            return line.strip()
+    return ""
+
+
+def _explain_load_failure(err: Exception, diagnostics: str = "") -> str:
     text = str(err).strip().splitlines()
-    first = text[-1] if text else type(err).__name__
+    first = _first_error(diagnostics) or (text[-1] if text else type(err).__name__)
     if os.geteuid() != 0:
         return "loading the BPF programs needs root (or CAP_BPF+CAP_PERFMON): run with sudo"
     if "Permission denied" in str(err) or "Operation not permitted" in str(err):

@@ -234,8 +234,17 @@ def test_tracefs_root_skips_an_unreadable_candidate(tmp_path: Path,
 RELEASE = "6.1.0-99-amd64"
 
 
-def test_headers_present_as_include_dir(tmp_path: Path) -> None:
-    (tmp_path / RELEASE / "build" / "include").mkdir(parents=True)
+def _headers(tree: Path, *, generated: bool = True, kconfig: bool = True) -> None:
+    if generated:
+        (tree / "include" / "generated").mkdir(parents=True, exist_ok=True)
+        (tree / "include" / "generated" / "autoconf.h").write_text("")
+    if kconfig:
+        (tree / "include" / "linux").mkdir(parents=True, exist_ok=True)
+        (tree / "include" / "linux" / "kconfig.h").write_text("")
+
+
+def test_headers_present_in_one_tree(tmp_path: Path) -> None:
+    _headers(tmp_path / RELEASE / "build")
     result = check_headers(RELEASE, tmp_path)
     assert result.ok
     assert str(tmp_path / RELEASE / "build") in result.detail
@@ -243,7 +252,7 @@ def test_headers_present_as_include_dir(tmp_path: Path) -> None:
 
 def test_headers_present_through_a_symlink(tmp_path: Path) -> None:
     headers = tmp_path / "usr-src" / f"linux-headers-{RELEASE}"
-    (headers / "include").mkdir(parents=True)
+    _headers(headers)
     (tmp_path / "modules" / RELEASE).mkdir(parents=True)
     (tmp_path / "modules" / RELEASE / "build").symlink_to(headers)
     result = check_headers(RELEASE, tmp_path / "modules")
@@ -251,10 +260,18 @@ def test_headers_present_through_a_symlink(tmp_path: Path) -> None:
     assert str(headers) in result.detail  # shows where the link points
 
 
-def test_headers_present_as_makefile(tmp_path: Path) -> None:
-    (tmp_path / RELEASE / "build").mkdir(parents=True)
-    (tmp_path / RELEASE / "build" / "Makefile").write_text("")
+def test_headers_split_like_debian(tmp_path: Path) -> None:
+    """linux-headers-*-amd64 has the generated config, -common has kconfig.h (via source/)."""
+    _headers(tmp_path / RELEASE / "build", kconfig=False)
+    assert not check_headers(RELEASE, tmp_path).ok
+    _headers(tmp_path / RELEASE / "source", generated=False)
     assert check_headers(RELEASE, tmp_path).ok
+
+
+def test_headers_with_an_empty_include_dir_are_incomplete(tmp_path: Path) -> None:
+    (tmp_path / RELEASE / "build" / "include").mkdir(parents=True)
+    result = check_headers(RELEASE, tmp_path)
+    assert not result.ok and "incomplete" in result.detail
 
 
 @pytest.mark.parametrize("layout", ["nothing", "release-only", "empty-build", "dangling-link",
@@ -271,7 +288,8 @@ def test_headers_absent(tmp_path: Path, layout: str) -> None:
         (tmp_path / "6.1.0-98-amd64" / "build" / "include").mkdir(parents=True)
     result = check_headers(RELEASE, tmp_path)
     assert not result.ok and result.required
-    assert f"{tmp_path / RELEASE / 'build'} missing" in result.detail
+    assert f"{tmp_path / RELEASE / 'build'} " in result.detail
+    assert "missing" in result.detail or "incomplete" in result.detail
     assert f"linux-headers-{RELEASE}" in result.fix
     assert "setup-host.sh" in result.fix
 
@@ -280,7 +298,7 @@ def test_headers_default_release_is_the_running_kernel(tmp_path: Path,
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr("platform.release", lambda: RELEASE)
     assert not check_headers(modules=tmp_path).ok
-    (tmp_path / RELEASE / "build" / "include").mkdir(parents=True)
+    _headers(tmp_path / RELEASE / "build")
     assert check_headers(modules=tmp_path).ok
 
 
