@@ -90,6 +90,28 @@ class MultiSink:
             sink.notice(event, level, **fields)
 
 
+@dataclass
+class MemorySink:
+    """Keeps everything in memory: selftest and tests."""
+
+    violations: list[ViolationAlert] = field(default_factory=list)
+    sanctions: list[ViolationAlert] = field(default_factory=list)
+    snapshots: list[SnapshotAlert] = field(default_factory=list)
+    notices: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
+
+    def violation(self, alert: ViolationAlert) -> None:
+        self.violations.append(alert)
+
+    def sanctioned(self, alert: ViolationAlert) -> None:
+        self.sanctions.append(alert)
+
+    def snapshot(self, alert: SnapshotAlert) -> None:
+        self.snapshots.append(alert)
+
+    def notice(self, event: str, level: str, **fields: Any) -> None:
+        self.notices.append((event, fields))
+
+
 LEVELS = ("debug", "info", "warning", "error", "critical")
 _SEVERITY_LEVEL = {"info": "info", "warning": "warning", "error": "error", "critical": "critical"}
 

@@ -14,11 +14,11 @@ import tempfile
 import time
 from collections import Counter
 from collections.abc import Iterable, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from tracer.alerts import SnapshotAlert, ViolationAlert
+from tracer.alerts import MemorySink
 from tracer.daemon import Daemon, DaemonOptions
 from tracer.policy import build_policy
 from tracer.vmm.report import ExpectedViolation, ScenarioReport
@@ -91,30 +91,12 @@ def compare(report: ScenarioReport, violations: Iterable[Mapping[str, Any]],
     return problems
 
 
-@dataclass
-class CollectingSink:
-    """Keeps alerts in memory (selftest and tests)."""
-
-    violations: list[ViolationAlert] = field(default_factory=list)
-    sanctions: list[ViolationAlert] = field(default_factory=list)
-    snapshots: list[SnapshotAlert] = field(default_factory=list)
-
-    def violation(self, alert: ViolationAlert) -> None:
-        self.violations.append(alert)
-
-    def sanctioned(self, alert: ViolationAlert) -> None:
-        self.sanctions.append(alert)
-
-    def snapshot(self, alert: SnapshotAlert) -> None:
-        self.snapshots.append(alert)
-
-    def notice(self, event: str, level: str, **fields: Any) -> None:
-        pass
-
-    def for_pid(self, pid: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]], int]:
-        return ([asdict(a) for a in self.violations if a.pid == pid],
-                [asdict(a) for a in self.sanctions if a.pid == pid],
-                sum(1 for s in self.snapshots if s.pid == pid))
+def alerts_for(sink: MemorySink, pid: int) -> tuple[list[dict[str, Any]],
+                                                  list[dict[str, Any]], int]:
+    """(violations, sanctioned, snapshot count) of one process, in compare()'s shape."""
+    return ([asdict(a) for a in sink.violations if a.pid == pid],
+            [asdict(a) for a in sink.sanctions if a.pid == pid],
+            sum(1 for s in sink.snapshots if s.pid == pid))
 
 
 def run_vmm(scenario: str, iterations: int, daemon: Daemon | None = None,
@@ -154,7 +136,7 @@ def run_selftest(iterations: int, only: Iterable[str] = ()) -> int:
         print(f"unknown scenario {unknown[0]!r}; known: {', '.join(SELFTEST_SCENARIOS)}",
               file=sys.stderr)
         return 2
-    sink = CollectingSink()
+    sink = MemorySink()
     daemon = Daemon(DaemonOptions(policy=build_policy(), snapshot_idle_s=0.2), sink=sink)
     passed = failed = lost = 0
     try:
@@ -166,8 +148,8 @@ def run_selftest(iterations: int, only: Iterable[str] = ()) -> int:
                 print(f"FAIL {name}: {err}")
                 failed += 1
                 continue
-            problems = compare(report, *sink.for_pid(report.pid))
-            _, _, snaps = sink.for_pid(report.pid)
+            problems = compare(report, *alerts_for(sink, report.pid))
+            _, _, snaps = alerts_for(sink, report.pid)
             summary = (f"{len(report.violations)} violations, {len(report.sanctioned)} "
                        f"sanctioned, {snaps} snapshots, {sum(report.exits.values())} exits")
             if problems:

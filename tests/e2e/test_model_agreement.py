@@ -13,12 +13,13 @@ import pytest
 from conftest import requires_kvm_bpf
 
 from tracer import abi
+from tracer.alerts import MemorySink
 from tracer.daemon import Daemon, DaemonOptions
 from tracer.events import EventFlag, EventType, KernelEvent, split_exit_aux
 from tracer.model import ProbeModel
 from tracer.policy import build_policy
 from tracer.probes import ProbeConfig
-from tracer.selftest import SELFTEST_SCENARIOS, CollectingSink, run_vmm
+from tracer.selftest import SELFTEST_SCENARIOS, run_vmm
 
 pytestmark = [pytest.mark.e2e, requires_kvm_bpf]
 
@@ -75,7 +76,7 @@ def traced() -> Iterator[tuple[Daemon, list[KernelEvent]]]:
     policy = build_policy()
     # 4 MiB of ring: every exit of every VM on the host is an event in this mode.
     config = ProbeConfig(trace_exits=True, ringbuf_pages=1024)
-    daemon = Daemon(DaemonOptions(policy=policy, probe_config=config), sink=CollectingSink())
+    daemon = Daemon(DaemonOptions(policy=policy, probe_config=config), sink=MemorySink())
     seen: list[KernelEvent] = []
     handle = daemon.tracker.handle
 

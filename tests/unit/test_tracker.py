@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from tracer import abi
-from tracer.alerts import SnapshotAlert, ViolationAlert
+from tracer.alerts import MemorySink, ViolationAlert
 from tracer.events import EventType, MmioAccess, MsrAccess, PioAccess
 from tracer.model import ProbeModel
 from tracer.policy import build_policy
@@ -30,26 +30,6 @@ PID, VCPU_TID, OTHER_TID, VM_FD = 100, 101, 102, 4
 OUT_3F8 = PioAccess(0x3F8, "out", 1, 1)
 IN_60 = PioAccess(0x60, "in", 1, 1)
 MMIO_W = MmioAccess(0xD0000000, 4, True)
-
-
-@dataclass
-class Sink:
-    violations: list[ViolationAlert] = field(default_factory=list)
-    sanctions: list[ViolationAlert] = field(default_factory=list)
-    snapshots: list[SnapshotAlert] = field(default_factory=list)
-    notices: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
-
-    def violation(self, alert: ViolationAlert) -> None:
-        self.violations.append(alert)
-
-    def sanctioned(self, alert: ViolationAlert) -> None:
-        self.sanctions.append(alert)
-
-    def snapshot(self, alert: SnapshotAlert) -> None:
-        self.snapshots.append(alert)
-
-    def notice(self, event: str, level: str, **fields: Any) -> None:
-        self.notices.append((event, fields))
 
 
 @dataclass
@@ -86,7 +66,7 @@ class Harness:
 
         self.policy = build_policy(PolicyOverrides(arch="x86_64", **policy))
         self.model = ProbeModel(self.policy.pending_exits)
-        self.sink = Sink()
+        self.sink = MemorySink()
         self.proc = FakeProc()
         self.clock = Clock()
         self.tracker = Tracker(self.policy, self.sink, self.proc, self.model,
