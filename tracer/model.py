@@ -35,6 +35,7 @@ class ModelVcpu:
     exit_reason: int = 0
     access: PendingAccess | None = None
     window_reports: int = 0
+    run_tid: int = 0
 
 
 @dataclass
@@ -121,6 +122,7 @@ class ProbeModel:
                            aux=vcpu.window_reports,
                            flags=EventFlag.IMMEDIATE_EXIT if immediate_exit else NO_FLAGS)
             vcpu.state = RunState.RUNNING
+            vcpu.run_tid = tid
             self.run_threads[tid] = uid
             return
         if cmd not in abi.SAVE_IOCTLS and cmd not in abi.RESTORE_IOCTLS:
@@ -228,6 +230,13 @@ class ProbeModel:
 
     def tracked_fds(self, pid: int) -> dict[int, int]:
         return {fd: uid for (p, fd), uid in self.fds.items() if p == pid}
+
+    def vcpu_states(self) -> list[dict[str, int]]:
+        """The probes' ``vcpus`` map, as tracer.probes.Probes.vcpu_states() reads it."""
+        return [{"uid": v.uid, "pid": v.pid, "vcpu_id": v.vcpu_id, "state": v.state.value,
+                 "exit_reason": v.exit_reason, "seq": v.seq,
+                 "pending_since_ns": v.pending_since, "run_tid": v.run_tid,
+                 "fd_refs": v.fd_refs, "run_addr": 0} for v in self.vcpus.values()]
 
     def drain(self) -> list[KernelEvent]:
         out, self.out = self.out, []

@@ -35,6 +35,8 @@ class ProbeControl(Protocol):
 
     def tracked_fds(self, pid: int) -> dict[int, int]: ...
 
+    def vcpu_states(self) -> list[dict[str, int]]: ...
+
 
 class ProcView(Protocol):
     """What the tracker reads from /proc (tracer.vmident; fakes in unit tests)."""
@@ -48,12 +50,30 @@ class ProcView(Protocol):
     def alive(self, pid: int) -> bool: ...
 
 
+RUN_STATES = ("idle", "running", "pending")  # enum vcpu_run_state in bpf/completion.c
+
+
 @dataclass
 class VcpuRecord:
+    """Python's mirror of one vCPU. Exact for fds; the run state is refreshed from the probes'
+    map on every sweep and from the events that carry it in between."""
+
     uid: int
     pid: int
     vcpu_id: int
     fds: set[int] = field(default_factory=set)
+    state: str = "idle"  # one of RUN_STATES
+    exit_reason: int | None = None  # of the last exit to userspace
+    pending_since_ns: int | None = None  # set while a completion is pending
+    run_tid: int | None = None  # the thread that last entered KVM_RUN
+    window: int = 0
+
+    def pending(self, exit_reason: int, since_ns: int, window: int) -> None:
+        self.state, self.exit_reason = "pending", exit_reason
+        self.pending_since_ns, self.window = since_ns, window
+
+    def running(self, tid: int) -> None:
+        self.state, self.run_tid, self.pending_since_ns = "running", tid, None
 
 
 @dataclass
@@ -155,6 +175,9 @@ class Tracker:
             self.sink.notice("process_exit", "debug", pid=pid, vcpus=len(uids))
 
     def _on_window_closed(self, ev: KernelEvent) -> None:
+        rec = self.vcpus.get(ev.vcpu_uid)
+        if rec is not None:
+            rec.running(ev.tid)
         closed_by = CLOSED_BY_FLAGS[bool(ev.flags & EventFlag.IMMEDIATE_EXIT)]
         self._close_windows(lambda w: w.uid == ev.vcpu_uid and w.seq == ev.seq, closed_by)
 
@@ -187,10 +210,19 @@ class Tracker:
         """--trace-exits: every re-entry, exit and clean state ioctl, at debug level."""
         fields: dict[str, object] = {"pid": ev.tgid, "tid": ev.tid, "vcpu_id": ev.vcpu_id,
                                      "window": ev.seq}
+        rec = self.vcpus.get(ev.vcpu_uid)
         if ev.type is EventType.USERSPACE_EXIT:
             reason, errno = split_exit_aux(ev.aux)
             fields.update(exit_reason=abi.exit_reason_name(reason), errno=errno)
+            if rec is not None:
+                if errno == 0 and self.policy.leaves_pending(reason):
+                    rec.pending(reason, ev.ts_ns, ev.seq)
+                else:
+                    rec.state, rec.pending_since_ns = "idle", None
+                    rec.exit_reason = reason if errno == 0 else rec.exit_reason
         elif ev.type is EventType.RUN_ENTER:
+            if rec is not None:
+                rec.running(ev.tid)
             fields.update(vcpu_fd=ev.fd,
                           immediate_exit=bool(ev.flags & EventFlag.IMMEDIATE_EXIT))
         else:
@@ -198,6 +230,9 @@ class Tracker:
         self.sink.notice(f"trace_{ev.type.name.lower()}", "debug", **fields)
 
     def _on_violation(self, ev: KernelEvent) -> None:
+        rec = self.vcpus.get(ev.vcpu_uid)
+        if rec is not None:
+            rec.pending(ev.exit_reason, ev.pending_since_ns, ev.seq)
         ioctl = abi.IOCTLS.get(ev.cmd)
         if ioctl is None or ioctl.kind not in (abi.IoctlKind.SAVE, abi.IoctlKind.RESTORE):
             return
@@ -265,10 +300,27 @@ class Tracker:
             self._reconcile_fds(pid)
 
     def sweep(self) -> None:
-        """Slow path (every few seconds): processes whose exit event was lost."""
+        """Slow path (every few seconds): processes whose exit event was lost, and the run
+        state of every vCPU refreshed from the probes' map."""
         for pid in {rec.pid for rec in self.vcpus.values()}:
             if not self.proc.alive(pid):
                 self._forget_process(pid)
+        if self.control is not None:
+            self.sync(self.control.vcpu_states())
+
+    def sync(self, states: Iterable[dict[str, int]]) -> None:
+        for st in states:
+            rec = self.vcpus.get(st["uid"])
+            if rec is None:
+                continue
+            rec.state = RUN_STATES[st["state"]] if st["state"] < len(RUN_STATES) else "idle"
+            rec.exit_reason = st["exit_reason"]
+            rec.run_tid = st["run_tid"] or None
+            rec.window = st["seq"]
+            rec.pending_since_ns = st["pending_since_ns"] if rec.state == "pending" else None
+
+    def pending_vcpus(self) -> list[VcpuRecord]:
+        return [rec for rec in self.vcpus.values() if rec.state == "pending"]
 
     def _reconcile_fds(self, pid: int) -> None:
         if self.control is None:

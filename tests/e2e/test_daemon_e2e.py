@@ -225,3 +225,26 @@ def test_ready_lists_every_probe(daemon: DaemonProcess) -> None:
                   "syscalls:sys_enter_close", "sched:sched_process_exit", "kvm:kvm_exit",
                   "kvm:kvm_entry"):
         assert probe in ready["probes"]
+
+
+def test_reused_pid_inherits_no_pending_exit(daemon: DaemonProcess) -> None:
+    """A VMM exits with a completion owed; a new VMM is given the same pid (ns_last_pid) and the
+    same fd numbers, and saves after completing properly: no alert may name it."""
+    old = run_vmm("process-exit", 1)
+    assert old.pending_at_end
+    daemon.settle()
+    ns_last_pid = Path("/proc/sys/kernel/ns_last_pid")
+    for _ in range(5):
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "report.json"
+            ns_last_pid.write_text(str(old.pid - 1))
+            proc = subprocess.Popen([sys.executable, "-m", "tracer.vmm", "correct-io",
+                                     "--iterations", "3", "--report", str(path)], cwd=REPO)
+            assert proc.wait(timeout=60) == 0
+            new = ScenarioReport.from_json(path.read_text())
+        if new.pid == old.pid:
+            break
+    assert new.pid == old.pid, "could not get the pid reused"
+    assert {v.fd for v in new.vcpus} & {v.fd for v in old.vcpus}
+    assert verdicts(daemon, new) == []
+    assert daemon.for_pid(new.pid, "completion_violation") == []

@@ -431,3 +431,20 @@ def test_trace_events_become_debug_notices() -> None:
     event, fields = h.sink.notices[-1]
     assert event == "trace_userspace_exit"
     assert fields["exit_reason"] == "KVM_EXIT_INTR" and fields["errno"] == -4
+
+
+def test_mirror_follows_the_probes_map_and_the_events() -> None:
+    h = Harness()
+    h.create_vcpu(fd=5, vcpu_id=4)
+    h.create_vcpu(fd=6, vcpu_id=5)
+    h.run(5, IO, OUT_3F8)
+    h.run(6, HLT, tid=OTHER_TID)
+    h.tracker.sweep()
+    by_id = {r.vcpu_id: r for r in h.tracker.vcpus.values()}
+    assert (by_id[4].state, by_id[4].exit_reason, by_id[4].run_tid) == ("pending", IO, VCPU_TID)
+    assert by_id[4].pending_since_ns is not None and by_id[4].window == 1
+    assert (by_id[5].state, by_id[5].exit_reason, by_id[5].pending_since_ns) == ("idle", HLT, None)
+    assert [r.vcpu_id for r in h.tracker.pending_vcpus()] == [4]
+    h.ioctl(5, GET_REGS)
+    h.complete(5)  # WINDOW_CLOSED: the re-entry is seen without a sweep
+    assert by_id[4].state == "running" and h.tracker.pending_vcpus() == []
