@@ -23,6 +23,9 @@
 
 #include <uapi/linux/ptrace.h>
 
+// Keeps clang from sinking the stores of a new window below the store that publishes it.
+#define barrier() asm volatile("" ::: "memory")
+
 enum event_type {
     EV_VIOLATION = 1,
     EV_VCPU_CREATED = 2,
@@ -346,6 +349,7 @@ RAW_TRACEPOINT_PROBE(kvm_userspace_exit)
         st->seq++;
         st->pending_since = bpf_ktime_get_ns();
         st->window_reports = 0;
+        barrier();
         st->state = VCPU_PENDING;  // last: other CPUs test state before reading the rest
     } else {
         st->state = VCPU_IDLE;
