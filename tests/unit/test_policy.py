@@ -538,3 +538,11 @@ def test_merged_file_and_cli_build_one_policy(tmp_path: Path) -> None:
     assert not policy.leaves_pending(HYPERV)
     assert policy.leaves_pending(N["KVM_EXIT_HLT"])
     assert policy.judge(Kind.SAVE, MMIO, None, False, "X").severity is Severity.CRITICAL
+
+
+def test_shipped_example_policy_loads_and_matches_the_defaults() -> None:
+    example = Path(__file__).resolve().parents[2] / "deploy" / "policy.example.toml"
+    policy = build_policy(load_policy_file(example))
+    default = build_policy(PolicyOverrides(arch=policy.arch))
+    assert policy.pending_exits == default.pending_exits
+    assert policy.sanctions == default.sanctions
