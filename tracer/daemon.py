@@ -69,13 +69,20 @@ class Daemon:
         self._lost_reported = 0
 
     def _on_raw_event(self, raw: bytes) -> None:
+        # Runs inside bcc's ctypes callback: an exception escaping here would be printed as a
+        # traceback and the event dropped silently, so every failure becomes a counted notice.
         try:
             event = decode_event(raw)
         except MalformedEvent as err:
             self.tracker.stats.malformed_events += 1
             self.sink.notice("malformed_event", "warning", error=str(err))
             return
-        self.tracker.handle(event)
+        try:
+            self.tracker.handle(event)
+        except Exception as err:
+            self.tracker.stats.internal_errors += 1
+            self.sink.notice("internal_error", "error", error=f"{type(err).__name__}: {err}",
+                             event_type=event.type.name, pid=event.tgid)
 
     def start(self) -> None:
         """Adopt VMs that predate us (after attaching, so none slips between) and say ready."""
@@ -119,15 +126,23 @@ class Daemon:
 
 
 def run(options: DaemonOptions) -> int:
-    daemon = Daemon(options)
-    try:
-        def _stop(signum: int, _frame: FrameType | None) -> None:
-            daemon.stop_requested.set()
+    # Handlers first: a SIGTERM while the probes compile (a second or two) must still end in a
+    # clean detach and exit 0, not the default kill.
+    stop = threading.Event()
 
-        signal.signal(signal.SIGINT, _stop)
-        signal.signal(signal.SIGTERM, _stop)
-        daemon.start()
-        daemon.run_forever()
+    def _stop(signum: int, _frame: FrameType | None) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGINT, _stop)
+    signal.signal(signal.SIGTERM, _stop)
+    LogSink().notice("starting", "info", version=__version__, pid=os.getpid(),
+                     step="compiling and attaching the probes")
+    daemon = Daemon(options)
+    daemon.stop_requested = stop
+    try:
+        if not stop.is_set():
+            daemon.start()
+            daemon.run_forever()
         daemon.sink.notice("stopped", "info", reason="signal")
     finally:
         daemon.close()

@@ -100,6 +100,7 @@ class TrackerStats:
     snapshots: Counter[str] = field(default_factory=Counter)
     not_pending: int = 0
     malformed_events: int = 0
+    internal_errors: int = 0
 
 
 CLOSED_BY_FLAGS = {True: "immediate_exit", False: "reentry"}

@@ -248,3 +248,20 @@ def test_reused_pid_inherits_no_pending_exit(daemon: DaemonProcess) -> None:
     assert {v.fd for v in new.vcpus} & {v.fd for v in old.vcpus}
     assert verdicts(daemon, new) == []
     assert daemon.for_pid(new.pid, "completion_violation") == []
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+@pytest.mark.parametrize("when", ["starting", "ready"])
+def test_signals_detach_cleanly_and_exit_zero(sig: int, when: str) -> None:
+    """While the probes are still compiling (after ``starting``) or after ``ready``."""
+    proc = subprocess.Popen([sys.executable, "-m", "tracer", "run", "--log-format", "json"],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    assert json.loads(proc.stdout.readline())["event"] == "starting"
+    if when == "ready":
+        assert json.loads(proc.stdout.readline())["event"] == "ready"
+    proc.send_signal(sig)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert "Traceback" not in err
+    assert json.loads(out.splitlines()[-1])["event"] == "stopped"

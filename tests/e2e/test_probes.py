@@ -70,3 +70,22 @@ def test_pending_vcpu_is_mirrored_then_cleaned_up_at_process_exit(daemon: Daemon
     assert after["userspace_exits"] > before["userspace_exits"]
     assert after["pending_exits"] > before["pending_exits"]
     assert after["events_lost"] == before["events_lost"]
+
+
+def test_a_tracker_failure_is_a_counted_notice_not_a_lost_traceback(
+        daemon: Daemon, monkeypatch: pytest.MonkeyPatch) -> None:
+    from tracer.events import EventFlag, EventType, KernelEvent, encode_event
+
+    def broken(_ev: KernelEvent) -> None:
+        raise KeyError("boom")
+
+    monkeypatch.setattr(daemon.tracker, "handle", broken)
+    ev = KernelEvent(EventType.VCPU_CREATED, 1, 1, 0, 5, 0, 0, EventFlag(0), 0, 0, 1, 4, 1,
+                     None, "vmm")
+    daemon._on_raw_event(encode_event(ev))
+    daemon._on_raw_event(b"short")
+    assert isinstance(daemon.sink, MemorySink)
+    names = [name for name, _ in daemon.sink.notices[-2:]]
+    assert names == ["internal_error", "malformed_event"]
+    assert daemon.tracker.stats.internal_errors == 1
+    assert daemon.tracker.stats.malformed_events == 1
