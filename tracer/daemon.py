@@ -39,8 +39,8 @@ class SystemProcView:
     def run_addr(self, pid: int, vcpu_id: int) -> int | None:
         return vmident.vcpu_run_addr(pid, vcpu_id, self.proc_root)
 
-    def alive(self, pid: int) -> bool:
-        return vmident.process_start_time(pid, self.proc_root) is not None
+    def start_time(self, pid: int) -> int | None:
+        return vmident.process_start_time(pid, self.proc_root)
 
 
 @dataclass

@@ -47,7 +47,8 @@ class ProcView(Protocol):
 
     def run_addr(self, pid: int, vcpu_id: int) -> int | None: ...
 
-    def alive(self, pid: int) -> bool: ...
+    def start_time(self, pid: int) -> int | None:
+        """The process's start time (clock ticks since boot), None once it is gone."""
 
 
 RUN_STATES = ("idle", "running", "pending")  # enum vcpu_run_state in bpf/completion.c
@@ -120,6 +121,7 @@ class Tracker:
         self.windows: dict[tuple[int, int], Window] = {}
         self.stats = TrackerStats()
         self._names: dict[int, VmIdentity] = {}
+        self._started: dict[int, int | None] = {}  # pid -> start time when first seen
         self._rescan: set[int] = set()
 
     # ---- naming --------------------------------------------------------------------------------
@@ -136,8 +138,13 @@ class Tracker:
         if handler is not None:
             handler(self, ev)
 
+    def _track(self, uid: int, pid: int, vcpu_id: int) -> VcpuRecord:
+        if pid not in self._started:
+            self._started[pid] = self.proc.start_time(pid)
+        return self.vcpus.setdefault(uid, VcpuRecord(uid, pid, vcpu_id))
+
     def _on_created(self, ev: KernelEvent) -> None:
-        self.vcpus[ev.vcpu_uid] = VcpuRecord(ev.vcpu_uid, ev.tgid, ev.vcpu_id, {ev.fd})
+        self._track(ev.vcpu_uid, ev.tgid, ev.vcpu_id).fds.add(ev.fd)
         ident = self.identity(ev.tgid)
         self.sink.notice("vcpu_created", "debug", pid=ev.tgid, vm=ident.name, vcpu_id=ev.vcpu_id,
                          vcpu_fd=ev.fd, vm_fd=ev.aux)
@@ -169,6 +176,7 @@ class Tracker:
         for uid in uids:
             del self.vcpus[uid]
         self._names.pop(pid, None)
+        self._started.pop(pid, None)
         self._rescan.discard(pid)
         if self.control is not None:
             self.control.forget_process(pid, uids)
@@ -193,8 +201,7 @@ class Tracker:
                                       same[0].uid if len(same) == 1 else None)
         if uid is None:
             return
-        rec = self.vcpus.setdefault(uid, VcpuRecord(uid, ev.tgid, vcpu_id))
-        rec.fds.add(ev.fd)
+        self._track(uid, ev.tgid, vcpu_id).fds.add(ev.fd)
         self.sink.notice("vcpu_adopted", "info", pid=ev.tgid, vm=self.identity(ev.tgid).name,
                          vcpu_id=vcpu_id, vcpu_fd=ev.fd,
                          why=f"{abi.ioctl_name(ev.aux)} on an fd created before the probes")
@@ -301,10 +308,11 @@ class Tracker:
             self._reconcile_fds(pid)
 
     def sweep(self) -> None:
-        """Slow path (every few seconds): processes whose exit event was lost, and the run
-        state of every vCPU refreshed from the probes' map."""
+        """Slow path (every few seconds): processes whose exit event was lost (gone, or the pid
+        now belongs to a newer process), and the run state refreshed from the probes' map."""
         for pid in {rec.pid for rec in self.vcpus.values()}:
-            if not self.proc.alive(pid):
+            now = self.proc.start_time(pid)
+            if now is None or now != self._started.get(pid, now):
                 self._forget_process(pid)
         if self.control is not None:
             self.sync(self.control.vcpu_states())
@@ -348,8 +356,7 @@ class Tracker:
             if uid is None:
                 continue  # created after the probes attached: the kernel tracks it already
             uid_of[key] = uid
-            rec = self.vcpus.setdefault(uid, VcpuRecord(uid, vcpu.pid, vcpu.vcpu_id))
-            rec.fds.add(vcpu.fd)
+            self._track(uid, vcpu.pid, vcpu.vcpu_id).fds.add(vcpu.fd)
             adopted += 1
         return adopted
 

@@ -36,6 +36,7 @@ MMIO_W = MmioAccess(0xD0000000, 4, True)
 class FakeProc:
     fds: dict[tuple[int, int], int] = field(default_factory=dict)  # (pid, fd) -> vcpu id
     dead: set[int] = field(default_factory=set)
+    restarted: set[int] = field(default_factory=set)  # pid reused by a newer process
 
     def identify(self, pid: int) -> VmIdentity:
         return VmIdentity(name=f"guest-{pid}", vmm="qemu", uuid=None, source="test")
@@ -46,8 +47,10 @@ class FakeProc:
     def run_addr(self, pid: int, vcpu_id: int) -> int | None:
         return 0x7F0000000000
 
-    def alive(self, pid: int) -> bool:
-        return pid not in self.dead
+    def start_time(self, pid: int) -> int | None:
+        if pid in self.dead:
+            return None
+        return 2000 if pid in self.restarted else 1000
 
 
 class Clock:
@@ -354,7 +357,11 @@ def test_unknown_fd_is_adopted_from_proc_and_judged_from_then_on() -> None:
 def test_sweep_forgets_processes_whose_exit_event_was_lost() -> None:
     h = Harness()
     h.create_vcpu(fd=5)
+    h.create_vcpu(fd=5, pid=PID + 1)
+    h.tracker.sweep()
+    assert len(h.tracker.vcpus) == 2
     h.proc.dead.add(PID)
+    h.proc.restarted.add(PID + 1)  # the pid now names a newer process
     h.tracker.sweep()
     assert h.tracker.vcpus == {} and h.model.vcpus == {}
 
