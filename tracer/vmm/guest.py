@@ -127,6 +127,29 @@ class _Asm:
     def hlt(self) -> int:
         return self._emit(b"\xf4", "hlt")
 
+    def mov_bx(self, value: int) -> int:
+        return self._emit(b"\xbb" + struct.pack("<H", value), f"mov bx, {value:#x}")
+
+    def mov_cx(self, value: int) -> int:
+        return self._emit(b"\xb9" + struct.pack("<H", value), f"mov cx, {value:#x}")
+
+    def dec_bx(self) -> int:
+        return self._emit(b"\x4b", "dec bx")  # 48+rw (one-byte form, not REX in 16-bit code)
+
+    def _rel8(self, target: int, length: int) -> int:
+        rel = target - (self.pos + length)
+        if not -128 <= rel <= 127:
+            raise ValueError(f"short jump of {rel} bytes")
+        return rel & 0xFF
+
+    def loop_short(self, target: int) -> int:
+        # E2 rel8: decrement CX (16-bit address size), jump while CX != 0.
+        return self._emit(bytes([0xE2, self._rel8(target, 2)]), f"loop {target:#x}")
+
+    def jnz_short(self, target: int) -> int:
+        # 75 rel8
+        return self._emit(bytes([0x75, self._rel8(target, 2)]), f"jnz short {target:#x}")
+
     def jmp_short(self, target: int) -> int:
         # EB rel8: the displacement counts from the end of this 2-byte instruction.
         rel = target - (self.pos + 2)
@@ -228,6 +251,47 @@ def hlt_loop() -> GuestProgram:
     a = _Asm()
     head = a.hlt()
     return a.loop_program("hlt", head, ("KVM_EXIT_HLT",), "hlt in a loop", "")
+
+
+# Rounds of the delay loop in :func:`delayed_out_loop`. Real mode runs instruction by instruction
+# in KVM's emulator on this PVM host (no hardware real mode under PVM), about 0.7 us per `loop`:
+# one round of 65535 `loop`s took 43-66 ms per KVM_RUN, so the default of 1 round gives KVM_RUNs
+# of about 45 ms, first run of a vCPU ~60 ms (python -m tracer.vmm save-while-running reports
+# min/max in its facts). On a host with hardware real mode a round takes ~0.1 ms: raise the
+# rounds there (the save-while-running scenario fails loudly if the run is too short).
+OUT_DELAY_ROUNDS: Final = 1
+DELAY_INNER_LOOPS: Final = 0xFFFF
+
+
+def delayed_out_loop(port: int = SERIAL_PORT, delay: int = OUT_DELAY_ROUNDS,
+                     value: int = 0x41) -> GuestProgram:
+    """A delay loop of ``delay`` rounds of 65535 `loop` iterations, then OUT of ``value`` to
+    ``port``, forever: one KVM_EXIT_IO (direction out) per KVM_RUN, each KVM_RUN spending the
+    whole delay in the guest first (so another thread can act while the vCPU is inside KVM_RUN).
+    """
+    if not 1 <= delay <= 0xFFFF:
+        raise ValueError(f"delay of {delay} rounds: must be 1..65535")
+    a = _Asm()
+    a.mov_dx(port)
+    a.mov_al(value & 0xFF)
+    head = a.mov_bx(delay)
+    outer = a.mov_cx(DELAY_INNER_LOOPS)
+    inner = a.pos
+    a.loop_short(inner)
+    a.dec_bx()
+    a.jnz_short(outer)
+    a.out_dx(1)
+    return a.loop_program(f"delayed-out-{port:#x}", head, ("KVM_EXIT_IO",),
+                          f"{delay} x {DELAY_INNER_LOOPS} loop iterations, then out dx, al to "
+                          f"port {port:#x}, in a loop", "out", port=port)
+
+
+def spin_forever() -> GuestProgram:
+    """`jmp $` forever: KVM_RUN never exits on its own; only a signal (or immediate_exit) ends
+    it, with -EINTR (KVM_EXIT_INTR) and nothing pending."""
+    a = _Asm()
+    head = a.jmp_short(0)
+    return GuestProgram("spin", tuple(a.insns), (), True, head, "jmp $ forever", direction="")
 
 
 def sequence(port: int = SERIAL_PORT, gpa: int = MMIO_GPA, msr: int = USER_MSR) -> GuestProgram:

@@ -6,6 +6,18 @@ callers ask for and to say so: every ioctl on a vCPU fd is appended to a shared
 and every save/restore ioctl issued while the vCPU's last exit still awaits its completion to
 :attr:`Kvm.mid_completion` (the VMM's ground truth for what a tracer must report).
 
+A save/restore ioctl another thread issues while KVM_RUN is in flight on the same vCPU blocks on
+KVM's vcpu->mutex until that KVM_RUN returns, and then runs against the state it left: if the run
+ended in an exit that needs completion, the ioctl runs mid-completion although nothing was
+pending when it was issued. Such ioctls are logged to :attr:`Kvm.queued_ioctls` once they return
+and, when the VMM's clocks show they returned after the KVM_RUN did, recorded in
+:attr:`Kvm.mid_completion` against the exit that KVM_RUN returned (see :class:`QueuedIoctl`).
+
+KVM_RUN itself is issued through libc's ``ioctl`` rather than ``fcntl.ioctl``: since CPython 3.14
+(gh-132742) ``fcntl.ioctl`` retries a call that fails with EINTR, which would turn an
+immediate-exit or signal-kicked KVM_RUN into a fresh KVM_RUN (or a busy loop); libc hands the
+-EINTR back, as ``fcntl.ioctl`` itself does on 3.11-3.13.
+
 Two details matter for the probes: the kvm_run page is mapped with libc ``mmap`` rather than
 Python's ``mmap.mmap``, which would ``dup()`` the vCPU fd behind our back (an extra vCPU fd the
 tracer would see and, in the fd-reuse scenario, a stolen fd number); and fds are plain ints
@@ -144,6 +156,56 @@ class MidCompletionIoctl:
     quirk_7e_disabled: bool
 
 
+@dataclass(frozen=True)
+class RunEnd:
+    """How a KVM_RUN that other threads' state ioctls queued behind came back."""
+
+    run_ts_ns: int  # the KVM_RUN's LoggedIoctl ts_ns
+    returned_ns: int  # time.monotonic_ns() right after the ioctl returned
+    outcome: str  # as RunRecord.outcome
+    pending: PendingExit | None  # the exit it left to complete, if any
+
+
+QUEUE_AFTER_RUN: Final = "after-run"
+QUEUE_BEFORE_RUN: Final = "before-run"
+QUEUE_AMBIGUOUS: Final = "ambiguous"
+# How long a queued ioctl that returned waits for its KVM_RUN's return to be published.
+QUEUE_TIMEOUT_S: Final = 30.0
+
+
+@dataclass(frozen=True)
+class QueuedIoctl:
+    """A save/restore ioctl issued on a vCPU while a KVM_RUN was in flight on it.
+
+    KVM_RUN holds vcpu->mutex until it returns, so the ioctl normally blocks and runs right
+    after that KVM_RUN, against the exit it returned. ``order`` is what the VMM's clocks show:
+
+    - ``after-run``: it returned after the KVM_RUN returned and no later KVM_RUN was issued
+      before it returned; if the run left a completion pending, the ioctl is also recorded
+      in :attr:`Kvm.mid_completion` against that exit;
+    - ``before-run``: it returned before the KVM_RUN did, so it slipped in before KVM_RUN
+      took the mutex (nothing recorded: a scenario relying on the blocking must fail);
+    - ``ambiguous``: another KVM_RUN was issued before it returned, which may have completed
+      the exit first (nothing recorded).
+    """
+
+    ts_ns: int  # just before issuing; equals the LoggedIoctl's ts_ns
+    returned_ns: int  # just after it returned
+    tid: int
+    fd: int
+    vcpu_id: int
+    name: str
+    kind: str  # "save" | "restore"
+    run_ts_ns: int  # the in-flight KVM_RUN's ts_ns
+    run_returned_ns: int
+    run_outcome: str
+    order: str  # QUEUE_AFTER_RUN | QUEUE_BEFORE_RUN | QUEUE_AMBIGUOUS
+
+    @property
+    def blocked_ns(self) -> int:
+        return self.returned_ns - self.ts_ns
+
+
 # --- libc mmap: no hidden dup() of the vCPU fd ------------------------------------------------
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.mmap.restype = ctypes.c_void_p
@@ -157,6 +219,8 @@ _libc.mmap.argtypes = (
 )
 _libc.munmap.restype = ctypes.c_int
 _libc.munmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t)
+_libc.ioctl.restype = ctypes.c_int
+_libc.ioctl.argtypes = (ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong)
 _PROT_RW: Final = 0x1 | 0x2
 _MAP_SHARED: Final = 0x01
 _MAP_PRIVATE_ANON: Final = 0x02 | 0x20
@@ -211,6 +275,16 @@ def _ioctl(fd: int, name: str, arg: int | ctypes.Structure) -> int:
     return result
 
 
+def _ioctl_no_retry(fd: int, name: str, arg: int = 0) -> int:
+    """ioctl with an integer argument through libc: an EINTR failure raises OSError(EINTR) on
+    every Python version (ctypes drops the GIL for the call, as fcntl.ioctl does)."""
+    ret: int = _libc.ioctl(fd, _ioctl_number(name), arg)
+    if ret < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+    return ret
+
+
 _Buf = TypeVar("_Buf", bound=ctypes.Structure)
 
 
@@ -231,6 +305,7 @@ class Kvm:
         self.ioctl_log: list[LoggedIoctl] = []
         self.run_log: list[RunRecord] = []
         self.mid_completion: list[MidCompletionIoctl] = []
+        self.queued_ioctls: list[QueuedIoctl] = []
         self.vms: list[Vm] = []
         version = self._sys_ioctl("KVM_GET_API_VERSION")
         if version != KVM_API_VERSION:
@@ -364,6 +439,13 @@ class Vcpu:
         self._log = vm.kvm.ioctl_log
         # State ioctls go through this fd; dup-fd tests point it at a duplicate.
         self.state_fd = fd
+        # KVM_RUN in flight (its ts_ns) and what queued state ioctls need to know about it;
+        # all guarded by _run_cond, which also publishes run ends to the queued ioctls.
+        self.run_in_flight: int | None = None
+        self._last_run_ns = 0  # ts_ns of the latest KVM_RUN issued
+        self._run_cond = threading.Condition()
+        self._queued_behind: dict[int, int] = {}  # run ts_ns -> queued ioctls not settled yet
+        self._run_ends: dict[int, RunEnd] = {}
 
     # --- raw ioctl plumbing --------------------------------------------------------------
     def _issue(self, fd: int, name: str, arg: int | ctypes.Structure, ts: int, tid: int) -> int:
@@ -376,6 +458,15 @@ class Vcpu:
         fd = self.state_fd
         ts = time.monotonic_ns()
         tid = threading.get_native_id()
+        if kind in (abi.IoctlKind.SAVE, abi.IoctlKind.RESTORE):
+            with self._run_cond:
+                behind = self.run_in_flight
+                if behind is not None:
+                    self._queued_behind[behind] = self._queued_behind.get(behind, 0) + 1
+                else:
+                    pending = self.pending
+            if behind is not None:
+                return self._state_behind_run(behind, name, kind.value, arg, ts, tid)
         if pending is not None and kind in (abi.IoctlKind.SAVE, abi.IoctlKind.RESTORE):
             self.vm.kvm.mid_completion.append(
                 MidCompletionIoctl(
@@ -392,6 +483,72 @@ class Vcpu:
             )
         return self._issue(fd, name, arg, ts, tid)
 
+    def _state_behind_run(self, run_ts: int, name: str, kind: str,
+                          arg: int | ctypes.Structure, ts: int, tid: int) -> int:
+        """A state ioctl issued while the KVM_RUN ``run_ts`` is in flight: issue it (KVM blocks
+        it until that KVM_RUN returns), then settle it against what the KVM_RUN returned."""
+        fd = self.state_fd
+        try:
+            result = self._issue(fd, name, arg, ts, tid)
+        except BaseException:
+            with self._run_cond:
+                self._unqueue(run_ts)
+            raise
+        returned = time.monotonic_ns()
+        with self._run_cond:
+            try:
+                if not self._run_cond.wait_for(lambda: run_ts in self._run_ends,
+                                               QUEUE_TIMEOUT_S):
+                    raise VmmError(f"{name} issued during KVM_RUN on vCPU {self.vcpu_id}: that "
+                                   f"KVM_RUN did not return within {QUEUE_TIMEOUT_S:.0f} s")
+                end = self._run_ends[run_ts]
+                if returned <= end.returned_ns:
+                    order = QUEUE_BEFORE_RUN
+                elif run_ts < self._last_run_ns < returned:
+                    order = QUEUE_AMBIGUOUS
+                else:
+                    order = QUEUE_AFTER_RUN
+            finally:
+                self._unqueue(run_ts)
+        kvm = self.vm.kvm
+        kvm.queued_ioctls.append(QueuedIoctl(ts, returned, tid, fd, self.vcpu_id, name, kind,
+                                             run_ts, end.returned_ns, end.outcome, order))
+        if order == QUEUE_AFTER_RUN and end.pending is not None:
+            kvm.mid_completion.append(
+                MidCompletionIoctl(
+                    ts_ns=ts,
+                    tid=tid,
+                    fd=fd,
+                    vm_fd=self.vm.fd,
+                    vcpu_id=self.vcpu_id,
+                    name=name,
+                    kind=kind,
+                    pending=end.pending,
+                    quirk_7e_disabled=self.vm.quirk_7e_disabled,
+                )
+            )
+        return result
+
+    def _unqueue(self, run_ts: int) -> None:
+        """Under _run_cond: one queued ioctl of ``run_ts`` is settled."""
+        left = self._queued_behind.get(run_ts, 0) - 1
+        if left > 0:
+            self._queued_behind[run_ts] = left
+        else:
+            self._queued_behind.pop(run_ts, None)
+            self._run_ends.pop(run_ts, None)
+
+    def _end_run(self, ts: int, returned: int, outcome: str, pending: PendingExit | None
+                 ) -> None:
+        """The KVM_RUN ``ts`` returned: publish its pending exit, and its end to queued ioctls."""
+        with self._run_cond:
+            self.pending = pending
+            if self.run_in_flight == ts:
+                self.run_in_flight = None
+            if ts in self._queued_behind:
+                self._run_ends[ts] = RunEnd(ts, returned, outcome, pending)
+                self._run_cond.notify_all()
+
     def _get(self, name: str, buf: _Buf) -> _Buf:
         self._state(name, buf)
         return buf
@@ -406,17 +563,29 @@ class Vcpu:
         tid = threading.get_native_id()
         # Entering KVM_RUN completes whatever was pending, whatever KVM_RUN returns.
         self.pending = None
+        with self._run_cond:
+            self.run_in_flight = ts
+            self._last_run_ns = ts
+        self._log.append(LoggedIoctl(ts, tid, self.fd, "KVM_RUN"))
         try:
-            self._issue(self.fd, "KVM_RUN", 0, ts, tid)
+            _ioctl_no_retry(self.fd, "KVM_RUN")
         except OSError as err:
+            returned = time.monotonic_ns()
+            outcome = "KVM_EXIT_INTR" if err.errno == errno.EINTR else f"errno:{err.errno}"
+            self._end_run(ts, returned, outcome, None)
+            self._record_run(ts, tid, immediate, outcome)
             if err.errno != errno.EINTR:
-                self._record_run(ts, tid, immediate, f"errno:{err.errno}")
                 raise VmmError(f"KVM_RUN on vCPU {self.vcpu_id}: {err.strerror}") from err
-            self._record_run(ts, tid, immediate, "KVM_EXIT_INTR")
             return KVM_EXIT_INTR
+        except BaseException:
+            self._end_run(ts, time.monotonic_ns(), "interrupted", None)
+            raise
+        returned = time.monotonic_ns()
         reason: int = struct.unpack_from("<I", page, _L.exit_reason)[0]
+        pending = None
         if _needs_completion(reason, page):
-            self.pending = PendingExit(reason, self.exit_access(reason), time.monotonic_ns())
+            pending = PendingExit(reason, self.exit_access(reason), time.monotonic_ns())
+        self._end_run(ts, returned, abi.exit_reason_name(reason), pending)
         self._record_run(ts, tid, immediate, abi.exit_reason_name(reason))
         return reason
 
