@@ -27,6 +27,7 @@ from tracer.vmm.report import ExpectedViolation, ScenarioReport
 SELFTEST_SCENARIOS = (
     "correct-io", "correct-mmio", "correct-msr", "buggy-io-out", "buggy-io-in",
     "buggy-mmio-write", "buggy-mmio-read", "buggy-rdmsr", "buggy-wrmsr", "buggy-other-thread",
+    "save-while-running", "save-while-running-kicked",
     "restore-mmio", "restore-pio", "hlt", "eintr", "port-7e", "port-7e-quirk-disabled",
     "dup-fd", "dup2-fd", "dup3-fd", "fd-reuse", "multi", "process-exit",
 )

@@ -106,8 +106,8 @@ def verdicts(d: DaemonProcess, report: ScenarioReport) -> list[str]:
 
 @pytest.mark.parametrize("scenario", [
     "buggy-io-out", "buggy-io-in", "buggy-mmio-write", "buggy-mmio-read", "buggy-rdmsr",
-    "buggy-wrmsr", "buggy-other-thread", "restore-mmio", "dup-fd", "dup2-fd", "dup3-fd",
-    "port-7e-quirk-disabled",
+    "buggy-wrmsr", "buggy-other-thread", "save-while-running", "restore-mmio", "dup-fd",
+    "dup2-fd", "dup3-fd", "port-7e-quirk-disabled",
 ])
 def test_buggy_vmm_gets_exactly_the_expected_alerts(daemon: DaemonProcess,
                                                     scenario: str) -> None:
@@ -118,13 +118,25 @@ def test_buggy_vmm_gets_exactly_the_expected_alerts(daemon: DaemonProcess,
 
 @pytest.mark.parametrize("scenario", [
     "correct-io", "correct-mmio", "correct-msr", "hlt", "eintr", "fd-reuse", "port-7e",
-    "restore-pio",
+    "restore-pio", "save-while-running-kicked",
 ])
 def test_correct_vmm_gets_no_alert(daemon: DaemonProcess, scenario: str) -> None:
     report = run_vmm(scenario)
     assert sum(report.exits.values()) > 0
     assert verdicts(daemon, report) == []
     assert daemon.for_pid(report.pid, "completion_violation") == []
+
+
+def test_save_that_waited_for_a_running_vcpu_is_judged_at_its_return(
+        daemon: DaemonProcess) -> None:
+    report = run_vmm("save-while-running", 2)
+    daemon.settle()
+    lines = daemon.for_pid(report.pid, "completion_violation")
+    at_return = [e for e in lines if e["detected_at"] == "ioctl_return"]
+    # The first ioctl of each snapshot entered while KVM_RUN held the vCPU.
+    assert len(at_return) == report.iterations
+    assert {e["ioctl"] for e in at_return} == {report.violations[0].ioctl}
+    assert verdicts(daemon, report) == []
 
 
 def test_violation_line_has_every_field(daemon: DaemonProcess) -> None:

@@ -12,6 +12,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -21,9 +22,17 @@ import pytest
 
 from tracer import abi
 from tracer.vmm import guest, snapshot
-from tracer.vmm.kvm import KVM_EXIT_INTR, Kvm, MmioExit, MsrExit, PioExit
+from tracer.vmm.kvm import KVM_EXIT_INTR, Kvm, MmioExit, MsrExit, PioExit, VmmError, clock_slack_ns
 from tracer.vmm.report import ExpectedViolation, ScenarioReport
-from tracer.vmm.scenarios import DEFAULT_ITERATIONS, SCENARIOS, close_kept_open, run_scenario
+from tracer.vmm.scenarios import (
+    DEFAULT_ITERATIONS,
+    KICK_AFTER_SAVE_S,
+    SAVE_AFTER_ENTRY_S,
+    SAVE_WHILE_RUNNING_ITERATIONS,
+    SCENARIOS,
+    close_kept_open,
+    run_scenario,
+)
 
 KVM_OK = os.access("/dev/kvm", os.R_OK | os.W_OK)
 pytestmark = pytest.mark.skipif(
@@ -34,6 +43,9 @@ ROOT = Path(__file__).resolve().parents[2]
 PENDING = {"KVM_EXIT_IO", "KVM_EXIT_MMIO", "KVM_EXIT_X86_RDMSR", "KVM_EXIT_X86_WRMSR"}
 N = 4
 SAVES = len(snapshot.SAVE_IOCTLS)
+# Scenarios whose snapshots start while KVM_RUN is in flight: the first ioctl of each is issued
+# before the exit it ends up running after.
+BEHIND_RUN = {"save-while-running", "save-while-running-kicked"}
 RESTORES = len(snapshot.RESTORE_IOCTLS)
 _cache: dict[str, ScenarioReport] = {}
 
@@ -90,7 +102,8 @@ def test_report_is_internally_consistent(name: str) -> None:
     for e in expected:
         assert (e.ts_ns, e.tid, e.vcpu_fd, e.ioctl) in logged
         assert e.kind == abi.IOCTL_BY_NAME[e.ioctl].kind.value
-        assert e.exit_reason in PENDING and e.pending_since_ns < e.ts_ns
+        assert e.exit_reason in PENDING
+        assert e.pending_since_ns < e.ts_ns or report.scenario in BEHIND_RUN
         assert (e.rule is None) == (e in report.violations)
     assert all(r.ts_ns in {e.ts_ns for e in report.ioctl_log} for r in report.run_log)
     assert Counter(r.outcome for r in report.run_log) == Counter(report.exits)
@@ -145,6 +158,110 @@ def test_other_thread() -> None:
     assert [v.ioctl for v in report.violations] == ["KVM_GET_REGS", "KVM_GET_SREGS"] * N
     assert {v.tid for v in report.violations} == {report.facts["saver_tid"]}
     assert report.facts["saver_tid"] not in vcpu.run_tids
+
+
+def _windows(report: ScenarioReport) -> list[list[ExpectedViolation]]:
+    """The violations grouped by the exit they ran after, in order."""
+    by_exit: dict[int, list[ExpectedViolation]] = {}
+    for v in report.violations:
+        by_exit.setdefault(v.pending_since_ns, []).append(v)
+    return [by_exit[k] for k in sorted(by_exit)]
+
+
+def _saves_by(report: ScenarioReport, tid: int) -> list[int]:
+    return [e.ts_ns for e in report.ioctl_log if e.tid == tid and e.name != "KVM_RUN"]
+
+
+def test_save_while_running() -> None:
+    """Every ioctl of each snapshot ran mid-completion; the first was issued while the vCPU
+    was still inside KVM_RUN (before the exit), the others after it returned."""
+    report = run_scenario("save-while-running", N)
+    (vcpu,) = report.vcpus
+    saver = report.facts["saver_tid"]
+    assert vcpu.program == "delayed-out-0x3f8" and vcpu.buggy and saver not in vcpu.run_tids
+    assert len(report.violations) == N * SAVES and report.sanctioned == []
+    assert [v.ioctl for v in report.violations] == list(snapshot.SAVE_IOCTLS) * N
+    for v in report.violations:
+        assert (v.exit_reason, v.kind, v.port, v.direction) == (
+            "KVM_EXIT_IO", "save", guest.SERIAL_PORT, "out")
+        assert (v.tid, v.vcpu_fd, v.vcpu_id) == (saver, vcpu.fd, 0)
+    assert report.exits == {"KVM_EXIT_IO": N, "KVM_EXIT_INTR": N} and report.pending_at_end == []
+    runs = [r for r in report.run_log if not r.immediate_exit]
+    completions = [r for r in report.run_log if r.immediate_exit]
+    windows = _windows(report)
+    assert len(runs) == len(completions) == len(windows) == N
+    for run, completion, window in zip(runs, completions, windows, strict=True):
+        first, *rest = window
+        assert run.outcome == "KVM_EXIT_IO" and run.tid in vcpu.run_tids
+        # Issued while KVM_RUN was in flight, at least SAVE_AFTER_ENTRY_S after it was issued.
+        assert run.ts_ns + SAVE_AFTER_ENTRY_S * 1e9 <= first.ts_ns < first.pending_since_ns
+        assert all(first.pending_since_ns < v.ts_ns for v in rest)
+        # The vCPU thread completed the exit only once the whole snapshot was done.
+        assert window[-1].ts_ns < completion.ts_ns and completion.outcome == "KVM_EXIT_INTR"
+    assert sorted(_saves_by(report, int(saver))) == [v.ts_ns for v in report.violations]
+    facts = report.facts
+    assert facts["queued_ioctls"] >= N and facts["save_ioctls_per_iteration"] == SAVES
+    # The VMM's clocks: each first ioctl blocked until KVM_RUN returned, and returned after it.
+    assert float(facts["run_ms_min"]) > float(facts["save_issued_ms_into_run_min"])
+    assert float(facts["first_save_blocked_ms_min"]) > clock_slack_ns() / 1e6
+    assert float(facts["save_return_after_run_return_us_min"]) > -clock_slack_ns() / 1e3
+    out = guest.delayed_out_loop().instructions[-2]  # KVM leaves RIP at the OUT or past it
+    assert facts["saved_rip"] in (hex(guest.LOAD_ADDR + out.offset),
+                                  hex(guest.LOAD_ADDR + out.offset + len(out.code)))
+    assert float(facts["heartbeat_seen_ms_max"]) < float(facts["run_ms_min"])
+
+
+def test_save_while_running_kicked() -> None:
+    """The kicked KVM_RUN returns -EINTR: the blocked snapshot then runs with nothing owed."""
+    report = run_scenario("save-while-running-kicked", N)
+    (vcpu,) = report.vcpus
+    saver = int(report.facts["saver_tid"])
+    assert vcpu.program == "spin" and not vcpu.buggy and saver not in vcpu.run_tids
+    assert report.violations == [] and report.sanctioned == [] and report.pending_at_end == []
+    # Every KVM_RUN was ended by a kick, none by immediate_exit.
+    assert report.exits == {"KVM_EXIT_INTR": N} and report.completions == 0
+    assert int(report.facts["kicks"]) >= N
+    saves = sorted(_saves_by(report, saver))
+    assert len(saves) == N * SAVES
+    runs = report.run_log
+    for i, run in enumerate(runs):
+        snap = saves[i * SAVES : (i + 1) * SAVES]
+        end = runs[i + 1].ts_ns if i + 1 < len(runs) else report.finished_ns
+        assert run.ts_ns + SAVE_AFTER_ENTRY_S * 1e9 <= snap[0] and snap[-1] < end
+    assert float(report.facts["first_save_blocked_ms_min"]) >= KICK_AFTER_SAVE_S * 1e3 * 0.9
+    assert float(report.facts["save_return_after_run_return_us_min"]) > -clock_slack_ns() / 1e3
+
+
+def test_save_while_running_defaults() -> None:
+    t0 = time.monotonic()
+    for name in sorted(BEHIND_RUN):
+        report = run_scenario(name)
+        assert report.iterations == SAVE_WHILE_RUNNING_ITERATIONS == 3
+    assert time.monotonic() - t0 < 3
+
+
+def test_kicked_needs_the_main_thread() -> None:
+    errors: list[BaseException] = []
+
+    def body() -> None:
+        try:
+            run_scenario("save-while-running-kicked", 1)
+        except VmmError as err:
+            errors.append(err)
+
+    worker = threading.Thread(target=body)
+    worker.start()
+    worker.join(10)
+    assert len(errors) == 1 and "main thread" in str(errors[0])
+
+
+def test_cli_save_while_running(tmp_path: Path) -> None:
+    out = tmp_path / "r.json"
+    done = _cli("save-while-running", "--report", str(out))
+    assert done.returncode == 0, done.stderr
+    report = ScenarioReport.from_json(out.read_text())
+    assert len(report.violations) == SAVE_WHILE_RUNNING_ITERATIONS * SAVES
+    assert {v.tid for v in report.violations} == {report.facts["saver_tid"]}
 
 
 def test_restores() -> None:

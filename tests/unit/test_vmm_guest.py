@@ -17,6 +17,10 @@ from tracer.vmm.report import ScenarioReport, VcpuInfo, sanction_rule, split_exp
 # opcode bytes (after an optional 0x66 / 0x26 prefix) -> immediate/displacement bytes.
 _OPERAND_BYTES = {
     b"\xb8": 2, b"\xb9": 2, b"\xba": 2,  # mov r16, imm16 (imm32 with 0x66)
+    b"\xbb": 2,  # mov bx, imm16
+    b"\x4b": 0,  # dec bx
+    b"\xe2": 1, b"\x75": 1,  # loop rel8 / jnz rel8
+    b"\xff\x06": 2,  # inc word/dword [disp16]
     b"\xb0": 1,  # mov al, imm8
     b"\x8e\xc0": 0,  # mov es, ax
     b"\xee": 0, b"\xef": 0, b"\xec": 0, b"\xed": 0,  # out/in with dx
@@ -65,7 +69,11 @@ LOOP_PROGRAMS = [
 ]
 
 
-@pytest.mark.parametrize("program", [*LOOP_PROGRAMS, guest.sequence()], ids=lambda p: p.name)
+OTHER_PROGRAMS = [guest.sequence(), guest.delayed_out_loop(), guest.delayed_out_loop(delay=3),
+                  guest.spin_forever(), guest.spin_forever(heartbeat=None)]
+
+
+@pytest.mark.parametrize("program", [*LOOP_PROGRAMS, *OTHER_PROGRAMS], ids=lambda p: p.name)
 def test_program_decodes_and_matches_its_listing(program: GuestProgram) -> None:
     decoded = _decode(program.code)
     assert [(i.offset, i.code) for i in program.instructions] == decoded
@@ -100,6 +108,54 @@ def test_known_encodings() -> None:
     assert guest.rdmsr_loop().code == bytes.fromhex("66b978563412 0f32 ebfc")
     assert guest.hlt_loop().code == bytes.fromhex("f4 ebfd")
     assert guest.out_loop(port=0x7E, size=2).code.endswith(bytes.fromhex("ef ebfd"))
+
+
+def _rel8_target(decoded: list[tuple[int, bytes]], offset: int) -> int:
+    code = dict(decoded)[offset]
+    (rel,) = struct.unpack("<b", code[-1:])
+    return offset + len(code) + rel
+
+
+def test_delayed_out_loop() -> None:
+    # mov dx, 0x3f8; mov al, 0x41; head: inc dword [0xf00]; mov bx, 1; outer: mov cx, 0xffff;
+    # inner: loop inner; dec bx; jnz outer; out dx, al; jmp head
+    program = guest.delayed_out_loop()
+    assert program.code == bytes.fromhex(
+        "baf803 b041 66ff06000f bb0100 b9ffff e2fe 4b 75f8 ee ebed")
+    assert guest.OUT_DELAY_ROUNDS == 1 and guest.DELAY_INNER_LOOPS == 0xFFFF
+    decoded = _decode(program.code)
+    offsets = [off for off, _ in decoded]
+    head, bx, outer, inner, dec, jnz, out, jmp = offsets[2:]
+    assert program.loop_head == head and program.loops and program.exits == ("KVM_EXIT_IO",)
+    assert program.heartbeat == guest.HEARTBEAT_ADDR
+    assert dict(decoded)[head] == b"\x66\xff\x06" + struct.pack("<H", guest.HEARTBEAT_ADDR)
+    assert _rel8_target(decoded, jmp) == head  # each KVM_RUN beats, then runs the whole delay
+    assert _rel8_target(decoded, inner) == inner  # loop $ (CX times)
+    assert _rel8_target(decoded, jnz) == outer and bx < outer
+    assert dict(decoded)[out] == b"\xee" and dec < jnz < out < jmp
+    assert (program.port, program.direction) == (guest.SERIAL_PORT, "out")
+    assert guest.delayed_out_loop(port=0x80, delay=0x1234, heartbeat=0xE00).code == (
+        bytes.fromhex("ba8000 b041 66ff06000e bb3412 b9ffff e2fe 4b 75f8 ee ebed"))
+    for bad in (0, 0x10000):
+        with pytest.raises(ValueError):
+            guest.delayed_out_loop(delay=bad)
+
+
+def test_spin_forever() -> None:
+    bare = guest.spin_forever(heartbeat=None)
+    assert bare.code == bytes.fromhex("ebfe")  # jmp $
+    assert bare.exits == () and bare.loops and bare.loop_head == 0 and bare.heartbeat is None
+    beating = guest.spin_forever()
+    # l: inc dword [0xf00]; jmp l
+    assert beating.code == bytes.fromhex("66ff06000f ebf9")
+    assert beating.exits == () and beating.loop_head == 0
+    assert beating.heartbeat == guest.HEARTBEAT_ADDR
+
+
+def test_heartbeat_is_plain_memory() -> None:
+    """Inside the only slot, clear of every program (several vCPUs load at 0x1000 + 0x100 n)."""
+    assert guest.HEARTBEAT_ADDR >= 0x500 and guest.HEARTBEAT_ADDR + 4 <= guest.LOAD_ADDR
+    assert guest.HEARTBEAT_ADDR + 4 <= guest.MEMORY_SIZE
 
 
 def test_program_access_metadata() -> None:

@@ -24,6 +24,9 @@ MEMORY_SIZE: Final = 0x10000
 MMIO_GPA: Final = 0x20000
 SERIAL_PORT: Final = 0x3F8
 PORT_7E: Final = 0x7E
+# A dword the spinning programs increment (inside the memory slot, below every load address),
+# so the VMM can see from its own mapping of guest memory that the guest is running.
+HEARTBEAT_ADDR: Final = 0x0F00
 # An MSR index KVM does not know: with KVM_CAP_X86_USER_SPACE_MSR (reason UNKNOWN) accesses to it
 # exit to userspace. PVM claims 0x4b564d00-ff for itself, so stay clear of those.
 USER_MSR: Final = 0x12345678
@@ -49,6 +52,7 @@ class GuestProgram:
     msr_index: int | None = None
     direction: str | None = None  # of the loop's access: "in"/"out" (PIO), "read"/"write"
     load_addr: int = LOAD_ADDR
+    heartbeat: int | None = None  # GPA of a dword the program increments as it runs
 
     @property
     def code(self) -> bytes:
@@ -132,6 +136,10 @@ class _Asm:
 
     def mov_cx(self, value: int) -> int:
         return self._emit(b"\xb9" + struct.pack("<H", value), f"mov cx, {value:#x}")
+
+    def inc_dword(self, addr: int) -> int:
+        # 66 FF /0 with ModRM 00 000 110: inc dword [disp16] (DS = 0)
+        return self._emit(b"\x66\xff\x06" + struct.pack("<H", addr), f"inc dword [{addr:#x}]")
 
     def dec_bx(self) -> int:
         return self._emit(b"\x4b", "dec bx")  # 48+rw (one-byte form, not REX in 16-bit code)
@@ -255,43 +263,54 @@ def hlt_loop() -> GuestProgram:
 
 # Rounds of the delay loop in :func:`delayed_out_loop`. Real mode runs instruction by instruction
 # in KVM's emulator on this PVM host (no hardware real mode under PVM), about 0.7 us per `loop`:
-# one round of 65535 `loop`s took 43-66 ms per KVM_RUN, so the default of 1 round gives KVM_RUNs
-# of about 45 ms, first run of a vCPU ~60 ms (python -m tracer.vmm save-while-running reports
-# min/max in its facts). On a host with hardware real mode a round takes ~0.1 ms: raise the
-# rounds there (the save-while-running scenario fails loudly if the run is too short).
+# measured here, one round of 65535 `loop`s makes a KVM_RUN (entry to the IO exit) last
+# 42-66 ms, median ~48 ms (a vCPU's first run ~50-60 ms); 2 rounds 85-115 ms. The
+# save-while-running scenario reports each run's length in its facts (run_ms_min/max). On a
+# host with hardware real mode a round takes ~0.1 ms: raise the rounds there (the scenario
+# fails loudly if the snapshot does not start during the run).
 OUT_DELAY_ROUNDS: Final = 1
 DELAY_INNER_LOOPS: Final = 0xFFFF
 
 
 def delayed_out_loop(port: int = SERIAL_PORT, delay: int = OUT_DELAY_ROUNDS,
-                     value: int = 0x41) -> GuestProgram:
-    """A delay loop of ``delay`` rounds of 65535 `loop` iterations, then OUT of ``value`` to
-    ``port``, forever: one KVM_EXIT_IO (direction out) per KVM_RUN, each KVM_RUN spending the
-    whole delay in the guest first (so another thread can act while the vCPU is inside KVM_RUN).
-    """
+                     value: int = 0x41, heartbeat: int = HEARTBEAT_ADDR) -> GuestProgram:
+    """Bump the ``heartbeat`` dword, spend ``delay`` rounds of 65535 `loop` iterations, then
+    OUT of ``value`` to ``port``, forever: one KVM_EXIT_IO (direction out) per KVM_RUN, each
+    KVM_RUN spending the whole delay in the guest first, so another thread can act while the
+    vCPU is inside KVM_RUN (and know it is, from the heartbeat)."""
     if not 1 <= delay <= 0xFFFF:
         raise ValueError(f"delay of {delay} rounds: must be 1..65535")
     a = _Asm()
     a.mov_dx(port)
     a.mov_al(value & 0xFF)
-    head = a.mov_bx(delay)
+    head = a.inc_dword(heartbeat)
+    a.mov_bx(delay)
     outer = a.mov_cx(DELAY_INNER_LOOPS)
     inner = a.pos
     a.loop_short(inner)
     a.dec_bx()
     a.jnz_short(outer)
     a.out_dx(1)
-    return a.loop_program(f"delayed-out-{port:#x}", head, ("KVM_EXIT_IO",),
-                          f"{delay} x {DELAY_INNER_LOOPS} loop iterations, then out dx, al to "
-                          f"port {port:#x}, in a loop", "out", port=port)
+    program = a.loop_program(f"delayed-out-{port:#x}", head, ("KVM_EXIT_IO",),
+                             f"{delay} x {DELAY_INNER_LOOPS} loop iterations, then out dx, al "
+                             f"to port {port:#x}, in a loop", "out", port=port)
+    return dataclasses.replace(program, heartbeat=heartbeat)
 
 
-def spin_forever() -> GuestProgram:
-    """`jmp $` forever: KVM_RUN never exits on its own; only a signal (or immediate_exit) ends
-    it, with -EINTR (KVM_EXIT_INTR) and nothing pending."""
+def spin_forever(heartbeat: int | None = HEARTBEAT_ADDR) -> GuestProgram:
+    """Increment the ``heartbeat`` dword in a tight loop (``None``: a bare `jmp $`), forever:
+    KVM_RUN never exits on its own; only a signal (or immediate_exit) ends it, with -EINTR
+    (KVM_EXIT_INTR) and nothing pending."""
     a = _Asm()
-    head = a.jmp_short(0)
-    return GuestProgram("spin", tuple(a.insns), (), True, head, "jmp $ forever", direction="")
+    if heartbeat is None:
+        head = a.jmp_short(0)
+        return GuestProgram("spin", tuple(a.insns), (), True, head, "jmp $ forever",
+                            direction="")
+    head = a.inc_dword(heartbeat)
+    a.jmp_short(head)
+    return GuestProgram("spin", tuple(a.insns), (), True, head,
+                        f"inc dword [{heartbeat:#x}] forever", direction="",
+                        heartbeat=heartbeat)
 
 
 def sequence(port: int = SERIAL_PORT, gpa: int = MMIO_GPA, msr: int = USER_MSR) -> GuestProgram:

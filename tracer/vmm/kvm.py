@@ -32,6 +32,7 @@ import errno
 import fcntl
 import os
 import struct
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -180,13 +181,21 @@ class QueuedIoctl:
     KVM_RUN holds vcpu->mutex until it returns, so the ioctl normally blocks and runs right
     after that KVM_RUN, against the exit it returned. ``order`` is what the VMM's clocks show:
 
-    - ``after-run``: it returned after the KVM_RUN returned and no later KVM_RUN was issued
-      before it returned; if the run left a completion pending, the ioctl is also recorded
-      in :attr:`Kvm.mid_completion` against that exit;
-    - ``before-run``: it returned before the KVM_RUN did, so it slipped in before KVM_RUN
-      took the mutex (nothing recorded: a scenario relying on the blocking must fail);
+    - ``after-run``: it returned after the KVM_RUN returned (to within the slack below) and
+      no later KVM_RUN was issued before it returned; if the run left a completion pending,
+      the ioctl is also recorded in :attr:`Kvm.mid_completion` against that exit;
+    - ``before-run``: it returned before the KVM_RUN did, by more than :func:`clock_slack_ns`,
+      so it slipped in before KVM_RUN took the mutex (nothing recorded: a scenario relying on
+      the blocking must fail);
     - ``ambiguous``: another KVM_RUN was issued before it returned, which may have completed
       the exit first (nothing recorded).
+
+    The slack: both return times are taken once the thread has the GIL back, and the thread
+    that gets it first is not always the one KVM let go first (the blocked ioctl, handed
+    vcpu->mutex, often returns while the vCPU thread is still on its way out of KVM_RUN, e.g.
+    delivering the signal that kicked it). Seen here: the ioctl's time up to ~120 us below the
+    KVM_RUN's after a signal kick. A slipped ioctl returns while the KVM_RUN still has its whole
+    run ahead, so callers keep that run well above the slack.
     """
 
     ts_ns: int  # just before issuing; equals the LoggedIoctl's ts_ns
@@ -204,6 +213,17 @@ class QueuedIoctl:
     @property
     def blocked_ns(self) -> int:
         return self.returned_ns - self.ts_ns
+
+    @property
+    def after_run_ns(self) -> int:
+        """Its return time minus its KVM_RUN's (negative within the clocks' slack)."""
+        return self.returned_ns - self.run_returned_ns
+
+
+def clock_slack_ns() -> int:
+    """How late a thread may time the return of a blocking call: it first has to get the GIL
+    back, which another thread holds for at most a switch interval before it must let go."""
+    return int(2 * sys.getswitchinterval() * 1e9)
 
 
 # --- libc mmap: no hidden dup() of the vCPU fd ------------------------------------------------
@@ -502,7 +522,7 @@ class Vcpu:
                     raise VmmError(f"{name} issued during KVM_RUN on vCPU {self.vcpu_id}: that "
                                    f"KVM_RUN did not return within {QUEUE_TIMEOUT_S:.0f} s")
                 end = self._run_ends[run_ts]
-                if returned <= end.returned_ns:
+                if returned < end.returned_ns - clock_slack_ns():
                     order = QUEUE_BEFORE_RUN
                 elif run_ts < self._last_run_ns < returned:
                     order = QUEUE_AMBIGUOUS

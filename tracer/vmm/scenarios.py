@@ -10,17 +10,31 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import signal
+import struct
 import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from types import FrameType
 from typing import Final
 
 from tracer import abi
 from tracer.vmm import guest, snapshot
 from tracer.vmm.guest import GuestProgram
-from tracer.vmm.kvm import KVM_EXIT_INTR, Kvm, MmioExit, MsrExit, PioExit, Vcpu, Vm, VmmError
+from tracer.vmm.kvm import (
+    KVM_EXIT_INTR,
+    QUEUE_AFTER_RUN,
+    Kvm,
+    MmioExit,
+    MsrExit,
+    PioExit,
+    QueuedIoctl,
+    Vcpu,
+    Vm,
+    VmmError,
+)
 from tracer.vmm.report import (
     ScenarioReport,
     VcpuInfo,
@@ -328,6 +342,199 @@ def buggy_other_thread(iterations: int = DEFAULT_ITERATIONS) -> ScenarioReport:
         s.close()
 
 
+SAVE_WHILE_RUNNING_ITERATIONS: Final = 3
+# The saver issues its snapshot at least this long after the vCPU thread is about to enter
+# KVM_RUN, and only once the guest's heartbeat moved (so KVM_RUN holds vcpu->mutex): well under
+# the ~45 ms the guest then spends in guest.delayed_out_loop()'s delay loop before its OUT (see
+# guest.OUT_DELAY_ROUNDS), leaving the snapshot ~40 ms to wait for the exit.
+SAVE_AFTER_ENTRY_S: Final = 0.005
+HEARTBEAT_POLL_S: Final = 0.0002
+# The kicked variant signals the vCPU thread this long after the saver started its snapshot, so
+# the snapshot's first ioctl is surely blocked on vcpu->mutex behind the spinning KVM_RUN.
+KICK_AFTER_SAVE_S: Final = 0.02
+KICK_RETRY_S: Final = 1.0
+MAX_KICKS: Final = 5
+KICK_SIGNAL: Final = signal.SIGUSR1
+
+
+def _ignore_kick(signum: int, frame: FrameType | None) -> None:
+    """The kick's handler: nothing to do, the signal only has to end KVM_RUN with -EINTR."""
+
+
+def _save_while_running(name: str, iterations: int, kicked: bool) -> ScenarioReport:
+    """The vCPU thread enters KVM_RUN; another thread, once the guest's heartbeat shows this
+    KVM_RUN is running guest code (so it holds vcpu->mutex), snapshots the vCPU. The snapshot's
+    first ioctl waits for KVM_RUN to return and so runs right after the exit, mid-completion
+    unless the run ended in -EINTR; the vCPU thread leaves the exit pending until the snapshot
+    is done, then completes it with immediate_exit (nothing to complete after -EINTR)."""
+    if kicked and threading.current_thread() is not threading.main_thread():
+        raise VmmError(f"{name} installs a {KICK_SIGNAL.name} handler: run it in the main thread")
+    s = _Session(name, iterations)
+    old_handler = signal.signal(KICK_SIGNAL, _ignore_kick) if kicked else None
+    runner: _Worker | None = None
+    try:
+        program = guest.spin_forever() if kicked else guest.delayed_out_loop()
+        vcpu = s.vcpu(s.vm(), 0, program, buggy=not kicked)
+        entering, run_over, saving, saved = (threading.Event() for _ in range(4))
+        snaps: list[snapshot.Snapshot] = []
+        saver_tids: list[int] = []
+        beat_before = [0]
+        beat_waits: list[float] = []
+        assert program.heartbeat is not None
+        heartbeat_gpa = program.heartbeat
+
+        def beat() -> int:
+            value: int = struct.unpack("<I", vcpu.vm.memory[0].read(heartbeat_gpa, 4))[0]
+            return value
+
+        def vcpu_thread() -> None:
+            for i in range(iterations):
+                beat_before[0] = beat()  # the guest is not running: the count is stable
+                entering.set()  # just before KVM_RUN
+                if kicked:
+                    reason = vcpu.run()
+                    if reason != KVM_EXIT_INTR:
+                        raise VmmError(f"kicked KVM_RUN returned {abi.exit_reason_name(reason)}"
+                                       ", expected -EINTR")
+                else:
+                    _exit(vcpu, program, i)
+                run_over.set()
+                if not saved.wait(THREAD_TIMEOUT_S):
+                    raise VmmError("saver thread never finished")
+                saved.clear()
+                if not kicked:
+                    _complete(vcpu)
+
+        def saver_thread() -> None:
+            saver_tids.append(threading.get_native_id())
+            for _ in range(iterations):
+                if not entering.wait(THREAD_TIMEOUT_S):
+                    raise VmmError("the vCPU thread never entered KVM_RUN")
+                entering.clear()
+                t0 = time.monotonic()
+                time.sleep(SAVE_AFTER_ENTRY_S)
+                # The guest ran this KVM_RUN's code: KVM_RUN has vcpu->mutex, so the snapshot
+                # cannot slip in before it.
+                while beat() == beat_before[0]:
+                    if time.monotonic() - t0 > THREAD_TIMEOUT_S:
+                        raise VmmError("the guest's heartbeat never moved")
+                    time.sleep(HEARTBEAT_POLL_S)
+                beat_waits.append(time.monotonic() - t0)
+                saving.set()
+                snaps.append(snapshot.save(vcpu))  # blocks until KVM_RUN returns
+                saved.set()
+
+        runner, saver = _Worker("vcpu0", vcpu_thread), _Worker("saver", saver_thread)
+        runner.start()
+        saver.start()
+        kicks = 0
+        if kicked:
+            for _ in range(iterations):
+                _wait(saving, "the saver's snapshot", saver)
+                time.sleep(KICK_AFTER_SAVE_S)
+                while True:
+                    if kicks >= MAX_KICKS * iterations or not runner.is_alive():
+                        runner.finish()  # surfaces the vCPU thread's error, if it died
+                        raise VmmError(f"{kicks} kicks did not end KVM_RUN")
+                    assert runner.ident is not None
+                    signal.pthread_kill(runner.ident, KICK_SIGNAL)
+                    kicks += 1
+                    if run_over.wait(KICK_RETRY_S):
+                        break
+                run_over.clear()
+        runner.finish()
+        saver.finish()
+        _check_saves_behind_runs(s, vcpu, kicked, iterations)
+        s.facts.update(saver_tid=saver_tids[0],
+                       save_ioctls_per_iteration=len(snapshot.SAVE_IOCTLS),
+                       heartbeat_seen_ms_max=round(max(beat_waits) * 1e3, 3))
+        if kicked:
+            s.facts["kicks"] = kicks
+        else:
+            # KVM leaves RIP at the OUT until the completion (fast PIO) or, emulating it as
+            # PVM does in real mode, already past it; never inside the delay loop.
+            out = program.instructions[-2]
+            at_exit = {program.load_addr + out.offset + n for n in (0, len(out.code))}
+            rips = [snap.regs.rip for snap in snaps]
+            if not all(rip in at_exit for rip in rips):
+                raise VmmError(f"{s.name}: snapshots saw RIP {[hex(r) for r in rips]}, expected "
+                               f"the guest stopped at its OUT ({sorted(map(hex, at_exit))})")
+            s.facts["saved_rip"] = hex(rips[0])
+        return s.report()
+    finally:
+        stuck = runner is not None and runner.is_alive()
+        if stuck and kicked and runner is not None and runner.ident is not None:
+            # Failed with the guest still spinning: end that KVM_RUN before closing its fd.
+            vcpu.run_page.view[abi.KVM_RUN_LAYOUT.immediate_exit] = 1
+            signal.pthread_kill(runner.ident, KICK_SIGNAL)
+        if old_handler is not None and not stuck:
+            # (A thread still alive may yet get a kick: keep the no-op handler then.)
+            signal.signal(KICK_SIGNAL, old_handler)
+        s.close()
+
+
+def _check_saves_behind_runs(s: _Session, vcpu: Vcpu, kicked: bool, iterations: int) -> None:
+    """From the VMM's own clocks: every iteration's snapshot started while its KVM_RUN was in
+    flight, and every ioctl issued then returned after that KVM_RUN returned (to within
+    kvm.clock_slack_ns(): the heartbeat already rules out a slip, the clocks double-check it);
+    else the expectations would be wrong, so the scenario fails. Timings go to the facts."""
+    kvm = s.kvm
+    runs = [r for r in kvm.run_log if r.fd == vcpu.fd and not r.immediate_exit]
+    want = "KVM_EXIT_INTR" if kicked else "KVM_EXIT_IO"
+    if len(runs) != iterations or any(r.outcome != want for r in runs):
+        raise VmmError(f"{s.name}: KVM_RUN outcomes {[r.outcome for r in runs]}, expected "
+                       f"{iterations} x {want}")
+    wrong = [q for q in kvm.queued_ioctls if q.order != QUEUE_AFTER_RUN]
+    if wrong:
+        q = wrong[0]
+        raise VmmError(f"{s.name}: {len(wrong)} state ioctl(s) issued during KVM_RUN did not run "
+                       f"after it (first: {q.name}, {q.order}, returned "
+                       f"{-q.after_run_ns / 1e3:.0f} us before the run)")
+    firsts: list[QueuedIoctl] = []
+    for i, run in enumerate(runs):
+        behind = [q for q in kvm.queued_ioctls if q.run_ts_ns == run.ts_ns]
+        if not behind:
+            raise VmmError(f"{s.name}: iteration {i}: the snapshot was issued after KVM_RUN "
+                           "returned (the guest's run is too short for the saver's delay)")
+        firsts.append(min(behind, key=lambda q: q.ts_ns))
+    saves = [e for e in kvm.ioctl_log if abi.IOCTL_BY_NAME[e.name].kind is abi.IoctlKind.SAVE
+             and e.ts_ns > runs[0].ts_ns]
+    if len(saves) != iterations * len(snapshot.SAVE_IOCTLS):
+        raise VmmError(f"{s.name}: {len(saves)} save ioctls, expected "
+                       f"{iterations} x {len(snapshot.SAVE_IOCTLS)}")
+    expected = 0 if kicked else len(saves)
+    if len(kvm.mid_completion) != expected:
+        raise VmmError(f"{s.name}: {len(kvm.mid_completion)} mid-completion ioctls recorded, "
+                       f"expected {expected}")
+    ms = 1e6
+    s.facts.update(
+        queued_ioctls=len(kvm.queued_ioctls),
+        run_ms_min=round(min(q.run_returned_ns - q.run_ts_ns for q in firsts) / ms, 3),
+        run_ms_max=round(max(q.run_returned_ns - q.run_ts_ns for q in firsts) / ms, 3),
+        save_issued_ms_into_run_min=round(min(q.ts_ns - q.run_ts_ns for q in firsts) / ms, 3),
+        first_save_blocked_ms_min=round(min(q.blocked_ns for q in firsts) / ms, 3),
+        # Negative: the saver timed its return first (GIL order), within clock_slack_ns().
+        save_return_after_run_return_us_min=round(
+            min(q.after_run_ns for q in kvm.queued_ioctls) / 1e3, 1),
+    )
+
+
+def save_while_running(iterations: int = SAVE_WHILE_RUNNING_ITERATIONS) -> ScenarioReport:
+    """Another thread snapshots the vCPU while it is inside KVM_RUN (guest in a ~45 ms delay
+    loop before an OUT): the snapshot's ioctls block on vcpu->mutex and run right after the IO
+    exit, mid-completion. Every one is a violation, the first of each snapshot entered while the
+    vCPU was still running."""
+    return _save_while_running("save-while-running", iterations, kicked=False)
+
+
+def save_while_running_kicked(iterations: int = SAVE_WHILE_RUNNING_ITERATIONS
+                              ) -> ScenarioReport:
+    """As save-while-running, but the guest spins and the VMM kicks the vCPU thread out of
+    KVM_RUN with SIGUSR1 (-EINTR): the blocked snapshot then runs with nothing pending, so no
+    violations."""
+    return _save_while_running("save-while-running-kicked", iterations, kicked=True)
+
+
 def _restore_mid(name: str, program: GuestProgram, iterations: int) -> ScenarioReport:
     s = _Session(name, iterations)
     try:
@@ -575,6 +782,8 @@ SCENARIOS: Final[dict[str, ScenarioFn]] = {
     "buggy-rdmsr": buggy_rdmsr,
     "buggy-wrmsr": buggy_wrmsr,
     "buggy-other-thread": buggy_other_thread,
+    "save-while-running": save_while_running,
+    "save-while-running-kicked": save_while_running_kicked,
     "restore-mmio": restore_mmio,
     "restore-pio": restore_pio,
     "hlt": hlt,
