@@ -277,3 +277,16 @@ def test_signals_detach_cleanly_and_exit_zero(sig: int, when: str) -> None:
     assert proc.returncode == 0, err
     assert "Traceback" not in err
     assert json.loads(out.splitlines()[-1])["event"] == "stopped"
+
+
+def test_selftest_command_passes_here() -> None:
+    done = subprocess.run([sys.executable, "-m", "tracer", "selftest", "--iterations", "1",
+                           "--log-format", "json"], cwd=REPO, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[-1].startswith("selftest: ") and lines[-1].endswith(" failed")
+    from tracer.selftest import SELFTEST_SCENARIOS
+
+    assert lines[-1] == f"selftest: {len(SELFTEST_SCENARIOS)} passed, 0 failed"
+    assert sum(line.startswith("ok   ") for line in lines) == len(SELFTEST_SCENARIOS)
