@@ -488,20 +488,14 @@ class Vcpu:
             if behind is not None:
                 return self._state_behind_run(behind, name, kind.value, arg, ts, tid)
         if pending is not None and kind in (abi.IoctlKind.SAVE, abi.IoctlKind.RESTORE):
-            self.vm.kvm.mid_completion.append(
-                MidCompletionIoctl(
-                    ts_ns=ts,
-                    tid=tid,
-                    fd=fd,
-                    vm_fd=self.vm.fd,
-                    vcpu_id=self.vcpu_id,
-                    name=name,
-                    kind=kind.value,
-                    pending=pending,
-                    quirk_7e_disabled=self.vm.quirk_7e_disabled,
-                )
-            )
+            self._record_mid_completion(ts, tid, fd, name, kind.value, pending)
         return self._issue(fd, name, arg, ts, tid)
+
+    def _record_mid_completion(self, ts: int, tid: int, fd: int, name: str, kind: str,
+                               pending: PendingExit) -> None:
+        self.vm.kvm.mid_completion.append(MidCompletionIoctl(
+            ts_ns=ts, tid=tid, fd=fd, vm_fd=self.vm.fd, vcpu_id=self.vcpu_id, name=name,
+            kind=kind, pending=pending, quirk_7e_disabled=self.vm.quirk_7e_disabled))
 
     def _state_behind_run(self, run_ts: int, name: str, kind: str,
                           arg: int | ctypes.Structure, ts: int, tid: int) -> int:
@@ -534,19 +528,7 @@ class Vcpu:
         kvm.queued_ioctls.append(QueuedIoctl(ts, returned, tid, fd, self.vcpu_id, name, kind,
                                              run_ts, end.returned_ns, end.outcome, order))
         if order == QUEUE_AFTER_RUN and end.pending is not None:
-            kvm.mid_completion.append(
-                MidCompletionIoctl(
-                    ts_ns=ts,
-                    tid=tid,
-                    fd=fd,
-                    vm_fd=self.vm.fd,
-                    vcpu_id=self.vcpu_id,
-                    name=name,
-                    kind=kind,
-                    pending=end.pending,
-                    quirk_7e_disabled=self.vm.quirk_7e_disabled,
-                )
-            )
+            self._record_mid_completion(ts, tid, fd, name, kind, end.pending)
         return result
 
     def _unqueue(self, run_ts: int) -> None:
