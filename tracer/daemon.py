@@ -99,8 +99,11 @@ class Daemon:
         counters = self.probes.counters()
         lost = counters["events_lost"]
         if lost > self._lost_reported:
+            by_type = {k.removeprefix("lost_"): v for k, v in counters.items()
+                       if k.startswith("lost_") and v}
             self.sink.notice("events_lost", "warning", lost=lost - self._lost_reported,
-                             total=lost, hint="raise ringbuf_pages; alerts may be missing")
+                             total=lost, by_type=by_type,
+                             hint="raise --ringbuf-pages; alerts may be missing")
             self._lost_reported = lost
         full = {k: v for k, v in counters.items() if k.endswith("_map_full") and v}
         if full:

@@ -290,3 +290,40 @@ def test_selftest_command_passes_here() -> None:
 
     assert lines[-1] == f"selftest: {len(SELFTEST_SCENARIOS)} passed, 0 failed"
     assert sum(line.startswith("ok   ") for line in lines) == len(SELFTEST_SCENARIOS)
+
+
+def test_every_event_the_ring_cannot_take_is_counted_and_reported() -> None:
+    """A one-page ring and a daemon frozen (SIGSTOP) while a buggy VMM fires hundreds of
+    violations: what the ring delivered plus what the probes counted as lost is all of them."""
+    d = DaemonProcess("--ringbuf-pages", "1")
+    try:
+        d.proc.send_signal(signal.SIGSTOP)
+        try:
+            report = run_vmm("buggy-io-out", 40)
+        finally:
+            d.proc.send_signal(signal.SIGCONT)
+        lost = d.wait_for(lambda e: e["event"] == "events_lost", timeout_s=15)
+        d.settle()
+        delivered = len(d.for_pid(report.pid, "completion_violation"))
+        assert 0 < delivered < len(report.violations)
+        assert delivered + lost["by_type"]["violation"] == len(report.violations)
+        assert lost["total"] == lost["lost"] == sum(lost["by_type"].values())
+        assert "--ringbuf-pages" in lost["hint"]
+    finally:
+        assert d.stop() == 0
+        d.out.unlink()
+
+
+def test_a_full_vcpu_map_is_reported_and_raises_no_false_alert() -> None:
+    d = DaemonProcess("--max-vcpus", "1")
+    try:
+        report = run_vmm("multi", 2, "--vms", "1", "--vcpus", "3")
+        full = d.wait_for(lambda e: e["event"] == "maps_full", timeout_s=15)
+        assert full["vcpu_map_full"] >= 2
+        d.settle()
+        got = d.for_pid(report.pid, "completion_violation")
+        want = {(v.vcpu_id, v.ioctl, v.tid) for v in report.violations}
+        assert {(e["vcpu_id"], e["ioctl"], e["tid"]) for e in got} <= want
+    finally:
+        assert d.stop() == 0
+        d.out.unlink()
