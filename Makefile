@@ -1,24 +1,28 @@
 # kvm-completion-tracer: every target sets the host up first (scripts/setup-host.sh, idempotent;
-# run as root).  Pass daemon options with ARGS, e.g. `sudo make run ARGS='--trace-exits'`.
+# run as root): `run`, `check` and `selftest` only what the daemon needs, `test` and `lint` also
+# the test tools.  Pass daemon options with ARGS, e.g. `sudo make run ARGS='--trace-exits'`.
 SHELL := /bin/bash
 VENV := .venv
 ARGS ?=
 
-.PHONY: all setup run check selftest lint test
+.PHONY: all setup setup-run run check selftest lint test
 
 all: test
 
 setup:
-	@bash scripts/setup-host.sh
+	@bash scripts/setup-host.sh test
 
-run: setup
+setup-run:
+	@bash scripts/setup-host.sh run
+
+run: setup-run
 	$(VENV)/bin/kvm-completion-tracer run $(ARGS)
 
-# The daemon's preflight: reports what the host lacks, loads nothing.
-check: setup
+# The daemon's preflight: what the host lacks and how to fix it, then a trial load.
+check: setup-run
 	$(VENV)/bin/kvm-completion-tracer check $(ARGS)
 
-selftest: setup
+selftest: setup-run
 	$(VENV)/bin/kvm-completion-tracer selftest $(ARGS)
 
 lint: setup

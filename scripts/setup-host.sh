@@ -9,8 +9,16 @@
 #   4. .venv from Debian's /usr/bin/python3 with --system-site-packages (bcc is only there)
 #   5. pip install -e '.[dev]' into .venv (skipped while a stamp is newer than pyproject.toml)
 #
+# Usage: setup-host.sh [run|test]  (default test). `run` sets up only what the daemon needs on a
+# hypervisor host; `test` adds the compiler, QEMU, Prometheus, bpftrace and the dev tools.
 # Environment: SETUP_HOST_SKIP_APT=1 skips step 1 (for hosts managed otherwise).
 set -euo pipefail
+
+mode="${1:-test}"
+case "$mode" in
+    run|test) ;;
+    *) echo "setup-host: error: unknown mode '$mode' (expected run or test)" >&2; exit 2 ;;
+esac
 
 me="setup-host"
 die() { echo "$me: error: $*" >&2; exit 1; }
@@ -27,12 +35,20 @@ kver="$(uname -r)"
 kpkg="linux-headers-$kver"
 system_python=/usr/bin/python3
 venv="$repo/.venv"
-stamp="$venv/.kvm-completion-tracer-installed"
+stamp="$venv/.kvm-completion-tracer-installed-$mode"
 
-base_packages=(
-    python3-bpfcc python3-venv gcc libc6-dev linux-libc-dev make
-    qemu-system-x86 prometheus prometheus-alertmanager bpftrace
-)
+base_packages=(python3-bpfcc python3-venv)
+if [[ "$mode" == test ]]; then
+    base_packages+=(
+        gcc libc6-dev linux-libc-dev make util-linux
+        qemu-system-x86 prometheus prometheus-alertmanager bpftrace
+    )
+    pip_target="$repo[dev]"
+    pip_shown="'.[dev]'"
+else
+    pip_target="$repo"
+    pip_shown="."
+fi
 
 is_installed() {
     [[ "$(dpkg-query -W -f='${db:Status-Status}' "$1" 2>/dev/null || true)" == "installed" ]]
@@ -144,9 +160,10 @@ fi
 if [[ ! -e "$stamp" || "$repo/pyproject.toml" -nt "$stamp" ]] \
     || ! "$venv/bin/python" -c 'import importlib.metadata as m; m.version("kvm-completion-tracer")' \
         >/dev/null 2>&1; then
-    info "pip install -e '.[dev]'"
+    info "pip install -e $pip_shown"
     PIP_ROOT_USER_ACTION=ignore PIP_DISABLE_PIP_VERSION_CHECK=1 \
-        "$venv/bin/python" -m pip install -q -e "$repo[dev]" || die "pip install -e '.[dev]' failed"
+        "$venv/bin/python" -m pip install -q -e "$pip_target" \
+        || die "pip install -e $pip_shown failed"
     touch "$stamp"
 fi
 
