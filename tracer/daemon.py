@@ -124,6 +124,22 @@ class Daemon:
         self.probes.poll(0)  # drain what is already in the ring
         self.tracker.tick()
 
+    def summary(self) -> dict[str, object]:
+        """What this run saw, for the ``stopped`` line."""
+        counters = self.probes.counters()
+        stats = self.tracker.stats
+        return {
+            "userspace_exits": counters["userspace_exits"],
+            "pending_exits": counters["pending_exits"],
+            "completions": {"reentry": counters["completions_reentry"],
+                            "immediate_exit": counters["completions_immediate_exit"]},
+            "guest_exits": sum(self.probes.guest_exit_counts().values()),
+            "violations": sum(stats.violations.values()),
+            "sanctioned": sum(stats.sanctioned.values()),
+            "snapshots": sum(stats.snapshots.values()),
+            "events_lost": counters["events_lost"],
+        }
+
     def close(self) -> None:
         self.probes.close()
 
@@ -146,7 +162,7 @@ def run(options: DaemonOptions) -> int:
         if not stop.is_set():
             daemon.start()
             daemon.run_forever()
-        daemon.sink.notice("stopped", "info", reason="signal")
+        daemon.sink.notice("stopped", "info", reason="signal", **daemon.summary())
     finally:
         daemon.close()
     return 0

@@ -10,6 +10,7 @@ import contextlib
 import ctypes
 import os
 import sys
+import sysconfig
 import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -53,9 +54,10 @@ class ProbeConfig:
 def bpf_source() -> Path:
     """``bpf/completion.c`` in a source checkout, else where ``pip install`` put it."""
     here = Path(__file__).resolve().parent
-    for candidate in (here.parent / "bpf" / BPF_SOURCE_NAME,
-                      Path(sys.prefix) / "share" / "kvm-completion-tracer" / "bpf" /
-                      BPF_SOURCE_NAME):
+    shared = Path("share") / "kvm-completion-tracer" / "bpf" / BPF_SOURCE_NAME
+    # A wheel's data files land in sys.prefix, or under /usr/local for Debian's system pip.
+    for candidate in (here.parent / "bpf" / BPF_SOURCE_NAME, Path(sys.prefix) / shared,
+                      Path(sysconfig.get_path("data")) / shared):
         if candidate.is_file():
             return candidate
     raise ProbeError(f"BPF source {BPF_SOURCE_NAME} not found next to the package or under "
@@ -154,7 +156,6 @@ class Probes:
                 failure = None
         if failure is not None:
             raise ProbeError(_explain_load_failure(failure, diagnostics.text())) from None
-        self.compiler_warnings = diagnostics.text()
         self._ring_open = False
         self._closed = False
         self._next_adopted_uid = ADOPTED_UID_BASE
@@ -261,9 +262,6 @@ class Probes:
     def tracked_fds(self, pid: int) -> dict[int, int]:
         """fd -> vcpu uid for one process, as the probes see it."""
         return {k.fd: v.vcpu_uid for k, v in self._bpf[b"vcpu_fds"].items() if k.tgid == pid}
-
-    def tracked_pids(self) -> set[int]:
-        return {int(k.value) for k in self._bpf[b"procs"]}
 
     def vcpu_states(self) -> list[dict[str, int]]:
         out = []
