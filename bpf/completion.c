@@ -16,9 +16,11 @@
 //  - sched:sched_process_exit (group_dead where the kernel has it), sched:sched_process_exec.
 //  - struct kvm_run (UAPI): immediate_exit at 1, exit union at 32, read from the VMM's own
 //    mapping with bpf_probe_read_user in the vCPU thread.
-// Constants come from tracer/abi.py as -D flags: KVM_RUN_NR, KVM_CREATE_VCPU_NR,
-// KVM_ENABLE_CAP_NR, KVM_CAP_DISABLE_QUIRKS_NR, KVM_CAP_DISABLE_QUIRKS2_NR, KVMIO_TYPE,
-// ACCESS_BYTES, MAX_EXIT_REASON; map sizes as MAX_VCPUS, MAX_VCPU_FDS, MAX_THREADS,
+// Constants come from tracer/abi.py (checked against <linux/kvm.h>) as -D flags: KVM_RUN_NR,
+// KVM_CREATE_VCPU_NR, KVM_ENABLE_CAP_NR, KVM_CAP_DISABLE_QUIRKS_NR, KVM_CAP_DISABLE_QUIRKS2_NR,
+// QUIRK_OUT_7E_INC_RIP, KVMIO_TYPE, KVM_RUN_IMMEDIATE_EXIT_OFF, KVM_RUN_UNION_OFF, ACCESS_BYTES,
+// MAX_EXIT_REASON; F_DUPFD_NR, F_DUPFD_CLOEXEC_NR from Python's fcntl module; map sizes as
+// MAX_VCPUS, MAX_VCPU_FDS, MAX_THREADS,
 // MAX_PROCS, MAX_GUEST_EXIT_KEYS, RINGBUF_PAGES; HAVE_GROUP_DEAD, TRACE_EXITS optional.
 
 #include <uapi/linux/ptrace.h>
@@ -197,8 +199,8 @@ static __always_inline void fill_vcpu(struct event *ev, u64 uid, struct vcpu_sta
 // VMM has not touched the page yet (no fault-in from BPF): the alert then lacks the access.
 static __always_inline void read_access(struct event *ev, struct vcpu_state *st)
 {
-    if (st->run_addr &&
-        bpf_probe_read_user(ev->access, ACCESS_BYTES, (void *)(st->run_addr + 32)) == 0)
+    void *exit_union = (void *)(st->run_addr + KVM_RUN_UNION_OFF);
+    if (st->run_addr && bpf_probe_read_user(ev->access, ACCESS_BYTES, exit_union) == 0)
         ev->flags |= EV_F_ACCESS_VALID;
     else
         count(C_ACCESS_READ_FAILED);
@@ -207,8 +209,7 @@ static __always_inline void read_access(struct event *ev, struct vcpu_state *st)
 static __always_inline u32 quirk_flags(u32 tgid)
 {
     struct proc_state *p = procs.lookup(&tgid);
-    // KVM_X86_QUIRK_OUT_7E_INC_RIP is bit 3 (arch/x86/include/uapi/asm/kvm.h).
-    return (p && (p->quirks_disabled & (1ULL << 3))) ? EV_F_QUIRK_7E_DISABLED : 0;
+    return (p && (p->quirks_disabled & QUIRK_OUT_7E_INC_RIP)) ? EV_F_QUIRK_7E_DISABLED : 0;
 }
 
 static __always_inline void report_violation(u32 tgid, u32 tid, s32 fd, u32 cmd, u64 uid,
@@ -288,7 +289,8 @@ static __always_inline void on_run_enter(u32 tgid, u32 tid, s32 fd, u64 uid,
         // KVM completes the pending operation at the top of KVM_RUN; immediate_exit (kvm_run
         // offset 1) tells whether the guest may run afterwards.
         if (st->run_addr)
-            bpf_probe_read_user(&immediate, 1, (void *)(st->run_addr + 1));
+            bpf_probe_read_user(&immediate, 1,
+                                (void *)(st->run_addr + KVM_RUN_IMMEDIATE_EXIT_OFF));
         count(immediate ? C_COMPLETIONS_IMMEDIATE : C_COMPLETIONS);
         if (st->window_reports) {
             struct event *ev = new_event(EV_WINDOW_CLOSED, tgid, tid);
@@ -552,23 +554,56 @@ static __always_inline void dup_exit(long ret)
     emit_simple(EV_VCPU_FD_DUP, tgid, tid, (s32)ret, copy.vcpu_id, copy.vcpu_uid, fk.fd);
 }
 
-TRACEPOINT_PROBE(syscalls, sys_enter_dup) { dup_enter((s32)args->fildes, -1); return 0; }
-TRACEPOINT_PROBE(syscalls, sys_exit_dup) { dup_exit(args->ret); return 0; }
-TRACEPOINT_PROBE(syscalls, sys_enter_dup2) { dup_enter((s32)args->oldfd, (s32)args->newfd); return 0; }
-TRACEPOINT_PROBE(syscalls, sys_exit_dup2) { dup_exit(args->ret); return 0; }
-TRACEPOINT_PROBE(syscalls, sys_enter_dup3) { dup_enter((s32)args->oldfd, (s32)args->newfd); return 0; }
-TRACEPOINT_PROBE(syscalls, sys_exit_dup3) { dup_exit(args->ret); return 0; }
+TRACEPOINT_PROBE(syscalls, sys_enter_dup)
+{
+    dup_enter((s32)args->fildes, -1);
+    return 0;
+}
+
+TRACEPOINT_PROBE(syscalls, sys_exit_dup)
+{
+    dup_exit(args->ret);
+    return 0;
+}
+
+TRACEPOINT_PROBE(syscalls, sys_enter_dup2)
+{
+    dup_enter((s32)args->oldfd, (s32)args->newfd);
+    return 0;
+}
+
+TRACEPOINT_PROBE(syscalls, sys_exit_dup2)
+{
+    dup_exit(args->ret);
+    return 0;
+}
+
+TRACEPOINT_PROBE(syscalls, sys_enter_dup3)
+{
+    dup_enter((s32)args->oldfd, (s32)args->newfd);
+    return 0;
+}
+
+TRACEPOINT_PROBE(syscalls, sys_exit_dup3)
+{
+    dup_exit(args->ret);
+    return 0;
+}
 
 TRACEPOINT_PROBE(syscalls, sys_enter_fcntl)
 {
     u32 cmd = (u32)args->cmd;
-    // F_DUPFD (0) and F_DUPFD_CLOEXEC (1030) duplicate; every other fcntl leaves here.
-    if (cmd == 0 || cmd == 1030)
+    // F_DUPFD and F_DUPFD_CLOEXEC duplicate; every other fcntl leaves here.
+    if (cmd == F_DUPFD_NR || cmd == F_DUPFD_CLOEXEC_NR)
         dup_enter((s32)args->fd, -1);
     return 0;
 }
 
-TRACEPOINT_PROBE(syscalls, sys_exit_fcntl) { dup_exit(args->ret); return 0; }
+TRACEPOINT_PROBE(syscalls, sys_exit_fcntl)
+{
+    dup_exit(args->ret);
+    return 0;
+}
 
 TRACEPOINT_PROBE(syscalls, sys_enter_close)
 {

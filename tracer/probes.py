@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import fcntl
 import os
 import sys
 import sysconfig
@@ -89,6 +90,11 @@ def cflags(config: ProbeConfig) -> list[str]:
         "KVM_ENABLE_CAP_NR": f"{abi.KVM_ENABLE_CAP:#x}u",
         "KVM_CAP_DISABLE_QUIRKS_NR": abi.KVM_CAP_DISABLE_QUIRKS,
         "KVM_CAP_DISABLE_QUIRKS2_NR": abi.KVM_CAP_DISABLE_QUIRKS2,
+        "QUIRK_OUT_7E_INC_RIP": f"{abi.KVM_X86_QUIRK_OUT_7E_INC_RIP:#x}ULL",
+        "KVM_RUN_IMMEDIATE_EXIT_OFF": abi.KVM_RUN_LAYOUT.immediate_exit,
+        "KVM_RUN_UNION_OFF": abi.KVM_RUN_LAYOUT.exit_union,
+        "F_DUPFD_NR": fcntl.F_DUPFD,
+        "F_DUPFD_CLOEXEC_NR": fcntl.F_DUPFD_CLOEXEC,
         "ACCESS_BYTES": abi.ACCESS_BYTES,
         "MAX_EXIT_REASON": abi.MAX_EXIT_REASON,
         "MAX_VCPUS": config.max_vcpus,
