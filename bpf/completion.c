@@ -554,41 +554,22 @@ static __always_inline void dup_exit(long ret)
     emit_simple(EV_VCPU_FD_DUP, tgid, tid, (s32)ret, copy.vcpu_id, copy.vcpu_uid, fk.fd);
 }
 
-TRACEPOINT_PROBE(syscalls, sys_enter_dup)
-{
-    dup_enter((s32)args->fildes, -1);
-    return 0;
-}
+// dup, dup2 and dup3 differ only in where their fds are: one enter/exit pair each.
+#define DUP_PROBES(call, oldfd, newfd)                                                         \
+    TRACEPOINT_PROBE(syscalls, sys_enter_##call)                                               \
+    {                                                                                          \
+        dup_enter(oldfd, newfd);                                                               \
+        return 0;                                                                              \
+    }                                                                                          \
+    TRACEPOINT_PROBE(syscalls, sys_exit_##call)                                                \
+    {                                                                                          \
+        dup_exit(args->ret);                                                                   \
+        return 0;                                                                              \
+    }
 
-TRACEPOINT_PROBE(syscalls, sys_exit_dup)
-{
-    dup_exit(args->ret);
-    return 0;
-}
-
-TRACEPOINT_PROBE(syscalls, sys_enter_dup2)
-{
-    dup_enter((s32)args->oldfd, (s32)args->newfd);
-    return 0;
-}
-
-TRACEPOINT_PROBE(syscalls, sys_exit_dup2)
-{
-    dup_exit(args->ret);
-    return 0;
-}
-
-TRACEPOINT_PROBE(syscalls, sys_enter_dup3)
-{
-    dup_enter((s32)args->oldfd, (s32)args->newfd);
-    return 0;
-}
-
-TRACEPOINT_PROBE(syscalls, sys_exit_dup3)
-{
-    dup_exit(args->ret);
-    return 0;
-}
+DUP_PROBES(dup, (s32)args->fildes, -1)
+DUP_PROBES(dup2, (s32)args->oldfd, (s32)args->newfd)
+DUP_PROBES(dup3, (s32)args->oldfd, (s32)args->newfd)
 
 TRACEPOINT_PROBE(syscalls, sys_enter_fcntl)
 {
