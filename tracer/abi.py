@@ -191,6 +191,12 @@ KVM_ENABLE_CAP: Final = IOCTL_BY_NAME["KVM_ENABLE_CAP"].number
 KVM_CAP_DISABLE_QUIRKS: Final = 116
 KVM_CAP_DISABLE_QUIRKS2: Final = 213
 KVM_X86_QUIRK_OUT_7E_INC_RIP: Final = 1 << 3
+# What the built-in VMM needs besides the ioctls.
+KVM_API_VERSION: Final = 12
+KVM_CAP_X86_USER_SPACE_MSR: Final = 188
+KVM_MSR_EXIT_REASON_INVAL: Final = 1 << 0
+KVM_MSR_EXIT_REASON_UNKNOWN: Final = 1 << 1
+KVM_MSR_EXIT_REASON_FILTER: Final = 1 << 2
 
 
 def ioctl_name(number: int) -> str:

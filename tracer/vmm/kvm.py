@@ -41,11 +41,12 @@ from typing import Final, NamedTuple, TypeVar
 from tracer import abi
 from tracer.vmm import structs
 
-KVM_API_VERSION: Final = 12
-KVM_CAP_X86_USER_SPACE_MSR: Final = 188
-KVM_MSR_EXIT_REASON_INVAL: Final = 1 << 0
-KVM_MSR_EXIT_REASON_UNKNOWN: Final = 1 << 1
-KVM_MSR_EXIT_REASON_FILTER: Final = 1 << 2
+# ABI numbers live in tracer.abi, where the header test checks them.
+KVM_API_VERSION: Final = abi.KVM_API_VERSION
+KVM_CAP_X86_USER_SPACE_MSR: Final = abi.KVM_CAP_X86_USER_SPACE_MSR
+KVM_MSR_EXIT_REASON_INVAL: Final = abi.KVM_MSR_EXIT_REASON_INVAL
+KVM_MSR_EXIT_REASON_UNKNOWN: Final = abi.KVM_MSR_EXIT_REASON_UNKNOWN
+KVM_MSR_EXIT_REASON_FILTER: Final = abi.KVM_MSR_EXIT_REASON_FILTER
 # Three pages KVM reserves for the real-mode TSS on VMX without unrestricted guest; kept below
 # 2 GiB because fcntl.ioctl passes integer arguments as a C int.
 TSS_ADDR: Final = 0x7FFF_D000
