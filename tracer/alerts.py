@@ -67,29 +67,6 @@ class AlertSink(Protocol):
     def notice(self, event: str, level: str, **fields: Any) -> None: ...
 
 
-class MultiSink:
-    """Fan one alert out to several sinks (logs now, metrics later)."""
-
-    def __init__(self, *sinks: AlertSink) -> None:
-        self.sinks = list(sinks)
-
-    def violation(self, alert: ViolationAlert) -> None:
-        for sink in self.sinks:
-            sink.violation(alert)
-
-    def sanctioned(self, alert: ViolationAlert) -> None:
-        for sink in self.sinks:
-            sink.sanctioned(alert)
-
-    def snapshot(self, alert: SnapshotAlert) -> None:
-        for sink in self.sinks:
-            sink.snapshot(alert)
-
-    def notice(self, event: str, level: str, **fields: Any) -> None:
-        for sink in self.sinks:
-            sink.notice(event, level, **fields)
-
-
 @dataclass
 class MemorySink:
     """Keeps everything in memory: selftest and tests."""

@@ -40,11 +40,6 @@ class EventFlag(enum.IntFlag):
     IMMEDIATE_EXIT = 8  # the re-entry had kvm_run->immediate_exit set
 
 
-class CompletionPath(enum.Enum):
-    IMMEDIATE_EXIT = "immediate_exit"
-    REENTRY = "reentry"
-
-
 # struct event: u32 type, tgid, tid, vcpu_id; s32 fd; u32 cmd, exit_reason, flags;
 # u64 seq, pending_since_ns, ts_ns; s64 aux; u64 vcpu_uid; u8 access[24]; char comm[16]
 EVENT_STRUCT: Final = struct.Struct("<IIIIiIIIQQQqQ24s16s")

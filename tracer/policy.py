@@ -10,8 +10,8 @@ from __future__ import annotations
 import enum
 import platform
 import tomllib
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field, replace
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
 
@@ -277,7 +277,3 @@ def describe(policy: CompletionPolicy) -> dict[str, object]:
         "pending_exits": sorted(abi.exit_reason_name(n) for n in policy.pending_exits),
         "sanctions": sorted(s.value for s in policy.sanctions),
     }
-
-
-def with_sanctions(policy: CompletionPolicy, sanctions: Iterable[Sanction]) -> CompletionPolicy:
-    return replace(policy, sanctions=frozenset(sanctions))
