@@ -103,12 +103,11 @@ def check_headers(release: str | None = None, modules: Path = Path("/lib/modules
 
 
 def check_bcc() -> CheckResult:
-    try:
-        import bcc  # noqa: F401  (only probing availability; tracer.probes owns bcc)
-    except ImportError as err:
-        return CheckResult("bcc", False, f"cannot import bcc: {err}",
-                           "apt-get install python3-bpfcc and use /usr/bin/python3 (or a venv "
-                           "made with --system-site-packages)")
+    from tracer.probes import BCC_FIX, bcc_import_error  # tracer.probes owns bcc
+
+    missing = bcc_import_error()
+    if missing is not None:
+        return CheckResult("bcc", False, f"cannot import bcc: {missing}", BCC_FIX)
     return CheckResult("bcc", True, "python3-bpfcc importable")
 
 

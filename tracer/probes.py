@@ -140,17 +140,29 @@ EXPECTED_PROBES: Final = (
 )
 
 
+BCC_FIX: Final = ("apt-get install python3-bpfcc and use /usr/bin/python3 (or a venv made "
+                  "with --system-site-packages)")
+
+
+def bcc_import_error() -> str | None:
+    """Why bcc cannot be imported, or None when it can (imported lazily: tests and the
+    preflight run without it)."""
+    try:
+        import bcc  # noqa: F401  (the project's one bcc import site, with Probes below)
+    except ImportError as err:
+        return str(err)
+    return None
+
+
 class Probes:
     """Loaded and attached BPF programs; :meth:`close` detaches them."""
 
     def __init__(self, policy: CompletionPolicy, config: ProbeConfig | None = None) -> None:
         self.config = config or ProbeConfig()
-        try:
-            from bcc import BPF  # the one bcc import of the project
-        except ImportError as err:
-            raise ProbeError(f"cannot import bcc ({err}): install Debian's python3-bpfcc and run "
-                             "under /usr/bin/python3 or a venv made with "
-                             "--system-site-packages") from None
+        missing = bcc_import_error()
+        if missing is not None:
+            raise ProbeError(f"cannot import bcc ({missing}): {BCC_FIX}")
+        from bcc import BPF
         source, self.skipped = _without_missing_kvm_tracepoints(bpf_source().read_text())
         with _captured_stderr() as diagnostics:
             try:
