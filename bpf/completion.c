@@ -102,7 +102,7 @@ struct fd_key {
 struct fd_val {
     u64 vcpu_uid;  // key of `vcpus`; unique per KVM_CREATE_VCPU, never reused
     u32 vcpu_id;
-    s32 vm_fd;
+    u32 pad;
 };
 
 struct vcpu_state {
@@ -118,16 +118,15 @@ struct vcpu_state {
     u32 window_reports; // violations reported in the current window
 };
 
+// One per process that has vCPUs or disabled quirks: only its exit, exec or close_range is
+// worth an event; its bits are the quirks the VMM turned off.
 struct proc_state {
     u64 quirks_disabled;  // KVM_X86_QUIRK_* bits the process disabled on a VM fd
-    u32 vcpus;
-    u32 pad;
 };
 
 struct inflight {
     u32 op;       // enum inflight_op
     s32 fd;       // vm fd (create), vCPU fd (state ioctl), old fd (dup)
-    s32 fd2;      // dup2/dup3 target, -1 otherwise
     u32 cmd;
     u64 vcpu_uid;
     u64 seq;      // window id when a state ioctl entered while the vCPU ran
@@ -271,9 +270,6 @@ static __always_inline void forget_fd(u32 tgid, u32 tid, struct fd_key *key)
             left = st->fd_refs;
         } else {
             vcpus.delete(&uid);
-            struct proc_state *p = procs.lookup(&tgid);
-            if (p && p->vcpus > 0)
-                p->vcpus--;
         }
     }
     emit_simple(EV_VCPU_FD_CLOSED, tgid, tid, key->fd, vcpu_id, uid, left);
@@ -405,7 +401,7 @@ TRACEPOINT_PROBE(syscalls, sys_enter_ioctl)
     struct fd_val *fv = vcpu_fds.lookup(&fk);
     if (!fv) {
         if (cmd == KVM_CREATE_VCPU_NR) {
-            struct inflight inf = {.op = OP_CREATE_VCPU, .fd = fk.fd, .fd2 = -1,
+            struct inflight inf = {.op = OP_CREATE_VCPU, .fd = fk.fd,
                                    .vcpu_id = (u32)args->arg};
             stash(tid, &inf);
             return 0;
@@ -439,7 +435,7 @@ TRACEPOINT_PROBE(syscalls, sys_enter_ioctl)
         return 0;
     }
     if (state == VCPU_RUNNING) {
-        struct inflight inf = {.op = OP_STATE_WHILE_RUNNING, .fd = fk.fd, .fd2 = -1,
+        struct inflight inf = {.op = OP_STATE_WHILE_RUNNING, .fd = fk.fd,
                                .cmd = cmd, .vcpu_uid = uid, .seq = st->seq,
                                .vcpu_id = st->vcpu_id};
         stash(tid, &inf);
@@ -467,7 +463,7 @@ static __always_inline void on_vcpu_created(u32 tgid, u32 tid, struct inflight *
     u64 uid = __sync_fetch_and_add(next, 1) + 1;
     struct fd_key fk = {.tgid = tgid, .fd = fd};
     forget_fd(tgid, tid, &fk);  // a stale entry (missed close) must not keep a vCPU alive
-    struct fd_val fv = {.vcpu_uid = uid, .vcpu_id = inf->vcpu_id, .vm_fd = inf->fd};
+    struct fd_val fv = {.vcpu_uid = uid, .vcpu_id = inf->vcpu_id};
     if (vcpu_fds.update(&fk, &fv)) {
         count(C_FD_MAP_FULL);
         return;
@@ -481,9 +477,7 @@ static __always_inline void on_vcpu_created(u32 tgid, u32 tid, struct inflight *
         vcpu_fds.delete(&fk);
         return;
     }
-    struct proc_state *p = proc_get(tgid);
-    if (p)
-        p->vcpus++;
+    proc_get(tgid);
     emit_simple(EV_VCPU_CREATED, tgid, tid, fd, inf->vcpu_id, uid, inf->fd);
 }
 
@@ -520,7 +514,7 @@ static __always_inline void dup_enter(s32 oldfd, s32 newfd)
     // Only vCPU fds matter: as source, or as a dup2 target that gets closed.
     if (!vcpu_fds.lookup(&fk) && (newfd < 0 || !vcpu_fds.lookup(&nk)))
         return;
-    struct inflight inf = {.op = OP_DUP, .fd = oldfd, .fd2 = newfd};
+    struct inflight inf = {.op = OP_DUP, .fd = oldfd};
     stash((u32)id, &inf);
 }
 
@@ -615,7 +609,7 @@ TRACEPOINT_PROBE(syscalls, sys_enter_mmap)
     struct fd_val *fv = vcpu_fds.lookup(&fk);
     if (!fv)
         return 0;
-    struct inflight inf = {.op = OP_MMAP, .fd = fd, .fd2 = -1, .vcpu_uid = fv->vcpu_uid};
+    struct inflight inf = {.op = OP_MMAP, .fd = fd, .vcpu_uid = fv->vcpu_uid};
     stash((u32)id, &inf);
     return 0;
 }

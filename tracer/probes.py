@@ -235,12 +235,11 @@ class Probes:
             existing = vcpus[ctypes.c_uint64(uid)]
             existing.fd_refs += 1
             vcpus[ctypes.c_uint64(uid)] = existing
-        fds[key] = fds.Leaf(uid, vcpu_id, -1)
+        fds[key] = fds.Leaf(uid, vcpu_id, 0)
         procs = self._bpf[b"procs"]
         pkey = procs.Key(pid)
-        proc = procs.get(pkey) or procs.Leaf()
-        proc.vcpus += 1
-        procs[pkey] = proc
+        if procs.get(pkey) is None:  # its exit must be reported so its entries get dropped
+            procs[pkey] = procs.Leaf()
         return uid
 
     def forget_process(self, pid: int, uids: set[int]) -> int:
