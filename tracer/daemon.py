@@ -6,7 +6,6 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
@@ -53,7 +52,8 @@ class DaemonOptions:
 class Daemon:
     """Probes -> events -> tracker -> sinks, driven from one thread."""
 
-    def __init__(self, options: DaemonOptions, sink: AlertSink | None = None) -> None:
+    def __init__(self, options: DaemonOptions, sink: AlertSink | None = None,
+                 stop: threading.Event | None = None) -> None:
         self.options = options
         self.sink: AlertSink = sink or LogSink()
         self.probes = Probes(options.policy, options.probe_config)
@@ -65,7 +65,7 @@ class Daemon:
             raise ProbeError(f"probes not attached: {', '.join(missing)}; run "
                              "'kvm-completion-tracer check'")
         self.probes.on_event(self._on_raw_event)
-        self.stop_requested = threading.Event()
+        self.stop_requested = stop or threading.Event()
         self._lost_reported = 0
 
     def _on_raw_event(self, raw: bytes) -> None:
@@ -109,10 +109,9 @@ class Daemon:
         if full:
             self.sink.notice("maps_full", "warning", **full)
 
-    def run_forever(self, should_stop: Callable[[], bool] | None = None) -> None:
-        stop = should_stop or self.stop_requested.is_set
+    def run_forever(self) -> None:
         next_sweep = next_loss = time.monotonic()
-        while not stop():
+        while not self.stop_requested.is_set():
             self.poll_once()
             now = time.monotonic()
             if now >= next_sweep:
@@ -156,8 +155,7 @@ def run(options: DaemonOptions) -> int:
     signal.signal(signal.SIGTERM, _stop)
     LogSink().notice("starting", "info", version=__version__, pid=os.getpid(),
                      step="compiling and attaching the probes")
-    daemon = Daemon(options)
-    daemon.stop_requested = stop
+    daemon = Daemon(options, stop=stop)
     try:
         if not stop.is_set():
             daemon.start()
