@@ -133,6 +133,7 @@ class Daemon:
             "completions": {"reentry": counters["completions_reentry"],
                             "immediate_exit": counters["completions_immediate_exit"]},
             "guest_exits": sum(self.probes.guest_exit_counts().values()),
+            "guest_entries": sum(self.probes.guest_entry_counts().values()),
             "violations": sum(stats.violations.values()),
             "sanctioned": sum(stats.sanctioned.values()),
             "snapshots": sum(stats.snapshots.values()),

@@ -304,6 +304,11 @@ class Probes:
         return {(k.tgid, k.vcpu_id, k.isa, k.reason): int(v.value)
                 for k, v in self._bpf[b"guest_exits"].items()}
 
+    def guest_entry_counts(self) -> dict[tuple[int, int], int]:
+        """kvm_entry per (pid, vcpu_id): a vCPU that entered the guest at least once."""
+        return {(k.tgid, k.vcpu_id): int(v.value)
+                for k, v in self._bpf[b"guest_entries"].items()}
+
     def close(self) -> None:
         if not self._closed:
             self._closed = True
