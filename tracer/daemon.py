@@ -41,6 +41,9 @@ class SystemProcView:
     def start_time(self, pid: int) -> int | None:
         return vmident.process_start_time(pid, self.proc_root)
 
+    def alive(self, pid: int, start_time: int) -> bool:
+        return vmident.process_alive(pid, start_time, self.proc_root)
+
 
 @dataclass
 class DaemonOptions:

@@ -50,6 +50,9 @@ class ProcView(Protocol):
     def start_time(self, pid: int) -> int | None:
         """The process's start time (clock ticks since boot), None once it is gone."""
 
+    def alive(self, pid: int, start_time: int) -> bool:
+        """Whether ``pid`` is still the process that started at ``start_time``."""
+
 
 RUN_STATES = ("idle", "running", "pending")  # enum vcpu_run_state in bpf/completion.c
 
@@ -311,8 +314,8 @@ class Tracker:
         """Slow path (every few seconds): processes whose exit event was lost (gone, or the pid
         now belongs to a newer process), and the run state refreshed from the probes' map."""
         for pid in {rec.pid for rec in self.vcpus.values()}:
-            now = self.proc.start_time(pid)
-            if now is None or now != self._started.get(pid, now):
+            started = self._started.get(pid)
+            if started is None or not self.proc.alive(pid, started):
                 self._forget_process(pid)
         if self.control is not None:
             self.sync(self.control.vcpu_states())

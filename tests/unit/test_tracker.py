@@ -52,6 +52,9 @@ class FakeProc:
             return None
         return 2000 if pid in self.restarted else 1000
 
+    def alive(self, pid: int, start_time: int) -> bool:
+        return self.start_time(pid) == start_time
+
 
 class Clock:
     def __init__(self) -> None:
