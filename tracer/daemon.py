@@ -6,6 +6,7 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
@@ -13,6 +14,7 @@ from types import FrameType
 from tracer import __version__, vmident
 from tracer.alerts import AlertSink, LogSink
 from tracer.events import MalformedEvent, decode_event
+from tracer.metrics import MetricsOptions
 from tracer.policy import CompletionPolicy, describe
 from tracer.probes import ProbeConfig, ProbeError, Probes
 from tracer.tracker import Tracker
@@ -50,6 +52,8 @@ class DaemonOptions:
     policy: CompletionPolicy
     probe_config: ProbeConfig = field(default_factory=ProbeConfig)
     snapshot_idle_s: float = 1.0
+    metrics: MetricsOptions = field(default_factory=MetricsOptions)
+    labels: dict[str, str] = field(default_factory=dict)  # static labels on alerts and metrics
 
 
 class Daemon:
@@ -69,6 +73,8 @@ class Daemon:
                              "'kvm-completion-tracer check'")
         self.probes.on_event(self._on_raw_event)
         self.stop_requested = stop or threading.Event()
+        # Called once per loop iteration (about every POLL_MS): sd_notify watchdog, SIGHUP reload.
+        self.housekeeping: list[Callable[[], None]] = []
         self._lost_reported = 0
 
     def _on_raw_event(self, raw: bytes) -> None:
@@ -123,6 +129,8 @@ class Daemon:
             if now >= next_loss:
                 self.check_losses()
                 next_loss = now + LOSS_CHECK_S
+            for hook in self.housekeeping:
+                hook()
         self.probes.poll(0)  # drain what is already in the ring
         self.tracker.tick()
 
