@@ -1,29 +1,89 @@
-# Minimal image of the daemon.  bcc compiles the probes at start-up against the HOST kernel's
-# headers, and attaches to the host kernel, so run it privileged in the host PID namespace with
-# the host's tracing and header directories mounted, e.g.:
+# Image of the kvm-completion-tracer daemon (Debian bookworm, bcc from Debian's python3-bpfcc).
+#
+# bcc compiles the probes at start-up against the HOST kernel's headers and attaches them to the
+# host kernel, so the container runs in the host PID namespace with the host's tracefs, debugfs
+# and kernel headers mounted.  The exact command (README "Container"; tests/unit/test_container.py
+# checks that it and this file agree):
 #
 #   docker build -t kvm-completion-tracer .
-#   docker run --rm --privileged --pid=host \
+#   docker run -d --name kvm-completion-tracer --pid=host --network=host \
+#       --cap-drop=ALL --cap-add=BPF --cap-add=PERFMON --cap-add=SYS_PTRACE \
+#       --cap-add=DAC_READ_SEARCH \
 #       -v /sys/kernel/tracing:/sys/kernel/tracing -v /sys/kernel/debug:/sys/kernel/debug \
 #       -v /lib/modules:/lib/modules:ro -v /usr/src:/usr/src:ro \
+#       -v /var/lib/kvm-completion-tracer:/var/lib/kvm-completion-tracer \
 #       kvm-completion-tracer
 #
-# (On hosts without a linux-headers-$(uname -r) package, first run scripts/setup-host.sh there so
-# /lib/modules/$(uname -r)/{build,source} point at Debian's generic headers.)
-FROM debian:bookworm-slim
+# Privileges: the daemon runs as uid 0 with only these capabilities, not --privileged:
+#   BPF              create maps, load programs (kernel >= 5.8; older kernels: SYS_ADMIN instead)
+#   PERFMON          tracing programs, tracepoint attachment, bpf_probe_read_user of the VMMs
+#   SYS_PTRACE       /proc/PID/fd and /proc/PID/maps of VMMs running as other users (libvirt-qemu,
+#                    KubeVirt's qemu): vCPU adoption and the kvm_run address
+#   DAC_READ_SEARCH  enter those processes' /proc/PID/fd directories (mode 0500, their owner)
+# Why not a dedicated non-root user: the capabilities would have to be file capabilities on the
+# interpreter, and setcap on /usr/bin/python3.11 grants them to every Python program in the image
+# (and they are dropped anyway on a nosuid mount or under no_new_privs); ambient capabilities need a
+# root parent to set them.  tracefs and debugfs are also root-only (mode 0700) on most hosts.
+# Running as root with everything else dropped (--cap-drop=ALL) is the smaller grant.
+# The host's state directory is mounted so the single-instance lock in it is host-wide.
+# Docker >= 23 lets bpf(2)/perf_event_open(2) through its default seccomp profile with CAP_BPF /
+# CAP_PERFMON; older Docker needs --security-opt seccomp=unconfined.  Kernels < 5.11 charge BPF
+# maps to RLIMIT_MEMLOCK: add --ulimit memlock=-1:-1 there.
+#
+# (On hosts without a linux-headers-$(uname -r) package, first run scripts/setup-host.sh run there
+# so /lib/modules/$(uname -r)/{build,source} point at Debian's generic headers under /usr/src.)
 
+# The metrics port: must equal tracer.metrics.DEFAULT_METRICS_PORT (tests/unit/test_container.py).
+ARG METRICS_PORT=9110
+
+# --- build: a wheel of the package (the source tree stays out of the final image) --------------
+FROM debian:bookworm-slim AS build
+
+# Versions are not pinned: bookworm's point releases replace them (an exact pin stops building
+# when the archive drops it), and security updates are wanted.
+# hadolint ignore=DL3008
 RUN apt-get update \
     && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
-        python3-bpfcc python3-pip python3-venv \
+        python3-pip python3-venv \
     && rm -rf /var/lib/apt/lists/*
 
-WORKDIR /opt/kvm-completion-tracer
+WORKDIR /src
 COPY . .
+RUN /usr/bin/python3 -m venv /opt/build \
+    && /opt/build/bin/pip wheel --no-cache-dir --disable-pip-version-check --no-deps \
+        --wheel-dir /wheels .
 
-# bcc lives in Debian's dist-packages: the venv must see the system site-packages.
+# --- runtime -------------------------------------------------------------------------------------
+FROM debian:bookworm-slim
+
+ARG METRICS_PORT
+
+# See above for the unpinned versions.
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
+        python3-bpfcc python3-venv \
+    && rm -rf /var/lib/apt/lists/*
+
+# bcc lives in Debian's dist-packages: the venv must see the system site-packages.  The wheel's
+# dependencies (structlog, prometheus-client) come from PyPI at the versions pyproject.toml allows.
+COPY --from=build /wheels /wheels
 RUN /usr/bin/python3 -m venv --system-site-packages /opt/venv \
-    && PIP_ROOT_USER_ACTION=ignore /opt/venv/bin/pip install --no-cache-dir --disable-pip-version-check . \
-    && /opt/venv/bin/python -c "import bcc"
+    && PIP_ROOT_USER_ACTION=ignore /opt/venv/bin/pip install --no-cache-dir \
+        --disable-pip-version-check /wheels/*.whl \
+    && rm -rf /wheels \
+    && /opt/venv/bin/python -c "import bcc, tracer.cli"
 
-ENV PATH=/opt/venv/bin:$PATH
+ENV PATH=/opt/venv/bin:$PATH \
+    PYTHONUNBUFFERED=1 \
+    KVM_COMPLETION_TRACER_METRICS_PORT=${METRICS_PORT}
+
+EXPOSE ${METRICS_PORT}
+
+# Compiling the probes takes a few seconds at start-up; then /metrics must answer.  Plain Python
+# (no curl in the image).  127.0.0.1 works because the daemon binds 0.0.0.0 on the host network.
+HEALTHCHECK --interval=30s --timeout=5s --start-period=60s --retries=3 \
+    CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:' + os.environ['KVM_COMPLETION_TRACER_METRICS_PORT'] + '/metrics', timeout=4).read()"]
+
 ENTRYPOINT ["kvm-completion-tracer", "run"]
+CMD ["--log-format", "json", "--metrics-addr", "0.0.0.0:9110"]

@@ -5,7 +5,7 @@ SHELL := /bin/bash
 VENV := .venv
 ARGS ?=
 
-.PHONY: all setup setup-run run check selftest lint test
+.PHONY: all setup setup-run run check selftest lint test install uninstall
 
 all: test
 
@@ -34,3 +34,42 @@ test: lint
 	@rc=0; $(VENV)/bin/python -m pytest -q tests || rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: error: pytest collected no tests (exit 5)" >&2; fi; \
 	exit $$rc
+
+# Overhead benchmark (bench/README.md): one table, JSON in bench/results.json; about 5 minutes.
+# Options with BENCH_ARGS, e.g. `sudo make bench BENCH_ARGS='--quick'`.
+BENCH_ARGS ?=
+.PHONY: bench
+bench: setup
+	$(VENV)/bin/python bench/run.py $(BENCH_ARGS)
+
+# ---- system install (root): /opt venv, the systemd unit, a default config ----------------------
+# The venv sees Debian's bcc (--system-site-packages from /usr/bin/python3); `pip install .`
+# fetches structlog and prometheus-client from PyPI unless Debian's python3-structlog and
+# python3-prometheus-client are installed. The config is never overwritten, nor removed by
+# `uninstall` once edited.
+OPT_DIR := /opt/kvm-completion-tracer
+UNIT_DIR := /etc/systemd/system
+CONF_DIR := /etc/kvm-completion-tracer
+BIN_DIR := /usr/local/bin
+UNIT := kvm-completion-tracer.service
+
+install: setup-run
+	/usr/bin/python3 -m venv --system-site-packages $(OPT_DIR)
+	$(OPT_DIR)/bin/pip install --quiet --disable-pip-version-check --upgrade .
+	install -m 0644 README.md $(OPT_DIR)/README.md
+	install -d $(BIN_DIR)
+	ln -sfn $(OPT_DIR)/bin/kvm-completion-tracer $(BIN_DIR)/kvm-completion-tracer
+	install -D -m 0644 deploy/systemd/$(UNIT) $(UNIT_DIR)/$(UNIT)
+	install -d -m 0755 $(CONF_DIR)
+	[ -e $(CONF_DIR)/config.toml ] || install -m 0644 deploy/config.example.toml $(CONF_DIR)/config.toml
+	$(OPT_DIR)/bin/kvm-completion-tracer check --no-load
+	if [ -d /run/systemd/system ]; then systemctl daemon-reload; fi
+	@echo "installed; start with: systemctl enable --now $(UNIT)"
+
+uninstall:
+	if [ -d /run/systemd/system ]; then systemctl disable --now $(UNIT) || true; fi
+	rm -f $(UNIT_DIR)/$(UNIT)
+	if [ -d /run/systemd/system ]; then systemctl daemon-reload; fi
+	if [ "$$(readlink $(BIN_DIR)/kvm-completion-tracer)" = "$(OPT_DIR)/bin/kvm-completion-tracer" ]; then rm -f $(BIN_DIR)/kvm-completion-tracer; fi
+	rm -rf $(OPT_DIR)
+	if cmp -s deploy/config.example.toml $(CONF_DIR)/config.toml; then rm -f $(CONF_DIR)/config.toml; rmdir $(CONF_DIR) 2>/dev/null || true; else echo "kept $(CONF_DIR)/config.toml (edited)"; fi

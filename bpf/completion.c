@@ -19,7 +19,7 @@
 // Constants come from tracer/abi.py (checked against <linux/kvm.h>) as -D flags: KVM_RUN_NR,
 // KVM_CREATE_VCPU_NR, KVM_ENABLE_CAP_NR, KVM_CAP_DISABLE_QUIRKS_NR, KVM_CAP_DISABLE_QUIRKS2_NR,
 // QUIRK_OUT_7E_INC_RIP, KVMIO_TYPE, KVM_RUN_IMMEDIATE_EXIT_OFF, KVM_RUN_UNION_OFF, ACCESS_BYTES,
-// MAX_EXIT_REASON; F_DUPFD_NR, F_DUPFD_CLOEXEC_NR from Python's fcntl module; map sizes as
+// MAX_EXIT_REASON, HIST_SLOTS; F_DUPFD_NR, F_DUPFD_CLOEXEC_NR from Python's fcntl module; map sizes as
 // MAX_VCPUS, MAX_VCPU_FDS, MAX_THREADS,
 // MAX_PROCS, MAX_GUEST_EXIT_KEYS, RINGBUF_PAGES; HAVE_GROUP_DEAD, TRACE_EXITS optional.
 
@@ -61,15 +61,21 @@ enum counter {
     C_PROC_MAP_FULL,
     C_GUEST_EXIT_MAP_FULL,
     C_ACCESS_READ_FAILED,  // kvm_run not readable when reporting: alert without the access
-    C_USERSPACE_EXITS,
-    C_PENDING_EXITS,
-    C_COMPLETIONS,
-    C_COMPLETIONS_IMMEDIATE,
     C_UNTRACKED_EXITS,  // kvm_userspace_exit from a thread whose vCPU is unknown
     C_COUNTERS,
 };
 
-enum vcpu_run_state { VCPU_IDLE = 0, VCPU_RUNNING = 1, VCPU_PENDING = 2 };
+// CLOSED: its last fd went; the entry stays until Python has read its statistics (and deletes it)
+enum vcpu_run_state { VCPU_IDLE = 0, VCPU_RUNNING = 1, VCPU_PENDING = 2, VCPU_CLOSED = 3 };
+
+// Slots of vcpu_state.exits: one per exit reason below MAX_EXIT_REASON, then these two.
+enum exit_slot {
+    EXIT_SLOT_OTHER = MAX_EXIT_REASON,  // a reason this build does not know
+    EXIT_SLOT_ERROR,                    // KVM_RUN returned an error (-EINTR: signal, immediate_exit)
+    EXIT_SLOTS,
+};
+
+enum completion_path { PATH_REENTRY = 0, PATH_IMMEDIATE = 1, PATHS };
 
 enum ioctl_kind { IOCTL_SAVE = 1, IOCTL_RESTORE = 2 };
 
@@ -116,6 +122,13 @@ struct vcpu_state {
     u32 run_tid;        // thread in (or last in) KVM_RUN
     u32 fd_refs;        // fds referring to this vCPU in its process
     u32 window_reports; // violations reported in the current window
+    u32 completing;     // entered KVM_RUN with a completion pending; its return tells the path
+    // Statistics, read by Python at scrape time (metrics). Only the thread inside KVM_RUN for
+    // this vCPU writes them (KVM holds the vCPU mutex there), so plain increments are exact.
+    u64 exits[EXIT_SLOTS];           // exits to userspace by reason
+    u64 pending_hist[HIST_SLOTS];    // completed windows by log2(ns pending)
+    u64 pending_ns_sum;
+    u64 completions[PATHS];          // by enum completion_path
 };
 
 // One per process that has vCPUs or disabled quirks: only its exit, exec or close_range is
@@ -156,7 +169,16 @@ BPF_TABLE("lru_hash", struct fd_key, u8, unknown_fds, 1024);  // UNKNOWN_FD sent
 BPF_ARRAY(pending_exits, u8, MAX_EXIT_REASON);      // policy: 1 = exit leaves a completion
 BPF_HASH(ioctl_kinds, u32, u8, 128);                // policy: enum ioctl_kind by full cmd
 BPF_ARRAY(next_uid, u64, 1);
+// All zeros, never written: a new vCPU's entry starts as a copy (too big for the BPF stack).
+BPF_ARRAY(vcpu_template, struct vcpu_state, 1);
 BPF_PERCPU_ARRAY(counters, u64, C_COUNTERS);
+// Per CPU: the thread and vCPU of the last KVM_RUN entered here (kvm_userspace_exit's shortcut).
+struct run_cache {
+    u32 tid;
+    u32 pad;
+    u64 uid;
+};
+BPF_PERCPU_ARRAY(run_cache, struct run_cache, 1);
 BPF_HASH(guest_exits, struct guest_exit_key, u64, MAX_GUEST_EXIT_KEYS);
 BPF_HASH(guest_entries, struct vcpu_key, u64, MAX_VCPUS);  // kvm_entry count
 
@@ -269,7 +291,9 @@ static __always_inline void forget_fd(u32 tgid, u32 tid, struct fd_key *key)
             st->fd_refs--;
             left = st->fd_refs;
         } else {
-            vcpus.delete(&uid);
+            // Python reads its statistics then deletes it (on this event, or its sweep).
+            st->fd_refs = 0;
+            st->state = VCPU_CLOSED;
         }
     }
     emit_simple(EV_VCPU_FD_CLOSED, tgid, tid, key->fd, vcpu_id, uid, left);
@@ -282,12 +306,27 @@ static __always_inline void on_run_enter(u32 tgid, u32 tid, s32 fd, u64 uid,
 {
     u8 immediate = 0;
     if (st->state == VCPU_PENDING) {
-        // KVM completes the pending operation at the top of KVM_RUN; immediate_exit (kvm_run
-        // offset 1) tells whether the guest may run afterwards.
-        if (st->run_addr)
-            bpf_probe_read_user(&immediate, 1,
-                                (void *)(st->run_addr + KVM_RUN_IMMEDIATE_EXIT_OFF));
-        count(immediate ? C_COMPLETIONS_IMMEDIATE : C_COMPLETIONS);
+        // KVM completes the pending operation at the top of KVM_RUN. Which path (a normal
+        // re-entry, or immediate_exit: complete without running the guest) is counted when this
+        // KVM_RUN returns (-EINTR for immediate_exit), not read from kvm_run here: a user-memory
+        // read costs more than the rest of this program.
+        st->completing = 1;
+        u64 pending_ns = bpf_ktime_get_ns() - st->pending_since;
+        u32 slot = bpf_log2l(pending_ns);
+        if (slot >= HIST_SLOTS)
+            slot = HIST_SLOTS - 1;
+        st->pending_hist[slot]++;
+        st->pending_ns_sum += pending_ns;
+#ifndef TRACE_EXITS
+        if (st->window_reports) {
+#endif
+            // kvm_run offset 1: immediate_exit, read only when an event must carry it.
+            if (st->run_addr)
+                bpf_probe_read_user(&immediate, 1,
+                                    (void *)(st->run_addr + KVM_RUN_IMMEDIATE_EXIT_OFF));
+#ifndef TRACE_EXITS
+        }
+#endif
         if (st->window_reports) {
             struct event *ev = new_event(EV_WINDOW_CLOSED, tgid, tid);
             if (ev) {
@@ -304,6 +343,12 @@ static __always_inline void on_run_enter(u32 tgid, u32 tid, s32 fd, u64 uid,
     if (!cur || *cur != uid) {
         if (run_threads.update(&tid, &uid))
             count(C_THREAD_MAP_FULL);
+    }
+    u32 zero = 0;
+    struct run_cache *rc = run_cache.lookup(&zero);
+    if (rc) {
+        rc->tid = tid;
+        rc->uid = uid;
     }
 #ifdef TRACE_EXITS
     struct event *ev = new_event(EV_RUN_ENTER, tgid, tid);
@@ -323,27 +368,49 @@ RAW_TRACEPOINT_PROBE(kvm_userspace_exit)
     u32 reason = (u32)ctx->args[0];
     int err = (int)ctx->args[1];
 
-    count(C_USERSPACE_EXITS);
-    u64 *uidp = run_threads.lookup(&tid);
-    if (!uidp) {
-        count(C_UNTRACKED_EXITS);
-        return 0;
+    // This CPU's last KVM_RUN entry is almost always this thread's: no hash lookup then. It is
+    // trusted only if that vCPU is still running on this thread (else the thread migrated, or
+    // ran another vCPU since), and run_threads answers.
+    u32 zero = 0;
+    struct run_cache *rc = run_cache.lookup(&zero);
+    struct vcpu_state *st = 0;
+    u64 uid = 0;
+    if (rc && rc->tid == tid) {
+        uid = rc->uid;
+        st = vcpus.lookup(&uid);
+        if (st && (st->state != VCPU_RUNNING || st->run_tid != tid))
+            st = 0;
     }
-    u64 uid = *uidp;
-    struct vcpu_state *st = vcpus.lookup(&uid);
     if (!st) {
-        count(C_UNTRACKED_EXITS);
-        return 0;
+        u64 *uidp = run_threads.lookup(&tid);
+        if (!uidp) {
+            count(C_UNTRACKED_EXITS);
+            return 0;
+        }
+        uid = *uidp;
+        st = vcpus.lookup(&uid);
+        if (!st) {
+            count(C_UNTRACKED_EXITS);
+            return 0;
+        }
+    }
+    if (st->completing) {
+        st->completing = 0;
+        st->completions[err == EINTR_ERRNO ? PATH_IMMEDIATE : PATH_REENTRY]++;
     }
     u8 *pending = 0;
     if (err == 0 && reason < MAX_EXIT_REASON) {
         u32 idx = reason;
         pending = pending_exits.lookup(&idx);
     }
+    u32 slot = err ? EXIT_SLOT_ERROR : reason < MAX_EXIT_REASON ? reason : EXIT_SLOT_OTHER;
+    if (slot < EXIT_SLOTS)  // always; tells the verifier the index is bounded
+        st->exits[slot]++;
+    if (st->state == VCPU_CLOSED)  // fd closed under a running KVM_RUN: counted, nothing more
+        return 0;
     if (err == 0)
         st->exit_reason = reason;
     if (pending && *pending) {
-        count(C_PENDING_EXITS);
         st->seq++;
         st->pending_since = bpf_ktime_get_ns();
         st->window_reports = 0;
@@ -379,32 +446,50 @@ static __always_inline void on_enable_cap(u32 tgid, u32 tid, u64 arg)
     emit_simple(EV_QUIRKS_DISABLED, tgid, tid, -1, 0, 0, (s64)cap.arg0);
 }
 
+// Every stash is matched by an unstash: inflight_count says whether any thread has a syscall
+// awaiting its return, so the exit of every other syscall on the host costs one array read.
+BPF_ARRAY(inflight_count, u64, 1);
+
 static __always_inline void stash(u32 tid, struct inflight *inf)
 {
-    if (inflight.update(&tid, inf))
+    if (inflight.update(&tid, inf)) {
         count(C_INFLIGHT_MAP_FULL);
+        return;
+    }
+    u32 zero = 0;
+    u64 *n = inflight_count.lookup(&zero);
+    if (n)
+        __sync_fetch_and_add(n, 1);  // counts stashes, not entries: an overwrite counts too
 }
 
-TRACEPOINT_PROBE(syscalls, sys_enter_ioctl)
+static __always_inline void unstash(u32 tid)
 {
-    u32 cmd = (u32)args->cmd;
+    if (inflight.delete(&tid) == 0) {
+        u32 zero = 0;
+        u64 *n = inflight_count.lookup(&zero);
+        if (n && *n)
+            __sync_fetch_and_add(n, -1);
+    }
+}
+
+static __always_inline void ioctl_enter(s32 fd, u32 cmd, u64 arg)
+{
     if (((cmd >> 8) & 0xff) != KVMIO_TYPE)  // every non-KVM ioctl on the host leaves here
-        return 0;
+        return;
     u64 id = bpf_get_current_pid_tgid();
     u32 tgid = id >> 32, tid = (u32)id;
-    struct fd_key fk = {.tgid = tgid, .fd = (s32)args->fd};
+    struct fd_key fk = {.tgid = tgid, .fd = fd};
 
     if (cmd == KVM_ENABLE_CAP_NR) {
-        on_enable_cap(tgid, tid, args->arg);
-        return 0;
+        on_enable_cap(tgid, tid, arg);
+        return;
     }
     struct fd_val *fv = vcpu_fds.lookup(&fk);
     if (!fv) {
         if (cmd == KVM_CREATE_VCPU_NR) {
-            struct inflight inf = {.op = OP_CREATE_VCPU, .fd = fk.fd,
-                                   .vcpu_id = (u32)args->arg};
+            struct inflight inf = {.op = OP_CREATE_VCPU, .fd = fk.fd, .vcpu_id = (u32)arg};
             stash(tid, &inf);
-            return 0;
+            return;
         }
         u8 *kind = ioctl_kinds.lookup(&cmd);
         if (cmd == KVM_RUN_NR || kind) {
@@ -413,26 +498,27 @@ TRACEPOINT_PROBE(syscalls, sys_enter_ioctl)
             u8 one = 1;
             if (!unknown_fds.lookup(&fk)) {
                 unknown_fds.update(&fk, &one);
+                proc_get(tgid);  // its close() calls are worth looking at from now on
                 emit_simple(EV_UNKNOWN_FD, tgid, tid, fk.fd, 0, 0, cmd);
             }
         }
-        return 0;
+        return;
     }
     u64 uid = fv->vcpu_uid;
     struct vcpu_state *st = vcpus.lookup(&uid);
     if (!st)
-        return 0;
+        return;
     if (cmd == KVM_RUN_NR) {
         on_run_enter(tgid, tid, fk.fd, uid, st);
-        return 0;
+        return;
     }
     u8 *kind = ioctl_kinds.lookup(&cmd);
     if (!kind)
-        return 0;
+        return;
     u32 state = st->state;
     if (state == VCPU_PENDING) {
         report_violation(tgid, tid, fk.fd, cmd, uid, st, 0);
-        return 0;
+        return;
     }
     if (state == VCPU_RUNNING) {
         struct inflight inf = {.op = OP_STATE_WHILE_RUNNING, .fd = fk.fd,
@@ -450,7 +536,6 @@ TRACEPOINT_PROBE(syscalls, sys_enter_ioctl)
         events.ringbuf_submit(ev, 0);
     }
 #endif
-    return 0;
 }
 
 static __always_inline void on_vcpu_created(u32 tgid, u32 tid, struct inflight *inf, s32 fd)
@@ -468,28 +553,60 @@ static __always_inline void on_vcpu_created(u32 tgid, u32 tid, struct inflight *
         count(C_FD_MAP_FULL);
         return;
     }
-    struct vcpu_state st = {};
-    st.tgid = tgid;
-    st.vcpu_id = inf->vcpu_id;
-    st.fd_refs = 1;
-    if (vcpus.update(&uid, &st)) {
+    struct vcpu_state *zero = vcpu_template.lookup(&idx);
+    if (!zero)
+        return;
+    if (vcpus.update(&uid, zero)) {
         count(C_VCPU_MAP_FULL);
         vcpu_fds.delete(&fk);
         return;
     }
+    struct vcpu_state *st = vcpus.lookup(&uid);
+    if (!st)
+        return;
+    // Nothing reaches the entry before this ioctl returns the fd, so these need no ordering.
+    st->tgid = tgid;
+    st->vcpu_id = inf->vcpu_id;
+    st->fd_refs = 1;
     proc_get(tgid);
     emit_simple(EV_VCPU_CREATED, tgid, tid, fd, inf->vcpu_id, uid, inf->fd);
 }
 
-TRACEPOINT_PROBE(syscalls, sys_exit_ioctl)
+static __always_inline void dup_done(u32 tgid, u32 tid, struct inflight *inf, long ret)
 {
+    if (ret < 0 || ret == inf->fd)
+        return;
+    struct fd_key nk = {.tgid = tgid, .fd = (s32)ret};
+    forget_fd(tgid, tid, &nk);  // dup2/dup3 closed whatever the target was
+    struct fd_key fk = {.tgid = tgid, .fd = inf->fd};
+    struct fd_val *fv = vcpu_fds.lookup(&fk);
+    if (!fv)
+        return;
+    struct fd_val copy = *fv;
+    struct vcpu_state *st = vcpus.lookup(&copy.vcpu_uid);
+    if (!st)
+        return;
+    if (vcpu_fds.update(&nk, &copy)) {
+        count(C_FD_MAP_FULL);
+        return;
+    }
+    st->fd_refs++;
+    emit_simple(EV_VCPU_FD_DUP, tgid, tid, (s32)ret, copy.vcpu_id, copy.vcpu_uid, fk.fd);
+}
+
+// The return of a syscall that stashed something at its entry (the stash says which).
+static __always_inline void syscall_exit(long ret)
+{
+    u32 zero = 0;
+    u64 *n = inflight_count.lookup(&zero);
+    if (!n || !*n)
+        return;  // no syscall anywhere awaits its return: the common case
     u64 id = bpf_get_current_pid_tgid();
     u32 tid = (u32)id;
     struct inflight *inf = inflight.lookup(&tid);
     if (!inf)
-        return 0;
+        return;
     u32 tgid = id >> 32;
-    long ret = args->ret;
     if (inf->op == OP_CREATE_VCPU && ret >= 0) {
         on_vcpu_created(tgid, tid, inf, (s32)ret);
     } else if (inf->op == OP_STATE_WHILE_RUNNING) {
@@ -499,9 +616,15 @@ TRACEPOINT_PROBE(syscalls, sys_exit_ioctl)
         // in a completion-needing exit (a new window), the ioctl ran inside it.
         if (st && st->state == VCPU_PENDING && st->seq != inf->seq)
             report_violation(tgid, tid, inf->fd, inf->cmd, uid, st, EV_F_AT_RETURN);
+    } else if (inf->op == OP_DUP) {
+        dup_done(tgid, tid, inf, ret);
+    } else if (inf->op == OP_MMAP && ret >= 0) {
+        u64 uid = inf->vcpu_uid;
+        struct vcpu_state *st = vcpus.lookup(&uid);
+        if (st)
+            st->run_addr = (u64)ret;
     }
-    inflight.delete(&tid);
-    return 0;
+    unstash(tid);
 }
 
 // ---- fd lifecycle: dup, close, mmap of struct kvm_run -----------------------------------------
@@ -518,34 +641,104 @@ static __always_inline void dup_enter(s32 oldfd, s32 newfd)
     stash((u32)id, &inf);
 }
 
-static __always_inline void dup_exit(long ret)
+static __always_inline void fcntl_enter(s32 fd, u32 cmd)
+{
+    // F_DUPFD and F_DUPFD_CLOEXEC duplicate; every other fcntl leaves here.
+    if (cmd == F_DUPFD_NR || cmd == F_DUPFD_CLOEXEC_NR)
+        dup_enter(fd, -1);
+}
+
+static __always_inline void close_enter(s32 fd)
 {
     u64 id = bpf_get_current_pid_tgid();
-    u32 tgid = id >> 32, tid = (u32)id;
-    struct inflight *inf = inflight.lookup(&tid);
-    if (!inf)
+    u32 tgid = id >> 32;
+    if (!procs.lookup(&tgid))  // only processes with vCPUs (or unknown vCPU fds) matter
         return;
-    if (inf->op != OP_DUP || ret < 0 || ret == inf->fd) {
-        inflight.delete(&tid);
+    struct fd_key fk = {.tgid = tgid, .fd = fd};
+    forget_fd(tgid, (u32)id, &fk);
+    unknown_fds.delete(&fk);
+}
+
+static __always_inline void close_range_enter(s32 fd, u64 max_fd)
+{
+    // A range cannot be walked here; Python rescans the process's fds (procs: it has vCPUs).
+    u64 id = bpf_get_current_pid_tgid();
+    u32 tgid = id >> 32;
+    if (procs.lookup(&tgid))
+        emit_simple(EV_FD_RANGE_CLOSED, tgid, (u32)id, fd, 0, 0, (s64)max_fd);
+}
+
+static __always_inline void mmap_enter(s32 fd, u64 off)
+{
+    if (fd < 0 || off != 0)  // struct kvm_run is page 0 of the vCPU fd
         return;
-    }
-    struct fd_key nk = {.tgid = tgid, .fd = (s32)ret};
-    forget_fd(tgid, tid, &nk);  // dup2/dup3 closed whatever the target was
-    struct fd_key fk = {.tgid = tgid, .fd = inf->fd};
-    inflight.delete(&tid);
+    u64 id = bpf_get_current_pid_tgid();
+    struct fd_key fk = {.tgid = id >> 32, .fd = fd};
     struct fd_val *fv = vcpu_fds.lookup(&fk);
     if (!fv)
         return;
-    struct fd_val copy = *fv;
-    struct vcpu_state *st = vcpus.lookup(&copy.vcpu_uid);
-    if (!st)
-        return;
-    if (vcpu_fds.update(&nk, &copy)) {
-        count(C_FD_MAP_FULL);
-        return;
-    }
-    st->fd_refs++;
-    emit_simple(EV_VCPU_FD_DUP, tgid, tid, (s32)ret, copy.vcpu_id, copy.vcpu_uid, fk.fd);
+    struct inflight inf = {.op = OP_MMAP, .fd = fd, .vcpu_uid = fv->vcpu_uid};
+    stash((u32)id, &inf);
+}
+
+#ifdef RAW_SYSCALLS
+// raw_syscalls:sys_enter(struct pt_regs *regs, long id) and sys_exit(struct pt_regs *regs,
+// long ret): one program for every syscall on the host, far cheaper per call than the
+// per-syscall classic tracepoints (no perf buffer). The arguments are read from the saved user
+// registers: x86-64 syscall ABI (di, si, dx, r10, r8, r9) at the offsets of the UAPI
+// <asm/ptrace.h> struct pt_regs (PT_REGS_*_OFF, checked against the header by the tests), one
+// read from r10 to cs. cs tells a 64-bit syscall (__USER_CS) from a 32-bit one, whose numbers
+// mean other calls.
+struct syscall_regs {
+    u64 r10, r9, r8, ax, cx, dx, si, di, orig_ax, ip, cs;
+};
+
+RAW_TRACEPOINT_PROBE(sys_enter)
+{
+    long nr = (long)ctx->args[1];
+    if (nr != NR_IOCTL && nr != NR_CLOSE && nr != NR_DUP && nr != NR_DUP2 && nr != NR_DUP3
+        && nr != NR_FCNTL && nr != NR_MMAP && nr != NR_CLOSE_RANGE)
+        return 0;  // every other syscall on the host leaves here
+    struct syscall_regs r;
+    if (bpf_probe_read_kernel(&r, sizeof(r), (void *)(ctx->args[0] + PT_REGS_R10_OFF)))
+        return 0;
+    if (r.cs != USER64_CS)
+        return 0;
+    if (nr == NR_IOCTL)
+        ioctl_enter((s32)r.di, (u32)r.si, r.dx);
+    else if (nr == NR_CLOSE)
+        close_enter((s32)r.di);
+    else if (nr == NR_DUP)
+        dup_enter((s32)r.di, -1);
+    else if (nr == NR_DUP2 || nr == NR_DUP3)
+        dup_enter((s32)r.di, (s32)r.si);
+    else if (nr == NR_FCNTL)
+        fcntl_enter((s32)r.di, (u32)r.si);
+    else if (nr == NR_MMAP)
+        mmap_enter((s32)r.r8, r.r9);
+    else
+        close_range_enter((s32)r.di, r.si);
+    return 0;
+}
+
+RAW_TRACEPOINT_PROBE(sys_exit)
+{
+    syscall_exit((long)ctx->args[1]);
+    return 0;
+}
+#else
+// The per-syscall classic tracepoints (their fields are the syscall's arguments): portable,
+// and the comparison point for the raw programs above (--syscall-probes classic).
+TRACEPOINT_PROBE(syscalls, sys_enter_ioctl)
+{
+    ioctl_enter((s32)args->fd, (u32)args->cmd, args->arg);
+    return 0;
+}
+
+TRACEPOINT_PROBE(syscalls, sys_exit_ioctl)
+{
+    syscall_exit(args->ret);
+    return 0;
 }
 
 // dup, dup2 and dup3 differ only in where their fds are: one enter/exit pair each.
@@ -557,7 +750,7 @@ static __always_inline void dup_exit(long ret)
     }                                                                                          \
     TRACEPOINT_PROBE(syscalls, sys_exit_##call)                                                \
     {                                                                                          \
-        dup_exit(args->ret);                                                                   \
+        syscall_exit(args->ret);                                                               \
         return 0;                                                                              \
     }
 
@@ -567,68 +760,40 @@ DUP_PROBES(dup3, (s32)args->oldfd, (s32)args->newfd)
 
 TRACEPOINT_PROBE(syscalls, sys_enter_fcntl)
 {
-    u32 cmd = (u32)args->cmd;
-    // F_DUPFD and F_DUPFD_CLOEXEC duplicate; every other fcntl leaves here.
-    if (cmd == F_DUPFD_NR || cmd == F_DUPFD_CLOEXEC_NR)
-        dup_enter((s32)args->fd, -1);
+    fcntl_enter((s32)args->fd, (u32)args->cmd);
     return 0;
 }
 
 TRACEPOINT_PROBE(syscalls, sys_exit_fcntl)
 {
-    dup_exit(args->ret);
+    syscall_exit(args->ret);
     return 0;
 }
 
 TRACEPOINT_PROBE(syscalls, sys_enter_close)
 {
-    u64 id = bpf_get_current_pid_tgid();
-    struct fd_key fk = {.tgid = id >> 32, .fd = (s32)args->fd};
-    forget_fd(fk.tgid, (u32)id, &fk);
-    unknown_fds.delete(&fk);
+    close_enter((s32)args->fd);
     return 0;
 }
 
 TRACEPOINT_PROBE(syscalls, sys_enter_close_range)
 {
-    // A range cannot be walked here; Python rescans the process's fds (procs: it has vCPUs).
-    u64 id = bpf_get_current_pid_tgid();
-    u32 tgid = id >> 32;
-    if (procs.lookup(&tgid))
-        emit_simple(EV_FD_RANGE_CLOSED, tgid, (u32)id, (s32)args->fd, 0, 0, (s64)args->max_fd);
+    close_range_enter((s32)args->fd, args->max_fd);
     return 0;
 }
 
 TRACEPOINT_PROBE(syscalls, sys_enter_mmap)
 {
-    s32 fd = (s32)args->fd;
-    if (fd < 0 || args->off != 0)  // struct kvm_run is page 0 of the vCPU fd
-        return 0;
-    u64 id = bpf_get_current_pid_tgid();
-    struct fd_key fk = {.tgid = id >> 32, .fd = fd};
-    struct fd_val *fv = vcpu_fds.lookup(&fk);
-    if (!fv)
-        return 0;
-    struct inflight inf = {.op = OP_MMAP, .fd = fd, .vcpu_uid = fv->vcpu_uid};
-    stash((u32)id, &inf);
+    mmap_enter((s32)args->fd, args->off);
     return 0;
 }
 
 TRACEPOINT_PROBE(syscalls, sys_exit_mmap)
 {
-    u32 tid = (u32)bpf_get_current_pid_tgid();
-    struct inflight *inf = inflight.lookup(&tid);
-    if (!inf)
-        return 0;
-    if (inf->op == OP_MMAP && args->ret >= 0) {
-        u64 uid = inf->vcpu_uid;
-        struct vcpu_state *st = vcpus.lookup(&uid);
-        if (st)
-            st->run_addr = (u64)args->ret;
-    }
-    inflight.delete(&tid);
+    syscall_exit(args->ret);
     return 0;
 }
+#endif
 
 // ---- process lifecycle ------------------------------------------------------------------------
 
@@ -648,7 +813,7 @@ TRACEPOINT_PROBE(sched, sched_process_exit)
     u64 id = bpf_get_current_pid_tgid();
     u32 tgid = id >> 32, tid = (u32)id;
     run_threads.delete(&tid);
-    inflight.delete(&tid);
+    unstash(tid);
 #ifdef HAVE_GROUP_DEAD
     if (args->group_dead)
         process_gone(tgid, tid);

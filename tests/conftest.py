@@ -199,3 +199,26 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
             reporter.write_line(line, red=True)
     if session.exitstatus == 0 or session.exitstatus == pytest.ExitCode.NO_TESTS_COLLECTED:
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+# --- daemons started by tests --------------------------------------------------------------------
+
+def free_port() -> int:
+    """A loopback TCP port nobody listens on right now."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def isolated_daemon_args() -> tuple[list[str], str]:
+    """``run`` flags that let a test's daemon start next to any other one (the host's, another
+    test's): a private state dir (the single-instance lock) and its own metrics port. Returns
+    (flags, metrics URL)."""
+    import tempfile
+
+    port = free_port()
+    state = tempfile.mkdtemp(prefix="kct-state-")
+    return (["--state-dir", state, "--metrics-addr", f"127.0.0.1:{port}"],
+            f"http://127.0.0.1:{port}/metrics")

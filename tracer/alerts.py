@@ -124,8 +124,11 @@ class LogSink:
 
     def __init__(self) -> None:
         self.log = structlog.get_logger("kvm-completion-tracer")
+        self.labels: dict[str, str] = {}  # static labels from the config, on every line
 
     def _emit(self, level: str, event: str, **fields: Any) -> None:
+        if self.labels:
+            fields["labels"] = self.labels
         getattr(self.log, level)(event, **fields)
 
     def violation(self, alert: ViolationAlert) -> None:

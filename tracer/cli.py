@@ -9,8 +9,20 @@ from pathlib import Path
 
 from tracer import __version__
 from tracer.alerts import LEVELS, configure_logging
-from tracer.policy import PolicyError, PolicyOverrides, build_policy, load_policy_file
+from tracer.config import (
+    DEFAULT_CONFIG_PATH,
+    ConfigError,
+    FlagOverrides,
+    Reloader,
+    flag_value,
+    label_flag,
+    load_settings,
+)
+from tracer.instance import InstanceError, InstanceLock
+from tracer.metrics import DEFAULT_METRICS_PORT, MetricsConfigError, parse_addr
+from tracer.policy import PolicyError, PolicyOverrides, build_policy
 from tracer.preflight import basic_checks, failures, trial_load
+from tracer.syscall_abi import SYSCALL_PROBE_KINDS
 
 PROG = "kvm-completion-tracer"
 EXIT_FAILURE = 1
@@ -36,10 +48,12 @@ def _policy_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--arch", help="policy architecture (default: this host's)")
 
 
-def _log_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--log-format", choices=("auto", "json", "console"), default="auto",
+def _log_args(parser: argparse.ArgumentParser, from_config: bool = False) -> None:
+    # run: None means "not passed", so the config file's [log] keys apply.
+    parser.add_argument("--log-format", choices=("auto", "json", "console"),
+                        default=None if from_config else "auto",
                         help="JSON lines, or the console renderer (auto: console on a TTY)")
-    parser.add_argument("--log-level", choices=LEVELS, default="info")
+    parser.add_argument("--log-level", choices=LEVELS, default=None if from_config else "info")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -49,16 +63,34 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="trace every VM on this host (foreground)")
-    _log_args(run)
+    # Defaults of None: only the flags actually passed override the config file.
+    run.add_argument("--config", type=Path, metavar="FILE",
+                     help=f"TOML config file (default {DEFAULT_CONFIG_PATH}, if it exists)")
+    _log_args(run, from_config=True)
     _policy_args(run)
-    run.add_argument("--snapshot-idle", type=float, default=1.0, metavar="SECONDS",
+    run.add_argument("--snapshot-idle", type=float, default=None, metavar="SECONDS",
                      help="report a snapshot after a window stays idle this long (default 1)")
-    run.add_argument("--trace-exits", action="store_true",
+    run.add_argument("--trace-exits", action="store_true", default=None,
                      help="debug: one event per exit and re-entry (costly)")
-    run.add_argument("--ringbuf-pages", type=int, default=64, metavar="N",
+    run.add_argument("--syscall-probes", choices=SYSCALL_PROBE_KINDS, default=None,
+                     help="raw: raw_syscalls sys_enter/sys_exit (x86-64, cheapest; default "
+                          "there); classic: the per-syscall tracepoints")
+    run.add_argument("--ringbuf-pages", type=int, default=None, metavar="N",
                      help="ring buffer size in pages, a power of two (default 64)")
-    run.add_argument("--max-vcpus", type=int, default=4096, metavar="N",
+    run.add_argument("--max-vcpus", type=int, default=None, metavar="N",
                      help="vCPUs tracked at once (BPF map size, default 4096)")
+    metrics = run.add_mutually_exclusive_group()
+    metrics.add_argument("--metrics-addr", metavar="HOST:PORT",
+                         help="Prometheus exporter address ([::1]:PORT for IPv6)")
+    metrics.add_argument("--no-metrics", action="store_true", default=None,
+                         help="no Prometheus exporter")
+    run.add_argument("--metrics-per-vcpu", action=argparse.BooleanOptionalAction, default=None,
+                     help="per-vCPU metric series (capped by metrics.max_vcpu_series)")
+    run.add_argument("--label", action="append", default=[], metavar="KEY=VALUE",
+                     help="static label on every alert and metric (repeatable)")
+    run.add_argument("--state-dir", metavar="DIR",
+                     help="state directory holding the instance lock "
+                          "(default /var/lib/kvm-completion-tracer)")
 
     check = sub.add_parser("check", help="preflight: what this host lacks, and how to fix it")
     check.add_argument("--no-load", action="store_true", help="skip the trial BPF load")
@@ -67,23 +99,56 @@ def build_parser() -> argparse.ArgumentParser:
                               help="drive the built-in VMM under the live probes")
     _log_args(selftest)
     selftest.add_argument("--iterations", type=int, default=3, metavar="N")
+    selftest.add_argument("--metrics-addr", default=f"127.0.0.1:{DEFAULT_METRICS_PORT}",
+                          metavar="HOST:PORT", help="serve metrics meanwhile (default: the "
+                          "daemon's default address; skipped with a note if it is taken)")
+    selftest.add_argument("--no-metrics", action="store_true", help="no exporter")
+    selftest.add_argument("--linger", type=float, default=0.0, metavar="SECONDS",
+                          help="keep serving metrics this long after the scenarios")
     selftest.add_argument("--scenario", action="append", default=[], metavar="NAME",
                           help="run only these scenarios (default: all)")
     return parser
 
 
-def _overrides(args: argparse.Namespace) -> PolicyOverrides:
-    base = load_policy_file(args.policy) if args.policy else PolicyOverrides()
+def _policy_flags(args: argparse.Namespace) -> PolicyOverrides:
     severities = {}
     for item in args.severity:
         key, sep, value = item.partition("=")
         if not sep:
             raise PolicyError(f"--severity {item!r}: expected KIND[:EXIT]=LEVEL")
         severities[key] = value
-    flags = PolicyOverrides(arch=args.arch, extra_pending_exits=args.extra_pending_exit,
-                            ignored_exits=args.ignore_exit,
-                            disabled_sanctions=args.no_sanction, severities=severities)
-    return base.merged(flags)
+    return PolicyOverrides(arch=args.arch, extra_pending_exits=args.extra_pending_exit,
+                           ignored_exits=args.ignore_exit, disabled_sanctions=args.no_sanction,
+                           severities=severities)
+
+
+# flag (argparse dest) -> config key; the flag's value is checked by that key's rules.
+_FLAG_KEYS = {"log_level": ("--log-level", "log.level"),
+              "log_format": ("--log-format", "log.format"),
+              "snapshot_idle": ("--snapshot-idle", "snapshot_idle_seconds"),
+              "trace_exits": ("--trace-exits", "probes.trace_exits"),
+              "ringbuf_pages": ("--ringbuf-pages", "probes.ringbuf_pages"),
+              "syscall_probes": ("--syscall-probes", "probes.syscall_probes"),
+              "max_vcpus": ("--max-vcpus", "probes.max_vcpus"),
+              "metrics_addr": ("--metrics-addr", "metrics.addr"),
+              "metrics_per_vcpu": ("--metrics-per-vcpu", "metrics.per_vcpu"),
+              "state_dir": ("--state-dir", "state_dir")}
+
+
+def _flag_overrides(args: argparse.Namespace) -> FlagOverrides:
+    values: dict[str, object] = {}
+    for dest, (flag, key) in _FLAG_KEYS.items():
+        raw = getattr(args, dest)
+        if raw is not None:
+            if dest == "metrics_addr" and raw == "":
+                raise ConfigError("--metrics-addr '': expected HOST:PORT (use --no-metrics to "
+                                  "disable the exporter)")
+            values[key] = flag_value(flag, raw, key)
+    if args.no_metrics:
+        values["metrics.addr"] = None
+    labels = dict(label_flag(item) for item in args.label)
+    return FlagOverrides(values=values, labels=labels, policy_file=args.policy,
+                         policy=_policy_flags(args))
 
 
 def _require_host() -> None:
@@ -95,22 +160,19 @@ def _require_host() -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from tracer.daemon import DaemonOptions, run
-    from tracer.probes import ProbeConfig
+    from tracer.daemon import run
 
-    policy = build_policy(_overrides(args))
-    if args.ringbuf_pages < 1 or args.ringbuf_pages & (args.ringbuf_pages - 1):
-        raise CliError(f"--ringbuf-pages {args.ringbuf_pages}: must be a power of two")
-    if not 1 <= args.max_vcpus <= 1 << 20:
-        raise CliError(f"--max-vcpus {args.max_vcpus}: must be between 1 and 1048576")
-    if args.snapshot_idle <= 0:
-        raise CliError("--snapshot-idle must be positive")
+    flags = _flag_overrides(args)
+    path = args.config or DEFAULT_CONFIG_PATH
+    settings = load_settings(path, args.config is not None, flags)
+    options = settings.daemon_options()  # builds (and so validates) the merged policy
     _require_host()
-    configure_logging(args.log_format, args.log_level)
-    config = ProbeConfig(max_vcpus=args.max_vcpus, max_vcpu_fds=4 * args.max_vcpus,
-                         ringbuf_pages=args.ringbuf_pages, trace_exits=args.trace_exits)
-    return run(DaemonOptions(policy=policy, probe_config=config,
-                             snapshot_idle_s=args.snapshot_idle))
+    lock = InstanceLock.acquire(settings.state_dir)  # before the probes load
+    try:
+        configure_logging(settings.log_format, settings.log_level)
+        return run(options, Reloader(path, args.config is not None, flags, settings))
+    finally:
+        lock.release()
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -134,7 +196,10 @@ def cmd_selftest(args: argparse.Namespace) -> int:
 
     _require_host()
     configure_logging(args.log_format, args.log_level)
-    return run_selftest(args.iterations, args.scenario)
+    addr = None if args.no_metrics else args.metrics_addr
+    if addr is not None:
+        parse_addr(addr)  # a malformed address is the operator's error, not a skipped feature
+    return run_selftest(args.iterations, args.scenario, addr, args.linger)
 
 
 COMMANDS = {"run": cmd_run, "check": cmd_check, "selftest": cmd_selftest}
@@ -144,15 +209,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return COMMANDS[args.command](args)
-    except (CliError, PolicyError) as err:
+    except (CliError, PolicyError, ConfigError, InstanceError) as err:
         print(f"{PROG}: error: {err}", file=sys.stderr)
-        return EXIT_USAGE if isinstance(err, PolicyError) else EXIT_FAILURE
+        return EXIT_USAGE if isinstance(err, PolicyError | ConfigError) else EXIT_FAILURE
     except KeyboardInterrupt:
         return 0
     except Exception as err:  # last resort: one line, no traceback, but say what it was
         from tracer.probes import ProbeError
 
-        if isinstance(err, ProbeError):
+        if isinstance(err, ProbeError | MetricsConfigError):
             print(f"{PROG}: error: {err}", file=sys.stderr)
         else:
             print(f"{PROG}: error: unexpected {type(err).__name__}: {err} (please report this)",

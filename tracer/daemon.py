@@ -10,15 +10,22 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
+from typing import TYPE_CHECKING
 
-from tracer import __version__, vmident
+from prometheus_client import CollectorRegistry, ProcessCollector
+
+from tracer import __version__, handover, vmident
 from tracer.alerts import AlertSink, LogSink
+from tracer.counters import VcpuCounters, total
 from tracer.events import MalformedEvent, decode_event
-from tracer.metrics import MetricsOptions
+from tracer.metrics import CompletionCollector, ExporterHealth, MetricsOptions, start_server
 from tracer.policy import CompletionPolicy, describe
-from tracer.probes import ProbeConfig, ProbeError, Probes
+from tracer.probes import ProbeConfig, ProbeError, Probes, bcc_version
 from tracer.tracker import Tracker
 from tracer.vmident import VmIdentity
+
+if TYPE_CHECKING:
+    from tracer.config import Reloader
 
 POLL_MS = 100  # ring buffer poll timeout: bounds alert latency when events trickle in
 SWEEP_S = 5.0  # how often to look for processes whose exit event was lost
@@ -54,15 +61,20 @@ class DaemonOptions:
     snapshot_idle_s: float = 1.0
     metrics: MetricsOptions = field(default_factory=MetricsOptions)
     labels: dict[str, str] = field(default_factory=dict)  # static labels on alerts and metrics
+    state_dir: Path | None = None  # holds the restart hand-over (tracer.handover)
 
 
 class Daemon:
     """Probes -> events -> tracker -> sinks, driven from one thread."""
 
     def __init__(self, options: DaemonOptions, sink: AlertSink | None = None,
-                 stop: threading.Event | None = None) -> None:
+                 stop: threading.Event | None = None,
+                 registry: CollectorRegistry | None = None) -> None:
         self.options = options
         self.sink: AlertSink = sink or LogSink()
+        # Held by the loop while it handles events and by a scrape while it reads: the exporter's
+        # HTTP thread sees the tracker between two events, never in the middle of one.
+        self.lock = threading.Lock()
         self.probes = Probes(options.policy, options.probe_config)
         self.tracker = Tracker(options.policy, self.sink, SystemProcView(), self.probes,
                                snapshot_idle_s=options.snapshot_idle_s)
@@ -72,12 +84,30 @@ class Daemon:
             raise ProbeError(f"probes not attached: {', '.join(missing)}; run "
                              "'kvm-completion-tracer check'")
         self.probes.on_event(self._on_raw_event)
+        self.health = ExporterHealth(
+            expected_probes=self.probes.expected(),
+            bcc_version=bcc_version(), labels=dict(options.labels))
+        if registry is not None:
+            registry.register(CompletionCollector(self.tracker, self.probes, self.lock,
+                                                  self.health, options.metrics))
         self.stop_requested = stop or threading.Event()
         # Called once per loop iteration (about every POLL_MS): sd_notify watchdog, SIGHUP reload.
         self.housekeeping: list[Callable[[], None]] = []
         self._lost_reported = 0
 
+    def set_labels(self, labels: dict[str, str]) -> None:
+        """Static labels on every metric series and alert line (config reload)."""
+        with self.lock:
+            self.options.labels = dict(labels)
+            self.health.labels = dict(labels)
+            if isinstance(self.sink, LogSink):
+                self.sink.labels = dict(labels)
+
     def _on_raw_event(self, raw: bytes) -> None:
+        with self.lock:
+            self._handle_raw_event(raw)
+
+    def _handle_raw_event(self, raw: bytes) -> None:
         # Runs inside bcc's ctypes callback: an exception escaping here would be printed as a
         # traceback and the event dropped silently, so every failure becomes a counted notice.
         try:
@@ -93,16 +123,39 @@ class Daemon:
             self.sink.notice("internal_error", "error", error=f"{type(err).__name__}: {err}",
                              event_type=event.type.name, pid=event.tgid)
 
+    def _handover_path(self) -> Path | None:
+        state_dir = self.options.state_dir
+        return state_dir / handover.HANDOVER_FILE if state_dir is not None else None
+
     def start(self) -> None:
-        """Adopt VMs that predate us (after attaching, so none slips between) and say ready."""
-        adopted = self.tracker.adopt_existing(vmident.discover_vcpus())
+        """Adopt VMs that predate us (after attaching, so none slips between), in the state
+        re-learned from /proc and the previous instance's hand-over, and say ready."""
+        inherited: list[handover.PendingVcpu] = []
+        path = self._handover_path()
+        if path is not None:
+            try:
+                inherited = handover.load(path)
+            except handover.HandoverError as err:
+                self.sink.notice("handover_ignored", "warning", reason=str(err),
+                                 hint="pending completions of older VMs start unknown (idle)")
+        relearner = handover.Relearner(inherited)
+        with self.lock:
+            adopted = self.tracker.adopt_existing(vmident.discover_vcpus(), relearner)
+        if inherited:
+            self.sink.notice("handover", "info", pending_kept=len(relearner.kept),
+                             pending_dropped=len(relearner.dropped) + len(relearner.inherited),
+                             why_dropped="completed, re-run or gone since the previous "
+                                         "instance stopped (or not provably unchanged)")
         self.sink.notice("ready", "info", version=__version__, pid=os.getpid(),
                          probes=self.probes.attached(), vcpus_adopted=adopted,
                          policy=describe(self.options.policy))
 
     def poll_once(self, timeout_ms: int = POLL_MS) -> None:
         self.probes.poll(timeout_ms)
-        self.tracker.tick()
+        with self.lock:
+            self.health.ringbuf_polls += 1
+            self.health.last_poll_unix = time.time()
+            self.tracker.tick()
 
     def check_losses(self) -> None:
         counters = self.probes.counters()
@@ -124,25 +177,67 @@ class Daemon:
             self.poll_once()
             now = time.monotonic()
             if now >= next_sweep:
-                self.tracker.sweep()
+                with self.lock:
+                    self.tracker.sweep()
+                    self.tracker.prune_gone(self.options.metrics.retain_gone_s)
                 next_sweep = now + SWEEP_S
             if now >= next_loss:
-                self.check_losses()
+                with self.lock:
+                    self.check_losses()
                 next_loss = now + LOSS_CHECK_S
             for hook in self.housekeeping:
                 hook()
         self.probes.poll(0)  # drain what is already in the ring
-        self.tracker.tick()
+        with self.lock:
+            self.tracker.tick()
+
+    def write_handover(self) -> int:
+        """Before the probes detach: the vCPUs with a completion pending, for the next
+        instance (tracer.handover). Returns how many."""
+        path = self._handover_path()
+        if path is None:
+            return 0
+        first = {s["uid"]: s for s in self.probes.vcpu_states() if s["state"] == handover.PENDING}
+        runtimes = {uid: handover.thread_runtime_ns(s["pid"], s["run_tid"])
+                    for uid, s in first.items()}
+        # Read again after the thread times: a KVM_RUN between the two reads changed the
+        # window (seq) or the state, and that vCPU is left out.
+        again = {s["uid"]: s for s in self.probes.vcpu_states()}
+        pending = []
+        for uid, s in first.items():
+            now = again.get(uid)
+            runtime = runtimes[uid]
+            start_time = vmident.process_start_time(s["pid"])
+            if (now is None or now["state"] != handover.PENDING or now["seq"] != s["seq"]
+                    or runtime is None or start_time is None):
+                continue
+            pending.append(handover.PendingVcpu(
+                pid=s["pid"], start_time=start_time, vcpu_id=s["vcpu_id"],
+                exit_reason=s["exit_reason"], run_tid=s["run_tid"], thread_runtime_ns=runtime,
+                pending_since_ns=s["pending_since_ns"]))
+        try:
+            handover.save(path, pending)
+        except OSError as err:
+            self.sink.notice("handover_not_written", "warning", path=str(path),
+                             reason=err.strerror or str(err))
+            return 0
+        return len(pending)
+
+    def vcpu_totals(self) -> VcpuCounters:
+        """Statistics of every vCPU seen, live and gone."""
+        return total([*(e.counters for e in self.probes.vcpu_entries()),
+                      *self.tracker.ledger.retired.values()])
 
     def summary(self) -> dict[str, object]:
         """What this run saw, for the ``stopped`` line."""
         counters = self.probes.counters()
         stats = self.tracker.stats
+        vcpu = self.vcpu_totals()
         return {
-            "userspace_exits": counters["userspace_exits"],
-            "pending_exits": counters["pending_exits"],
-            "completions": {"reentry": counters["completions_reentry"],
-                            "immediate_exit": counters["completions_immediate_exit"]},
+            "userspace_exits": vcpu.userspace_exits,
+            "pending_exits": vcpu.pending_exits(self.tracker.policy.pending_exits),
+            "completions": {"reentry": vcpu.completions[0],
+                            "immediate_exit": vcpu.completions[1]},
             "guest_exits": sum(self.probes.guest_exit_counts().values()),
             "guest_entries": sum(self.probes.guest_entry_counts().values()),
             "violations": sum(stats.violations.values()),
@@ -152,27 +247,59 @@ class Daemon:
         }
 
     def close(self) -> None:
-        self.probes.close()
+        with self.lock:  # a scrape in flight finishes first; later ones skip the maps
+            self.health.probes_closed = True
+            self.probes.close()
 
 
-def run(options: DaemonOptions) -> int:
+def run(options: DaemonOptions, reloader: Reloader | None = None) -> int:
     # Handlers first: a SIGTERM while the probes compile (a second or two) must still end in a
-    # clean detach and exit 0, not the default kill.
+    # clean detach and exit 0, not the default kill; a SIGHUP then (default: terminate) is kept
+    # for the loop. Handlers only set flags: the loop's housekeeping does the work.
+    from tracer.sdnotify import Notifier
+
     stop = threading.Event()
+    notifier = Notifier()
 
     def _stop(signum: int, _frame: FrameType | None) -> None:
         stop.set()
 
+    def _hup(signum: int, _frame: FrameType | None) -> None:
+        if reloader is not None:
+            reloader.request()
+
     signal.signal(signal.SIGINT, _stop)
     signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGHUP, _hup)
     LogSink().notice("starting", "info", version=__version__, pid=os.getpid(),
                      step="compiling and attaching the probes")
-    daemon = Daemon(options, stop=stop)
+    notifier.status("compiling and attaching the probes")
+    # The exporter binds first: a taken port fails in a moment, not after the compile. Until the
+    # probes are attached a scrape shows only the process metrics.
+    registry = CollectorRegistry()
+    ProcessCollector(registry=registry)
+    stop_metrics = start_server(options.metrics.addr, registry) if options.metrics.addr else None
+    try:
+        daemon = Daemon(options, stop=stop, registry=registry)
+    except BaseException:
+        notifier.stopping()
+        if stop_metrics is not None:
+            stop_metrics()
+        raise
     try:
         if not stop.is_set():
             daemon.start()
+            notifier.ready(status=f"watching; {len(daemon.probes.attached())} probes attached")
+            daemon.housekeeping.append(notifier.watchdog_tick)
+            if reloader is not None:
+                daemon.housekeeping.append(lambda: reloader.poll(daemon, notifier))
             daemon.run_forever()
-        daemon.sink.notice("stopped", "info", reason="signal", **daemon.summary())
+        notifier.stopping()
+        daemon.sink.notice("stopped", "info", reason="signal",
+                           handover_pending=daemon.write_handover(), **daemon.summary())
     finally:
         daemon.close()
+        if stop_metrics is not None:
+            stop_metrics()
+        notifier.close()
     return 0

@@ -12,7 +12,9 @@ import enum
 from dataclasses import dataclass, field
 
 from tracer import abi
+from tracer.counters import EXIT_SLOT_ERROR, EXIT_SLOT_OTHER, VcpuCounters
 from tracer.events import EventFlag, EventType, KernelEvent, PendingAccess
+from tracer.handover import AdoptState
 
 NO_FLAGS = EventFlag(0)
 
@@ -21,6 +23,7 @@ class RunState(enum.Enum):
     IDLE = 0
     RUNNING = 1
     PENDING = 2
+    CLOSED = 3  # last fd gone; the entry waits for the tracker to read and release it
 
 
 @dataclass
@@ -36,6 +39,8 @@ class ModelVcpu:
     access: PendingAccess | None = None
     window_reports: int = 0
     run_tid: int = 0
+    counters: VcpuCounters = field(default_factory=VcpuCounters)
+    completing: bool = False
 
 
 @dataclass
@@ -91,7 +96,7 @@ class ProbeModel:
                 vcpu.fd_refs -= 1
                 left = vcpu.fd_refs
             else:
-                del self.vcpus[uid]
+                vcpu.fd_refs, vcpu.state = 0, RunState.CLOSED
         self._emit(EventType.VCPU_FD_CLOSED, pid, tid, fd=fd, aux=left, vcpu_id=vcpu_id,
                    uid=uid)
 
@@ -117,6 +122,8 @@ class ProbeModel:
         if vcpu is None:
             return
         if cmd == abi.KVM_RUN:
+            if vcpu.state is RunState.PENDING:
+                vcpu.completing = True  # the path is counted when this KVM_RUN returns
             if vcpu.state is RunState.PENDING and vcpu.window_reports:
                 self._emit(EventType.WINDOW_CLOSED, pid, tid, vcpu=vcpu,
                            aux=vcpu.window_reports,
@@ -156,6 +163,14 @@ class ProbeModel:
         uid = self.run_threads.get(tid)
         vcpu = self.vcpus.get(uid) if uid is not None else None
         if vcpu is None:
+            return
+        slot = EXIT_SLOT_ERROR if errno else reason if reason < abi.MAX_EXIT_REASON \
+            else EXIT_SLOT_OTHER
+        vcpu.counters.exits[slot] += 1
+        if vcpu.completing:
+            vcpu.completing = False
+            vcpu.counters.completions[1 if errno == abi.EINTR_ERRNO else 0] += 1
+        if vcpu.state is RunState.CLOSED:
             return
         if errno == 0:
             vcpu.exit_reason = reason
@@ -203,30 +218,42 @@ class ProbeModel:
 
     # ---- what the tracker asks of the probes (ProbeControl) ------------------------------------
     def adopt_vcpu(self, pid: int, fd: int, vcpu_id: int, run_addr: int | None,
-                   uid: int | None = None) -> int | None:
+                   uid: int | None = None, start: AdoptState | None = None) -> int | None:
         if (pid, fd) in self.fds:
             return None
         if uid is None or uid not in self.vcpus:
             self._next_uid += 1
             uid = (1 << 63) + self._next_uid
-            self.vcpus[uid] = ModelVcpu(uid, pid, vcpu_id, fd_refs=0)
+            vcpu = ModelVcpu(uid, pid, vcpu_id, fd_refs=0)
+            if start is not None and start.state:
+                vcpu.state, vcpu.exit_reason = RunState(start.state), start.exit_reason
+                vcpu.run_tid, vcpu.pending_since = start.run_tid, start.pending_since_ns
+                vcpu.seq = 1 if vcpu.state is RunState.PENDING else 0
+            if start is not None and start.run_tid:
+                self.run_threads[start.run_tid] = uid
+            self.vcpus[uid] = vcpu
         self.vcpus[uid].fd_refs += 1
         self.fds[(pid, fd)] = uid
         self.procs.add(pid)
         return uid
 
-    def forget_process(self, pid: int, uids: set[int]) -> int:
+    def forget_process(self, pid: int, uids: set[int]) -> dict[int, VcpuCounters]:
         for key in [k for k, u in self.fds.items() if k[0] == pid and u in uids]:
             del self.fds[key]
-        return sum(1 for uid in uids if self.vcpus.pop(uid, None) is not None)
+        return self.release_vcpus(uids)
 
-    def forget_fd(self, pid: int, fd: int) -> None:
+    def release_vcpus(self, uids: set[int]) -> dict[int, VcpuCounters]:
+        gone = {uid: self.vcpus.pop(uid, None) for uid in uids}
+        return {uid: v.counters for uid, v in gone.items() if v is not None}
+
+    def forget_fd(self, pid: int, fd: int) -> VcpuCounters | None:
         uid = self.fds.pop((pid, fd), None)
         vcpu = self.vcpus.get(uid) if uid is not None else None
         if vcpu is not None and uid is not None:
             vcpu.fd_refs -= 1
             if vcpu.fd_refs <= 0:
-                del self.vcpus[uid]
+                return self.release_vcpus({uid}).get(uid)
+        return None
 
     def tracked_fds(self, pid: int) -> dict[int, int]:
         return {fd: uid for (p, fd), uid in self.fds.items() if p == pid}

@@ -13,14 +13,18 @@ import os
 import sys
 import sysconfig
 import tempfile
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
-from tracer import abi
+from tracer import abi, syscall_abi
+from tracer.counters import HIST_SLOTS, VcpuCounters, VcpuEntry
 from tracer.events import EVENT_SIZE, EventType
+from tracer.handover import PENDING, AdoptState
 from tracer.policy import CompletionPolicy
+from tracer.syscall_abi import DEFAULT_SYSCALL_PROBES, raw_syscalls_supported
 from tracer.tracefs import tracefs_root
 
 BPF_SOURCE_NAME: Final = "completion.c"
@@ -29,8 +33,7 @@ BPF_SOURCE_NAME: Final = "completion.c"
 EVENT_TYPES: Final = 16
 COUNTER_NAMES: Final = (
     "vcpu_map_full", "fd_map_full", "thread_map_full", "inflight_map_full", "proc_map_full",
-    "guest_exit_map_full", "access_read_failed", "userspace_exits", "pending_exits",
-    "completions_reentry", "completions_immediate_exit", "untracked_exits",
+    "guest_exit_map_full", "access_read_failed", "untracked_exits",
 )
 # Python-adopted vCPUs (found in /proc at start-up) take uids from the top half so they never
 # collide with the kernel's counter.
@@ -50,6 +53,7 @@ class ProbeConfig:
     max_guest_exit_keys: int = 16384
     ringbuf_pages: int = 64  # 256 KiB: ~2300 events of 112 bytes between two polls
     trace_exits: bool = False  # one event per exit, for debugging and differential tests
+    syscall_probes: str = DEFAULT_SYSCALL_PROBES  # tracer.syscall_abi: "raw" or "classic"
 
 
 def bpf_source() -> Path:
@@ -97,6 +101,8 @@ def cflags(config: ProbeConfig) -> list[str]:
         "F_DUPFD_CLOEXEC_NR": fcntl.F_DUPFD_CLOEXEC,
         "ACCESS_BYTES": abi.ACCESS_BYTES,
         "MAX_EXIT_REASON": abi.MAX_EXIT_REASON,
+        "EINTR_ERRNO": f"({abi.EINTR_ERRNO})",
+        "HIST_SLOTS": HIST_SLOTS,
         "MAX_VCPUS": config.max_vcpus,
         "MAX_VCPU_FDS": config.max_vcpu_fds,
         "MAX_THREADS": config.max_threads,
@@ -109,6 +115,12 @@ def cflags(config: ProbeConfig) -> list[str]:
         flags.append("-DHAVE_GROUP_DEAD")
     if config.trace_exits:
         flags.append("-DTRACE_EXITS")
+    if config.syscall_probes == "raw":
+        if not raw_syscalls_supported():
+            raise ProbeError("raw syscall probes know the x86-64 syscall ABI only: use "
+                             "--syscall-probes classic on this machine")
+        flags.append("-DRAW_SYSCALLS")
+        flags += [f"-D{k}={v}" for k, v in syscall_abi.cflags().items()]
     return flags
 
 
@@ -126,8 +138,7 @@ def _without_missing_kvm_tracepoints(source: str) -> tuple[str, list[str]]:
     return source, skipped
 
 
-EXPECTED_PROBES: Final = (
-    "raw:kvm_userspace_exit",
+CLASSIC_SYSCALL_PROBES: Final = (
     "syscalls:sys_enter_ioctl", "syscalls:sys_exit_ioctl",
     "syscalls:sys_enter_dup", "syscalls:sys_exit_dup",
     "syscalls:sys_enter_dup2", "syscalls:sys_exit_dup2",
@@ -135,9 +146,15 @@ EXPECTED_PROBES: Final = (
     "syscalls:sys_enter_fcntl", "syscalls:sys_exit_fcntl",
     "syscalls:sys_enter_close", "syscalls:sys_enter_close_range",
     "syscalls:sys_enter_mmap", "syscalls:sys_exit_mmap",
-    "sched:sched_process_exit", "sched:sched_process_exec",
-    "kvm:kvm_exit", "kvm:kvm_entry",
 )
+RAW_SYSCALL_PROBES: Final = ("raw:sys_enter", "raw:sys_exit")
+
+
+def expected_probes(syscall_probes: str = "raw") -> tuple[str, ...]:
+    """Every probe the programs attach, for one kind of syscall probes."""
+    syscalls = RAW_SYSCALL_PROBES if syscall_probes == "raw" else CLASSIC_SYSCALL_PROBES
+    return ("raw:kvm_userspace_exit", *syscalls, "sched:sched_process_exit",
+            "sched:sched_process_exec", "kvm:kvm_exit", "kvm:kvm_entry")
 
 
 BCC_FIX: Final = ("apt-get install python3-bpfcc and use /usr/bin/python3 (or a venv made "
@@ -152,6 +169,15 @@ def bcc_import_error() -> str | None:
     except ImportError as err:
         return str(err)
     return None
+
+
+def bcc_version() -> str:
+    try:
+        import bcc
+
+        return str(getattr(bcc, "__version__", "unknown"))
+    except ImportError:
+        return "unavailable"
 
 
 class Probes:
@@ -177,6 +203,7 @@ class Probes:
         self._ring_open = False
         self._closed = False
         self._next_adopted_uid = ADOPTED_UID_BASE
+        self.python_map_full: Counter[str] = Counter()  # inserts from Python that failed
         self.set_policy(policy)
 
     # ---- policy into maps ----------------------------------------------------------------------
@@ -200,7 +227,12 @@ class Probes:
     def missing(self) -> list[str]:
         """Expected probes that are not attached (besides those the kernel lacks)."""
         have = set(self.attached())
-        return [p for p in EXPECTED_PROBES if p not in have and p not in self.skipped]
+        return [p for p in self.expected() if p not in have]
+
+    def expected(self) -> list[str]:
+        """The probes these programs need on this kernel."""
+        return [p for p in expected_probes(self.config.syscall_probes)
+                if p not in self.skipped]
 
     # ---- events --------------------------------------------------------------------------------
     def on_event(self, handler: Callable[[bytes], None]) -> None:
@@ -216,12 +248,14 @@ class Probes:
 
     # ---- map maintenance from Python -----------------------------------------------------------
     def adopt_vcpu(self, pid: int, fd: int, vcpu_id: int, run_addr: int | None,
-                   uid: int | None = None) -> int | None:
-        """Track a vCPU fd created before the probes attached; returns its uid, None if known."""
+                   uid: int | None = None, start: AdoptState | None = None) -> int | None:
+        """Track a vCPU fd created before the probes attached; returns its uid, None if known.
+        ``start``: its run state as re-learned from /proc (tracer.handover); default idle."""
         fds = self._bpf[b"vcpu_fds"]
         key = fds.Key(pid, fd)
         if key in fds:
             return None
+        new = uid is None
         if uid is None:
             uid = self._next_adopted_uid
             self._next_adopted_uid += 1
@@ -229,52 +263,92 @@ class Probes:
             leaf = vcpus.Leaf()
             leaf.tgid, leaf.vcpu_id, leaf.fd_refs = pid, vcpu_id, 1
             leaf.run_addr = run_addr or 0
-            vcpus[ctypes.c_uint64(uid)] = leaf
+            if start is not None and start.state:
+                leaf.state, leaf.exit_reason, leaf.run_tid = (start.state, start.exit_reason,
+                                                              start.run_tid)
+                leaf.pending_since = start.pending_since_ns
+                leaf.seq = 1 if start.state == PENDING else 0
+            if not self._put("vcpu", vcpus, ctypes.c_uint64(uid), leaf):
+                return None
+            if start is not None and start.run_tid:
+                # The thread's next exit (RUNNING) must land on this vCPU.
+                self._bpf[b"run_threads"][ctypes.c_uint32(start.run_tid)] = \
+                    ctypes.c_uint64(uid)
         else:
             vcpus = self._bpf[b"vcpus"]
             existing = vcpus[ctypes.c_uint64(uid)]
             existing.fd_refs += 1
             vcpus[ctypes.c_uint64(uid)] = existing
-        fds[key] = fds.Leaf(uid, vcpu_id, 0)
+        if not self._put("fd", fds, key, fds.Leaf(uid, vcpu_id, 0)):
+            self.release_vcpus({uid}) if new else self._drop_ref(uid)
+            return None
         procs = self._bpf[b"procs"]
         pkey = procs.Key(pid)
         if procs.get(pkey) is None:  # its exit must be reported so its entries get dropped
-            procs[pkey] = procs.Leaf()
+            self._put("proc", procs, pkey, procs.Leaf())
         return uid
 
-    def forget_process(self, pid: int, uids: set[int]) -> int:
+    def _drop_ref(self, uid: int) -> None:
+        vcpus = self._bpf[b"vcpus"]
+        state = vcpus.get(ctypes.c_uint64(uid))
+        if state is not None and state.fd_refs > 1:
+            state.fd_refs -= 1
+            vcpus[ctypes.c_uint64(uid)] = state
+
+    def _put(self, which: str, table: Any, key: Any, leaf: Any) -> bool:
+        """A map insert from Python; a full map is counted (``<which>_map_full``) like the
+        kernel's own failed inserts: it costs tracking that vCPU, not the daemon."""
+        try:
+            table[key] = leaf
+        except Exception:  # bcc raises a bare Exception ("Could not update table: ...")
+            self.python_map_full[which] += 1
+            return False
+        return True
+
+    def forget_process(self, pid: int, uids: set[int]) -> dict[int, VcpuCounters]:
         """Drop the map entries of an exited process: only its own vCPUs (``uids``), since a
-        new process may already have reused the pid. Returns how many vCPUs went."""
+        new process may already have reused the pid. Returns the statistics of those that
+        were still in the map."""
         fds = self._bpf[b"vcpu_fds"]
         for key in [k for k, v in fds.items() if k.tgid == pid and v.vcpu_uid in uids]:
             fds.pop(key, None)
-        vcpus = self._bpf[b"vcpus"]
-        gone = 0
-        for uid in uids:
-            if vcpus.pop(ctypes.c_uint64(uid), None) is not None:
-                gone += 1
         unknown = self._bpf[b"unknown_fds"]
         for key in [k for k in unknown if k.tgid == pid]:
             unknown.pop(key, None)
-        return gone
+        return self.release_vcpus(uids)
 
-    def forget_fd(self, pid: int, fd: int) -> None:
-        """An fd closed behind the probes' back (close_range): drop it like close() would."""
+    def release_vcpus(self, uids: set[int]) -> dict[int, VcpuCounters]:
+        """Read the statistics of these vCPUs and delete their entries (closed or gone)."""
+        vcpus = self._bpf[b"vcpus"]
+        out = {}
+        for uid in uids:
+            key = ctypes.c_uint64(uid)
+            leaf = vcpus.get(key)
+            if leaf is not None:
+                out[uid] = _counters_of(leaf)
+                vcpus.pop(key, None)
+        return out
+
+    def forget_fd(self, pid: int, fd: int) -> VcpuCounters | None:
+        """An fd closed behind the probes' back (close_range): drop it like close() would.
+        When it was the vCPU's last fd, the vCPU goes too and its statistics are returned."""
         fds = self._bpf[b"vcpu_fds"]
         key = fds.Key(pid, fd)
         leaf = fds.get(key)
         if leaf is None:
-            return
+            return None
         fds.pop(key, None)
         vcpus = self._bpf[b"vcpus"]
         vkey = ctypes.c_uint64(leaf.vcpu_uid)
         state = vcpus.get(vkey)
-        if state is not None:
-            if state.fd_refs > 1:
-                state.fd_refs -= 1
-                vcpus[vkey] = state
-            else:
-                vcpus.pop(vkey, None)
+        if state is None:
+            return None
+        if state.fd_refs > 1:
+            state.fd_refs -= 1
+            vcpus[vkey] = state
+            return None
+        vcpus.pop(vkey, None)
+        return _counters_of(state)
 
     def tracked_fds(self, pid: int) -> dict[int, int]:
         """fd -> vcpu uid for one process, as the probes see it."""
@@ -289,12 +363,19 @@ class Probes:
                         "fd_refs": st.fd_refs, "run_addr": st.run_addr})
         return out
 
+    def vcpu_entries(self) -> list[VcpuEntry]:
+        """Every vCPU entry with its statistics (what a scrape reads)."""
+        return [VcpuEntry(int(key.value), st.tgid, st.vcpu_id, st.state, _counters_of(st))
+                for key, st in self._bpf[b"vcpus"].items()]
+
     # ---- counters ------------------------------------------------------------------------------
     def counters(self) -> dict[str, int]:
         table = self._bpf[b"counters"]
         totals = [int(table.sum(table.Key(i)).value)
                   for i in range(EVENT_TYPES + len(COUNTER_NAMES))]
         out = {name: totals[EVENT_TYPES + i] for i, name in enumerate(COUNTER_NAMES)}
+        for which, n in self.python_map_full.items():
+            out[f"{which}_map_full"] += n
         for etype in EventType:
             out[f"lost_{etype.name.lower()}"] = totals[int(etype)]
         out["events_lost"] = sum(totals[:EVENT_TYPES])
@@ -313,6 +394,12 @@ class Probes:
         if not self._closed:
             self._closed = True
             self._bpf.cleanup()
+
+
+def _counters_of(leaf: Any) -> VcpuCounters:
+    return VcpuCounters(exits=list(leaf.exits), pending_hist=list(leaf.pending_hist),
+                        pending_ns_sum=int(leaf.pending_ns_sum),
+                        completions=list(leaf.completions))
 
 
 @dataclass

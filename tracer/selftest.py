@@ -13,13 +13,16 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from prometheus_client import CollectorRegistry
+
 from tracer.alerts import MemorySink
 from tracer.daemon import Daemon, DaemonOptions
+from tracer.metrics import MetricsConfigError, start_server
 from tracer.policy import build_policy
 from tracer.vmm.report import ExpectedViolation, ScenarioReport
 
@@ -130,7 +133,23 @@ def run_vmm(scenario: str, iterations: int, daemon: Daemon | None = None,
     return report
 
 
-def run_selftest(iterations: int, only: Iterable[str] = ()) -> int:
+def _serve_metrics(addr: str | None) -> tuple[CollectorRegistry | None, Callable[[], None]]:
+    """The selftest's exporter (to watch the counters rise with curl); a taken port costs the
+    metrics, not the selftest."""
+    if addr is None:
+        return None, lambda: None
+    registry = CollectorRegistry()
+    try:
+        stop = start_server(addr, registry)
+    except MetricsConfigError as err:
+        print(f"selftest: no metrics ({err})")
+        return None, lambda: None
+    print(f"selftest: metrics on http://{addr}/metrics")
+    return registry, stop
+
+
+def run_selftest(iterations: int, only: Iterable[str] = (), metrics_addr: str | None = None,
+                 linger_s: float = 0.0) -> int:
     names = list(only) or list(SELFTEST_SCENARIOS)
     unknown = [n for n in names if n not in SELFTEST_SCENARIOS]
     if unknown:
@@ -138,7 +157,13 @@ def run_selftest(iterations: int, only: Iterable[str] = ()) -> int:
               file=sys.stderr)
         return 2
     sink = MemorySink()
-    daemon = Daemon(DaemonOptions(policy=build_policy(), snapshot_idle_s=0.2), sink=sink)
+    registry, stop_metrics = _serve_metrics(metrics_addr)
+    try:
+        daemon = Daemon(DaemonOptions(policy=build_policy(), snapshot_idle_s=0.2), sink=sink,
+                        registry=registry)
+    except BaseException:
+        stop_metrics()
+        raise
     passed = failed = lost = 0
     try:
         daemon.start()
@@ -163,8 +188,14 @@ def run_selftest(iterations: int, only: Iterable[str] = ()) -> int:
                 print(f"ok   {name}: {summary}")
         lost = daemon.probes.counters()["events_lost"]
         failed += 1 if lost else 0
+        if linger_s > 0 and registry is not None:
+            print(f"selftest: serving metrics for {linger_s:g} s more")
+            deadline = time.monotonic() + linger_s
+            while time.monotonic() < deadline:
+                daemon.poll_once(100)
     finally:
         daemon.close()
+        stop_metrics()
     print(f"selftest: {passed} passed, {failed} failed" + (f", {lost} events lost" if lost
                                                             else ""))
     return 0 if failed == 0 else 1

@@ -18,7 +18,9 @@ from typing import Protocol
 
 from tracer import abi
 from tracer.alerts import AlertSink, SnapshotAlert, ViolationAlert
+from tracer.counters import VcpuCounters, VmLedger
 from tracer.events import EventFlag, EventType, KernelEvent, PendingAccess, split_exit_aux
+from tracer.handover import AdoptState, Relearner
 from tracer.policy import CompletionPolicy, Kind, Verdict
 from tracer.vmident import DiscoveredVcpu, VmIdentity
 
@@ -27,11 +29,13 @@ class ProbeControl(Protocol):
     """What the tracker needs from the loaded probes (implemented by tracer.probes.Probes)."""
 
     def adopt_vcpu(self, pid: int, fd: int, vcpu_id: int, run_addr: int | None,
-                   uid: int | None = None) -> int | None: ...
+                   uid: int | None = None, start: AdoptState | None = None) -> int | None: ...
 
-    def forget_process(self, pid: int, uids: set[int]) -> int: ...
+    def forget_process(self, pid: int, uids: set[int]) -> dict[int, VcpuCounters]: ...
 
-    def forget_fd(self, pid: int, fd: int) -> None: ...
+    def release_vcpus(self, uids: set[int]) -> dict[int, VcpuCounters]: ...
+
+    def forget_fd(self, pid: int, fd: int) -> VcpuCounters | None: ...
 
     def tracked_fds(self, pid: int) -> dict[int, int]: ...
 
@@ -54,7 +58,8 @@ class ProcView(Protocol):
         """Whether ``pid`` is still the process that started at ``start_time``."""
 
 
-RUN_STATES = ("idle", "running", "pending")  # enum vcpu_run_state in bpf/completion.c
+RUN_STATES = ("idle", "running", "pending", "closed")  # enum vcpu_run_state, bpf/completion.c
+CLOSED_STATE = 3
 
 
 @dataclass
@@ -99,9 +104,10 @@ class Window:
 
 @dataclass
 class TrackerStats:
-    violations: Counter[tuple[str, str, str, str]] = field(default_factory=Counter)
-    sanctioned: Counter[str] = field(default_factory=Counter)
-    snapshots: Counter[str] = field(default_factory=Counter)
+    # (vm, kind, ioctl, exit_reason, severity)
+    violations: Counter[tuple[str, str, str, str, str]] = field(default_factory=Counter)
+    sanctioned: Counter[tuple[str, str]] = field(default_factory=Counter)  # (vm, rule)
+    snapshots: Counter[str] = field(default_factory=Counter)  # vm
     not_pending: int = 0
     malformed_events: int = 0
     internal_errors: int = 0
@@ -123,6 +129,7 @@ class Tracker:
         self.vcpus: dict[int, VcpuRecord] = {}
         self.windows: dict[tuple[int, int], Window] = {}
         self.stats = TrackerStats()
+        self.ledger = VmLedger()  # statistics of vCPUs that are gone, per VM name
         self._names: dict[int, VmIdentity] = {}
         self._started: dict[int, int | None] = {}  # pid -> start time when first seen
         self._rescan: set[int] = set()
@@ -133,6 +140,7 @@ class Tracker:
         if ident is None or ident.source == "unavailable":
             ident = self.proc.identify(pid)
             self._names[pid] = ident
+            self.ledger.mark_alive(ident.name)
         return ident
 
     # ---- events --------------------------------------------------------------------------------
@@ -159,16 +167,25 @@ class Tracker:
 
     def _on_fd_closed(self, ev: KernelEvent) -> None:
         rec = self.vcpus.get(ev.vcpu_uid)
+        if ev.aux == 0 and self.control is not None:
+            # The vCPU's last fd: the probes keep its entry (closed) until its counts are read.
+            self._retire(ev.tgid, self.control.release_vcpus({ev.vcpu_uid}))
         if rec is None:
             return
         rec.fds.discard(ev.fd)
-        if ev.aux == 0:  # the vCPU's last fd: nothing can reach it any more
+        if ev.aux == 0:  # nothing can reach this vCPU any more
             self._drop_vcpu(ev.vcpu_uid, "vcpu_closed")
             self.sink.notice("vcpu_closed", "debug", pid=ev.tgid, vcpu_id=ev.vcpu_id)
 
     def _drop_vcpu(self, uid: int, closed_by: str) -> None:
         self._close_windows(lambda w: w.uid == uid, closed_by)
         self.vcpus.pop(uid, None)
+
+    def _retire(self, pid: int, released: dict[int, VcpuCounters]) -> None:
+        if released:
+            vm = self.identity(pid).name
+            for counters in released.values():
+                self.ledger.retire(vm, counters)
 
     def _on_process_exit(self, ev: KernelEvent) -> None:
         self._forget_process(ev.tgid)
@@ -178,11 +195,13 @@ class Tracker:
         uids = {uid for uid, rec in self.vcpus.items() if rec.pid == pid}
         for uid in uids:
             del self.vcpus[uid]
-        self._names.pop(pid, None)
+        if self.control is not None:
+            self._retire(pid, self.control.forget_process(pid, uids))
+        ident = self._names.pop(pid, None)
+        if ident is not None and not any(i.name == ident.name for i in self._names.values()):
+            self.ledger.mark_gone(ident.name, self.clock())
         self._started.pop(pid, None)
         self._rescan.discard(pid)
-        if self.control is not None:
-            self.control.forget_process(pid, uids)
         if uids:
             self.sink.notice("process_exit", "debug", pid=pid, vcpus=len(uids))
 
@@ -264,10 +283,11 @@ class Tracker:
             detected_at="ioctl_return" if ev.flags & EventFlag.AT_RETURN else "ioctl_entry",
             window=ev.seq, sanctioned=ruling.verdict is Verdict.SANCTIONED)
         if alert.sanctioned:
-            self.stats.sanctioned[ruling.rule] += 1
+            self.stats.sanctioned[(ident.name, ruling.rule)] += 1
             self.sink.sanctioned(alert)
             return
-        self.stats.violations[(ident.name, kind.value, ioctl.name, exit_name)] += 1
+        self.stats.violations[(ident.name, kind.value, ioctl.name, exit_name,
+                               alert.severity)] += 1
         self.sink.violation(alert)
         if kind is Kind.SAVE:
             key = (ev.vcpu_uid, ev.seq)
@@ -321,7 +341,11 @@ class Tracker:
             self.sync(self.control.vcpu_states())
 
     def sync(self, states: Iterable[dict[str, int]]) -> None:
+        closed: dict[int, set[int]] = {}  # pid -> uids whose close event was lost
         for st in states:
+            if st["state"] == CLOSED_STATE:
+                closed.setdefault(st["pid"], set()).add(st["uid"])
+                continue
             rec = self.vcpus.get(st["uid"])
             if rec is None:
                 continue
@@ -330,6 +354,26 @@ class Tracker:
             rec.run_tid = st["run_tid"] or None
             rec.window = st["seq"]
             rec.pending_since_ns = st["pending_since_ns"] if rec.state == "pending" else None
+        for pid, uids in closed.items():
+            if self.control is not None:
+                self._retire(pid, self.control.release_vcpus(uids))
+            for uid in uids:
+                if uid in self.vcpus:
+                    self._drop_vcpu(uid, "vcpu_closed")
+
+    def prune_gone(self, retain_s: float) -> list[str]:
+        """Forget the counts of VMs gone for ``retain_s`` (bounded memory over months of VM
+        churn; Prometheus has scraped their last values by then). Returns their names."""
+        expired = [vm for vm in self.ledger.expired(self.clock(), retain_s)
+                   if not any(i.name == vm for i in self._names.values())]
+        for vm in expired:
+            self.ledger.drop(vm)
+            self.stats.snapshots.pop(vm, None)
+            for key in [k for k in self.stats.violations if k[0] == vm]:
+                del self.stats.violations[key]
+            for skey in [k for k in self.stats.sanctioned if k[0] == vm]:
+                del self.stats.sanctioned[skey]
+        return expired
 
     def pending_vcpus(self) -> list[VcpuRecord]:
         return [rec for rec in self.vcpus.values() if rec.state == "pending"]
@@ -339,27 +383,41 @@ class Tracker:
             return
         for fd, uid in self.control.tracked_fds(pid).items():
             if self.proc.resolve_fd(pid, fd) is None:
-                self.control.forget_fd(pid, fd)
+                released = self.control.forget_fd(pid, fd)
+                if released is not None:
+                    self._retire(pid, {uid: released})
                 rec = self.vcpus.get(uid)
                 if rec is not None:
                     rec.fds.discard(fd)
                     if not rec.fds:
                         self._drop_vcpu(uid, "vcpu_closed")
 
-    def adopt_existing(self, found: Iterable[DiscoveredVcpu]) -> int:
-        """vCPUs that were running before the probes attached (from a /proc scan)."""
+    def adopt_existing(self, found: Iterable[DiscoveredVcpu],
+                       relearner: Relearner | None = None) -> int:
+        """vCPUs that were running before the probes attached (from a /proc scan), starting
+        in the state ``relearner`` re-learns for them (tracer.handover), else idle."""
         if self.control is None:
             return 0
         adopted = 0
         uid_of: dict[tuple[int, int], int] = {}
         for vcpu in found:
             key = (vcpu.pid, vcpu.vcpu_id)
+            start = None
+            if relearner is not None and key not in uid_of:
+                start = relearner.state_of(vcpu.pid, vcpu.fd, vcpu.vcpu_id, vcpu.run_addr,
+                                           self.proc.start_time(vcpu.pid))
             uid = self.control.adopt_vcpu(vcpu.pid, vcpu.fd, vcpu.vcpu_id, vcpu.run_addr,
-                                          uid_of.get(key))
+                                          uid_of.get(key), start)
             if uid is None:
                 continue  # created after the probes attached: the kernel tracks it already
             uid_of[key] = uid
-            self._track(uid, vcpu.pid, vcpu.vcpu_id).fds.add(vcpu.fd)
+            rec = self._track(uid, vcpu.pid, vcpu.vcpu_id)
+            rec.fds.add(vcpu.fd)
+            if start is not None and start.state:
+                rec.state = RUN_STATES[start.state]
+                rec.run_tid = start.run_tid or None
+                if start.state == 2:
+                    rec.pending(start.exit_reason, start.pending_since_ns, 1)
             adopted += 1
         return adopted
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import requires_kvm_bpf
+from conftest import isolated_daemon_args, requires_kvm_bpf
 
 from tracer.selftest import compare, expected_snapshots
 from tracer.vmm.report import ScenarioReport
@@ -34,9 +34,10 @@ class DaemonProcess:
         fd, out_name = tempfile.mkstemp(prefix="kct-daemon-", suffix=".jsonl")
         efd, err_name = tempfile.mkstemp(prefix="kct-daemon-", suffix=".err")
         self.out, self.err = Path(out_name), Path(err_name)
+        isolation, self.metrics_url = isolated_daemon_args()
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "tracer", "run", "--log-format", "json", "--log-level",
-             "debug", "--snapshot-idle", str(SNAPSHOT_IDLE_S), *args],
+             "debug", "--snapshot-idle", str(SNAPSHOT_IDLE_S), *isolation, *args],
             cwd=REPO, stdout=fd, stderr=efd)
         os.close(fd)
         os.close(efd)
@@ -237,6 +238,30 @@ def test_ready_lists_every_probe(daemon: DaemonProcess) -> None:
                   "syscalls:sys_enter_close", "sched:sched_process_exit", "kvm:kvm_exit",
                   "kvm:kvm_entry"):
         assert probe in ready["probes"]
+    assert "raw:sys_enter" not in ready["probes"]
+
+
+@pytest.fixture(scope="module")
+def raw_daemon() -> Iterator[DaemonProcess]:
+    d = DaemonProcess("--syscall-probes", "raw")
+    yield d
+    assert d.stop() == 0
+    d.out.unlink()
+
+
+@pytest.mark.parametrize("scenario", [
+    "buggy-io-out", "buggy-mmio-read", "buggy-other-thread", "save-while-running", "dup-fd",
+    "dup2-fd", "dup3-fd", "restore-mmio", "correct-io", "fd-reuse", "save-while-running-kicked",
+])
+def test_raw_syscall_probes_reach_the_same_verdicts(raw_daemon: DaemonProcess,
+                                                    scenario: str) -> None:
+    """raw_syscalls sys_enter/sys_exit (--syscall-probes raw) feed the same handlers as the
+    per-syscall tracepoints, from the saved registers: same alerts."""
+    ready = next(e for e in raw_daemon.lines() if e["event"] == "ready")
+    assert {"raw:sys_enter", "raw:sys_exit"} <= set(ready["probes"])
+    assert not any(p.startswith("syscalls:") for p in ready["probes"])
+    report = run_vmm(scenario)
+    assert verdicts(raw_daemon, report) == []
 
 
 def test_reused_pid_inherits_no_pending_exit(daemon: DaemonProcess) -> None:
@@ -327,3 +352,86 @@ def test_a_full_vcpu_map_is_reported_and_raises_no_false_alert() -> None:
     finally:
         assert d.stop() == 0
         d.out.unlink()
+
+
+# ---- the Prometheus exporter ------------------------------------------------------------------
+
+def scrape(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(url, timeout=10) as resp:
+        assert resp.status == 200
+        text = resp.read().decode()
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def series(got: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: str,
+           **labels: str) -> dict[tuple[tuple[str, str], ...], float]:
+    """Samples of ``name`` whose labels include ``labels``."""
+    return {k[1]: v for k, v in got.items()
+            if k[0] == name and labels.items() <= dict(k[1]).items()}
+
+
+def test_metrics_count_what_the_alerts_said(daemon: DaemonProcess) -> None:
+    report = run_vmm("buggy-mmio-write", 4)
+    daemon.settle()
+    vm = f"python[{report.pid}]"
+    got = scrape(daemon.metrics_url)
+    violations = series(got, "kvm_completion_violations_total", vm=vm)
+    alerts = daemon.for_pid(report.pid, "completion_violation")
+    assert sum(violations.values()) == len(alerts) == len(report.violations) > 0
+    for labels in violations:
+        assert dict(labels)["exit_reason"] == "KVM_EXIT_MMIO"
+        assert dict(labels)["kind"] == "save" and dict(labels)["ioctl"].startswith("KVM_GET_")
+    assert series(got, "kvm_completion_snapshots_total", vm=vm) == {
+        (("vm", vm),): float(len(daemon.for_pid(report.pid, "completion_snapshot")))}
+    exits = series(got, "kvm_completion_userspace_exits_total", vm=vm,
+                   exit_reason="KVM_EXIT_MMIO")
+    assert sum(exits.values()) == report.exits["KVM_EXIT_MMIO"]
+    completed = series(got, "kvm_completion_pending_seconds_count", vm=vm)
+    assert sum(completed.values()) == report.completions
+    assert series(got, "kvm_completion_completions_total", vm=vm, path="immediate_exit") \
+        == {(("path", "immediate_exit"), ("vm", vm)): float(report.completions)}
+    health = series(got, "kvm_completion_probes_attached")
+    assert list(health.values()) == list(series(got, "kvm_completion_probes_expected").values())
+    assert sum(series(got, "kvm_completion_events_lost_total").values()) == 0
+
+
+def test_scrapes_while_the_daemon_stops_stay_valid() -> None:
+    """A scrape racing the probes' detach gets a valid exposition (or a refused connection once
+    the server is gone), never a 500 or a half-written page."""
+    import threading
+    import urllib.error
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    d = DaemonProcess()
+    outcomes: list[str] = []
+    stop = threading.Event()
+
+    def hammer() -> None:
+        while not stop.is_set():
+            try:
+                with urllib.request.urlopen(d.metrics_url, timeout=5) as resp:
+                    body = resp.read().decode()
+                list(text_string_to_metric_families(body))  # raises if malformed
+                outcomes.append(f"ok:{resp.status}")
+            except urllib.error.HTTPError as err:
+                outcomes.append(f"http:{err.code}")
+            except (ConnectionError, urllib.error.URLError):
+                outcomes.append("refused")
+                return
+
+    thread = threading.Thread(target=hammer)
+    thread.start()
+    time.sleep(0.5)
+    assert d.stop() == 0
+    stop.set()
+    thread.join(timeout=10)
+    d.out.unlink()
+    assert outcomes and all(o in ("ok:200", "refused") for o in outcomes), set(outcomes)
+    assert outcomes.count("ok:200") > 3

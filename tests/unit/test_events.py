@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 from conftest import has_c_compiler
 
-from tracer import abi, probes
+from tracer import abi, counters, probes, tracker
 from tracer.events import (
     EVENT_SIZE,
     EVENT_STRUCT,
@@ -88,6 +88,9 @@ STRUCT_EVENT = c_block(SOURCE, "struct event")
 ENUM_EVENT_TYPE = c_block(SOURCE, "enum event_type")
 ENUM_EVENT_FLAG = c_block(SOURCE, "enum event_flag")
 ENUM_COUNTER = c_block(SOURCE, "enum counter")
+ENUM_EXIT_SLOT = c_block(SOURCE, "enum exit_slot")
+ENUM_COMPLETION_PATH = c_block(SOURCE, "enum completion_path")
+ENUM_RUN_STATE = c_block(SOURCE, "enum vcpu_run_state")
 C_FIELDS = struct_fields(STRUCT_EVENT)
 
 # Values the C program stores in a struct event; decode_event must read back exactly these.
@@ -128,9 +131,13 @@ def c_program() -> str:
         "typedef unsigned long long u64;",
         "typedef long long s64;",
         f"#define ACCESS_BYTES {abi.ACCESS_BYTES}",
+        f"#define MAX_EXIT_REASON {abi.MAX_EXIT_REASON}",
         "enum event_type {" + ENUM_EVENT_TYPE + "};",
         "enum event_flag {" + ENUM_EVENT_FLAG + "};",
         "enum counter {" + ENUM_COUNTER + "};",
+        "enum exit_slot {" + ENUM_EXIT_SLOT + "};",
+        "enum completion_path {" + ENUM_COMPLETION_PATH + "};",
+        "enum vcpu_run_state {" + ENUM_RUN_STATE + "};",
         "struct event {" + STRUCT_EVENT + "};",
         "#define MEMBER(f) printf(\"field %s %zu %zu\\n\", #f, offsetof(struct event, f), "
         "sizeof(((struct event *)0)->f))",
@@ -141,7 +148,8 @@ def c_program() -> str:
         "    printf(\"sizeof %zu\\n\", sizeof(struct event));",
     ]
     lines += [f"    MEMBER({name});" for _, name, _ in C_FIELDS]
-    for body in (ENUM_EVENT_TYPE, ENUM_EVENT_FLAG, ENUM_COUNTER):
+    for body in (ENUM_EVENT_TYPE, ENUM_EVENT_FLAG, ENUM_COUNTER, ENUM_EXIT_SLOT,
+                 ENUM_COMPLETION_PATH, ENUM_RUN_STATE):
         lines += [f"    ENUMV({name});" for name in enum_names(body)]
     for _, name, length in C_FIELDS:
         value = C_SAMPLE.get(name)
@@ -292,13 +300,6 @@ def test_event_flag_matches_enum_event_flag(c_facts: CFacts) -> None:
     assert c_flags == {m.name: m.value for m in EventFlag}
 
 
-# C counters whose Python name is not just the lowercased C name.
-COUNTER_RENAMES = {
-    "completions": "completions_reentry",
-    "completions_immediate": "completions_immediate_exit",
-}
-
-
 @requires_cc
 def test_counter_names_follow_enum_counter(c_facts: CFacts) -> None:
     c_names = enum_names(ENUM_COUNTER)
@@ -309,10 +310,8 @@ def test_counter_names_follow_enum_counter(c_facts: CFacts) -> None:
     named = sorted((c_facts.enums[n], n) for n in c_names[1:-1])
     # dense, starting right after the per-event-type "lost" slots, ending at C_COUNTERS
     assert [v for v, _ in named] == list(range(ev_types, c_facts.enums["C_COUNTERS"]))
-    lowered = [n.removeprefix("C_").lower() for _, n in named]
-    assert set(COUNTER_RENAMES) <= set(lowered), "a rename no longer applies: update the test"
-    expected = tuple(COUNTER_RENAMES.get(n, n) for n in lowered)
-    assert expected == probes.COUNTER_NAMES
+    lowered = tuple(n.removeprefix("C_").lower() for _, n in named)
+    assert lowered == probes.COUNTER_NAMES
     assert c_facts.enums["C_COUNTERS"] == probes.EVENT_TYPES + len(probes.COUNTER_NAMES)
 
 
@@ -531,3 +530,18 @@ def test_pending_ns_is_never_negative(since: int, ts: int, expected: int) -> Non
     ev = decode_event(encode_event(make_event(EventType.VIOLATION, pending_since_ns=since,
                                               ts_ns=ts)))
     assert ev.pending_ns == expected
+
+
+@requires_cc
+def test_vcpu_statistics_slots_match_the_c_enums(c_facts: CFacts) -> None:
+    """tracer.counters indexes the arrays of struct vcpu_state with these."""
+    assert c_facts.enums["EXIT_SLOT_OTHER"] == counters.EXIT_SLOT_OTHER
+    assert c_facts.enums["EXIT_SLOT_ERROR"] == counters.EXIT_SLOT_ERROR
+    assert c_facts.enums["EXIT_SLOTS"] == counters.EXIT_SLOTS
+    paths = {n: c_facts.enums[n] for n in enum_names(ENUM_COMPLETION_PATH)}
+    assert paths == {"PATH_REENTRY": 0, "PATH_IMMEDIATE": 1, "PATHS": len(counters.PATHS)}
+    assert counters.PATHS == ("reentry", "immediate_exit")
+    states = {n.removeprefix("VCPU_").lower(): c_facts.enums[n]
+              for n in enum_names(ENUM_RUN_STATE)}
+    assert states == {name: i for i, name in enumerate(tracker.RUN_STATES)}
+    assert states["closed"] == tracker.CLOSED_STATE

@@ -303,7 +303,7 @@ def test_port_7e_is_sanctioned_unless_the_quirk_is_disabled() -> None:
     h.ioctl(5, SET_REGS)
     assert h.violations == []
     assert [a.rule for a in h.sink.sanctions] == ["port-0x7e", "port-0x7e"]
-    assert h.tracker.stats.sanctioned["port-0x7e"] == 2
+    assert h.tracker.stats.sanctioned[(f"guest-{PID}", "port-0x7e")] == 2
 
     h2 = Harness()
     h2.model.disable_quirks(PID, VCPU_TID, abi.KVM_X86_QUIRK_OUT_7E_INC_RIP)
@@ -458,3 +458,77 @@ def test_mirror_follows_the_probes_map_and_the_events() -> None:
     h.ioctl(5, GET_REGS)
     h.complete(5)  # WINDOW_CLOSED: the re-entry is seen without a sweep
     assert by_id[4].state == "running" and h.tracker.pending_vcpus() == []
+
+
+# ---- statistics of vCPUs that go (what keeps the exported counters monotonic) -----------------
+
+def _retired(h: Harness) -> dict[str, tuple[int, int, int]]:
+    """vm -> (userspace exits, completed windows, reentry completions) of gone vCPUs."""
+    return {vm: (c.userspace_exits, c.completed, c.completions[0])
+            for vm, c in h.tracker.ledger.retired.items()}
+
+
+def test_closing_the_last_fd_folds_the_vcpu_counts_into_its_vm() -> None:
+    h = Harness()
+    h.create_vcpu(fd=5)
+    h.run(5, IO, OUT_3F8)
+    h.run(5, HLT)  # completes the OUT by re-entry
+    h.model.close(PID, VCPU_TID, 5)
+    assert [v.state.name for v in h.model.vcpus.values()] == ["CLOSED"]  # until read
+    h.flush()
+    assert h.model.vcpus == {} and h.tracker.vcpus == {}
+    assert _retired(h) == {f"guest-{PID}": (2, 0, 1)}
+
+
+def test_closed_vcpu_whose_close_event_was_lost_is_released_by_the_sweep() -> None:
+    h = Harness()
+    h.create_vcpu(fd=5)
+    h.run(5, IO, OUT_3F8)
+    h.model.close(PID, VCPU_TID, 5)
+    h.model.drain()  # the ring buffer dropped VCPU_FD_CLOSED
+    assert len(h.tracker.vcpus) == 1
+    h.tracker.sweep()
+    assert h.model.vcpus == {} and h.tracker.vcpus == {}
+    assert _retired(h) == {f"guest-{PID}": (1, 0, 0)}
+
+
+def test_process_exit_retires_its_vcpus_and_gone_vms_are_pruned_after_retention() -> None:
+    h = Harness()
+    h.create_vcpu(fd=5)
+    h.run(5, IO, OUT_3F8)
+    h.ioctl(5, GET_REGS)
+    h.model.process_exit(PID)
+    h.flush()
+    vm = f"guest-{PID}"
+    assert _retired(h) == {vm: (1, 0, 0)}
+    assert sum(h.tracker.stats.violations.values()) == 1
+    h.clock.now = 100.0
+    assert h.tracker.prune_gone(retain_s=300) == []
+    h.clock.now = 301.0
+    assert h.tracker.prune_gone(retain_s=300) == [vm]
+    assert h.tracker.ledger.retired == {} and not h.tracker.stats.violations
+
+
+def test_a_vm_back_under_the_same_name_keeps_its_counts() -> None:
+    h = Harness()
+    h.create_vcpu(fd=5)
+    h.run(5, IO, OUT_3F8)
+    h.model.process_exit(PID)
+    h.flush()
+    h.clock.now = 10.0
+    h.create_vcpu(fd=5)  # same pid, hence the same name in FakeProc: the VM is back
+    h.clock.now = 1000.0
+    assert h.tracker.prune_gone(retain_s=300) == []
+    assert _retired(h) == {f"guest-{PID}": (1, 0, 0)}
+
+
+def test_close_range_retires_the_vcpu_it_closed() -> None:
+    from tracer.events import EventFlag, KernelEvent
+
+    h = Harness()
+    h.create_vcpu(fd=5)
+    h.run(5, HLT)
+    h.tracker.handle(KernelEvent(EventType.FD_RANGE_CLOSED, PID, VCPU_TID, 0, 5, 0, 0,
+                                 EventFlag(0), 0, 0, 1, 5, 0, None, "vmm"))
+    h.tracker.tick()
+    assert h.tracker.vcpus == {} and _retired(h) == {f"guest-{PID}": (1, 0, 0)}

@@ -98,6 +98,26 @@ def test_libvirt_cgroup_v1() -> None:
     assert identity.uuid == "0c6f1a2b-3d4e-4f50-8a61-72b83c94d0e1"
 
 
+def test_proxmox_qemu_plain_name() -> None:
+    # "-name web01,debug-threads=on": the first item without a key is the guest name; Proxmox
+    # passes the UUID only inside -smbios, which is not the -uuid option.
+    assert identify_vm(1004, PROCFS) == VmIdentity(
+        name="web01", vmm="qemu", uuid=None, source="qemu -name guest="
+    )
+
+
+def test_kubevirt_cgroup_v1_hybrid_crio() -> None:
+    # v1 controllers plus the unified "0::" line, systemd driver ('_' in the pod UID), CRI-O.
+    assert identify_vm(1011, PROCFS) == VmIdentity(
+        name="kubevirt-tests/alpine-vmi",
+        vmm="qemu",
+        uuid="b3e1c8a4-6d2f-5e7a-9c0b-1d2e3f4a5b6c",
+        source="kubevirt",
+        namespace="kubevirt-tests",
+        pod_uid="0b7c9d2e-4f15-4a36-8b47-5c6d7e8f9a0b",
+    )
+
+
 def test_kubevirt_virt_launcher() -> None:
     assert identify_vm(1010, PROCFS) == VmIdentity(
         name="default/testvmi",
@@ -265,6 +285,34 @@ def test_libvirt_other_layouts(tmp_path: Path, cgroup: str) -> None:
     assert (identity.name, identity.source) == ("vm2", "libvirt machine scope")
 
 
+CONTAINER_POD = "kubepods-burstable-pod1a2b3c4d_5e6f_4a7b_8c9d_0e1f2a3b4c5d.slice"
+
+
+@pytest.mark.parametrize(
+    ("cgroup", "argv", "expected"),
+    [
+        # The tracer in a container (image or DaemonSet) with a private cgroup namespace, the
+        # default on cgroup v2: the kernel shows other processes' cgroups relative to the
+        # tracer's own, climbing out with "..".
+        (
+            "0::/../../../machine.slice/machine-qemu\\x2d3\\x2dweb01.scope/libvirt/emulator\n",
+            ["/usr/bin/qemu-system-x86_64", "-name", "guest=web01,debug-threads=on"],
+            ("web01", "libvirt machine scope", None),
+        ),
+        (
+            f"0::/../../{CONTAINER_POD}/cri-containerd-{CONTAINERD_ID}.scope\n",
+            ["/usr/libexec/qemu-kvm", "-name", "guest=prod_db-0,debug-threads=on"],
+            ("prod/db-0", "kubevirt", "1a2b3c4d-5e6f-4a7b-8c9d-0e1f2a3b4c5d"),
+        ),
+    ],
+)
+def test_cgroup_paths_seen_from_a_cgroup_namespace(
+    tmp_path: Path, cgroup: str, argv: list[str], expected: tuple[str, str, str | None]
+) -> None:
+    identity = name_of(tmp_path, argv, "qemu-system-x86", cgroup)
+    assert (identity.name, identity.source, identity.pod_uid) == expected
+
+
 def test_nspawn_machine_scope_is_not_libvirt(tmp_path: Path) -> None:
     cgroup = "0::/machine.slice/machine-webcontainer.scope/payload\n"
     identity = name_of(tmp_path, ["/opt/vmm/run"], "run", cgroup)
@@ -428,7 +476,10 @@ def test_discover_fixture_tree() -> None:
         D(1002, 26, 1, RUN1),
         D(1002, 40, 0, RUN0),  # dup of fd 25: one entry per fd
         D(1003, 22, 0, RUN0),
+        D(1004, 31, 0, RUN0),  # Proxmox
+        D(1004, 32, 1, RUN1),
         D(1010, 23, 0, RUN0),
+        D(1011, 24, 0, RUN0),  # not the 0x3000-offset page (PIO data) of the same fd
         D(1020, 13, 0, RUN0),
         D(1020, 14, 1, RUN1),
         D(1030, 10, 0, RUN0),

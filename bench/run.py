@@ -1,0 +1,808 @@
+"""Benchmark: what kvm-completion-tracer costs, against no tracer, a bpftrace one-off and an
+empty-program floor.  Run as root from the repo root: ``.venv/bin/python bench/run.py``
+(``make bench``).  Standard library only; bcc and bpftrace run as subprocesses.
+
+Configurations, alternated in every round (baseline -> daemon -> bpftrace -> floor):
+  baseline  no tracer
+  daemon    ``python -m tracer run --log-format json`` (this checkout)
+  bpftrace  bench/oneoff.bt, the hand-written one-off an operator would use
+  floor     bench/floor.py: EMPTY programs on every tracepoint the daemon attaches
+
+Rows (see bench/README.md): per_exit, getppid, cpu, latency, startup, scale.
+Prints one table and writes JSON (--out, default bench/results.json) with every raw sample.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as dt
+import json
+import os
+import platform
+import queue
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+BENCH = Path(__file__).resolve().parent
+REPO = BENCH.parent
+VENV_PY = REPO / ".venv" / "bin" / "python"
+ROWS = ("per_exit", "getppid", "cpu", "latency", "startup", "scale")
+# *_raw: the daemon and the floor on raw_syscalls sys_enter/sys_exit (--syscall-probes raw)
+# instead of the per-syscall tracepoints: the table shows what that trade costs and buys.
+CONFIGS = ("baseline", "daemon", "bpftrace", "floor", "daemon_raw", "floor_raw")
+SCALE_VCPUS = (1, 64, 1024)
+CPU_BUSY_VCPUS = 4
+STARTUP_TIMEOUT_S = 60.0
+ALERT_WAIT_S = 5.0
+
+# Targets from the issue.
+T_PER_EXIT_RATIO = 1.03
+T_PER_EXIT_NS = 200.0
+T_SYSCALL_RATIO = 1.05
+T_CPU_PCT = 2.0
+T_LATENCY_P99_MS = 100.0
+T_SCALE_SPREAD = 0.10
+
+
+class BenchError(Exception):
+    """Something the operator must fix (missing tool, not root...): one line, exit 1."""
+
+
+def log(msg: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+# ---- building --------------------------------------------------------------------------------
+
+def build(build_dir: Path) -> dict[str, Path]:
+    gcc = shutil.which("gcc") or shutil.which("cc")
+    if not gcc:
+        raise BenchError("gcc not found: apt-get install gcc libc6-dev (or `make setup`)")
+    build_dir.mkdir(parents=True, exist_ok=True)
+    out = {}
+    for name, extra in (("kvmloop", ["-pthread"]), ("getppid", [])):
+        exe = build_dir / name
+        cmd = [gcc, "-O2", "-Wall", "-Wextra", *extra, "-o", str(exe), str(BENCH / f"{name}.c")]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode:
+            raise BenchError(f"building {name}.c failed:\n{proc.stderr.strip()}")
+        out[name] = exe
+    return out
+
+
+# ---- small process helpers -------------------------------------------------------------------
+
+def run_json(cmd: list[str], timeout: float) -> dict[str, Any]:
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode:
+        raise BenchError(f"{Path(cmd[0]).name} failed (exit {proc.returncode}): "
+                         f"{proc.stderr.strip()[-500:]}")
+    result: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
+    return result
+
+
+def rss_kb(pid: int) -> int | None:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def cpu_times(pid: int) -> tuple[float, float]:
+    """(utime+stime from /proc/PID/stat in s, sum of per-thread schedstat run time in s)."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    fields = stat[stat.rindex(")") + 2:].split()
+    ticks = os.sysconf("SC_CLK_TCK")
+    stat_s = (int(fields[11]) + int(fields[12])) / ticks  # utime, stime (fields 14, 15)
+    sched_ns = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            sched_ns += int((task / "schedstat").read_text().split()[0])
+    return stat_s, sched_ns / 1e9
+
+
+BPF_STATS = Path("/proc/sys/kernel/bpf_stats_enabled")
+
+
+def bpf_prog_stats(pid: int) -> dict[str, tuple[int, int]]:
+    """Per BPF program the process holds: (run_time_ns, run_cnt) from /proc/PID/fdinfo; only
+    counted while kernel.bpf_stats_enabled is 1 (--bpf-stats)."""
+    out: dict[str, tuple[int, int]] = {}
+    try:
+        fds = list(Path(f"/proc/{pid}/fdinfo").iterdir())
+    except OSError:
+        return out
+    for fd in fds:
+        try:
+            info = dict(line.split(":", 1) for line in fd.read_text().splitlines()
+                        if ":" in line)
+        except OSError:
+            continue
+        if "prog_id" not in info or "run_time_ns" not in info:
+            continue
+        out[info["prog_id"].strip()] = (int(info["run_time_ns"]), int(info.get("run_cnt", 0)))
+    return out
+
+
+def bpf_delta(before: dict[str, tuple[int, int]],
+              after: dict[str, tuple[int, int]]) -> dict[str, tuple[int, int]]:
+    """Per prog_id: (run_time_ns, run_cnt) accrued between the two readings."""
+    return {k: (v[0] - before.get(k, (0, 0))[0], v[1] - before.get(k, (0, 0))[1])
+            for k, v in after.items()}
+
+
+def other_tracers(own: Iterable[int]) -> list[str]:
+    """Other tracer processes on the host (they would skew every number): for the record."""
+    found, own = [], set(own) | {os.getpid()}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) in own:
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        words = [a.decode(errors="replace") for a in argv if a]
+        text = " ".join(words)
+        if any(Path(w).name == "bpftrace" for w in words[:1]) or \
+                ("tracer" in text and " run" in text and "-m" in text) or \
+                "kvm-completion-tracer run" in text or "bench/floor.py" in text:
+            found.append(f"{entry.name}: {text[:120]}")
+    return found
+
+
+# ---- tracer sessions -------------------------------------------------------------------------
+
+def _die_with_parent() -> None:
+    """In the child: SIGTERM it (a clean detach) if the harness dies, even by SIGKILL."""
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM, 0, 0, 0)
+
+
+@dataclass
+class Session:
+    """One tracer process; a reader thread stamps every stdout line on arrival (CLOCK_REALTIME)."""
+
+    config: str
+    cmd: list[str]
+    ready: Callable[[str], bool]
+    work: Path
+    cwd: Path = REPO
+    proc: subprocess.Popen[bytes] | None = None
+    lines: list[tuple[int, str]] = field(default_factory=list)
+    startup_s: float | None = None
+    ready_rss_kb: int | None = None
+    _arrivals: queue.Queue[tuple[int, str]] = field(default_factory=queue.Queue)
+    _reader: threading.Thread | None = None
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def start(self) -> None:
+        t0 = time.monotonic()
+        with open(self.work / f"{self.config}.stderr", "ab") as err:
+            self.proc = subprocess.Popen(self.cmd, cwd=self.cwd, stdout=subprocess.PIPE,
+                                         stderr=err, stdin=subprocess.DEVNULL,
+                                         start_new_session=True, preexec_fn=_die_with_parent)
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+        deadline = t0 + STARTUP_TIMEOUT_S
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0 or self.proc.poll() is not None:
+                rc = self.proc.poll()
+                self.stop()
+                tail = (self.work / f"{self.config}.stderr").read_text(errors="replace").strip()
+                out = " | ".join(line for _, line in self.snapshot()[-3:])
+                why = f"exited with {rc}" if rc is not None else \
+                    f"no ready line in {STARTUP_TIMEOUT_S:.0f} s"
+                raise BenchError(f"{self.config} ({' '.join(self.cmd)}) did not become ready: "
+                                 f"{why}; stderr: {tail[-600:] or '(empty)'}; "
+                                 f"last stdout: {out[-600:] or '(none)'}")
+            try:
+                _, line = self._arrivals.get(timeout=min(left, 0.5))
+            except queue.Empty:
+                continue
+            if self.ready(line):
+                self.startup_s = time.monotonic() - t0
+                break
+        self.ready_rss_kb = rss_kb(self.proc.pid)
+
+    def _read(self) -> None:
+        assert self.proc and self.proc.stdout
+        for raw in self.proc.stdout:
+            stamp = time.time_ns()
+            line = raw.decode(errors="replace").rstrip("\n")
+            with self._lock:
+                self.lines.append((stamp, line))
+            self._arrivals.put((stamp, line))
+
+    def snapshot(self) -> list[tuple[int, str]]:
+        with self._lock:
+            return list(self.lines)
+
+    @property
+    def pid(self) -> int:
+        assert self.proc
+        return self.proc.pid
+
+    def stop(self) -> None:
+        if not self.proc or self.proc.poll() is not None:
+            return
+        try:
+            os.killpg(self.proc.pid, signal.SIGINT)
+            self.proc.wait(timeout=10)
+        except (subprocess.TimeoutExpired, ProcessLookupError):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=5)
+        if self._reader:
+            self._reader.join(timeout=2)
+
+
+DAEMON_REPO = REPO  # --daemon-repo: benchmark another checkout's daemon (same .venv)
+_DAEMON_HELP: list[str] = []
+
+
+def daemon_cmd(work: Path) -> list[str]:
+    """``python -m tracer run --log-format json``, plus ``--no-metrics`` (no exporter thread or
+    port) and a private ``--state-dir`` (the instance lock) when this daemon has them."""
+    if not _DAEMON_HELP:
+        out = subprocess.run([str(VENV_PY), "-m", "tracer", "run", "--help"], cwd=DAEMON_REPO,
+                             capture_output=True, text=True, timeout=60)
+        _DAEMON_HELP.append(out.stdout)
+    cmd = [str(VENV_PY), "-m", "tracer", "run", "--log-format", "json"]
+    if "--no-metrics" in _DAEMON_HELP[0]:
+        cmd.append("--no-metrics")
+    if "--state-dir" in _DAEMON_HELP[0]:
+        cmd += ["--state-dir", str(work / "state")]
+    return cmd
+
+
+def session_for(config: str, work: Path) -> Session | None:
+    if config == "baseline":
+        return None
+    if config in ("daemon", "daemon_raw"):
+        cmd = daemon_cmd(work)
+        if config == "daemon_raw":
+            cmd += ["--syscall-probes", "raw"]
+        return Session(config, cmd, lambda line: '"event": "ready"' in line, work,
+                       cwd=DAEMON_REPO)
+    if config == "bpftrace":
+        # bpftrace prints "Attaching N probes..." just before it attaches; start-up is timed to
+        # that line, and readiness for the workloads is confirmed with a probe violation.
+        return Session(config, ["bpftrace", str(BENCH / "oneoff.bt")],
+                       lambda line: line.startswith("Attaching"), work)
+    if config in ("floor", "floor_raw"):
+        kind = "raw" if config == "floor_raw" else "classic"
+        return Session(config, [str(VENV_PY), str(BENCH / "floor.py"), kind],
+                       lambda line: line.startswith("ready"), work)
+    raise ValueError(config)
+
+
+# ---- workloads -------------------------------------------------------------------------------
+
+@dataclass
+class Bench:
+    args: argparse.Namespace
+    exe: dict[str, Path]
+    work: Path
+    samples: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    def add(self, row: str, config: str, value: Any) -> None:
+        self.samples.setdefault(row, {}).setdefault(config, []).append(value)
+
+    def kvmloop(self, *extra: str, seconds: float | None = None) -> dict[str, Any]:
+        secs = self.args.seconds if seconds is None else seconds
+        return run_json([str(self.exe["kvmloop"]), "--seconds", str(secs), *extra],
+                        timeout=secs + 120)
+
+    def wait_attached(self, sess: Session) -> float:
+        """bpftrace: run 1-violation VMs until the one-off prints; returns seconds waited."""
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < 20:
+            ts = self.work / "probe.ts"
+            out = self.kvmloop("--violations", "1", "--ts-file", str(ts), "--pace-us", "100",
+                               seconds=1)
+            until = time.monotonic() + 1.0
+            while time.monotonic() < until:
+                if any(f" {out['pid']} " in line for _, line in sess.snapshot()):
+                    return time.monotonic() - t0
+                time.sleep(0.02)
+        raise BenchError("bpftrace attached but never reported a probe violation")
+
+    def round(self, config: str, rows: set[str]) -> None:
+        sess = session_for(config, self.work)
+        try:
+            if sess:
+                sess.start()
+                if config == "bpftrace":
+                    first = self.wait_attached(sess)
+                    self.add("startup", "bpftrace_first_output_s", (sess.startup_s or 0) + first)
+                if config in ("daemon", "bpftrace"):
+                    self.add("startup", f"{config}_s", sess.startup_s)
+                    self.add("startup", f"{config}_rss_kb", sess.ready_rss_kb)
+                time.sleep(self.args.settle)
+            if "per_exit" in rows:
+                before = bpf_prog_stats(sess.pid) if sess and self.args.bpf_stats else {}
+                out = self.kvmloop()
+                if sess and self.args.bpf_stats:
+                    per_prog = bpf_delta(before, bpf_prog_stats(sess.pid))
+                    ns = sum(v[0] for v in per_prog.values())
+                    out.update(bpf_run_ns=ns, bpf_runs=sum(v[1] for v in per_prog.values()),
+                               bpf_by_prog_id={k: list(v) for k, v in per_prog.items() if v[1]},
+                               bpf_ns_per_exit=ns / out["exits"] if out["exits"] else None)
+                self.add("per_exit", config, out)
+            if "getppid" in rows:
+                self.add("getppid", config, run_json(
+                    [str(self.exe["getppid"]), str(self.args.getppid_seconds)], timeout=60))
+            if "scale" in rows and config in ("baseline", "daemon"):
+                for n in SCALE_VCPUS:
+                    self.add("scale", f"{config}_{n}", self.kvmloop("--vcpus", str(n)))
+            if "cpu" in rows and config in ("baseline", "daemon", "bpftrace"):
+                self.add("cpu", config, self.cpu(sess))
+            if "latency" in rows and sess and config in ("daemon", "bpftrace"):
+                self.add("latency", config, self.latency(sess))
+        finally:
+            if sess:
+                sess.stop()
+
+    def cpu(self, sess: Session | None) -> dict[str, Any]:
+        n = str(CPU_BUSY_VCPUS)
+        if sess is None:
+            return self.kvmloop("--vcpus", n, "--busy", n, seconds=self.args.cpu_seconds)
+        before, w0 = cpu_times(sess.pid), time.monotonic()
+        rss = [rss_kb(sess.pid) or 0]
+        done = threading.Event()
+
+        def _sample_rss() -> None:
+            while not done.wait(0.1):
+                rss.append(rss_kb(sess.pid) or 0)
+
+        sampler = threading.Thread(target=_sample_rss, daemon=True)
+        sampler.start()
+        try:
+            out = self.kvmloop("--vcpus", n, "--busy", n, seconds=self.args.cpu_seconds)
+        finally:
+            done.set()
+            sampler.join()
+        after, wall = cpu_times(sess.pid), time.monotonic() - w0
+        return {**out, "wall_s": wall,
+                "cpu_pct_stat": 100 * (after[0] - before[0]) / wall,
+                "cpu_pct_schedstat": 100 * (after[1] - before[1]) / wall,
+                "rss_kb_max": max(rss), "rss_kb_end": rss_kb(sess.pid)}
+
+    def latency(self, sess: Session) -> dict[str, Any]:
+        ts_file = self.work / f"violations-{sess.config}.ts"
+        k = self.args.violations
+        start_index = len(sess.snapshot())
+        out = self.kvmloop("--violations", str(k), "--ts-file", str(ts_file),
+                           "--pace-us", str(self.args.pace_us), seconds=k * 0.01 + 30)
+        pid = out["pid"]
+        stamps = [tuple(map(int, line.split())) for line in ts_file.read_text().splitlines()]
+        deadline = time.monotonic() + ALERT_WAIT_S
+        while True:
+            alerts = self.alerts(sess, pid, start_index)
+            if len(alerts) >= len(stamps) or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        arrival_ms, stamp_ms, matched_by = [], [], "order"
+        by_window = {a["window"]: a for a in alerts if a.get("window") is not None}
+        if sess.config == "daemon" and by_window:
+            matched_by = "window"
+            for ts, window in stamps:
+                a = by_window.get(window)
+                if a:
+                    arrival_ms.append((a["arrival_ns"] - ts) / 1e6)
+                    if a.get("timestamp_ns"):
+                        stamp_ms.append((a["timestamp_ns"] - ts) / 1e6)
+        else:
+            for (ts, _), a in zip(stamps, alerts, strict=False):
+                arrival_ms.append((a["arrival_ns"] - ts) / 1e6)
+        return {"violations_issued": len(stamps), "alerts_seen": len(alerts),
+                "matched": len(arrival_ms), "matched_by": matched_by,
+                "arrival_latency_ms": arrival_ms, "timestamp_latency_ms": stamp_ms,
+                "ns_per_exit": out["ns_per_exit"]}
+
+    @staticmethod
+    def alerts(sess: Session, pid: int, start: int) -> list[dict[str, Any]]:
+        found = []
+        for arrival, line in sess.snapshot()[start:]:
+            if sess.config == "daemon":
+                if '"completion_violation"' not in line:
+                    continue
+                try:
+                    rec = json.loads(line)
+                except ValueError:
+                    continue
+                if rec.get("pid") != pid:
+                    continue
+                found.append({"arrival_ns": arrival, "window": rec.get("window"),
+                              "timestamp_ns": iso_ns(rec.get("timestamp"))})
+            else:
+                parts = line.split()
+                if len(parts) >= 4 and parts[0] == "violation" and parts[2] == str(pid):
+                    found.append({"arrival_ns": arrival, "nsecs": int(parts[1])})
+        return found
+
+
+def iso_ns(stamp: object) -> int | None:
+    if not isinstance(stamp, str):
+        return None
+    try:
+        when = dt.datetime.fromisoformat(stamp.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return int(when.timestamp()) * 1_000_000_000 + when.microsecond * 1000
+
+
+# ---- summary ---------------------------------------------------------------------------------
+
+def med(xs: list[float]) -> float | None:
+    return statistics.median(xs) if xs else None
+
+
+def pct(xs: list[float], q: float) -> float | None:
+    if not xs:
+        return None
+    s = sorted(xs)
+    return s[min(len(s) - 1, round(q / 100 * (len(s) - 1)))]
+
+
+def summarize(b: Bench, configs: list[str]) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = []
+    s = b.samples
+
+    def row(name: str, config: str, values: list[float], unit: str, ratio: float | None = None,
+            target: str = "", ok: bool | None = None, note: str = "") -> None:
+        rows.append({"row": name, "config": config, "median": med(values),
+                     "min": min(values) if values else None, "n": len(values), "unit": unit,
+                     "ratio": ratio, "target": target,
+                     "result": "" if ok is None else ("PASS" if ok else "FAIL"), "note": note})
+
+    def vals(rowname: str, config: str, key: str) -> list[float]:
+        return [x[key] for x in s.get(rowname, {}).get(config, []) if x.get(key) is not None]
+
+    def cmp(name: str, what: str, daemon: float | None, bpftrace: float | None, unit: str) -> None:
+        if daemon is None or bpftrace is None:
+            return
+        ratio = daemon / bpftrace if bpftrace else None
+        row(name, f"daemon vs bpftrace ({what})", [daemon], unit, ratio, "daemon <= bpftrace",
+            daemon <= bpftrace)
+
+    if "per_exit" in s:
+        base = med(vals("per_exit", "baseline", "ns_per_exit"))
+        floor_m = med(vals("per_exit", "floor", "ns_per_exit"))
+        added: dict[str, float] = {}
+        for c in configs:
+            v = vals("per_exit", c, "ns_per_exit")
+            if not v:
+                continue
+            m = med(v)
+            if c == "baseline" or base is None or m is None:
+                row("1 per-exit", c, v, "ns/exit", 1.0 if c == "baseline" else None)
+                continue
+            added[c] = m - base
+            ratio = m / base
+            note = f"added {m - base:+.0f} ns"
+            if floor_m is not None and c != "floor":
+                note += f" ({m - floor_m:+.0f} over floor)"
+            if c == "daemon":
+                row("1 per-exit", c, v, "ns/exit", ratio,
+                    f"<= x{T_PER_EXIT_RATIO} (~+{T_PER_EXIT_NS:.0f} ns)",
+                    ratio <= T_PER_EXIT_RATIO, note)
+            else:
+                row("1 per-exit", c, v, "ns/exit", ratio, note=note)
+        cmp("1 per-exit", "added ns", added.get("daemon"), added.get("bpftrace"), "ns")
+        bpf: dict[str, float | None] = {}
+        for c in configs:
+            v = vals("per_exit", c, "bpf_ns_per_exit")
+            if v:
+                bpf[c] = med(v)
+                row("1 BPF run time", c, v, "ns/exit", note="in-kernel, all programs of the "
+                    "tracer during the loop (bpf_stats; includes every other syscall)")
+        cmp("1 BPF run time", "ns/exit", bpf.get("daemon"), bpf.get("bpftrace"), "ns/exit")
+
+    if "getppid" in s:
+        floors = {"classic": med(vals("getppid", "floor", "ns_per_call")),
+                  "raw": med(vals("getppid", "floor_raw", "ns_per_call"))}
+        for c in configs:
+            v = vals("getppid", c, "ns_per_call")
+            if not v:
+                continue
+            mg = statistics.median(v)
+            floor = floors["raw" if c.endswith("_raw") else "classic"]
+            gratio = mg / floor if floor else None
+            if c == "daemon" and gratio is not None:
+                row("2 getppid", c, v, "ns/call", gratio, f"<= x{T_SYSCALL_RATIO} of floor",
+                    gratio <= T_SYSCALL_RATIO, "ratio vs floor")
+            else:
+                row("2 getppid", c, v, "ns/call", gratio, note="ratio vs floor")
+        cmp("2 getppid", "ns/call", med(vals("getppid", "daemon", "ns_per_call")),
+            med(vals("getppid", "bpftrace", "ns_per_call")), "ns/call")
+
+    if "cpu" in s:
+        base = med(vals("cpu", "baseline", "ns_per_exit"))
+        busy = f"{CPU_BUSY_VCPUS} busy vCPUs on {os.cpu_count()} cores"
+        for c in ("baseline", "daemon", "bpftrace"):
+            v = vals("cpu", c, "ns_per_exit")
+            if v:
+                row("3 flat out", c, v, "ns/exit", (med(v) or 0) / base if base else None,
+                    note=busy)
+        cpu: dict[str, float | None] = {}
+        rss: dict[str, float | None] = {}
+        for c in ("daemon", "bpftrace"):
+            v = vals("cpu", c, "cpu_pct_schedstat")
+            cpu[c] = med(v)
+            if v:
+                row("3 tracer CPU", c, v, "% of 1 core", None,
+                    f"<= {T_CPU_PCT}%" if c == "daemon" else "",
+                    (med(v) or 0) <= T_CPU_PCT if c == "daemon" else None,
+                    "own process only; BPF time lands in the vCPU threads (row 1)")
+            r = vals("cpu", c, "rss_kb_max")
+            rss[c] = med(r)
+            if r:
+                row("3 tracer RSS", c, [x / 1024 for x in r], "MiB", note="max while flat out")
+        cmp("3 tracer CPU", "CPU", cpu.get("daemon"), cpu.get("bpftrace"), "% of 1 core")
+        cmp("3 tracer RSS", "RSS", (rss.get("daemon") or 0) / 1024 if rss.get("daemon") else None,
+            (rss.get("bpftrace") or 0) / 1024 if rss.get("bpftrace") else None, "MiB")
+
+    if "latency" in s:
+        p99: dict[str, float | None] = {}
+        for c in ("daemon", "bpftrace"):
+            runs = s["latency"].get(c, [])
+            lat = [x for r in runs for x in r["arrival_latency_ms"]]
+            issued = sum(r["violations_issued"] for r in runs)
+            seen = sum(r["alerts_seen"] for r in runs)
+            if not runs:
+                continue
+            p50, p99[c] = pct(lat, 50), pct(lat, 99)
+            note = f"{len(lat)} matched of {issued} issued, {seen} alerts; line arrival"
+            rows.append({"row": "4 alert latency p50", "config": c, "median": p50, "min":
+                         min(lat) if lat else None, "n": len(lat), "unit": "ms", "ratio": None,
+                         "target": "", "result": "", "note": note})
+            p99c = p99[c]
+            ok = p99c is not None and p99c <= T_LATENCY_P99_MS and len(lat) == issued
+            rows.append({"row": "4 alert latency p99", "config": c, "median": p99[c],
+                         "min": None, "n": len(lat), "unit": "ms", "ratio": None,
+                         "target": f"<= {T_LATENCY_P99_MS:.0f} ms, none missed"
+                         if c == "daemon" else "",
+                         "result": ("PASS" if ok else "FAIL") if c == "daemon" else "",
+                         "note": note})
+            if c == "daemon":
+                ts = [x for r in runs for x in r["timestamp_latency_ms"]]
+                if ts:
+                    rows.append({"row": "4 alert latency p99", "config": "daemon (log timestamp)",
+                                 "median": pct(ts, 99), "min": pct(ts, 50), "n": len(ts),
+                                 "unit": "ms", "ratio": None, "target": "", "result": "",
+                                 "note": "from the line's own timestamp (us); min col = p50"})
+        cmp("4 alert latency p99", "p99", p99.get("daemon"), p99.get("bpftrace"), "ms")
+
+    st = s.get("startup", {})
+    if st:
+        for c in ("daemon", "bpftrace"):
+            v = [x for x in st.get(f"{c}_s", []) if x is not None]
+            if v:
+                what = "to `ready`" if c == "daemon" else "to 'Attaching N probes'"
+                row("5 start-up", c, v, "s", note=what)
+        v = st.get("bpftrace_first_output_s", [])
+        if v:
+            row("5 start-up", "bpftrace (first alert)", v, "s", note="incl. a probe VM run")
+        for c in ("daemon", "bpftrace"):
+            v = [x / 1024 for x in st.get(f"{c}_rss_kb", []) if x]
+            if v:
+                row("5 RSS after start", c, v, "MiB")
+        cmp("5 start-up", "start-up", med(st.get("daemon_s", [])),
+            med(st.get("bpftrace_s", [])), "s")
+        dr = [x for x in st.get("daemon_rss_kb", []) if x]
+        br = [x for x in st.get("bpftrace_rss_kb", []) if x]
+        cmp("5 RSS after start", "RSS", statistics.median(dr) / 1024 if dr else None,
+            statistics.median(br) / 1024 if br else None, "MiB")
+
+    if "scale" in s:
+        dmeds: list[float] = []
+        for n in SCALE_VCPUS:
+            bv = vals("scale", f"baseline_{n}", "ns_per_exit")
+            dv = vals("scale", f"daemon_{n}", "ns_per_exit")
+            if bv:
+                row("6 scale", f"baseline, {n} vCPUs", bv, "ns/exit", 1.0)
+            if dv:
+                dm = statistics.median(dv)
+                bm = statistics.median(bv) if bv else None
+                row("6 scale", f"daemon, {n} vCPUs", dv, "ns/exit", dm / bm if bm else None,
+                    note=f"added {dm - bm:+.0f} ns" if bm else "")
+                dmeds.append(dm)
+        if len(dmeds) >= 2:
+            lo, hi = min(dmeds), max(dmeds)
+            spread = (hi - lo) / lo if lo else None
+            rows.append({"row": "6 scale", "config": "daemon spread 1..1024", "median": spread,
+                         "min": None, "n": len(dmeds), "unit": "(max-min)/min", "ratio": None,
+                         "target": f"<= {T_SCALE_SPREAD:.0%}",
+                         "result": "PASS" if spread is not None and spread <= T_SCALE_SPREAD
+                         else "FAIL", "note": "1 busy vCPU, others idle"})
+    return rows
+
+
+def fmt(x: Any, unit: str = "") -> str:
+    if x is None:
+        return "-"
+    if isinstance(x, float):
+        if unit in ("s", "(max-min)/min") or abs(x) < 10:
+            return f"{x:.3f}"
+        return f"{x:.1f}" if abs(x) < 1000 else f"{x:.0f}"
+    return str(x)
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    head = ["row", "configuration", "median", "min", "unit", "ratio", "target", "result", "note"]
+    body = [[r["row"], r["config"], fmt(r["median"], r["unit"]), fmt(r["min"], r["unit"]),
+             r["unit"], "-" if r["ratio"] is None else f"{r['ratio']:.3f}", r["target"] or "-",
+             r["result"] or "-", r["note"]] for r in rows]
+    widths = [max(len(str(x)) for x in col) for col in zip(head, *body, strict=False)]
+
+    def line(cells: list[str]) -> str:
+        return "  ".join(str(c).ljust(w) for c, w in zip(cells, widths, strict=True)).rstrip()
+
+    return "\n".join([line(head), line(["-" * w for w in widths]), *map(line, body)])
+
+
+# ---- main ------------------------------------------------------------------------------------
+
+def host_facts() -> dict[str, Any]:
+    cpu = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    bt = shutil.which("bpftrace")
+    bt_version = subprocess.run([bt, "--version"], capture_output=True, text=True).stdout.strip() \
+        if bt else None
+    return {"date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+            "kernel": platform.release(), "cpu_model": cpu, "cpus": os.cpu_count(),
+            "python": sys.version.split()[0], "bpftrace": bt_version}
+
+
+def preflight(configs: list[str]) -> None:
+    if os.geteuid() != 0:
+        raise BenchError("needs root (BPF and /dev/kvm): run with sudo")
+    if not os.access("/dev/kvm", os.R_OK | os.W_OK):
+        raise BenchError("/dev/kvm is missing or not read-write")
+    if ("daemon" in configs or "floor" in configs) and not VENV_PY.exists():
+        raise BenchError(f"{VENV_PY} missing: run `make setup` first")
+    if "daemon" in configs or "floor" in configs:
+        probe = subprocess.run([str(VENV_PY), "-c", "import bcc"], capture_output=True, text=True)
+        if probe.returncode:
+            raise BenchError("bcc not importable from .venv: apt-get install python3-bpfcc and "
+                             "`make setup`")
+    if "bpftrace" in configs and not shutil.which("bpftrace"):
+        raise BenchError("bpftrace not found: apt-get install bpftrace (or pass "
+                         "--configs baseline,daemon,floor)")
+    if not any(os.path.isdir(p) for p in ("/sys/kernel/tracing/events",
+                                          "/sys/kernel/debug/tracing/events")):
+        raise BenchError("tracefs not mounted: mount -t tracefs nodev /sys/kernel/tracing")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="short runs, 1 round (CI smoke)")
+    p.add_argument("--rounds", type=int, help="rounds of alternated configurations (default 5)")
+    p.add_argument("--out", type=Path, default=BENCH / "results.json", help="JSON output path")
+    p.add_argument("--only", help=f"comma-separated rows: {','.join(ROWS)} (default all)")
+    p.add_argument("--configs", default=",".join(CONFIGS),
+                   help=f"comma-separated configurations (default {','.join(CONFIGS)})")
+    p.add_argument("--seconds", type=float, help="per-exit kvmloop run length (default 2)")
+    p.add_argument("--getppid-seconds", type=float, help="getppid loop length (default 1)")
+    p.add_argument("--cpu-seconds", type=float, help="flat-out run for the CPU row (default 3)")
+    p.add_argument("--violations", type=int, help="violations per latency run (default 1000)")
+    p.add_argument("--pace-us", type=int, default=1000, help="gap between violations (1000)")
+    p.add_argument("--settle", type=float, default=0.3, help="pause after a tracer is ready")
+    p.add_argument("--build-dir", type=Path, help="where to build (default: a temp dir)")
+    p.add_argument("--bpf-stats", action="store_true",
+                   help="set kernel.bpf_stats_enabled during the run and report each tracer's "
+                   "in-kernel BPF run time per exit (adds ~20 ns to every program run)")
+    p.add_argument("--daemon-repo", type=Path, default=REPO,
+                   help="checkout whose tracer/ the daemon runs (default: this one)")
+    args = p.parse_args(argv)
+    quick = args.quick
+    defaults = {"rounds": 1 if quick else 5, "seconds": 0.3 if quick else 2.0,
+                "getppid_seconds": 0.2 if quick else 1.0, "cpu_seconds": 0.5 if quick else 3.0,
+                "violations": 200 if quick else 1000}
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    args.rows = set(ROWS if not args.only else args.only.split(","))
+    bad = args.rows - set(ROWS)
+    if bad:
+        p.error(f"--only: unknown rows {sorted(bad)}; choose from {','.join(ROWS)}")
+    args.config_list = [c for c in CONFIGS if c in args.configs.split(",")]
+    if set(args.configs.split(",")) - set(CONFIGS):
+        p.error(f"--configs: choose from {','.join(CONFIGS)}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    global DAEMON_REPO
+    args = parse_args(argv)
+    DAEMON_REPO = args.daemon_repo.resolve()
+    started = time.monotonic()
+
+    def _terminate(signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt  # unwinds through every `finally`: tracers are stopped
+
+    signal.signal(signal.SIGTERM, _terminate)
+    try:
+        preflight(args.config_list)
+        with tempfile.TemporaryDirectory(prefix="kct-bench-") as tmp:
+            work = Path(tmp)
+            exe = build(args.build_dir or work / "build")
+            bench = Bench(args, exe, work)
+            facts = host_facts()
+            interference = other_tracers([])
+            if interference:
+                log(f"warning: other tracers are running, numbers will be skewed: {interference}")
+            needed = set()
+            for c in args.config_list:
+                if c in ("floor", "floor_raw", "daemon_raw") \
+                        and not args.rows & {"per_exit", "getppid"}:
+                    continue
+                if c == "baseline" and not args.rows & {"per_exit", "getppid", "scale", "cpu"}:
+                    continue
+                if c == "bpftrace" and not args.rows - {"scale"}:
+                    continue
+                needed.add(c)
+            order = [c for c in CONFIGS if c in needed]
+            stats_before = BPF_STATS.read_text().strip() if args.bpf_stats else None
+            try:
+                if args.bpf_stats:
+                    BPF_STATS.write_text("1\n")
+                for r in range(args.rounds):
+                    for config in order:
+                        log(f"round {r + 1}/{args.rounds}: {config}")
+                        bench.round(config, args.rows)
+            finally:
+                if stats_before is not None:
+                    BPF_STATS.write_text(stats_before + "\n")
+            rows = summarize(bench, order)
+            text = table(rows)
+            print(text)
+            result = {**facts, "args": {k: (str(v) if isinstance(v, Path) else v)
+                                        for k, v in vars(args).items() if k != "rows"},
+                      "rows_selected": sorted(args.rows), "configs": order,
+                      "elapsed_s": round(time.monotonic() - started, 1),
+                      "other_tracers_at_start": interference,
+                      "latency_method": "line arrival: a reader thread stamps each stdout line "
+                      "of the tracer (CLOCK_REALTIME) minus kvmloop's CLOCK_REALTIME stamp right "
+                      "before the ioctl; the daemon's own ISO timestamp (us) also recorded",
+                      "table": rows, "table_text": text, "samples": bench.samples}
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps(result, indent=1) + "\n")
+            log(f"wrote {args.out} in {result['elapsed_s']} s")
+    except BenchError as err:
+        print(f"bench: error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("bench: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

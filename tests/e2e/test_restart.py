@@ -1,0 +1,183 @@
+"""A daemon restart while a guest's completion is pending (tracer.handover): the new instance
+keeps the pending state when nothing can have completed it, and drops it (no false alert) when
+the VMM completed it while no daemon was watching."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import free_port, requires_kvm_bpf
+
+pytestmark = [pytest.mark.e2e, requires_kvm_bpf]
+REPO = Path(__file__).resolve().parents[2]
+
+# A one-vCPU VMM driven line by line on stdin: "run" (OUT exit, left pending), "complete"
+# (immediate_exit KVM_RUN), "save" (KVM_GET_REGS), "quit". Answers each command with "ok".
+VMM = r"""
+import sys
+from tracer.vmm import guest
+from tracer.vmm.kvm import Kvm
+kvm = Kvm()
+vm = kvm.create_vm()
+vm.set_tss_addr()
+vm.add_memory(0, guest.MEMORY_SIZE)
+program = guest.out_loop()
+vm.memory[0].write(program.load_addr, program.code)
+vcpu = vm.create_vcpu(0)
+vcpu.setup_real_mode(program.load_addr)
+print("ready", flush=True)
+for line in sys.stdin:
+    cmd = line.strip()
+    if cmd == "run":
+        assert vcpu.run() == 2
+    elif cmd == "complete":
+        assert vcpu.complete_pending() == 10
+    elif cmd == "save":
+        vcpu.get_regs()
+    elif cmd == "quit":
+        break
+    print("ok", flush=True)
+"""
+
+
+class Vmm:
+    def __init__(self) -> None:
+        self.proc = subprocess.Popen([sys.executable, "-c", VMM], cwd=REPO, text=True,
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        assert self.readline() == "ready"
+
+    def readline(self) -> str:
+        assert self.proc.stdout is not None
+        return self.proc.stdout.readline().strip()
+
+    def do(self, cmd: str) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(cmd + "\n")
+        self.proc.stdin.flush()
+        assert self.readline() == "ok", f"VMM failed on {cmd!r}"
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(timeout=10)
+
+
+class Daemon:
+    def __init__(self, state_dir: Path) -> None:
+        fd, name = tempfile.mkstemp(prefix="kct-restart-", suffix=".jsonl")
+        self.out = Path(name)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "tracer", "run", "--log-format", "json", "--log-level",
+             "debug", "--snapshot-idle", "0.2", "--state-dir", str(state_dir),
+             "--metrics-addr", f"127.0.0.1:{free_port()}"],
+            cwd=REPO, stdout=fd, stderr=subprocess.PIPE, text=True)
+        os.close(fd)
+        self.wait_for(lambda e: e["event"] == "ready", 90)
+
+    def lines(self) -> list[dict[str, Any]]:
+        return [json.loads(raw) for raw in self.out.read_text().splitlines()]
+
+    def wait_for(self, match: Any, timeout_s: float = 10) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            for line in self.lines():
+                if match(line):
+                    return line
+            assert self.proc.poll() is None, f"daemon exited: {self.proc.stderr}"
+            time.sleep(0.05)
+        raise AssertionError("timed out waiting for the daemon")
+
+    def stop(self) -> dict[str, Any]:
+        self.proc.send_signal(signal.SIGTERM)
+        assert self.proc.wait(timeout=30) == 0
+        stopped = self.lines()[-1]
+        assert stopped["event"] == "stopped"
+        self.out.unlink()
+        return stopped
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+
+
+@pytest.fixture
+def state_dir() -> Iterator[Path]:
+    with tempfile.TemporaryDirectory(prefix="kct-restart-state-") as tmp:
+        yield Path(tmp)
+
+
+def violations(d: Daemon, pid: int) -> list[dict[str, Any]]:
+    time.sleep(0.5)  # the daemon polls its ring every 100 ms
+    return [e for e in d.lines() if e["event"] == "completion_violation" and e["pid"] == pid]
+
+
+def restart_with_pending_exit(state_dir: Path, in_gap: str | None) -> tuple[Vmm, Daemon, dict]:
+    vmm = Vmm()
+    first = Daemon(state_dir)
+    try:
+        vmm.do("run")  # OUT exit: its completion is pending from here on
+        stopped = first.stop()
+    except BaseException:
+        first.kill()
+        vmm.close()
+        raise
+    if in_gap:
+        vmm.do(in_gap)
+    second = Daemon(state_dir)
+    return vmm, second, stopped
+
+
+def test_a_pending_completion_survives_a_restart(state_dir: Path) -> None:
+    vmm, second, stopped = restart_with_pending_exit(state_dir, None)
+    try:
+        assert stopped["handover_pending"] >= 1
+        handover = second.wait_for(lambda e: e["event"] == "handover")
+        assert handover["pending_kept"] >= 1
+        vmm.do("save")  # still mid-completion: a violation the new instance must see
+        [v] = violations(second, vmm.proc.pid)
+        assert (v["ioctl"], v["exit_reason"], v["vcpu_id"]) == ("KVM_GET_REGS", "KVM_EXIT_IO", 0)
+        vmm.do("complete")
+        vmm.do("save")
+        assert len(violations(second, vmm.proc.pid)) == 1  # completed: nothing more
+    finally:
+        second.kill()
+        vmm.close()
+
+
+def test_a_completion_done_while_no_daemon_watched_raises_no_false_alert(
+        state_dir: Path) -> None:
+    vmm, second, stopped = restart_with_pending_exit(state_dir, "complete")
+    try:
+        assert stopped["handover_pending"] >= 1
+        handover = second.wait_for(lambda e: e["event"] == "handover")
+        assert handover["pending_dropped"] >= 1
+        vmm.do("save")
+        assert violations(second, vmm.proc.pid) == []
+        vmm.do("run")  # the new instance tracks the next exit by itself
+        vmm.do("save")
+        assert len(violations(second, vmm.proc.pid)) == 1
+    finally:
+        second.kill()
+        vmm.close()
+
+
+def test_a_broken_handover_file_is_reported_and_ignored(state_dir: Path) -> None:
+    (state_dir / "handover.json").write_text("{not json")
+    d = Daemon(state_dir)
+    try:
+        notice = d.wait_for(lambda e: e["event"] == "handover_ignored")
+        assert "malformed" in notice["reason"]
+        assert not (state_dir / "handover.json").exists()
+    finally:
+        d.kill()

@@ -1,0 +1,307 @@
+"""The daemon as systemd runs it: sd_notify (READY, WATCHDOG, RELOADING, STOPPING), SIGHUP
+reloads of the config file, the single-instance lock, one-line config errors, and the unit file
+itself (``systemd-analyze verify``).
+
+The notify socket is a real AF_UNIX datagram socket this test binds; the daemon is the real
+``python -m tracer run`` with the probes attached.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import requires_kvm_bpf
+
+pytestmark = [pytest.mark.e2e, requires_kvm_bpf]
+
+REPO = Path(__file__).resolve().parents[2]
+UNIT = REPO / "deploy" / "systemd" / "kvm-completion-tracer.service"
+PREFIX = "kvm-completion-tracer: error:"
+WATCHDOG_USEC = 200_000
+START_TIMEOUT_S = 90
+
+CONFIG = """\
+snapshot_idle_seconds = 1.0
+[log]
+level = "info"
+[labels]
+site = "fra1"
+"""
+
+
+def tracer_argv(*args: str) -> list[str]:
+    return [sys.executable, "-m", "tracer", "run", "--log-format", "json", *args]
+
+
+class Notifications:
+    """The far end of $NOTIFY_SOCKET: every datagram, with the time it arrived."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(str(path))
+        self.sock.settimeout(0.05)
+        self.received: list[tuple[float, list[str]]] = []  # (wall-clock arrival, lines)
+
+    def drain(self) -> None:
+        while True:
+            try:
+                data = self.sock.recv(4096)
+            except (TimeoutError, BlockingIOError):
+                return
+            self.received.append((time.time(), data.decode().splitlines()))
+
+    def messages(self) -> list[list[str]]:
+        self.drain()
+        return [lines for _, lines in self.received]
+
+    def count(self, line: str) -> int:
+        return sum(line in lines for lines in self.messages())
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+class Service:
+    """One daemon started as systemd would: NOTIFY_SOCKET, WATCHDOG_USEC, its own state dir."""
+
+    def __init__(self, tmp: Path, *args: str) -> None:
+        self.tmp = tmp
+        self.config = tmp / "config.toml"
+        if not self.config.exists():
+            self.config.write_text(CONFIG)
+        self.state = tmp / "state"
+        self.notify = Notifications(tmp / "notify.sock")
+        self.out, self.err = tmp / "out.jsonl", tmp / "err.txt"
+        env = {**os.environ, "NOTIFY_SOCKET": str(self.notify.path),
+               "WATCHDOG_USEC": str(WATCHDOG_USEC)}
+        env.pop("WATCHDOG_PID", None)
+        with self.out.open("w") as out, self.err.open("w") as err:
+            self.proc = subprocess.Popen(
+                tracer_argv("--config", str(self.config), "--state-dir", str(self.state),
+                            "--no-metrics", *args), cwd=REPO, env=env, stdout=out, stderr=err)
+
+    def lines(self) -> list[dict[str, Any]]:
+        return [json.loads(raw) for raw in self.out.read_text().splitlines()]
+
+    def wait_for(self, match: Callable[[], Any], timeout_s: float = 10) -> Any:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            found = match()
+            if found:
+                return found
+            if self.proc.poll() is not None:
+                raise AssertionError(f"daemon exited {self.proc.returncode}: "
+                                     f"{self.err.read_text()}")
+            time.sleep(0.05)
+        raise AssertionError(f"timed out; stdout: {self.out.read_text()}\nnotify: "
+                             f"{self.notify.messages()}\nstderr: {self.err.read_text()}")
+
+    def event(self, name: str, after: int = 0) -> dict[str, Any] | None:
+        return next((e for e in self.lines()[after:] if e["event"] == name), None)
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        code = self.proc.wait(timeout=30)
+        self.notify.drain()  # what it sent on the way out
+        return code
+
+
+@pytest.fixture
+def service_dir() -> Iterator[Path]:
+    with tempfile.TemporaryDirectory(prefix="kct-service-") as tmp:
+        yield Path(tmp)
+
+
+@pytest.fixture
+def service(service_dir: Path) -> Iterator[Service]:
+    svc = Service(service_dir)
+    try:
+        svc.wait_for(lambda: svc.notify.count("READY=1"), timeout_s=START_TIMEOUT_S)
+        yield svc
+    finally:
+        if svc.proc.poll() is None:
+            svc.proc.kill()
+            svc.proc.wait()
+        svc.notify.close()
+
+
+def test_ready_watchdog_reload_and_stop(service: Service) -> None:
+    svc = service
+    # READY=1 (with MAINPID and a STATUS) only once the probes are attached and `ready` logged.
+    ready_msg = next(m for m in svc.notify.messages() if "READY=1" in m)
+    assert f"MAINPID={svc.proc.pid}" in ready_msg
+    assert any(line.startswith("STATUS=") for line in ready_msg)
+    ready_line = svc.event("ready")
+    assert ready_line is not None
+    arrived = next(t for t, m in svc.notify.received if "READY=1" in m)
+    logged = datetime.fromisoformat(ready_line["timestamp"].replace("Z", "+00:00")).timestamp()
+    assert logged <= arrived, (logged, arrived)
+    first = svc.notify.messages().index(ready_msg)
+    assert not any("WATCHDOG=1" in m for m in svc.notify.messages()[:first])
+
+    # WATCHDOG=1 about every WATCHDOG_USEC/2 from the loop.
+    before = svc.notify.count("WATCHDOG=1")
+    time.sleep(1.0)
+    pings = svc.notify.count("WATCHDOG=1") - before
+    assert pings >= 4, svc.notify.messages()
+
+    # SIGHUP with a changed file: RELOADING=1, then READY=1, and the change named old -> new.
+    svc.config.write_text(CONFIG.replace('"fra1"', '"fra2"').replace("1.0", "0.5")
+                          + "[probes]\nringbuf_pages = 128\n")
+    seen = len(svc.lines())
+    ready_before = svc.notify.count("READY=1")
+    svc.proc.send_signal(signal.SIGHUP)
+    reloaded = svc.wait_for(lambda: svc.event("config_reloaded", seen))
+    assert reloaded["changed"] == {"labels.site": "fra1 -> fra2",
+                                   "snapshot_idle_seconds": "1.0 -> 0.5"}
+    restart = svc.wait_for(lambda: svc.event("config_restart_required", seen))
+    assert restart["keys"] == {"probes.ringbuf_pages": "64 -> 128"}
+    svc.wait_for(lambda: svc.notify.count("READY=1") > ready_before)
+    messages = svc.notify.messages()
+    reloading = [i for i, m in enumerate(messages) if "RELOADING=1" in m]
+    assert len(reloading) == 1
+    assert any("READY=1" in m for m in messages[reloading[0] + 1:])
+
+    # A broken file on reload: the daemon keeps running on the old configuration.
+    svc.config.write_text("[log]\nlevel = \"loud\"\n")
+    seen = len(svc.lines())
+    svc.proc.send_signal(signal.SIGHUP)
+    failed = svc.wait_for(lambda: svc.event("config_reload_failed", seen))
+    assert "log.level" in failed["reason"] and str(svc.config) in failed["reason"]
+    assert failed["level"] == "error"
+    assert svc.event("config_reloaded", seen) is None
+    svc.wait_for(lambda: svc.notify.count("RELOADING=1") == 2)
+    watchdog = svc.notify.count("WATCHDOG=1")
+    svc.wait_for(lambda: svc.notify.count("WATCHDOG=1") > watchdog + 2)  # still looping
+    assert svc.proc.poll() is None
+
+    # SIGTERM: STOPPING=1, `stopped`, exit 0.
+    assert svc.stop() == 0
+    assert svc.notify.count("STOPPING=1") == 1
+    assert svc.lines()[-1]["event"] == "stopped"
+    assert svc.err.read_text() == ""
+
+
+def test_second_instance_fails_and_the_first_keeps_running(service: Service,
+                                                           service_dir: Path) -> None:
+    second = subprocess.run(
+        tracer_argv("--config", str(service.config), "--state-dir", str(service.state),
+                    "--no-metrics"), cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert second.returncode == 1, second
+    assert second.stdout == "", second  # refused before the probes load: no `starting`
+    assert second.stderr.splitlines() == [
+        f"{PREFIX} another kvm-completion-tracer is already running (pid {service.proc.pid}, "
+        f"holding {service.state / 'kvm-completion-tracer.lock'})"], second
+    watchdog = service.notify.count("WATCHDOG=1")
+    service.wait_for(lambda: service.notify.count("WATCHDOG=1") > watchdog + 2)
+    assert service.proc.poll() is None
+    assert service.stop() == 0
+
+
+# ---- one line and a non-zero exit for every bad start -------------------------------------------
+
+def one_line(argv: list[str], *needles: str) -> str:
+    done = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert done.returncode != 0, done
+    assert "Traceback" not in done.stdout + done.stderr, done
+    lines = done.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(PREFIX), done
+    for needle in needles:
+        assert needle in lines[0], done
+    assert done.stdout == "", done
+    return lines[0]
+
+
+def test_unknown_key(service_dir: Path) -> None:
+    config = service_dir / "c.toml"
+    config.write_text("[probes]\nring_pages = 64\n")
+    one_line(tracer_argv("--config", str(config)), str(config), "unknown key 'probes.ring_pages'")
+
+
+def test_wrong_type(service_dir: Path) -> None:
+    config = service_dir / "c.toml"
+    config.write_text("[metrics]\nper_vcpu = \"yes\"\n")
+    one_line(tracer_argv("--config", str(config)), str(config), "metrics.per_vcpu",
+             "expected true or false")
+
+
+def test_missing_given_config(service_dir: Path) -> None:
+    one_line(tracer_argv("--config", str(service_dir / "absent.toml")), "absent.toml",
+             "No such file")
+
+
+@pytest.mark.skipif(shutil.which("setpriv") is None, reason="setpriv (util-linux) missing")
+def test_unreadable_config(service_dir: Path) -> None:
+    config = service_dir / "c.toml"
+    config.write_text(CONFIG)
+    config.chmod(0o600)
+    service_dir.chmod(0o755)
+    one_line(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+              *tracer_argv("--config", str(config))], str(config), "Permission denied")
+
+
+@pytest.mark.skipif(shutil.which("unshare") is None, reason="unshare (util-linux) missing")
+def test_unwritable_state_dir(service_dir: Path) -> None:
+    state = service_dir / "ro"
+    state.mkdir()
+    # read-only bind mount, in a private mount namespace (the host's mounts are not touched)
+    script = (f"mount --bind {shlex.quote(str(state))} {shlex.quote(str(state))} && "
+              f"mount -o remount,bind,ro {shlex.quote(str(state))} && "
+              f"exec {shlex.join(tracer_argv('--state-dir', str(state), '--no-metrics'))}")
+    line = one_line(["unshare", "-m", "--propagation", "private", "sh", "-c", script],
+                    f"state directory {state} is not writable", "Read-only file system")
+    assert "--state-dir" in line
+
+
+def test_state_dir_is_a_file(service_dir: Path) -> None:
+    afile = service_dir / "file"
+    afile.write_text("")
+    one_line(tracer_argv("--state-dir", str(afile), "--no-metrics"), "is not a directory")
+
+
+@pytest.mark.parametrize("addr", ["9110", "::1:9110", "[::1]:0", "host:65536", "[::1]9110"])
+def test_malformed_metrics_addr(addr: str) -> None:
+    one_line(tracer_argv("--metrics-addr", addr), f"--metrics-addr {addr}")
+
+
+# ---- the unit file ------------------------------------------------------------------------------
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze missing")
+def test_unit_file_verifies(service_dir: Path) -> None:
+    # The installed ExecStart (/usr/local/bin/...) need not exist here: verify a copy that points
+    # at this checkout's entry point instead, otherwise unchanged.
+    text = UNIT.read_text()
+    exec_start = re.search(r"^ExecStart=(\S+)", text, re.M)
+    assert exec_start is not None
+    assert exec_start.group(1) == "/usr/local/bin/kvm-completion-tracer"
+    entry = Path(sys.executable).parent / "kvm-completion-tracer"
+    assert entry.exists(), entry
+    copy = service_dir / UNIT.name
+    copy.write_text(text.replace(exec_start.group(1), str(entry)))
+    done = subprocess.run(["systemd-analyze", "verify", "--man=no", str(copy)],
+                          capture_output=True, text=True, timeout=60)
+    problems = [line for line in (done.stdout + done.stderr).splitlines()
+                if str(copy) in line or UNIT.name in line]
+    assert done.returncode == 0 and not problems, done
+    for key in ("Type=notify", "NotifyAccess=main", "WatchdogSec=30", "Restart=on-failure",
+                "ExecReload=/bin/kill -HUP $MAINPID", "StateDirectory=kvm-completion-tracer",
+                "ConfigurationDirectory=kvm-completion-tracer", "ProtectSystem=strict",
+                "NoNewPrivileges=yes", "CapabilityBoundingSet=", "SystemCallFilter="):
+        assert re.search(rf"^{re.escape(key)}", text, re.M), key

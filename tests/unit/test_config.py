@@ -1,0 +1,358 @@
+"""tracer.config: the TOML file, its validation, flag precedence, and the SIGHUP reload plan.
+
+Also the single-instance lock (tracer.instance), taken here by two real processes.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tracer.cli import _flag_overrides, build_parser
+from tracer.config import (
+    DEFAULT_METRICS_ADDR,
+    DEFAULT_STATE_DIR,
+    ConfigError,
+    FlagOverrides,
+    Settings,
+    diff,
+    load_settings,
+    plan_reload,
+)
+from tracer.instance import LOCK_NAME, InstanceError, InstanceLock
+from tracer.policy import PolicyOverrides, Sanction
+
+REPO = Path(__file__).resolve().parents[2]
+EXAMPLE = REPO / "deploy" / "config.example.toml"
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "config.toml"
+    path.write_text(text)
+    return path
+
+
+def load(tmp_path: Path, text: str) -> Settings:
+    return load_settings(write(tmp_path, text), explicit=True)
+
+
+def error(tmp_path: Path, text: str) -> str:
+    with pytest.raises(ConfigError) as info:
+        load(tmp_path, text)
+    message = str(info.value)
+    assert "\n" not in message
+    assert str(tmp_path / "config.toml") in message
+    return message
+
+
+def flags(*argv: str) -> FlagOverrides:
+    return _flag_overrides(build_parser().parse_args(["run", *argv]))
+
+
+# ---- the file -----------------------------------------------------------------------------------
+
+def test_missing_default_file_gives_the_defaults(tmp_path: Path) -> None:
+    settings = load_settings(tmp_path / "absent.toml", explicit=False)
+    assert settings == Settings()
+    assert settings.state_dir == DEFAULT_STATE_DIR
+    assert settings.metrics_addr == DEFAULT_METRICS_ADDR
+    assert (settings.ringbuf_pages, settings.max_vcpus, settings.snapshot_idle_s) == (64, 4096,
+                                                                                       1.0)
+
+
+def test_missing_explicit_file_is_an_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"cannot read config file .*absent.toml: No such file"):
+        load_settings(tmp_path / "absent.toml", explicit=True)
+
+
+def test_every_key(tmp_path: Path) -> None:
+    settings = load(tmp_path, """
+snapshot_idle_seconds = 0.5
+state_dir = "/srv/kct"
+[log]
+level = "debug"
+format = "json"
+[policy]
+ignored_exits = ["XEN"]
+disabled_sanctions = ["port-0x7e"]
+severity = { "save:MMIO" = "critical" }
+[probes]
+ringbuf_pages = 128
+max_vcpus = 512
+trace_exits = true
+[metrics]
+addr = "[::1]:9150"
+per_vcpu = true
+max_vcpu_series = 64
+retain_gone_seconds = 60
+[labels]
+site = "fra1"
+cluster = "blue"
+""")
+    assert (settings.log_level, settings.log_format) == ("debug", "json")
+    assert (settings.ringbuf_pages, settings.max_vcpus, settings.trace_exits) == (128, 512, True)
+    assert (settings.metrics_addr, settings.metrics_per_vcpu) == ("[::1]:9150", True)
+    assert (settings.max_vcpu_series, settings.retain_gone_s) == (64, 60.0)
+    assert settings.labels == {"site": "fra1", "cluster": "blue"}
+    assert settings.snapshot_idle_s == 0.5
+    assert settings.state_dir == Path("/srv/kct")
+    policy = settings.completion_policy()
+    assert Sanction.PORT_7E not in policy.sanctions
+    options = settings.daemon_options()
+    assert options.probe_config.ringbuf_pages == 128
+    assert options.probe_config.max_vcpus == 512 and options.probe_config.trace_exits
+    assert options.metrics.addr == "[::1]:9150" and options.metrics.per_vcpu
+    assert options.metrics.max_vcpu_series == 64 and options.metrics.retain_gone_s == 60.0
+    assert options.labels == {"site": "fra1", "cluster": "blue"}
+    assert options.snapshot_idle_s == 0.5
+
+
+def test_the_shipped_example_is_valid_and_sets_every_key() -> None:
+    settings = load_settings(EXAMPLE, explicit=True)
+    assert settings.metrics_addr == DEFAULT_METRICS_ADDR
+    text = EXAMPLE.read_text()
+    from tracer.config import KEYS
+
+    for key in (*(k.rpartition(".")[2] for k in KEYS), "[labels]", "[policy]",
+                "extra_pending_exits", "ignored_exits", "disabled_sanctions", "severity"):
+        assert f"{key} =" in text or key.startswith("["), key
+        assert key in text, key
+
+
+@pytest.mark.parametrize("value", ['""', "false"])
+def test_metrics_can_be_disabled_in_the_file(tmp_path: Path, value: str) -> None:
+    assert load(tmp_path, f"[metrics]\naddr = {value}\n").metrics_addr is None
+
+
+@pytest.mark.parametrize(("text", "needles"), [
+    ("[log]\nlevel = \"loud\"\n", ["log.level = \"loud\"", "one of"]),
+    ("[log]\ncolour = true\n", ["unknown key 'log.colour'", "format, level"]),
+    ("[loggin]\nlevel = \"info\"\n", ["unknown key 'loggin'", "labels, log"]),
+    ("snapshot_idle = 1\n", ["unknown key 'snapshot_idle'", "snapshot_idle_seconds"]),
+    ("log = \"info\"\n", ["log: expected a table [log], got a string"]),
+    ("[probes]\nringbuf_pages = \"64\"\n", ["probes.ringbuf_pages", "expected an integer",
+                                           "a string"]),
+    ("[probes]\nringbuf_pages = 48\n", ["probes.ringbuf_pages = 48", "power of two"]),
+    ("[probes]\nmax_vcpus = 0\n", ["probes.max_vcpus = 0", "between 1 and 1048576"]),
+    ("[probes]\ntrace_exits = 1\n", ["probes.trace_exits", "expected true or false"]),
+    ("[metrics]\naddr = 9110\n", ["metrics.addr = 9110", "HOST:PORT"]),
+    ("[metrics]\naddr = true\n", ["metrics.addr = true"]),
+    ("[metrics]\naddr = \"localhost\"\n", ["metrics.addr", "expected HOST:PORT"]),
+    ("[metrics]\naddr = \"::1:9110\"\n", ["metrics.addr", "brackets"]),
+    ("[metrics]\naddr = \"[::1]:70000\"\n", ["metrics.addr", "1 to 65535"]),
+    ("[metrics]\naddr = \"[nope]:9110\"\n", ["metrics.addr", "not an IPv6 address"]),
+    ("[metrics]\nper_vcpu = \"yes\"\n", ["metrics.per_vcpu", "true or false"]),
+    ("[metrics]\nmax_vcpu_series = 0\n", ["metrics.max_vcpu_series = 0"]),
+    ("[metrics]\nretain_gone_seconds = -1\n", ["metrics.retain_gone_seconds = -1",
+                                               "negative"]),
+    ("[metrics]\nretain_gone_seconds = nan\n", ["metrics.retain_gone_seconds", "finite"]),
+    ("snapshot_idle_seconds = 0\n", ["snapshot_idle_seconds = 0", "positive"]),
+    ("state_dir = \"relative\"\n", ["state_dir", "absolute"]),
+    ("[labels]\nvm = \"x\"\n", ["labels.vm", "clashes"]),
+    ("[labels]\nseverity = \"x\"\n", ["labels.severity", "clashes"]),
+    ("[labels]\n\"bad-name\" = \"x\"\n", ["labels.bad-name", "Prometheus label name"]),
+    ("[labels]\n__meta = \"x\"\n", ["labels.__meta"]),
+    ("[labels]\nsite = 3\n", ["labels.site", "string value"]),
+    ("labels = [\"a\"]\n", ["labels: expected a table"]),
+    ("[policy]\nignore_exits = []\n", ["policy", "unknown key 'ignore_exits'"]),
+    ("[policy]\nextra_pending_exits = \"MMIO\"\n", ["extra_pending_exits", "list of strings"]),
+    ("[policy]\nextra_pending_exits = [\"BOGUS\"]\n", ["policy", "unknown exit reason 'BOGUS'"]),
+    ("[policy]\ndisabled_sanctions = [\"nope\"]\n", ["policy", "unknown sanction 'nope'"]),
+    ("[policy]\nseverity = { save = \"loud\" }\n", ["policy", "unknown severity 'loud'"]),
+    ("[log\nlevel=1\n", ["not valid TOML"]),
+])
+def test_bad_values_are_refused_naming_the_key(tmp_path: Path, text: str,
+                                                needles: list[str]) -> None:
+    message = error(tmp_path, text)
+    for needle in needles:
+        assert needle in message, message
+
+
+def test_not_utf8(tmp_path: Path) -> None:
+    path = tmp_path / "config.toml"
+    path.write_bytes(b"[log]\nlevel = \"\xff\"\n")
+    with pytest.raises(ConfigError, match="not UTF-8"):
+        load_settings(path, explicit=True)
+
+
+def test_a_directory_is_not_a_config_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="Is a directory"):
+        load_settings(tmp_path, explicit=True)
+
+
+# ---- flags over the file ------------------------------------------------------------------------
+
+FILE = """
+snapshot_idle_seconds = 2
+[log]
+level = "warning"
+[policy]
+ignored_exits = ["XEN"]
+[probes]
+ringbuf_pages = 128
+[metrics]
+addr = "127.0.0.1:9999"
+[labels]
+site = "fra1"
+dc = "a"
+"""
+
+
+def test_only_passed_flags_override_the_file(tmp_path: Path) -> None:
+    settings = load_settings(write(tmp_path, FILE), True, flags())
+    assert settings.log_level == "warning" and settings.ringbuf_pages == 128
+    assert settings.snapshot_idle_s == 2.0 and settings.metrics_addr == "127.0.0.1:9999"
+    assert settings.log_format == "auto" and not settings.trace_exits
+
+
+def test_flags_win(tmp_path: Path) -> None:
+    settings = load_settings(write(tmp_path, FILE), True, flags(
+        "--log-level", "debug", "--ringbuf-pages", "256", "--snapshot-idle", "0.25",
+        "--metrics-addr", "[::1]:9200", "--label", "site=ams2", "--label", "rack=r7",
+        "--ignore-exit", "HYPERV", "--state-dir", "/tmp/x", "--trace-exits",
+        "--metrics-per-vcpu", "--log-format", "console", "--max-vcpus", "8"))
+    assert (settings.log_level, settings.log_format) == ("debug", "console")
+    assert (settings.ringbuf_pages, settings.max_vcpus, settings.trace_exits) == (256, 8, True)
+    assert settings.snapshot_idle_s == 0.25
+    assert (settings.metrics_addr, settings.metrics_per_vcpu) == ("[::1]:9200", True)
+    assert settings.labels == {"site": "ams2", "dc": "a", "rack": "r7"}
+    assert settings.policy.ignored_exits == ["XEN", "HYPERV"]  # lists add up, as with --policy
+    assert settings.state_dir == Path("/tmp/x")
+
+
+def test_no_metrics_flag(tmp_path: Path) -> None:
+    assert load_settings(write(tmp_path, FILE), True, flags("--no-metrics")).metrics_addr is None
+
+
+def test_policy_file_flag_sits_between_the_config_and_the_flags(tmp_path: Path) -> None:
+    extra = tmp_path / "policy.toml"
+    extra.write_text("[policy]\nignored_exits = [\"TDX\"]\nseverity = { save = \"warning\" }\n")
+    settings = load_settings(write(tmp_path, FILE), True,
+                             flags("--policy", str(extra), "--severity", "save=critical"))
+    assert settings.policy.ignored_exits == ["XEN", "TDX"]
+    assert settings.policy.severities == {"save": "critical"}
+
+
+@pytest.mark.parametrize(("argv", "needle"), [
+    (["--metrics-addr", "nohost"], "--metrics-addr nohost: expected HOST:PORT"),
+    (["--metrics-addr", "h:0"], "--metrics-addr h:0: port '0'"),
+    (["--metrics-addr", ""], "--no-metrics"),
+    (["--label", "site"], "--label 'site': expected KEY=VALUE"),
+    (["--label", "vm=x"], "clashes"),
+    (["--label", "9x=y"], "Prometheus label name"),
+    (["--ringbuf-pages", "3"], "--ringbuf-pages 3: must be a power of two"),
+    (["--max-vcpus", "0"], "--max-vcpus 0"),
+    (["--snapshot-idle", "-1"], "--snapshot-idle -1.0: must be positive"),
+    (["--state-dir", "var/lib"], "--state-dir var/lib: must be an absolute path"),
+])
+def test_bad_flags(argv: list[str], needle: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        flags(*argv)
+    assert needle in str(info.value)
+
+
+@pytest.mark.parametrize("addr", ["127.0.0.1:9110", "[::1]:1", "[::]:65535", "0.0.0.0:80",
+                                  "metrics.example.org:9110"])
+def test_good_metrics_addresses(addr: str) -> None:
+    assert flags("--metrics-addr", addr).values["metrics.addr"] == addr
+
+
+# ---- reload -------------------------------------------------------------------------------------
+
+def test_diff_names_each_changed_key_old_to_new() -> None:
+    old = Settings(labels={"site": "fra1", "dc": "a"})
+    new = Settings(log_level="debug", labels={"site": "ams2", "rack": "r7"},
+                   policy=PolicyOverrides(ignored_exits=["XEN"]), snapshot_idle_s=0.5)
+    assert diff(old, new) == {
+        "labels.dc": "a -> (unset)",
+        "labels.rack": "(unset) -> r7",
+        "labels.site": "fra1 -> ams2",
+        "log.level": "info -> debug",
+        "policy.ignored_exits": '[] -> ["XEN"]',
+        "snapshot_idle_seconds": "1.0 -> 0.5",
+    }
+    assert diff(old, old) == {}
+
+
+def test_reload_plan_keeps_restart_only_keys_at_their_running_value() -> None:
+    running = Settings()
+    loaded = Settings(log_level="error", ringbuf_pages=256, trace_exits=True,
+                      metrics_addr=None, metrics_per_vcpu=True, state_dir=Path("/srv"),
+                      labels={"site": "x"})
+    plan = plan_reload(running, loaded)
+    assert plan.applied == {"log.level": "info -> error", "labels.site": "(unset) -> x"}
+    assert plan.restart_required == {
+        "metrics.addr": f"{DEFAULT_METRICS_ADDR} -> null",
+        "metrics.per_vcpu": "false -> true",
+        "probes.ringbuf_pages": "64 -> 256",
+        "probes.trace_exits": "false -> true",
+        "state_dir": f"{DEFAULT_STATE_DIR} -> /srv",
+    }
+    after = plan.settings
+    assert (after.ringbuf_pages, after.trace_exits, after.metrics_addr) == (64, False,
+                                                                           DEFAULT_METRICS_ADDR)
+    assert after.state_dir == DEFAULT_STATE_DIR
+    assert (after.log_level, after.labels) == ("error", {"site": "x"})
+    # still different from the file: named again on the next reload
+    assert plan_reload(after, loaded).restart_required == plan.restart_required
+
+
+def test_reload_rereads_the_file_under_the_same_flags(tmp_path: Path) -> None:
+    path = write(tmp_path, FILE)
+    cli = flags("--log-level", "debug")
+    running = load_settings(path, True, cli)
+    path.write_text(FILE.replace('"warning"', '"error"').replace('"fra1"', '"fra2"'))
+    plan = plan_reload(running, load_settings(path, True, cli))
+    assert plan.applied == {"labels.site": "fra1 -> fra2"}  # log.level stays the flag's
+
+
+# ---- state directory and the single-instance lock -----------------------------------------------
+
+def test_lock_creates_the_state_dir_and_writes_our_pid(tmp_path: Path) -> None:
+    state = tmp_path / "a" / "state"
+    lock = InstanceLock.acquire(state)
+    try:
+        assert (state / LOCK_NAME).read_text() == f"{os.getpid()}\n"
+        assert state.stat().st_mode & 0o777 == 0o700
+    finally:
+        lock.release()
+    InstanceLock.acquire(state).release()  # free again once released
+
+
+def test_second_holder_is_refused_naming_the_first(tmp_path: Path) -> None:
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from pathlib import Path; "
+         "from tracer.instance import InstanceLock; "
+         "InstanceLock.acquire(Path(sys.argv[1])); print('locked', flush=True); "
+         "time.sleep(60)", str(tmp_path)], cwd=REPO, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "locked\n"
+        with pytest.raises(InstanceError) as info:
+            InstanceLock.acquire(tmp_path)
+        assert str(info.value) == (f"another kvm-completion-tracer is already running "
+                                   f"(pid {holder.pid}, holding {tmp_path / LOCK_NAME})")
+    finally:
+        holder.kill()
+        holder.wait()
+    deadline = time.monotonic() + 5
+    while True:  # the kernel dropped the dead holder's lock
+        try:
+            InstanceLock.acquire(tmp_path).release()
+            break
+        except InstanceError:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+
+
+def test_state_dir_that_is_a_file(tmp_path: Path) -> None:
+    afile = tmp_path / "file"
+    afile.write_text("")
+    with pytest.raises(InstanceError, match="is not a directory"):
+        InstanceLock.acquire(afile)
+    with pytest.raises(InstanceError, match="cannot be created: Not a directory"):
+        InstanceLock.acquire(afile / "sub")

@@ -1,0 +1,342 @@
+"""The exporter's collector on the model of the probes: what a scrape shows, and that it stays a
+valid exposition whatever the names, and while the probes go away."""
+
+from __future__ import annotations
+
+import socket
+import threading
+from typing import Any
+
+import pytest
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tracer import abi
+from tracer.alerts import MemorySink
+from tracer.counters import HIST_SLOTS, VcpuCounters, VcpuEntry
+from tracer.events import PioAccess
+from tracer.metrics import (
+    CompletionCollector,
+    ExporterHealth,
+    MetricsConfigError,
+    MetricsOptions,
+    parse_addr,
+    start_server,
+)
+from tracer.model import ProbeModel
+from tracer.policy import PolicyOverrides, build_policy
+from tracer.tracker import Tracker
+from tracer.vmident import VmIdentity
+
+PID, TID, VM_FD = 4242, 4243, 3
+IO = abi.EXIT_REASON_BY_NAME["KVM_EXIT_IO"]
+HLT = abi.EXIT_REASON_BY_NAME["KVM_EXIT_HLT"]
+GET_REGS = abi.IOCTL_BY_NAME["KVM_GET_REGS"].number
+GET_SREGS = abi.IOCTL_BY_NAME["KVM_GET_SREGS"].number
+OUT = PioAccess(0x3F8, "out", 1, 1)
+EXPECTED = ("raw:kvm_userspace_exit", "syscalls:sys_enter_ioctl")
+
+
+class NamedProc:
+    def __init__(self, names: dict[int, str]) -> None:
+        self.names = names
+
+    def identify(self, pid: int) -> VmIdentity:
+        return VmIdentity(name=self.names.get(pid, f"vm-{pid}"), vmm="qemu", uuid=None,
+                          source="test")
+
+    def resolve_fd(self, pid: int, fd: int) -> int | None:
+        return None
+
+    def run_addr(self, pid: int, vcpu_id: int) -> int | None:
+        return None
+
+    def start_time(self, pid: int) -> int | None:
+        return 1
+
+    def alive(self, pid: int, start_time: int) -> bool:
+        return True
+
+
+class ModelProbes:
+    """tracer.metrics.ProbeStats over the model; ``fail`` makes every map read raise."""
+
+    def __init__(self, model: ProbeModel) -> None:
+        self.model = model
+        self.fail = False
+        self.guest: dict[tuple[int, int, int, int], int] = {}
+
+    def vcpu_entries(self) -> list[VcpuEntry]:
+        if self.fail:
+            raise OSError("map read failed")
+        return [VcpuEntry(v.uid, v.pid, v.vcpu_id, v.state.value, v.counters)
+                for v in self.model.vcpus.values()]
+
+    def counters(self) -> dict[str, int]:
+        return {"lost_violation": 2, "vcpu_map_full": 0, "untracked_exits": 7}
+
+    def guest_exit_counts(self) -> dict[tuple[int, int, int, int], int]:
+        return self.guest
+
+    def attached(self) -> list[str]:
+        return list(EXPECTED[:1])
+
+
+class Rig:
+    def __init__(self, names: dict[int, str] | None = None, **options: Any) -> None:
+        policy = build_policy(PolicyOverrides(arch="x86_64"))
+        self.model = ProbeModel(policy.pending_exits)
+        self.sink = MemorySink()
+        self.tracker = Tracker(policy, self.sink, NamedProc(names or {}), self.model)
+        self.probes = ModelProbes(self.model)
+        self.health = ExporterHealth(expected_probes=EXPECTED, bcc_version="0.26.0")
+        self.registry = CollectorRegistry()
+        self.collector = CompletionCollector(self.tracker, self.probes, threading.Lock(),
+                                             self.health, MetricsOptions(**options),
+                                             now=lambda: self.model.now)
+        self.registry.register(self.collector)
+
+    def flush(self) -> None:
+        for ev in self.model.drain():
+            self.tracker.handle(ev)
+
+    def vcpu(self, fd: int, vcpu_id: int = 0, pid: int = PID) -> None:
+        self.model.ioctl_enter(pid, TID, VM_FD, abi.KVM_CREATE_VCPU, vcpu_id)
+        self.model.ioctl_exit(pid, TID, fd)
+        self.flush()
+
+    def run(self, fd: int, reason: int, access: Any = None, pid: int = PID) -> None:
+        self.model.ioctl_enter(pid, TID, fd, abi.KVM_RUN)
+        self.model.userspace_exit(TID, reason, 0, access)
+        self.flush()
+
+    def ioctl(self, fd: int, cmd: int, pid: int = PID) -> None:
+        self.model.ioctl_enter(pid, TID, fd, cmd)
+        self.model.ioctl_exit(pid, TID, 0)
+        self.flush()
+
+    def scrape(self) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+        text = generate_latest(self.registry).decode()
+        out = {}
+        for family in text_string_to_metric_families(text):  # raises on a broken exposition
+            for sample in family.samples:
+                out[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+        return out
+
+
+def value(samples: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: str,
+          **labels: str) -> float | None:
+    return samples.get((name, tuple(sorted(labels.items()))))
+
+
+def test_a_violation_shows_with_its_labels_next_to_the_exits() -> None:
+    rig = Rig({PID: "web01"})
+    rig.vcpu(fd=5)
+    rig.run(5, IO, OUT)
+    rig.ioctl(5, GET_REGS)
+    rig.ioctl(5, GET_SREGS)
+    got = rig.scrape()
+    assert value(got, "kvm_completion_violations_total", vm="web01", kind="save",
+                 ioctl="KVM_GET_REGS", exit_reason="KVM_EXIT_IO", severity="error") == 1
+    assert value(got, "kvm_completion_userspace_exits_total", vm="web01",
+                 exit_reason="KVM_EXIT_IO") == 1
+    assert value(got, "kvm_completion_pending_vcpus", vm="web01") == 1
+    assert value(got, "kvm_completion_vcpus", vm="web01") == 1
+    assert value(got, "kvm_completion_vm_info", vm="web01", pid=str(PID), vmm="qemu",
+                 uuid="") == 1
+    oldest = value(got, "kvm_completion_pending_oldest_seconds", vm="web01")
+    assert oldest is not None and oldest > 0
+    rig.run(5, HLT)  # completes the OUT: the window of two saves is a snapshot
+    got = rig.scrape()
+    assert value(got, "kvm_completion_snapshots_total", vm="web01") == 1
+    assert value(got, "kvm_completion_pending_vcpus", vm="web01") == 0
+    assert value(got, "kvm_completion_pending_oldest_seconds", vm="web01") == 0
+    assert value(got, "kvm_completion_completions_total", vm="web01", path="reentry") == 1
+
+
+def test_self_health_series() -> None:
+    rig = Rig()
+    rig.health.ringbuf_polls, rig.health.last_poll_unix = 12, 1700000000.5
+    got = rig.scrape()
+    assert value(got, "kvm_completion_probes_expected") == 2
+    assert value(got, "kvm_completion_probes_attached") == 1
+    assert value(got, "kvm_completion_probe_attached", probe="syscalls:sys_enter_ioctl") == 0
+    assert value(got, "kvm_completion_events_lost_total", event_type="violation") == 2
+    assert value(got, "kvm_completion_map_full_total", map="vcpu") == 0
+    assert value(got, "kvm_completion_untracked_exits_total") == 7
+    assert value(got, "kvm_completion_ringbuf_polls_total") == 12
+    assert value(got, "kvm_completion_last_poll_timestamp_seconds") == 1700000000.5
+    assert value(got, "kvm_completion_build_info", version="0.1.0", bcc_version="0.26.0",
+                 python_version=next(k[1] for k in got if k[0] ==
+                                     "kvm_completion_build_info")[1][1]) == 1
+
+
+@pytest.mark.parametrize("name", ['we"b\\01', "line\nbreak", "{x=\"y\"}", "naïve vm", ""])
+def test_any_vm_name_keeps_the_exposition_valid(name: str) -> None:
+    rig = Rig({PID: name})
+    rig.vcpu(fd=5)
+    rig.run(5, IO, OUT)
+    rig.ioctl(5, GET_REGS)
+    got = rig.scrape()  # parses
+    assert value(got, "kvm_completion_violations_total", vm=name, kind="save",
+                 ioctl="KVM_GET_REGS", exit_reason="KVM_EXIT_IO", severity="error") == 1
+
+
+def test_histogram_is_cumulative_and_ends_with_the_count() -> None:
+    rig = Rig({PID: "vm"})
+    rig.vcpu(fd=5)
+    counters = next(iter(rig.model.vcpus.values())).counters
+    counters.pending_hist[3] = 5  # under 1 us: the first bucket
+    counters.pending_hist[13] = 2  # 4-8 us
+    counters.pending_hist[HIST_SLOTS - 1] = 1  # the clamped slot: +Inf only
+    counters.pending_ns_sum = 40_000_000_000
+    got = rig.scrape()
+    buckets = sorted((float(dict(k[1])["le"]), v) for k, v in got.items()
+                     if k[0] == "kvm_completion_pending_seconds_bucket")
+    values = [v for _, v in buckets]
+    assert values == sorted(values) and values[0] == 5 and values[-1] == 8
+    assert buckets[-1][0] == float("inf") and buckets[-2][1] == 7
+    assert dict(buckets)[2**13 / 1e9] == 7
+    assert value(got, "kvm_completion_pending_seconds_count", vm="vm") == 8
+    assert value(got, "kvm_completion_pending_seconds_sum", vm="vm") == 40.0
+
+
+def test_counters_do_not_go_back_when_a_vcpu_closes_or_its_process_exits() -> None:
+    rig = Rig({PID: "vm"})
+    rig.vcpu(fd=5)
+    rig.vcpu(fd=6, vcpu_id=1)
+    for _ in range(3):
+        rig.run(5, IO, OUT)
+        rig.run(6, HLT)
+    before = value(rig.scrape(), "kvm_completion_userspace_exits_total", vm="vm",
+                   exit_reason="KVM_EXIT_IO")
+    rig.model.close(PID, TID, 5)
+    closed_not_yet_read = rig.scrape()  # CLOSED entry still in the map: counted once
+    rig.flush()
+    after_close = rig.scrape()
+    rig.model.process_exit(PID)
+    rig.flush()
+    after_exit = rig.scrape()
+    for got in (closed_not_yet_read, after_close, after_exit):
+        assert value(got, "kvm_completion_userspace_exits_total", vm="vm",
+                     exit_reason="KVM_EXIT_IO") == before == 3
+        assert value(got, "kvm_completion_userspace_exits_total", vm="vm",
+                     exit_reason="KVM_EXIT_HLT") == 3
+    assert value(after_close, "kvm_completion_vcpus", vm="vm") == 1
+    assert value(after_exit, "kvm_completion_vcpus", vm="vm") is None  # no live vCPU
+
+
+def test_scrape_while_the_probes_fail_or_are_closed_is_still_valid() -> None:
+    rig = Rig({PID: "vm"})
+    rig.vcpu(fd=5)
+    rig.run(5, IO, OUT)
+    rig.ioctl(5, GET_REGS)
+    rig.probes.fail = True
+    got = rig.scrape()
+    assert value(got, "kvm_completion_scrape_errors_total") == 1
+    assert value(got, "kvm_completion_violations_total", vm="vm", kind="save",
+                 ioctl="KVM_GET_REGS", exit_reason="KVM_EXIT_IO", severity="error") == 1
+    rig.probes.fail = False
+    rig.health.probes_closed = True
+    got = rig.scrape()
+    assert value(got, "kvm_completion_scrape_errors_total") == 1  # closed is not an error
+    assert value(got, "kvm_completion_probes_attached") == 0
+
+
+def test_per_vcpu_series_are_opt_in_and_capped() -> None:
+    rig = Rig({PID: "vm"})
+    for i in range(5):
+        rig.vcpu(fd=5 + i, vcpu_id=i)
+    assert not any(k[0] == "kvm_completion_vcpu_pending" for k in rig.scrape())
+    capped = Rig({PID: "vm"}, per_vcpu=True, max_vcpu_series=3)
+    for i in range(5):
+        capped.vcpu(fd=5 + i, vcpu_id=i)
+    capped.run(5, IO, OUT)
+    got = capped.scrape()
+    assert sorted(dict(k[1])["vcpu"] for k in got if k[0] == "kvm_completion_vcpu_pending") \
+        == ["0", "1", "2"]
+    assert value(got, "kvm_completion_vcpu_pending", vm="vm", vcpu="0") == 1
+    assert value(got, "kvm_completion_vcpu_series_dropped") == 2
+
+
+def test_static_labels_go_on_every_series() -> None:
+    rig = Rig({PID: "vm"})
+    rig.health.labels = {"cluster": "eu-1"}
+    rig.vcpu(fd=5)
+    rig.run(5, IO, OUT)
+    got = rig.scrape()
+    assert value(got, "kvm_completion_vcpus", vm="vm", cluster="eu-1") == 1
+    assert all(dict(k[1]).get("cluster") == "eu-1" for k in got)
+
+
+def test_guest_exits_are_named_per_isa() -> None:
+    rig = Rig({PID: "vm"})
+    rig.probes.guest = {(PID, 0, 1, 30): 4, (PID, 1, 1, 30): 1, (PID, 0, 2, 0x7B): 2}
+    got = rig.scrape()
+    assert value(got, "kvm_completion_guest_exits_total", vm="vm", isa="vmx",
+                 reason="IO_INSTRUCTION") == 5
+    assert value(got, "kvm_completion_guest_exits_total", vm="vm", isa="svm",
+                 reason="IOIO") == 2
+
+
+def test_retired_counts_are_added_to_the_live_ones() -> None:
+    rig = Rig({PID: "vm"})
+    extra = VcpuCounters()
+    extra.exits[IO] = 10
+    rig.tracker.ledger.retire("vm", extra)
+    rig.vcpu(fd=5)
+    rig.run(5, IO, OUT)
+    assert value(rig.scrape(), "kvm_completion_userspace_exits_total", vm="vm",
+                 exit_reason="KVM_EXIT_IO") == 11
+
+
+@pytest.mark.parametrize(("addr", "expected"), [
+    ("127.0.0.1:9110", ("127.0.0.1", 9110)),
+    ("[::1]:80", ("::1", 80)),
+    ("0.0.0.0:65535", ("0.0.0.0", 65535)),
+    ("localhost:1", ("localhost", 1)),
+])
+def test_parse_addr(addr: str, expected: tuple[str, int]) -> None:
+    assert parse_addr(addr) == expected
+
+
+@pytest.mark.parametrize(("addr", "message"), [
+    ("9110", "expected HOST:PORT"),
+    (":9110", "the host is missing"),
+    ("127.0.0.1:0", "must be a number from 1 to 65535"),
+    ("127.0.0.1:http", "must be a number from 1 to 65535"),
+    ("::1:9110", "IPv6 address in brackets"),
+    ("[::1:9110", "expected \\[IPV6\\]:PORT"),
+    ("[nope]:1", "not an IPv6 address"),
+    ("bad host:1", "not a host name"),
+])
+def test_parse_addr_rejects(addr: str, message: str) -> None:
+    with pytest.raises(MetricsConfigError, match=message):
+        parse_addr(addr)
+
+
+def test_a_taken_port_is_one_clear_error() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(MetricsConfigError, match="Address already in use; another process"):
+            start_server(f"127.0.0.1:{port}", CollectorRegistry())
+
+
+def test_the_server_serves_and_stops() -> None:
+    import urllib.request
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    rig = Rig({PID: "vm"})
+    stop = start_server(f"127.0.0.1:{port}", rig.registry)
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+            body = resp.read().decode()
+        assert resp.status == 200 and "kvm_completion_build_info" in body
+    finally:
+        stop()
+    with pytest.raises(OSError):
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2)

@@ -1,0 +1,124 @@
+"""Per-vCPU statistics kept in the probes' ``vcpus`` map, and their totals per VM.
+
+The kernel counts in each vCPU's map entry (exits by reason, the pending-duration histogram,
+completions by path) and nothing else on the hot path. Python reads the entries at scrape time.
+When a vCPU goes (its last fd closed, its process exited) its counts are folded into
+:class:`VmLedger` under the VM's name before the entry is deleted, so the exported counters never
+go backwards while the VM lives, and a VM restarted under the same name keeps counting up.
+
+Pure Python: no bcc, no prometheus_client.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Final
+
+from tracer import abi
+
+# bpf/completion.c: exits[] has one slot per reason below MAX_EXIT_REASON, then these two.
+EXIT_SLOT_OTHER: Final = abi.MAX_EXIT_REASON
+EXIT_SLOT_ERROR: Final = abi.MAX_EXIT_REASON + 1
+EXIT_SLOTS: Final = abi.MAX_EXIT_REASON + 2
+# pending_hist[s] counts windows that stayed pending v ns with 2**(s-1) <= v < 2**s (bcc's
+# bpf_log2l); the last slot also takes everything longer.
+HIST_SLOTS: Final = 40
+# Exported bucket bounds: 2**10 ns (~1 us, below one exit round trip) .. 2**38 ns (~275 s).
+FIRST_BUCKET_SLOT: Final = 10
+BUCKET_BOUNDS_S: Final = tuple(2**s / 1e9 for s in range(FIRST_BUCKET_SLOT, HIST_SLOTS - 1))
+PATHS: Final = ("reentry", "immediate_exit")  # enum completion_path
+
+
+def exit_slot_name(slot: int) -> str:
+    if slot == EXIT_SLOT_ERROR:
+        return "none_run_interrupted"  # KVM_RUN returned an error: signal or immediate_exit
+    if slot == EXIT_SLOT_OTHER:
+        return "unknown"
+    return abi.exit_reason_name(slot)
+
+
+@dataclass
+class VcpuCounters:
+    """One vCPU's statistics as the kernel kept them (or a sum of several)."""
+
+    exits: list[int] = field(default_factory=lambda: [0] * EXIT_SLOTS)
+    pending_hist: list[int] = field(default_factory=lambda: [0] * HIST_SLOTS)
+    pending_ns_sum: int = 0
+    completions: list[int] = field(default_factory=lambda: [0] * len(PATHS))
+
+    def add(self, other: VcpuCounters) -> None:
+        for mine, theirs in ((self.exits, other.exits), (self.pending_hist, other.pending_hist),
+                             (self.completions, other.completions)):
+            for i, value in enumerate(theirs[:len(mine)]):
+                mine[i] += value
+        self.pending_ns_sum += other.pending_ns_sum
+
+    @property
+    def userspace_exits(self) -> int:
+        return sum(self.exits)
+
+    @property
+    def completed(self) -> int:
+        return sum(self.pending_hist)
+
+    def cumulative_buckets(self) -> list[tuple[float, int]]:
+        """(upper bound in seconds, cumulative count) for each exported bucket, +Inf last."""
+        out: list[tuple[float, int]] = []
+        running = sum(self.pending_hist[:FIRST_BUCKET_SLOT + 1])
+        for i, bound in enumerate(BUCKET_BOUNDS_S):
+            if i:
+                running += self.pending_hist[FIRST_BUCKET_SLOT + i]
+            out.append((bound, running))
+        out.append((float("inf"), self.completed))
+        return out
+
+    def pending_exits(self, leaves_pending: Iterable[int]) -> int:
+        return sum(self.exits[r] for r in leaves_pending if 0 <= r < abi.MAX_EXIT_REASON)
+
+
+def total(parts: Iterable[VcpuCounters]) -> VcpuCounters:
+    out = VcpuCounters()
+    for part in parts:
+        out.add(part)
+    return out
+
+
+@dataclass
+class VmLedger:
+    """Counts of vCPUs that are gone, per VM name, and when each VM was last seen alive."""
+
+    retired: dict[str, VcpuCounters] = field(default_factory=dict)
+    gone_since: dict[str, float] = field(default_factory=dict)
+    retired_vcpus: Counter[str] = field(default_factory=Counter)
+
+    def retire(self, vm: str, counters: VcpuCounters) -> None:
+        self.retired.setdefault(vm, VcpuCounters()).add(counters)
+        self.retired_vcpus[vm] += 1
+
+    def mark_gone(self, vm: str, now: float) -> None:
+        self.gone_since.setdefault(vm, now)
+
+    def mark_alive(self, vm: str) -> None:
+        self.gone_since.pop(vm, None)
+
+    def expired(self, now: float, retain_s: float) -> list[str]:
+        """VMs gone for longer than ``retain_s``: their series may be dropped."""
+        return [vm for vm, since in self.gone_since.items() if now - since >= retain_s]
+
+    def drop(self, vm: str) -> None:
+        self.retired.pop(vm, None)
+        self.gone_since.pop(vm, None)
+        self.retired_vcpus.pop(vm, None)
+
+
+@dataclass(frozen=True)
+class VcpuEntry:
+    """One entry of the probes' ``vcpus`` map as a scrape reads it."""
+
+    uid: int
+    pid: int
+    vcpu_id: int
+    state: int  # enum vcpu_run_state; 3 = closed, waiting for Python to read and delete it
+    counters: VcpuCounters
