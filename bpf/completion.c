@@ -164,6 +164,10 @@ BPF_HASH(vcpu_fds, struct fd_key, struct fd_val, MAX_VCPU_FDS);
 BPF_HASH(vcpus, u64, struct vcpu_state, MAX_VCPUS);
 BPF_HASH(run_threads, u32, u64, MAX_THREADS);      // tid -> vcpu_uid of its last KVM_RUN
 BPF_HASH(inflight, u32, struct inflight, MAX_THREADS);  // tid -> syscall awaiting its return
+// Stashes minus unstashes: whether any thread has a syscall awaiting its return, so the exit of
+// every other syscall costs one array read. (Declared with the other maps: bcc 0.26 crashes on
+// a map declared after functions when the kernel headers are broken.)
+BPF_ARRAY(inflight_count, u64, 1);
 BPF_HASH(procs, u32, struct proc_state, MAX_PROCS);
 BPF_TABLE("lru_hash", struct fd_key, u8, unknown_fds, 1024);  // UNKNOWN_FD sent once per fd
 BPF_ARRAY(pending_exits, u8, MAX_EXIT_REASON);      // policy: 1 = exit leaves a completion
@@ -445,10 +449,6 @@ static __always_inline void on_enable_cap(u32 tgid, u32 tid, u64 arg)
         p->quirks_disabled |= cap.arg0;
     emit_simple(EV_QUIRKS_DISABLED, tgid, tid, -1, 0, 0, (s64)cap.arg0);
 }
-
-// Every stash is matched by an unstash: inflight_count says whether any thread has a syscall
-// awaiting its return, so the exit of every other syscall on the host costs one array read.
-BPF_ARRAY(inflight_count, u64, 1);
 
 static __always_inline void stash(u32 tid, struct inflight *inf)
 {

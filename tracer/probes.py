@@ -410,22 +410,70 @@ class _Captured:
         return self.data.decode("utf-8", "replace")
 
 
+# Watches a compile from another process: LLVM's fatal errors (the BPF stack limit, for one) call
+# exit(1) from inside the compile, and no Python code of ours runs after that. The watcher holds
+# a pipe to us; EOF without "done" means we died mid-compile, and it prints the one-line error
+# from the captured diagnostics.
+_WATCHER = r"""
+import os, sys
+path = sys.argv[1]
+data = sys.stdin.buffer.read()
+if data != b"done":
+    try:
+        with open(path, "rb") as f:
+            text = f.read().decode("utf-8", "replace")
+    except OSError:
+        text = ""
+    first = next((ln.strip() for ln in text.splitlines() if "error" in ln.lower()),
+                 "a fatal LLVM error")
+    sys.stderr.write("kvm-completion-tracer: error: compiling the BPF programs failed (%s); "
+                     "run 'kvm-completion-tracer check'\n" % first)
+try:
+    os.unlink(path)
+except OSError:
+    pass
+"""
+
+
 @contextlib.contextmanager
 def _captured_stderr() -> Iterator[_Captured]:
     """clang and libbcc print diagnostics straight to fd 2: keep them out of the operator's
-    terminal and the JSON log, and quote the first error in the one-line failure instead."""
+    terminal and the JSON log, and quote the first error in the one-line failure instead (also
+    when LLVM kills the process: see _WATCHER)."""
+    import subprocess
+
     captured = _Captured()
     sys.stderr.flush()
     saved = os.dup(2)
-    with tempfile.TemporaryFile() as sink:
-        try:
-            os.dup2(sink.fileno(), 2)
-            yield captured
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
-            sink.seek(0)
-            captured.data = sink.read()
+    fd, path = tempfile.mkstemp(prefix="kct-bpf-compile-", suffix=".log")
+    read_end, write_end = os.pipe()
+    try:
+        watcher: subprocess.Popen[bytes] | None = subprocess.Popen(
+            [sys.executable, "-c", _WATCHER, path], stdin=read_end, stderr=saved,
+            stdout=subprocess.DEVNULL, close_fds=True)
+    except OSError:
+        watcher = None
+    os.close(read_end)
+    try:
+        os.dup2(fd, 2)
+        yield captured
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        with contextlib.suppress(OSError):
+            os.write(write_end, b"done")
+        os.close(write_end)
+        os.lseek(fd, 0, os.SEEK_SET)
+        chunks = []
+        while chunk := os.read(fd, 65536):
+            chunks.append(chunk)
+        captured.data = b"".join(chunks)
+        os.close(fd)
+        if watcher is not None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                watcher.wait(timeout=10)  # it removes the file
+        with contextlib.suppress(OSError):
+            os.unlink(path)
 
 
 def _first_error(diagnostics: str) -> str:

@@ -196,12 +196,21 @@ def stack() -> Iterator[Stack]:
                     "prometheus-alertmanager)")
     workdir = Path(tempfile.mkdtemp(prefix="kct-observability-"))
     st = Stack(workdir)
+    held: subprocess.Popen[bytes] | None = None
     try:
         st.start()
         for scenario in ("buggy-io-out", "restore-mmio", "correct-io", "port-7e"):
             run_vmm(scenario, workdir)
+        # A VM that stays up (two vCPUs left with a completion pending) for the panels about
+        # live VMs: vCPUs, pending vCPUs, VM info.
+        held = subprocess.Popen([sys.executable, "-m", "tracer.vmm", "process-exit",
+                                 "--hold-before-exit", "300", "--no-logs"], cwd=REPO,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         yield st
     finally:
+        if held is not None:
+            held.kill()
+            held.wait(timeout=10)
         st.stop()
         shutil.rmtree(workdir, ignore_errors=True)
 
