@@ -176,13 +176,20 @@ BPF_ARRAY(next_uid, u64, 1);
 // All zeros, never written: a new vCPU's entry starts as a copy (too big for the BPF stack).
 BPF_ARRAY(vcpu_template, struct vcpu_state, 1);
 BPF_PERCPU_ARRAY(counters, u64, C_COUNTERS);
-// Per CPU: the thread and vCPU of the last KVM_RUN entered here (kvm_userspace_exit's shortcut).
+// Per CPU: the last KVM_RUN entered here, so the next entry and exit of the same thread skip
+// the hash maps. At an entry it stands for vcpu_fds[(tgid, fd)] and run_threads[tid] only while
+// map_gen is what it was when written: every change of those two maps bumps map_gen (they
+// change when vCPU fds come and go or a thread switches vCPUs, not per exit).
 struct run_cache {
     u32 tid;
+    u32 tgid;
+    s32 fd;
     u32 pad;
     u64 uid;
+    u64 gen;
 };
 BPF_PERCPU_ARRAY(run_cache, struct run_cache, 1);
+BPF_ARRAY(map_gen, u64, 1);
 BPF_HASH(guest_exits, struct guest_exit_key, u64, MAX_GUEST_EXIT_KEYS);
 BPF_HASH(guest_entries, struct vcpu_key, u64, MAX_VCPUS);  // kvm_entry count
 
@@ -191,6 +198,15 @@ static __always_inline void count(u32 idx)
     u64 *c = counters.lookup(&idx);
     if (c)
         (*c)++;  // per-CPU slot: no atomic needed
+}
+
+// Called for every change of vcpu_fds or run_threads: invalidates every CPU's run_cache.
+static __always_inline void maps_changed(void)
+{
+    u32 zero = 0;
+    u64 *gen = map_gen.lookup(&zero);
+    if (gen)
+        __sync_fetch_and_add(gen, 1);
 }
 
 static __always_inline struct event *new_event(u32 type, u32 tgid, u32 tid)
@@ -288,6 +304,7 @@ static __always_inline void forget_fd(u32 tgid, u32 tid, struct fd_key *key)
     u64 uid = fv->vcpu_uid;
     u32 vcpu_id = fv->vcpu_id;
     vcpu_fds.delete(key);
+    maps_changed();
     struct vcpu_state *st = vcpus.lookup(&uid);
     s64 left = 0;
     if (st) {
@@ -306,7 +323,7 @@ static __always_inline void forget_fd(u32 tgid, u32 tid, struct fd_key *key)
 // ---- KVM_RUN ----------------------------------------------------------------------------------
 
 static __always_inline void on_run_enter(u32 tgid, u32 tid, s32 fd, u64 uid,
-                                         struct vcpu_state *st)
+                                         struct vcpu_state *st, int cached)
 {
     u8 immediate = 0;
     if (st->state == VCPU_PENDING) {
@@ -343,17 +360,31 @@ static __always_inline void on_run_enter(u32 tgid, u32 tid, s32 fd, u64 uid,
     }
     st->state = VCPU_RUNNING;
     st->run_tid = tid;
+    if (cached)
+        goto traced;  // run_threads[tid] == uid already: run_cache vouches for it
+    u32 zero = 0;
+    u64 *gen = map_gen.lookup(&zero);
+    if (!gen)
+        goto traced;
+    u64 seen = *gen;  // before the checks below: a change racing them invalidates the cache
     u64 *cur = run_threads.lookup(&tid);
     if (!cur || *cur != uid) {
-        if (run_threads.update(&tid, &uid))
+        if (run_threads.update(&tid, &uid)) {
             count(C_THREAD_MAP_FULL);
+            goto traced;
+        }
+        maps_changed();
+        seen++;  // our own change; any other one still shows
     }
-    u32 zero = 0;
     struct run_cache *rc = run_cache.lookup(&zero);
     if (rc) {
         rc->tid = tid;
+        rc->tgid = tgid;
+        rc->fd = fd;
         rc->uid = uid;
+        rc->gen = seen;
     }
+traced:;
 #ifdef TRACE_EXITS
     struct event *ev = new_event(EV_RUN_ENTER, tgid, tid);
     if (ev) {
@@ -484,6 +515,21 @@ static __always_inline void ioctl_enter(s32 fd, u32 cmd, u64 arg)
         on_enable_cap(tgid, tid, arg);
         return;
     }
+    if (cmd == KVM_RUN_NR) {
+        // The common case: the thread re-enters the vCPU it ran last on this CPU.
+        u32 zero = 0;
+        struct run_cache *rc = run_cache.lookup(&zero);
+        u64 *gen = map_gen.lookup(&zero);
+        if (rc && gen && rc->gen == *gen && rc->tid == tid && rc->tgid == tgid
+            && rc->fd == fk.fd) {
+            u64 cached_uid = rc->uid;
+            struct vcpu_state *cst = vcpus.lookup(&cached_uid);
+            if (cst) {
+                on_run_enter(tgid, tid, fk.fd, cached_uid, cst, 1);
+                return;
+            }
+        }
+    }
     struct fd_val *fv = vcpu_fds.lookup(&fk);
     if (!fv) {
         if (cmd == KVM_CREATE_VCPU_NR) {
@@ -493,8 +539,8 @@ static __always_inline void ioctl_enter(s32 fd, u32 cmd, u64 arg)
         }
         u8 *kind = ioctl_kinds.lookup(&cmd);
         if (cmd == KVM_RUN_NR || kind) {
-            if (cmd == KVM_RUN_NR)
-                run_threads.delete(&tid);  // its exits must not land on an older vCPU
+            if (cmd == KVM_RUN_NR && run_threads.delete(&tid) == 0)
+                maps_changed();  // its exits must not land on an older vCPU
             u8 one = 1;
             if (!unknown_fds.lookup(&fk)) {
                 unknown_fds.update(&fk, &one);
@@ -509,7 +555,7 @@ static __always_inline void ioctl_enter(s32 fd, u32 cmd, u64 arg)
     if (!st)
         return;
     if (cmd == KVM_RUN_NR) {
-        on_run_enter(tgid, tid, fk.fd, uid, st);
+        on_run_enter(tgid, tid, fk.fd, uid, st, 0);
         return;
     }
     u8 *kind = ioctl_kinds.lookup(&cmd);
@@ -553,12 +599,14 @@ static __always_inline void on_vcpu_created(u32 tgid, u32 tid, struct inflight *
         count(C_FD_MAP_FULL);
         return;
     }
+    maps_changed();
     struct vcpu_state *zero = vcpu_template.lookup(&idx);
     if (!zero)
         return;
     if (vcpus.update(&uid, zero)) {
         count(C_VCPU_MAP_FULL);
         vcpu_fds.delete(&fk);
+        maps_changed();
         return;
     }
     struct vcpu_state *st = vcpus.lookup(&uid);
@@ -590,6 +638,7 @@ static __always_inline void dup_done(u32 tgid, u32 tid, struct inflight *inf, lo
         count(C_FD_MAP_FULL);
         return;
     }
+    maps_changed();
     st->fd_refs++;
     emit_simple(EV_VCPU_FD_DUP, tgid, tid, (s32)ret, copy.vcpu_id, copy.vcpu_uid, fk.fd);
 }
@@ -812,7 +861,8 @@ TRACEPOINT_PROBE(sched, sched_process_exit)
 {
     u64 id = bpf_get_current_pid_tgid();
     u32 tgid = id >> 32, tid = (u32)id;
-    run_threads.delete(&tid);
+    if (run_threads.delete(&tid) == 0)
+        maps_changed();  // a new thread reusing this tid must not hit a CPU's run_cache
     unstash(tid);
 #ifdef HAVE_GROUP_DEAD
     if (args->group_dead)

@@ -274,6 +274,7 @@ class Probes:
                 # The thread's next exit (RUNNING) must land on this vCPU.
                 self._bpf[b"run_threads"][ctypes.c_uint32(start.run_tid)] = \
                     ctypes.c_uint64(uid)
+                self._maps_changed()
         else:
             vcpus = self._bpf[b"vcpus"]
             existing = vcpus[ctypes.c_uint64(uid)]
@@ -282,11 +283,19 @@ class Probes:
         if not self._put("fd", fds, key, fds.Leaf(uid, vcpu_id, 0)):
             self.release_vcpus({uid}) if new else self._drop_ref(uid)
             return None
+        self._maps_changed()
         procs = self._bpf[b"procs"]
         pkey = procs.Key(pid)
         if procs.get(pkey) is None:  # its exit must be reported so its entries get dropped
             self._put("proc", procs, pkey, procs.Leaf())
         return uid
+
+    def _maps_changed(self) -> None:
+        """vcpu_fds or run_threads changed from here: invalidate the CPUs' run_cache (see
+        bpf/completion.c, map_gen)."""
+        gen = self._bpf[b"map_gen"]
+        key = ctypes.c_int(0)
+        gen[key] = ctypes.c_uint64(gen[key].value + 1)
 
     def _drop_ref(self, uid: int) -> None:
         vcpus = self._bpf[b"vcpus"]
@@ -312,6 +321,7 @@ class Probes:
         fds = self._bpf[b"vcpu_fds"]
         for key in [k for k, v in fds.items() if k.tgid == pid and v.vcpu_uid in uids]:
             fds.pop(key, None)
+        self._maps_changed()
         unknown = self._bpf[b"unknown_fds"]
         for key in [k for k in unknown if k.tgid == pid]:
             unknown.pop(key, None)
@@ -338,6 +348,7 @@ class Probes:
         if leaf is None:
             return None
         fds.pop(key, None)
+        self._maps_changed()
         vcpus = self._bpf[b"vcpus"]
         vkey = ctypes.c_uint64(leaf.vcpu_uid)
         state = vcpus.get(vkey)
