@@ -27,7 +27,11 @@ from tracer.vmident import VmIdentity
 if TYPE_CHECKING:
     from tracer.config import Reloader
 
-POLL_MS = 100  # ring buffer poll timeout: bounds alert latency when events trickle in
+# Ring-buffer poll timeout. Events wake the poll at once (epoll), and so do signals: the timeout
+# only paces the housekeeping (idle snapshot windows, watchdog, reload), so it is as long as
+# --snapshot-idle allows: an idle daemon then costs next to no CPU.
+POLL_MS = 100
+MAX_POLL_MS = 500
 SWEEP_S = 5.0  # how often to look for processes whose exit event was lost
 LOSS_CHECK_S = 2.0
 
@@ -91,8 +95,10 @@ class Daemon:
             registry.register(CompletionCollector(self.tracker, self.probes, self.lock,
                                                   self.health, options.metrics))
         self.stop_requested = stop or threading.Event()
-        # Called once per loop iteration (about every POLL_MS): sd_notify watchdog, SIGHUP reload.
+        # Called once per loop iteration (at most MAX_POLL_MS apart): sd_notify watchdog, reload.
         self.housekeeping: list[Callable[[], None]] = []
+        self.poll_cap_ms: float = MAX_POLL_MS
+        self.started = False
         self._lost_reported = 0
 
     def set_labels(self, labels: dict[str, str]) -> None:
@@ -149,6 +155,7 @@ class Daemon:
         self.sink.notice("ready", "info", version=__version__, pid=os.getpid(),
                          probes=self.probes.attached(), vcpus_adopted=adopted,
                          policy=describe(self.options.policy))
+        self.started = True
 
     def poll_once(self, timeout_ms: int = POLL_MS) -> None:
         self.probes.poll(timeout_ms)
@@ -171,10 +178,16 @@ class Daemon:
         if full:
             self.sink.notice("maps_full", "warning", **full)
 
+    def loop_poll_ms(self) -> int:
+        """Half the snapshot idle time, between POLL_MS/2 and MAX_POLL_MS, and no longer than
+        ``poll_cap_ms`` (the watchdog's ping interval under systemd)."""
+        wanted = min(MAX_POLL_MS, self.poll_cap_ms, self.tracker.snapshot_idle_s * 500)
+        return int(max(POLL_MS // 2, wanted))
+
     def run_forever(self) -> None:
         next_sweep = next_loss = time.monotonic()
         while not self.stop_requested.is_set():
-            self.poll_once()
+            self.poll_once(self.loop_poll_ms())
             now = time.monotonic()
             if now >= next_sweep:
                 with self.lock:
@@ -195,8 +208,8 @@ class Daemon:
         """Before the probes detach: the vCPUs with a completion pending, for the next
         instance (tracer.handover). Returns how many."""
         path = self._handover_path()
-        if path is None:
-            return 0
+        if path is None or not self.started:
+            return 0  # stopped before start(): a previous hand-over stays for the next start
         first = {s["uid"]: s for s in self.probes.vcpu_states() if s["state"] == handover.PENDING}
         runtimes = {uid: handover.thread_runtime_ns(s["pid"], s["run_tid"])
                     for uid, s in first.items()}
@@ -291,6 +304,8 @@ def run(options: DaemonOptions, reloader: Reloader | None = None) -> int:
             daemon.start()
             notifier.ready(status=f"watching; {len(daemon.probes.attached())} probes attached")
             daemon.housekeeping.append(notifier.watchdog_tick)
+            if notifier.watchdog_interval_s is not None:
+                daemon.poll_cap_ms = notifier.watchdog_interval_s * 1000
             if reloader is not None:
                 daemon.housekeeping.append(lambda: reloader.poll(daemon, notifier))
             daemon.run_forever()
