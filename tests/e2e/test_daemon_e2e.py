@@ -435,3 +435,38 @@ def test_scrapes_while_the_daemon_stops_stay_valid() -> None:
     d.out.unlink()
     assert outcomes and all(o in ("ok:200", "refused") for o in outcomes), set(outcomes)
     assert outcomes.count("ok:200") > 3
+
+
+def test_selftest_serves_its_counts_while_it_runs() -> None:
+    """The issue's check: curl on the metrics endpoint during `selftest` shows the violations."""
+    from conftest import free_port
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/metrics"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tracer", "selftest", "--log-format", "json", "--scenario",
+         "buggy-io-out", "--scenario", "restore-mmio", "--metrics-addr", f"127.0.0.1:{port}",
+         "--linger", "30"], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        lines = []
+        for line in proc.stdout:
+            lines.append(line)
+            if "serving metrics" in line:
+                break
+        assert [ln.split(":")[0] for ln in lines if ln.startswith(("ok", "FAIL"))] == [
+            "ok   buggy-io-out", "ok   restore-mmio"], lines
+        got = scrape(url)
+        saves = series(got, "kvm_completion_violations_total", kind="save",
+                       exit_reason="KVM_EXIT_IO")
+        restores = series(got, "kvm_completion_violations_total", kind="restore",
+                          exit_reason="KVM_EXIT_MMIO")
+        assert sum(saves.values()) > 0 and sum(restores.values()) > 0, got
+        assert sum(series(got, "kvm_completion_snapshots_total").values()) > 0
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
