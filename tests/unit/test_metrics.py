@@ -166,9 +166,12 @@ def test_self_health_series() -> None:
     assert value(got, "kvm_completion_untracked_exits_total") == 7
     assert value(got, "kvm_completion_ringbuf_polls_total") == 12
     assert value(got, "kvm_completion_last_poll_timestamp_seconds") == 1700000000.5
-    assert value(got, "kvm_completion_build_info", version="0.1.0", bcc_version="0.26.0",
-                 python_version=next(k[1] for k in got if k[0] ==
-                                     "kvm_completion_build_info")[1][1]) == 1
+    import platform
+
+    from tracer import __version__
+
+    assert value(got, "kvm_completion_build_info", version=__version__, bcc_version="0.26.0",
+                 python_version=platform.python_version()) == 1
 
 
 @pytest.mark.parametrize("name", ['we"b\\01', "line\nbreak", "{x=\"y\"}", "naïve vm", ""])
