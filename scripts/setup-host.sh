@@ -40,7 +40,7 @@ stamp="$venv/.kvm-completion-tracer-installed-$mode"
 base_packages=(python3-bpfcc python3-venv)
 if [[ "$mode" == test ]]; then
     base_packages+=(
-        gcc libc6-dev linux-libc-dev make util-linux
+        gcc libc6-dev linux-libc-dev make util-linux systemd
         qemu-system-x86 prometheus prometheus-alertmanager bpftrace
     )
     pip_target="$repo[dev]"

@@ -3,7 +3,8 @@
 The guard: when the host can run the real probes (root, /dev/kvm read+write, tracefs mounted or
 mountable, ``import bcc`` works) or when ``CI=true``, a test skipped for a reason that says it
 "needs root", "needs /dev/kvm", "needs bcc" or "needs tracefs" makes the whole run fail: such a
-skip there means the test silently did not run where it should have.
+skip there means the test silently did not run where it should have. Under ``CI=true`` every
+skip fails the run: scripts/setup-host.sh installs every tool the tests use.
 
 Helpers for other tests (this directory is on ``sys.path`` under pytest's default import mode)::
 
@@ -161,7 +162,9 @@ def _note_skip(report: pytest.TestReport | pytest.CollectReport) -> None:
     if not report.skipped or hasattr(report, "wasxfail"):
         return
     reason = skip_reason(report)
-    if is_forbidden_skip_reason(reason):
+    # Under CI every tool the tests use is installed by scripts/setup-host.sh, so any skip
+    # there (a missing compiler, promtool, systemd-analyze, ...) is a missing install step.
+    if is_forbidden_skip_reason(reason) or ci_enabled(os.environ):
         _forbidden_skips.append((report.nodeid, reason))
 
 
@@ -183,8 +186,9 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         else "this host can run them"
     )
     lines = [
-        f"skip guard: {len(_forbidden_skips)} test(s) skipped for a capability reason, "
-        f"but {why}: failing the run",
+        f"skip guard: {len(_forbidden_skips)} test(s) skipped, but {why} (under CI=true no "
+        "test may skip: a missing tool is a missing step in scripts/setup-host.sh): "
+        "failing the run",
         *(f"  {nodeid}: {reason}" for nodeid, reason in _forbidden_skips),
     ]
     if not is_capable_host(HOST):

@@ -73,8 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--trace-exits", action="store_true", default=None,
                      help="debug: one event per exit and re-entry (costly)")
     run.add_argument("--syscall-probes", choices=SYSCALL_PROBE_KINDS, default=None,
-                     help="raw: raw_syscalls sys_enter/sys_exit (x86-64, cheapest; default "
-                          "there); classic: the per-syscall tracepoints")
+                     help="classic (default): the per-syscall tracepoints; raw: "
+                          "raw_syscalls sys_enter/sys_exit (x86-64; cheaper per exit, dearer "
+                          "for every other syscall)")
     run.add_argument("--ringbuf-pages", type=int, default=None, metavar="N",
                      help="ring buffer size in pages, a power of two (default 64)")
     run.add_argument("--max-vcpus", type=int, default=None, metavar="N",

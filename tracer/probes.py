@@ -150,7 +150,7 @@ CLASSIC_SYSCALL_PROBES: Final = (
 RAW_SYSCALL_PROBES: Final = ("raw:sys_enter", "raw:sys_exit")
 
 
-def expected_probes(syscall_probes: str = "raw") -> tuple[str, ...]:
+def expected_probes(syscall_probes: str = DEFAULT_SYSCALL_PROBES) -> tuple[str, ...]:
     """Every probe the programs attach, for one kind of syscall probes."""
     syscalls = RAW_SYSCALL_PROBES if syscall_probes == "raw" else CLASSIC_SYSCALL_PROBES
     return ("raw:kvm_userspace_exit", *syscalls, "sched:sched_process_exit",

@@ -56,8 +56,12 @@ class Vmm:
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE)
         assert self.readline() == "ready"
 
-    def readline(self) -> str:
+    def readline(self, timeout_s: float = 30) -> str:
+        import select
+
         assert self.proc.stdout is not None
+        ready, _, _ = select.select([self.proc.stdout], [], [], timeout_s)
+        assert ready, "the VMM did not answer"
         return self.proc.stdout.readline().strip()
 
     def do(self, cmd: str) -> None:
@@ -75,14 +79,20 @@ class Vmm:
 class Daemon:
     def __init__(self, state_dir: Path) -> None:
         fd, name = tempfile.mkstemp(prefix="kct-restart-", suffix=".jsonl")
-        self.out = Path(name)
+        efd, err_name = tempfile.mkstemp(prefix="kct-restart-", suffix=".err")
+        self.out, self.err = Path(name), Path(err_name)
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "tracer", "run", "--log-format", "json", "--log-level",
              "debug", "--snapshot-idle", "0.2", "--state-dir", str(state_dir),
              "--metrics-addr", f"127.0.0.1:{free_port()}"],
-            cwd=REPO, stdout=fd, stderr=subprocess.PIPE, text=True)
+            cwd=REPO, stdout=fd, stderr=efd)
         os.close(fd)
-        self.wait_for(lambda e: e["event"] == "ready", 90)
+        os.close(efd)
+        try:
+            self.wait_for(lambda e: e["event"] == "ready", 90)
+        except BaseException:
+            self.kill()
+            raise
 
     def lines(self) -> list[dict[str, Any]]:
         return [json.loads(raw) for raw in self.out.read_text().splitlines()]
@@ -93,7 +103,7 @@ class Daemon:
             for line in self.lines():
                 if match(line):
                     return line
-            assert self.proc.poll() is None, f"daemon exited: {self.proc.stderr}"
+            assert self.proc.poll() is None, f"daemon exited: {self.err.read_text()}"
             time.sleep(0.05)
         raise AssertionError("timed out waiting for the daemon")
 
@@ -103,12 +113,15 @@ class Daemon:
         stopped = self.lines()[-1]
         assert stopped["event"] == "stopped"
         self.out.unlink()
+        self.err.unlink()
         return stopped
 
     def kill(self) -> None:
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(timeout=10)
+        self.out.unlink(missing_ok=True)
+        self.err.unlink(missing_ok=True)
 
 
 @pytest.fixture
@@ -117,25 +130,33 @@ def state_dir() -> Iterator[Path]:
         yield Path(tmp)
 
 
-def violations(d: Daemon, pid: int) -> list[dict[str, Any]]:
-    time.sleep(0.5)  # the daemon polls its ring every 100 ms
-    return [e for e in d.lines() if e["event"] == "completion_violation" and e["pid"] == pid]
+def violations(d: Daemon, pid: int, expect: int) -> list[dict[str, Any]]:
+    """The pid's violation lines once ``expect`` of them are there (10 s at most)."""
+    deadline = time.monotonic() + 10
+    while True:
+        found = [e for e in d.lines()
+                 if e["event"] == "completion_violation" and e["pid"] == pid]
+        if len(found) >= expect or time.monotonic() > deadline:
+            return found
+        time.sleep(0.05)
 
 
 def restart_with_pending_exit(state_dir: Path, in_gap: str | None) -> tuple[Vmm, Daemon, dict]:
     vmm = Vmm()
-    first = Daemon(state_dir)
     try:
-        vmm.do("run")  # OUT exit: its completion is pending from here on
-        stopped = first.stop()
+        first = Daemon(state_dir)
+        try:
+            vmm.do("run")  # OUT exit: its completion is pending from here on
+            stopped = first.stop()
+        except BaseException:
+            first.kill()
+            raise
+        if in_gap:
+            vmm.do(in_gap)
+        return vmm, Daemon(state_dir), stopped
     except BaseException:
-        first.kill()
         vmm.close()
         raise
-    if in_gap:
-        vmm.do(in_gap)
-    second = Daemon(state_dir)
-    return vmm, second, stopped
 
 
 def test_a_pending_completion_survives_a_restart(state_dir: Path) -> None:
@@ -145,11 +166,14 @@ def test_a_pending_completion_survives_a_restart(state_dir: Path) -> None:
         handover = second.wait_for(lambda e: e["event"] == "handover")
         assert handover["pending_kept"] >= 1
         vmm.do("save")  # still mid-completion: a violation the new instance must see
-        [v] = violations(second, vmm.proc.pid)
+        [v] = violations(second, vmm.proc.pid, 1)
         assert (v["ioctl"], v["exit_reason"], v["vcpu_id"]) == ("KVM_GET_REGS", "KVM_EXIT_IO", 0)
         vmm.do("complete")
-        vmm.do("save")
-        assert len(violations(second, vmm.proc.pid)) == 1  # completed: nothing more
+        vmm.do("save")  # completed: no alert for this one...
+        vmm.do("run")
+        vmm.do("save")  # ...and one for this, which also shows the daemon has caught up
+        assert [e["window"] for e in violations(second, vmm.proc.pid, 2)] == [
+            v["window"], v["window"] + 1]
     finally:
         second.kill()
         vmm.close()
@@ -162,11 +186,11 @@ def test_a_completion_done_while_no_daemon_watched_raises_no_false_alert(
         assert stopped["handover_pending"] >= 1
         handover = second.wait_for(lambda e: e["event"] == "handover")
         assert handover["pending_dropped"] >= 1
+        vmm.do("save")  # completed while no daemon watched: no alert...
+        vmm.do("run")  # ...while the new instance tracks the next exit by itself
         vmm.do("save")
-        assert violations(second, vmm.proc.pid) == []
-        vmm.do("run")  # the new instance tracks the next exit by itself
-        vmm.do("save")
-        assert len(violations(second, vmm.proc.pid)) == 1
+        [v] = violations(second, vmm.proc.pid, 2)
+        assert v["ioctl"] == "KVM_GET_REGS" and v["exit_reason"] == "KVM_EXIT_IO"
     finally:
         second.kill()
         vmm.close()
@@ -174,7 +198,7 @@ def test_a_completion_done_while_no_daemon_watched_raises_no_false_alert(
 
 def test_a_broken_handover_file_is_reported_and_ignored(state_dir: Path) -> None:
     (state_dir / "handover.json").write_text("{not json")
-    d = Daemon(state_dir)
+    d = Daemon(state_dir)  # kills itself if it never gets ready
     try:
         notice = d.wait_for(lambda e: e["event"] == "handover_ignored")
         assert "malformed" in notice["reason"]

@@ -115,6 +115,11 @@ cluster = "blue"
 def test_the_shipped_example_is_valid_and_sets_every_key() -> None:
     settings = load_settings(EXAMPLE, explicit=True)
     assert settings.metrics_addr == DEFAULT_METRICS_ADDR
+    # It says its values are the defaults: `make install` ships it as the live config.
+    from tracer.config import KEYS, Settings
+
+    shipped, default = settings.flat(), Settings().flat()
+    assert {k: shipped[k] for k in KEYS} == {k: default[k] for k in KEYS}
     text = EXAMPLE.read_text()
     from tracer.config import KEYS
 
