@@ -7,8 +7,10 @@
 // One that entered while the vCPU was RUNNING waits on the vCPU mutex in KVM; it is judged when
 // it returns: if a completion-needing exit happened meanwhile, it ran mid-completion.
 //
-// ABI relied on (no kernel struct is ever read):
-//  - syscalls:sys_{enter,exit}_{ioctl,dup,dup2,dup3,fcntl,mmap,close,close_range}: syscall args.
+// ABI relied on (no kernel-internal struct is ever read):
+//  - syscalls:sys_{enter,exit}_{ioctl,dup,dup2,dup3,fcntl,mmap,close,close_range}: syscall args;
+//    or, with RAW_SYSCALLS, raw_syscalls:sys_{enter,exit} and the saved user registers at the
+//    x86-64 UAPI struct pt_regs offsets (<asm/ptrace.h>, checked by tests/unit/test_syscall_abi.py).
 //  - raw tracepoint kvm_userspace_exit(__u32 reason, int errno): fired by kvm_vcpu_ioctl's
 //    KVM_RUN case, in the vCPU thread, after the arch run returns (errno 0: a real exit to
 //    userspace; -EINTR: immediate exit or signal, nothing pending).
@@ -19,9 +21,11 @@
 // Constants come from tracer/abi.py (checked against <linux/kvm.h>) as -D flags: KVM_RUN_NR,
 // KVM_CREATE_VCPU_NR, KVM_ENABLE_CAP_NR, KVM_CAP_DISABLE_QUIRKS_NR, KVM_CAP_DISABLE_QUIRKS2_NR,
 // QUIRK_OUT_7E_INC_RIP, KVMIO_TYPE, KVM_RUN_IMMEDIATE_EXIT_OFF, KVM_RUN_UNION_OFF, ACCESS_BYTES,
-// MAX_EXIT_REASON, HIST_SLOTS; F_DUPFD_NR, F_DUPFD_CLOEXEC_NR from Python's fcntl module; map sizes as
-// MAX_VCPUS, MAX_VCPU_FDS, MAX_THREADS,
-// MAX_PROCS, MAX_GUEST_EXIT_KEYS, RINGBUF_PAGES; HAVE_GROUP_DEAD, TRACE_EXITS optional.
+// MAX_EXIT_REASON, EINTR_ERRNO; HIST_SLOTS from tracer/counters.py; F_DUPFD_NR and
+// F_DUPFD_CLOEXEC_NR from Python's fcntl module; NR_*, PT_REGS_R10_OFF, USER64_CS from
+// tracer/syscall_abi.py (RAW_SYSCALLS only); map sizes MAX_VCPUS, MAX_VCPU_FDS, MAX_THREADS,
+// MAX_PROCS, MAX_GUEST_EXIT_KEYS, RINGBUF_PAGES; HAVE_GROUP_DEAD, TRACE_EXITS, RAW_SYSCALLS
+// optional.
 
 #include <uapi/linux/ptrace.h>
 
@@ -120,11 +124,11 @@ struct vcpu_state {
     u32 state;          // enum vcpu_run_state
     u32 exit_reason;    // of the last exit to userspace
     u32 run_tid;        // thread in (or last in) KVM_RUN
-    u32 fd_refs;        // fds referring to this vCPU in its process
     u32 window_reports; // violations reported in the current window
     u32 completing;     // entered KVM_RUN with a completion pending; its return tells the path
-    // Statistics, read by Python at scrape time (metrics). Only the thread inside KVM_RUN for
-    // this vCPU writes them (KVM holds the vCPU mutex there), so plain increments are exact.
+    // Statistics, read by Python at scrape time (metrics). Written by the thread entering or
+    // leaving KVM_RUN on this vCPU; a VMM runs a vCPU from one thread at a time (KVM_RUN holds
+    // the vCPU mutex), so plain increments are exact.
     u64 exits[EXIT_SLOTS];           // exits to userspace by reason
     u64 pending_hist[HIST_SLOTS];    // completed windows by log2(ns pending)
     u64 pending_ns_sum;
@@ -162,6 +166,9 @@ struct guest_exit_key {
 BPF_RINGBUF_OUTPUT(events, RINGBUF_PAGES);
 BPF_HASH(vcpu_fds, struct fd_key, struct fd_val, MAX_VCPU_FDS);
 BPF_HASH(vcpus, u64, struct vcpu_state, MAX_VCPUS);
+// uid -> fds referring to the vCPU in its process. Apart from vcpus so that Python, which can only
+// write a whole entry, never writes a vcpu_state the probes may be updating at the same moment.
+BPF_HASH(vcpu_refs, u64, u32, MAX_VCPUS);
 BPF_HASH(run_threads, u32, u64, MAX_THREADS);      // tid -> vcpu_uid of its last KVM_RUN
 BPF_HASH(inflight, u32, struct inflight, MAX_THREADS);  // tid -> syscall awaiting its return
 // Stashes minus unstashes: whether any thread has a syscall awaiting its return, so the exit of
@@ -177,7 +184,7 @@ BPF_ARRAY(next_uid, u64, 1);
 BPF_ARRAY(vcpu_template, struct vcpu_state, 1);
 BPF_PERCPU_ARRAY(counters, u64, C_COUNTERS);
 // Per CPU: the last KVM_RUN entered here, so the next entry and exit of the same thread skip
-// the hash maps. At an entry it stands for vcpu_fds[(tgid, fd)] and run_threads[tid] only while
+// the vcpu_fds and run_threads lookups (the vCPU's own entry is still looked up). At an entry it stands for vcpu_fds[(tgid, fd)] and run_threads[tid] only while
 // map_gen is what it was when written: every change of those two maps bumps map_gen (they
 // change when vCPU fds come and go or a thread switches vCPUs, not per exit).
 struct run_cache {
@@ -305,26 +312,36 @@ static __always_inline void forget_fd(u32 tgid, u32 tid, struct fd_key *key)
     u32 vcpu_id = fv->vcpu_id;
     vcpu_fds.delete(key);
     maps_changed();
-    struct vcpu_state *st = vcpus.lookup(&uid);
     s64 left = 0;
-    if (st) {
-        if (st->fd_refs > 1) {
-            st->fd_refs--;
-            left = st->fd_refs;
-        } else {
-            // Python reads its statistics then deletes it (on this event, or its sweep).
-            st->fd_refs = 0;
+    u32 *refs = vcpu_refs.lookup(&uid);
+    if (refs) {
+        // Atomic, as two fds may close at once (then both may see 0 below: closing twice is
+        // harmless). The add's old value is not usable with this kernel's BPF atomics.
+        __sync_fetch_and_add(refs, -1);
+        left = (s32)*refs;
+    }
+    if (left <= 0) {
+        left = 0;
+        vcpu_refs.delete(&uid);
+        // Python reads its statistics then deletes it (on this event, or its sweep).
+        struct vcpu_state *st = vcpus.lookup(&uid);
+        if (st)
             st->state = VCPU_CLOSED;
-        }
     }
     emit_simple(EV_VCPU_FD_CLOSED, tgid, tid, key->fd, vcpu_id, uid, left);
 }
 
 // ---- KVM_RUN ----------------------------------------------------------------------------------
 
+// gen: map_gen as read before uid was looked up (so a change racing the lookup shows), or
+// CACHE_HIT when run_cache itself gave uid (run_threads[tid] == uid already).
+#define CACHE_HIT ((u64)-1)
+
 static __always_inline void on_run_enter(u32 tgid, u32 tid, s32 fd, u64 uid,
-                                         struct vcpu_state *st, int cached)
+                                         struct vcpu_state *st, u64 gen)
 {
+    if (st->state == VCPU_CLOSED)
+        return;  // its last fd is gone: nothing to follow any more
     u8 immediate = 0;
     if (st->state == VCPU_PENDING) {
         // KVM completes the pending operation at the top of KVM_RUN. Which path (a normal
@@ -360,13 +377,10 @@ static __always_inline void on_run_enter(u32 tgid, u32 tid, s32 fd, u64 uid,
     }
     st->state = VCPU_RUNNING;
     st->run_tid = tid;
-    if (cached)
-        goto traced;  // run_threads[tid] == uid already: run_cache vouches for it
-    u32 zero = 0;
-    u64 *gen = map_gen.lookup(&zero);
-    if (!gen)
+    if (gen == CACHE_HIT)
         goto traced;
-    u64 seen = *gen;  // before the checks below: a change racing them invalidates the cache
+    u32 zero = 0;
+    u64 seen = gen;
     u64 *cur = run_threads.lookup(&tid);
     if (!cur || *cur != uid) {
         if (run_threads.update(&tid, &uid)) {
@@ -483,14 +497,16 @@ static __always_inline void on_enable_cap(u32 tgid, u32 tid, u64 arg)
 
 static __always_inline void stash(u32 tid, struct inflight *inf)
 {
-    if (inflight.update(&tid, inf)) {
+    // A thread has one syscall in flight: an entry left over (its exit missed) is replaced,
+    // and only a new entry is counted, so the count is exactly the map's size.
+    if (inflight.insert(&tid, inf) == 0) {
+        u32 zero = 0;
+        u64 *n = inflight_count.lookup(&zero);
+        if (n)
+            __sync_fetch_and_add(n, 1);
+    } else if (inflight.update(&tid, inf)) {
         count(C_INFLIGHT_MAP_FULL);
-        return;
     }
-    u32 zero = 0;
-    u64 *n = inflight_count.lookup(&zero);
-    if (n)
-        __sync_fetch_and_add(n, 1);  // counts stashes, not entries: an overwrite counts too
 }
 
 static __always_inline void unstash(u32 tid)
@@ -498,7 +514,7 @@ static __always_inline void unstash(u32 tid)
     if (inflight.delete(&tid) == 0) {
         u32 zero = 0;
         u64 *n = inflight_count.lookup(&zero);
-        if (n && *n)
+        if (n)
             __sync_fetch_and_add(n, -1);
     }
 }
@@ -515,17 +531,20 @@ static __always_inline void ioctl_enter(s32 fd, u32 cmd, u64 arg)
         on_enable_cap(tgid, tid, arg);
         return;
     }
+    u64 gen_before = 0;
     if (cmd == KVM_RUN_NR) {
         // The common case: the thread re-enters the vCPU it ran last on this CPU.
         u32 zero = 0;
         struct run_cache *rc = run_cache.lookup(&zero);
         u64 *gen = map_gen.lookup(&zero);
-        if (rc && gen && rc->gen == *gen && rc->tid == tid && rc->tgid == tgid
-            && rc->fd == fk.fd) {
+        if (!rc || !gen)
+            return;
+        gen_before = *gen;  // read before vcpu_fds below: see on_run_enter
+        if (rc->gen == gen_before && rc->tid == tid && rc->tgid == tgid && rc->fd == fk.fd) {
             u64 cached_uid = rc->uid;
             struct vcpu_state *cst = vcpus.lookup(&cached_uid);
             if (cst) {
-                on_run_enter(tgid, tid, fk.fd, cached_uid, cst, 1);
+                on_run_enter(tgid, tid, fk.fd, cached_uid, cst, CACHE_HIT);
                 return;
             }
         }
@@ -555,7 +574,7 @@ static __always_inline void ioctl_enter(s32 fd, u32 cmd, u64 arg)
     if (!st)
         return;
     if (cmd == KVM_RUN_NR) {
-        on_run_enter(tgid, tid, fk.fd, uid, st, 0);
+        on_run_enter(tgid, tid, fk.fd, uid, st, gen_before);
         return;
     }
     u8 *kind = ioctl_kinds.lookup(&cmd);
@@ -610,13 +629,21 @@ static __always_inline void on_vcpu_created(u32 tgid, u32 tid, struct inflight *
         return;
     }
     struct vcpu_state *st = vcpus.lookup(&uid);
-    if (!st)
+    u32 one = 1;
+    // Without its refs, or its process in procs (its close() calls are only looked at for
+    // processes there), the vCPU cannot be followed: drop it, counted.
+    if (!st || vcpu_refs.update(&uid, &one) || !proc_get(tgid)) {
+        if (st)
+            count(C_VCPU_MAP_FULL);
+        vcpu_refs.delete(&uid);
+        vcpus.delete(&uid);
+        vcpu_fds.delete(&fk);
+        maps_changed();
         return;
+    }
     // Nothing reaches the entry before this ioctl returns the fd, so these need no ordering.
     st->tgid = tgid;
     st->vcpu_id = inf->vcpu_id;
-    st->fd_refs = 1;
-    proc_get(tgid);
     emit_simple(EV_VCPU_CREATED, tgid, tid, fd, inf->vcpu_id, uid, inf->fd);
 }
 
@@ -639,7 +666,9 @@ static __always_inline void dup_done(u32 tgid, u32 tid, struct inflight *inf, lo
         return;
     }
     maps_changed();
-    st->fd_refs++;
+    u32 *refs = vcpu_refs.lookup(&copy.vcpu_uid);
+    if (refs)
+        __sync_fetch_and_add(refs, 1);
     emit_simple(EV_VCPU_FD_DUP, tgid, tid, (s32)ret, copy.vcpu_id, copy.vcpu_uid, fk.fd);
 }
 
@@ -732,8 +761,9 @@ static __always_inline void mmap_enter(s32 fd, u64 off)
 
 #ifdef RAW_SYSCALLS
 // raw_syscalls:sys_enter(struct pt_regs *regs, long id) and sys_exit(struct pt_regs *regs,
-// long ret): one program for every syscall on the host, far cheaper per call than the
-// per-syscall classic tracepoints (no perf buffer). The arguments are read from the saved user
+// long ret): one program run for every syscall on the host. Per KVM_RUN that is cheaper than
+// the per-syscall tracepoints' perf path; every other syscall pays for it (bench: --syscall-probes
+// raw is an option, not the default). The arguments are read from the saved user
 // registers: x86-64 syscall ABI (di, si, dx, r10, r8, r9) at the offsets of the UAPI
 // <asm/ptrace.h> struct pt_regs (PT_REGS_*_OFF, checked against the header by the tests), one
 // read from r10 to cs. cs tells a 64-bit syscall (__USER_CS) from a 32-bit one, whose numbers

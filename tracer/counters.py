@@ -11,7 +11,6 @@ Pure Python: no bcc, no prometheus_client.
 
 from __future__ import annotations
 
-from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Final
@@ -91,11 +90,9 @@ class VmLedger:
 
     retired: dict[str, VcpuCounters] = field(default_factory=dict)
     gone_since: dict[str, float] = field(default_factory=dict)
-    retired_vcpus: Counter[str] = field(default_factory=Counter)
 
     def retire(self, vm: str, counters: VcpuCounters) -> None:
         self.retired.setdefault(vm, VcpuCounters()).add(counters)
-        self.retired_vcpus[vm] += 1
 
     def mark_gone(self, vm: str, now: float) -> None:
         self.gone_since.setdefault(vm, now)
@@ -110,7 +107,6 @@ class VmLedger:
     def drop(self, vm: str) -> None:
         self.retired.pop(vm, None)
         self.gone_since.pop(vm, None)
-        self.retired_vcpus.pop(vm, None)
 
 
 @dataclass(frozen=True)
@@ -122,3 +118,4 @@ class VcpuEntry:
     vcpu_id: int
     state: int  # enum vcpu_run_state; 3 = closed, waiting for Python to read and delete it
     counters: VcpuCounters
+    pending_since_ns: int = 0  # CLOCK_MONOTONIC of the exit that opened the window (pending)

@@ -310,8 +310,11 @@ def run(options: DaemonOptions, reloader: Reloader | None = None) -> int:
                 daemon.housekeeping.append(lambda: reloader.poll(daemon, notifier))
             daemon.run_forever()
         notifier.stopping()
+        with daemon.lock:  # the exporter still serves until the finally below
+            handover_pending = daemon.write_handover()
+            summary = daemon.summary()
         daemon.sink.notice("stopped", "info", reason="signal",
-                           handover_pending=daemon.write_handover(), **daemon.summary())
+                           handover_pending=handover_pending, **summary)
     finally:
         daemon.close()
         if stop_metrics is not None:

@@ -18,6 +18,7 @@ Two things are re-learned at start-up, both from ``/proc``:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -132,7 +133,8 @@ def load(path: Path, now: float | None = None) -> list[PendingVcpu]:
     except OSError as err:
         raise HandoverError(f"{path}: {err.strerror}") from None
     finally:
-        path.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # good for one start; a read-only dir keeps it
+            path.unlink(missing_ok=True)
     try:
         doc = json.loads(text)
         if not isinstance(doc, dict) or doc.get("version") != FORMAT_VERSION:

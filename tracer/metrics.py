@@ -195,10 +195,8 @@ class CompletionCollector(Collector):
             is_pending = entry.state == PENDING_STATE
             if is_pending:
                 pending[vm] += 1
-                rec = self.tracker.vcpus.get(entry.uid)
-                since = rec.pending_since_ns if rec and rec.pending_since_ns else None
-                if since is not None:
-                    oldest[vm] = max(oldest[vm], max(0, now_ns - since) / 1e9)
+                if entry.pending_since_ns:  # from the map: the window open now, not a mirror
+                    oldest[vm] = max(oldest[vm], max(0, now_ns - entry.pending_since_ns) / 1e9)
             per_vcpu.append((vm, entry.vcpu_id, int(is_pending)))
         for vm in self.tracker.ledger.retired:
             live.setdefault(vm, [])

@@ -263,7 +263,7 @@ class ProbeModel:
         return [{"uid": v.uid, "pid": v.pid, "vcpu_id": v.vcpu_id, "state": v.state.value,
                  "exit_reason": v.exit_reason, "seq": v.seq,
                  "pending_since_ns": v.pending_since, "run_tid": v.run_tid,
-                 "fd_refs": v.fd_refs, "run_addr": 0} for v in self.vcpus.values()]
+                 "run_addr": 0} for v in self.vcpus.values()]
 
     def drain(self) -> list[KernelEvent]:
         out, self.out = self.out, []

@@ -250,18 +250,21 @@ class Probes:
     def adopt_vcpu(self, pid: int, fd: int, vcpu_id: int, run_addr: int | None,
                    uid: int | None = None, start: AdoptState | None = None) -> int | None:
         """Track a vCPU fd created before the probes attached; returns its uid, None if known.
-        ``start``: its run state as re-learned from /proc (tracer.handover); default idle."""
+        ``start``: its run state as re-learned from /proc (tracer.handover); default idle.
+        A vcpu_state is written once, before its fd makes it reachable: the probes own it from
+        then on (Python changes only vcpu_refs)."""
         fds = self._bpf[b"vcpu_fds"]
         key = fds.Key(pid, fd)
         if key in fds:
             return None
+        refs = self._bpf[b"vcpu_refs"]
         new = uid is None
         if uid is None:
             uid = self._next_adopted_uid
             self._next_adopted_uid += 1
             vcpus = self._bpf[b"vcpus"]
             leaf = vcpus.Leaf()
-            leaf.tgid, leaf.vcpu_id, leaf.fd_refs = pid, vcpu_id, 1
+            leaf.tgid, leaf.vcpu_id = pid, vcpu_id
             leaf.run_addr = run_addr or 0
             if start is not None and start.state:
                 leaf.state, leaf.exit_reason, leaf.run_tid = (start.state, start.exit_reason,
@@ -270,39 +273,50 @@ class Probes:
                 leaf.seq = 1 if start.state == PENDING else 0
             if not self._put("vcpu", vcpus, ctypes.c_uint64(uid), leaf):
                 return None
-            if start is not None and start.run_tid:
-                # The thread's next exit (RUNNING) must land on this vCPU.
-                self._bpf[b"run_threads"][ctypes.c_uint32(start.run_tid)] = \
-                    ctypes.c_uint64(uid)
-                self._maps_changed()
+            if not self._put("vcpu", refs, ctypes.c_uint64(uid), ctypes.c_uint32(1)):
+                vcpus.pop(ctypes.c_uint64(uid), None)
+                return None
+            # The thread's next exit (RUNNING) must land on this vCPU.
+            if start is not None and start.run_tid and not self._put(
+                    "thread", self._bpf[b"run_threads"], ctypes.c_uint32(start.run_tid),
+                    ctypes.c_uint64(uid)):
+                self.release_vcpus({uid})
+                return None
         else:
-            vcpus = self._bpf[b"vcpus"]
-            existing = vcpus[ctypes.c_uint64(uid)]
-            existing.fd_refs += 1
-            vcpus[ctypes.c_uint64(uid)] = existing
+            self._add_ref(uid, +1)
         if not self._put("fd", fds, key, fds.Leaf(uid, vcpu_id, 0)):
-            self.release_vcpus({uid}) if new else self._drop_ref(uid)
+            self.release_vcpus({uid}) if new else self._add_ref(uid, -1)
             return None
         self._maps_changed()
         procs = self._bpf[b"procs"]
         pkey = procs.Key(pid)
-        if procs.get(pkey) is None:  # its exit must be reported so its entries get dropped
-            self._put("proc", procs, pkey, procs.Leaf())
+        # Its exit must be reported so its entries get dropped, and the probes look at close()
+        # only for processes there: without it the vCPU cannot be followed.
+        if procs.get(pkey) is None and not self._put("proc", procs, pkey, procs.Leaf()):
+            fds.pop(key, None)
+            self.release_vcpus({uid}) if new else self._add_ref(uid, -1)
+            return None
         return uid
 
     def _maps_changed(self) -> None:
         """vcpu_fds or run_threads changed from here: invalidate the CPUs' run_cache (see
-        bpf/completion.c, map_gen)."""
+        bpf/completion.c, map_gen). Python cannot add atomically: a step far larger than the
+        kernel's +1 makes the new value differ from every generation a cache holds, even if a
+        kernel increment is lost in between."""
         gen = self._bpf[b"map_gen"]
         key = ctypes.c_int(0)
-        gen[key] = ctypes.c_uint64(gen[key].value + 1)
+        gen[key] = ctypes.c_uint64((gen[key].value + (1 << 32)) & ((1 << 64) - 1))
 
-    def _drop_ref(self, uid: int) -> None:
-        vcpus = self._bpf[b"vcpus"]
-        state = vcpus.get(ctypes.c_uint64(uid))
-        if state is not None and state.fd_refs > 1:
-            state.fd_refs -= 1
-            vcpus[ctypes.c_uint64(uid)] = state
+    def _add_ref(self, uid: int, delta: int) -> int:
+        """Change a vCPU's fd count; returns the new count (0: no entry)."""
+        refs = self._bpf[b"vcpu_refs"]
+        key = ctypes.c_uint64(uid)
+        leaf = refs.get(key)
+        if leaf is None:
+            return 0
+        count = max(0, int(leaf.value) + delta)
+        refs[key] = ctypes.c_uint32(count)
+        return count
 
     def _put(self, which: str, table: Any, key: Any, leaf: Any) -> bool:
         """A map insert from Python; a full map is counted (``<which>_map_full``) like the
@@ -322,14 +336,15 @@ class Probes:
         for key in [k for k, v in fds.items() if k.tgid == pid and v.vcpu_uid in uids]:
             fds.pop(key, None)
         self._maps_changed()
-        unknown = self._bpf[b"unknown_fds"]
-        for key in [k for k in unknown if k.tgid == pid]:
-            unknown.pop(key, None)
+        for name in (b"unknown_fds", b"guest_exits", b"guest_entries"):
+            table = self._bpf[name]
+            for key in [k for k in table if k.tgid == pid]:
+                table.pop(key, None)
         return self.release_vcpus(uids)
 
     def release_vcpus(self, uids: set[int]) -> dict[int, VcpuCounters]:
         """Read the statistics of these vCPUs and delete their entries (closed or gone)."""
-        vcpus = self._bpf[b"vcpus"]
+        vcpus, refs = self._bpf[b"vcpus"], self._bpf[b"vcpu_refs"]
         out = {}
         for uid in uids:
             key = ctypes.c_uint64(uid)
@@ -337,6 +352,7 @@ class Probes:
             if leaf is not None:
                 out[uid] = _counters_of(leaf)
                 vcpus.pop(key, None)
+            refs.pop(key, None)
         return out
 
     def forget_fd(self, pid: int, fd: int) -> VcpuCounters | None:
@@ -349,17 +365,9 @@ class Probes:
             return None
         fds.pop(key, None)
         self._maps_changed()
-        vcpus = self._bpf[b"vcpus"]
-        vkey = ctypes.c_uint64(leaf.vcpu_uid)
-        state = vcpus.get(vkey)
-        if state is None:
+        if self._add_ref(leaf.vcpu_uid, -1) > 0:
             return None
-        if state.fd_refs > 1:
-            state.fd_refs -= 1
-            vcpus[vkey] = state
-            return None
-        vcpus.pop(vkey, None)
-        return _counters_of(state)
+        return self.release_vcpus({leaf.vcpu_uid}).get(leaf.vcpu_uid)
 
     def tracked_fds(self, pid: int) -> dict[int, int]:
         """fd -> vcpu uid for one process, as the probes see it."""
@@ -371,12 +379,13 @@ class Probes:
             out.append({"uid": int(key.value), "pid": st.tgid, "vcpu_id": st.vcpu_id,
                         "state": st.state, "exit_reason": st.exit_reason, "seq": st.seq,
                         "pending_since_ns": st.pending_since, "run_tid": st.run_tid,
-                        "fd_refs": st.fd_refs, "run_addr": st.run_addr})
+                        "run_addr": st.run_addr})
         return out
 
     def vcpu_entries(self) -> list[VcpuEntry]:
         """Every vCPU entry with its statistics (what a scrape reads)."""
-        return [VcpuEntry(int(key.value), st.tgid, st.vcpu_id, st.state, _counters_of(st))
+        return [VcpuEntry(int(key.value), st.tgid, st.vcpu_id, st.state, _counters_of(st),
+                          int(st.pending_since))
                 for key, st in self._bpf[b"vcpus"].items()]
 
     # ---- counters ------------------------------------------------------------------------------

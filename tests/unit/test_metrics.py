@@ -69,7 +69,7 @@ class ModelProbes:
     def vcpu_entries(self) -> list[VcpuEntry]:
         if self.fail:
             raise OSError("map read failed")
-        return [VcpuEntry(v.uid, v.pid, v.vcpu_id, v.state.value, v.counters)
+        return [VcpuEntry(v.uid, v.pid, v.vcpu_id, v.state.value, v.counters, v.pending_since)
                 for v in self.model.vcpus.values()]
 
     def counters(self) -> dict[str, int]:
