@@ -26,7 +26,7 @@ selftest: setup-run
 	$(VENV)/bin/kvm-completion-tracer selftest $(ARGS)
 
 lint: setup
-	$(VENV)/bin/ruff check tracer tests
+	$(VENV)/bin/ruff check tracer tests bench scripts
 	$(VENV)/bin/mypy --strict tracer
 
 # pytest's exit code 5 means it collected no test: that is a failure too.

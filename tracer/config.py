@@ -414,13 +414,10 @@ class ReloadPlan:
 def plan_reload(running: Settings, loaded: Settings) -> ReloadPlan:
     changes = diff(running, loaded)
     kept = {k: v for k, v in changes.items() if needs_restart(k)}
-    settings = replace(loaded, ringbuf_pages=running.ringbuf_pages,
-                       max_vcpus=running.max_vcpus, trace_exits=running.trace_exits,
-                       syscall_probes=running.syscall_probes,
-                       metrics_addr=running.metrics_addr,
-                       metrics_per_vcpu=running.metrics_per_vcpu,
-                       max_vcpu_series=running.max_vcpu_series,
-                       retain_gone_s=running.retain_gone_s, state_dir=running.state_dir)
+    # Every restart-only key keeps its running value (derived from KEYS: a new key cannot be
+    # forgotten here).
+    restart_only = {spec.attr for key, spec in KEYS.items() if needs_restart(key)}
+    settings = replace(loaded, **{attr: getattr(running, attr) for attr in restart_only})
     return ReloadPlan({k: v for k, v in changes.items() if k not in kept}, kept, settings)
 
 
