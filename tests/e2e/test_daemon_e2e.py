@@ -7,7 +7,6 @@ the daemon's JSON alert lines for that pid against the VMM's own record of what 
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -15,10 +14,10 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
-from conftest import isolated_daemon_args, requires_kvm_bpf
+from conftest import requires_kvm_bpf
+from daemon_proc import DaemonProcess
 
 from tracer.selftest import compare, expected_snapshots
 from tracer.vmm.report import ScenarioReport
@@ -26,60 +25,6 @@ from tracer.vmm.report import ScenarioReport
 pytestmark = [pytest.mark.e2e, requires_kvm_bpf]
 
 REPO = Path(__file__).resolve().parents[2]
-SNAPSHOT_IDLE_S = 0.2
-
-
-class DaemonProcess:
-    def __init__(self, *args: str) -> None:
-        fd, out_name = tempfile.mkstemp(prefix="kct-daemon-", suffix=".jsonl")
-        efd, err_name = tempfile.mkstemp(prefix="kct-daemon-", suffix=".err")
-        self.out, self.err = Path(out_name), Path(err_name)
-        isolation, self.metrics_url = isolated_daemon_args()
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "tracer", "run", "--log-format", "json", "--log-level",
-             "debug", "--snapshot-idle", str(SNAPSHOT_IDLE_S), *isolation, *args],
-            cwd=REPO, stdout=fd, stderr=efd)
-        os.close(fd)
-        os.close(efd)
-        self.wait_for(lambda e: e["event"] == "ready", timeout_s=90)
-
-    def lines(self) -> list[dict[str, Any]]:
-        out = []
-        for raw in self.out.read_text().splitlines():
-            out.append(json.loads(raw))  # every stdout line must be JSON
-        return out
-
-    def wait_for(self, match: Any, timeout_s: float = 10) -> dict[str, Any]:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            for line in self.lines():
-                if match(line):
-                    return line
-            if self.proc.poll() is not None:
-                raise AssertionError(f"daemon exited {self.proc.returncode}: "
-                                     f"{self.err.read_text()}")
-            time.sleep(0.05)
-        raise AssertionError("timed out waiting for the daemon")
-
-    def settle(self, timeout_s: float = 30) -> None:
-        """Until the daemon has printed nothing new for a while (ring drained, windows idle)."""
-        seen, quiet_since = -1, time.monotonic()
-        deadline = quiet_since + timeout_s
-        while time.monotonic() - quiet_since < SNAPSHOT_IDLE_S + 0.4:
-            assert time.monotonic() < deadline, "the daemon never went quiet"
-            count = len(self.out.read_text())
-            if count != seen:
-                seen, quiet_since = count, time.monotonic()
-            time.sleep(0.05)
-
-    def for_pid(self, pid: int, event: str) -> list[dict[str, Any]]:
-        return [e for e in self.lines() if e.get("event") == event and e.get("pid") == pid]
-
-    def stop(self) -> int:
-        self.proc.send_signal(signal.SIGTERM)
-        code = self.proc.wait(timeout=30)
-        self.err.unlink()
-        return code
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +33,7 @@ def daemon() -> Iterator[DaemonProcess]:
     yield d
     assert d.stop() == 0
     assert d.lines()[-1]["event"] == "stopped"
-    d.out.unlink()
+    d.cleanup()
 
 
 def run_vmm(scenario: str, iterations: int = 3, *extra: str) -> ScenarioReport:
@@ -204,7 +149,7 @@ def test_policy_is_applied_in_the_kernel() -> None:
         assert len(d.for_pid(mmio.pid, "completion_violation")) == len(mmio.violations)
     finally:
         assert d.stop() == 0
-        d.out.unlink()
+        d.cleanup()
 
 
 def test_vm_that_predates_the_daemon_is_adopted_and_judged() -> None:
@@ -231,7 +176,7 @@ def test_vm_that_predates_the_daemon_is_adopted_and_judged() -> None:
             assert first["access"]["direction"] == "read"  # kvm_run found through /proc maps
         finally:
             assert d.stop() == 0
-            d.out.unlink()
+            d.cleanup()
 
 
 def test_ready_lists_every_probe(daemon: DaemonProcess) -> None:
@@ -248,7 +193,7 @@ def raw_daemon() -> Iterator[DaemonProcess]:
     d = DaemonProcess("--syscall-probes", "raw")
     yield d
     assert d.stop() == 0
-    d.out.unlink()
+    d.cleanup()
 
 
 @pytest.mark.parametrize("scenario", [
@@ -338,7 +283,7 @@ def test_every_event_the_ring_cannot_take_is_counted_and_reported() -> None:
         assert "--ringbuf-pages" in lost["hint"]
     finally:
         assert d.stop() == 0
-        d.out.unlink()
+        d.cleanup()
 
 
 def test_a_full_vcpu_map_is_reported_and_raises_no_false_alert() -> None:
@@ -353,7 +298,7 @@ def test_a_full_vcpu_map_is_reported_and_raises_no_false_alert() -> None:
         assert {(e["vcpu_id"], e["ioctl"], e["tid"]) for e in got} <= want
     finally:
         assert d.stop() == 0
-        d.out.unlink()
+        d.cleanup()
 
 
 # ---- the Prometheus exporter ------------------------------------------------------------------
@@ -441,7 +386,7 @@ def test_scrapes_while_the_daemon_stops_stay_valid() -> None:
     finally:
         stop.set()
         thread.join(timeout=10)
-        d.out.unlink()
+        d.cleanup()
     assert outcomes and all(o in ("ok:200", "refused") for o in outcomes), set(outcomes)
     assert outcomes.count("ok:200") > 3
 

@@ -4,9 +4,6 @@ the VMM completed it while no daemon was watching."""
 
 from __future__ import annotations
 
-import json
-import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -16,7 +13,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import free_port, requires_kvm_bpf
+from conftest import requires_kvm_bpf
+from daemon_proc import DaemonProcess
 
 pytestmark = [pytest.mark.e2e, requires_kvm_bpf]
 REPO = Path(__file__).resolve().parents[2]
@@ -76,52 +74,18 @@ class Vmm:
         self.proc.wait(timeout=10)
 
 
-class Daemon:
-    def __init__(self, state_dir: Path) -> None:
-        fd, name = tempfile.mkstemp(prefix="kct-restart-", suffix=".jsonl")
-        efd, err_name = tempfile.mkstemp(prefix="kct-restart-", suffix=".err")
-        self.out, self.err = Path(name), Path(err_name)
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "tracer", "run", "--log-format", "json", "--log-level",
-             "debug", "--snapshot-idle", "0.2", "--state-dir", str(state_dir),
-             "--metrics-addr", f"127.0.0.1:{free_port()}"],
-            cwd=REPO, stdout=fd, stderr=efd)
-        os.close(fd)
-        os.close(efd)
-        try:
-            self.wait_for(lambda e: e["event"] == "ready", 90)
-        except BaseException:
-            self.kill()
-            raise
+def Daemon(state_dir: Path) -> DaemonProcess:
+    """A daemon on the shared state dir: what one instance hands over, the next one reads."""
+    return DaemonProcess(state_dir=state_dir)
 
-    def lines(self) -> list[dict[str, Any]]:
-        return [json.loads(raw) for raw in self.out.read_text().splitlines()]
 
-    def wait_for(self, match: Any, timeout_s: float = 10) -> dict[str, Any]:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            for line in self.lines():
-                if match(line):
-                    return line
-            assert self.proc.poll() is None, f"daemon exited: {self.err.read_text()}"
-            time.sleep(0.05)
-        raise AssertionError("timed out waiting for the daemon")
-
-    def stop(self) -> dict[str, Any]:
-        self.proc.send_signal(signal.SIGTERM)
-        assert self.proc.wait(timeout=30) == 0
-        stopped = self.lines()[-1]
-        assert stopped["event"] == "stopped"
-        self.out.unlink()
-        self.err.unlink()
-        return stopped
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(timeout=10)
-        self.out.unlink(missing_ok=True)
-        self.err.unlink(missing_ok=True)
+def stop(d: DaemonProcess) -> dict[str, Any]:
+    """SIGTERM, exit 0, and its ``stopped`` line."""
+    assert d.stop() == 0
+    stopped = d.lines()[-1]
+    d.cleanup()
+    assert stopped["event"] == "stopped"
+    return stopped
 
 
 @pytest.fixture
@@ -130,7 +94,7 @@ def state_dir() -> Iterator[Path]:
         yield Path(tmp)
 
 
-def violations(d: Daemon, pid: int, expect: int) -> list[dict[str, Any]]:
+def violations(d: DaemonProcess, pid: int, expect: int) -> list[dict[str, Any]]:
     """The pid's violation lines once ``expect`` of them are there (10 s at most)."""
     deadline = time.monotonic() + 10
     while True:
@@ -141,13 +105,14 @@ def violations(d: Daemon, pid: int, expect: int) -> list[dict[str, Any]]:
         time.sleep(0.05)
 
 
-def restart_with_pending_exit(state_dir: Path, in_gap: str | None) -> tuple[Vmm, Daemon, dict]:
+def restart_with_pending_exit(state_dir: Path,
+                              in_gap: str | None) -> tuple[Vmm, DaemonProcess, dict[str, Any]]:
     vmm = Vmm()
     try:
         first = Daemon(state_dir)
         try:
             vmm.do("run")  # OUT exit: its completion is pending from here on
-            stopped = first.stop()
+            stopped = stop(first)
         except BaseException:
             first.kill()
             raise
