@@ -9,7 +9,6 @@ static labels); keys that need a restart are named in a notice and keep their ru
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import re
@@ -475,9 +474,8 @@ def apply_settings(daemon: Daemon, old: Settings, new: Settings) -> None:
     """What changes live: logging, the policy (BPF map and tracker), idle time, labels."""
     if (old.log_format, old.log_level) != (new.log_format, new.log_level):
         configure_logging(new.log_format, new.log_level)
-    # The daemon's lock (when it has one) keeps a metrics scrape from seeing half a change.
-    lock = getattr(daemon, "lock", None)
-    with lock if lock is not None else contextlib.nullcontext():
+    # The daemon's lock keeps a metrics scrape from seeing half a change.
+    with daemon.lock:
         if old.policy != new.policy:
             policy = new.completion_policy()
             daemon.probes.set_policy(policy)
@@ -487,8 +485,4 @@ def apply_settings(daemon: Daemon, old: Settings, new: Settings) -> None:
             daemon.tracker.snapshot_idle_s = new.snapshot_idle_s
             daemon.options.snapshot_idle_s = new.snapshot_idle_s
     if old.labels != new.labels:  # set_labels takes the lock itself
-        set_labels = getattr(daemon, "set_labels", None)
-        if callable(set_labels):
-            set_labels(dict(new.labels))
-        else:
-            daemon.options.labels = dict(new.labels)
+        daemon.set_labels(dict(new.labels))

@@ -16,7 +16,7 @@ from prometheus_client import CollectorRegistry, ProcessCollector
 
 from tracer import __version__, handover, vmident
 from tracer.alerts import AlertSink, LogSink
-from tracer.counters import VcpuCounters, total
+from tracer.counters import PATHS, VcpuCounters, total
 from tracer.events import MalformedEvent, decode_event
 from tracer.metrics import CompletionCollector, ExporterHealth, MetricsOptions, start_server
 from tracer.policy import CompletionPolicy, describe
@@ -249,8 +249,7 @@ class Daemon:
         return {
             "userspace_exits": vcpu.userspace_exits,
             "pending_exits": vcpu.pending_exits(self.tracker.policy.pending_exits),
-            "completions": {"reentry": vcpu.completions[0],
-                            "immediate_exit": vcpu.completions[1]},
+            "completions": dict(zip(PATHS, vcpu.completions, strict=True)),
             "guest_exits": sum(self.probes.guest_exit_counts().values()),
             "guest_entries": sum(self.probes.guest_entry_counts().values()),
             "violations": sum(stats.violations.values()),

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Final
 
 from tracer import abi
-from tracer.vmident import PROC
+from tracer.vmident import PROC, stat_field
 
 HANDOVER_FILE: Final = "handover.json"
 FORMAT_VERSION: Final = 1
@@ -93,12 +93,8 @@ PF_KTHREAD: Final = 0x00200000
 
 
 def _kernel_worker(pid: int, tid: int, proc_root: Path) -> bool:
-    try:
-        raw = (proc_root / str(pid) / "task" / str(tid) / "stat").read_bytes()
-        flags = int(raw[raw.rfind(b")") + 1:].split()[6])
-    except (OSError, ValueError, IndexError):
-        return False
-    return bool(flags & (PF_USER_WORKER | PF_KTHREAD))
+    flags = stat_field(proc_root / str(pid) / "task" / str(tid) / "stat", 9)
+    return flags is not None and bool(flags & (PF_USER_WORKER | PF_KTHREAD))
 
 
 def kvm_run_exit_reason(pid: int, run_addr: int | None, proc_root: Path = PROC) -> int | None:

@@ -234,8 +234,9 @@ class CompletionCollector(Collector):
             f.add(oldest_gauge, [vm], oldest[vm])
         info = f.gauge("vm_info", "One series per VM process: its pid, VMM and UUID.",
                        ["vm", "pid", "vmm", "uuid"])
+        live_pids = {e.pid for e in entries if e.state != CLOSED_STATE}
         for pid, ident in sorted(names.items()):
-            if any(e.pid == pid and e.state != CLOSED_STATE for e in entries):
+            if pid in live_pids:
                 f.add(info, [ident.name, str(pid), ident.vmm, ident.uuid or ""], 1)
         if self.options.per_vcpu:
             self._per_vcpu(f, per_vcpu)

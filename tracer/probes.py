@@ -445,7 +445,7 @@ if data != b"done":
     except OSError:
         text = ""
     first = next((ln.strip() for ln in text.splitlines() if "error" in ln.lower()),
-                 "a fatal LLVM error")
+                 "the process died in the compiler")
     sys.stderr.write("kvm-completion-tracer: error: compiling the BPF programs failed (%s); "
                      "run 'kvm-completion-tracer check'\n" % first)
 try:
@@ -464,9 +464,9 @@ def _captured_stderr() -> Iterator[_Captured]:
 
     captured = _Captured()
     sys.stderr.flush()
-    saved = os.dup(2)
     fd, path = tempfile.mkstemp(prefix="kct-bpf-compile-", suffix=".log")
     read_end, write_end = os.pipe()
+    saved = os.dup(2)
     try:
         watcher: subprocess.Popen[bytes] | None = subprocess.Popen(
             [sys.executable, "-c", _WATCHER, path], stdin=read_end, stderr=saved,

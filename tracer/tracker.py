@@ -404,8 +404,10 @@ class Tracker:
             key = (vcpu.pid, vcpu.vcpu_id)
             start = None
             if relearner is not None and key not in uid_of:
+                if vcpu.pid not in self._started:  # read once per process (and kept)
+                    self._started[vcpu.pid] = self.proc.start_time(vcpu.pid)
                 start = relearner.state_of(vcpu.pid, vcpu.fd, vcpu.vcpu_id, vcpu.run_addr,
-                                           self.proc.start_time(vcpu.pid))
+                                           self._started[vcpu.pid])
             uid = self.control.adopt_vcpu(vcpu.pid, vcpu.fd, vcpu.vcpu_id, vcpu.run_addr,
                                           uid_of.get(key), start)
             if uid is None:

@@ -463,20 +463,26 @@ def discover_vcpus(proc_root: Path = PROC) -> list[DiscoveredVcpu]:
 # --- process identity over time --------------------------------------------------------------
 
 
-def process_start_time(pid: int, proc_root: Path = PROC) -> int | None:
-    """Start time (clock ticks after boot, field 22 of /proc/PID/stat), or None if gone."""
-    raw = _read_bytes(proc_root / str(pid) / "stat")
+def stat_field(stat_path: Path, field_no: int) -> int | None:
+    """Numeric field ``field_no`` (1-based, as in proc(5)) of a /proc/PID[/task/TID]/stat file,
+    or None if it is gone or unreadable."""
+    raw = _read_bytes(stat_path)
     if raw is None:
         return None
     # comm (field 2) is in parentheses and may itself hold spaces and ')': split after the last.
     close = raw.rfind(b")")
     if close < 0:
         return None
-    fields = raw[close + 1 :].split()  # fields[0] is field 3 (state), so field 22 is [19]
+    fields = raw[close + 1 :].split()  # fields[0] is field 3 (state)
     try:
-        return int(fields[19])
+        return int(fields[field_no - 3])
     except (IndexError, ValueError):
         return None
+
+
+def process_start_time(pid: int, proc_root: Path = PROC) -> int | None:
+    """Start time (clock ticks after boot, field 22 of /proc/PID/stat), or None if gone."""
+    return stat_field(proc_root / str(pid) / "stat", 22)
 
 
 def process_alive(pid: int, start_time: int, proc_root: Path = PROC) -> bool:
