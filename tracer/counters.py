@@ -11,6 +11,7 @@ Pure Python: no bcc, no prometheus_client.
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Final
@@ -28,6 +29,15 @@ HIST_SLOTS: Final = 40
 FIRST_BUCKET_SLOT: Final = 10
 BUCKET_BOUNDS_S: Final = tuple(2**s / 1e9 for s in range(FIRST_BUCKET_SLOT, HIST_SLOTS - 1))
 PATHS: Final = ("reentry", "immediate_exit")  # enum completion_path
+
+
+class RunState(enum.IntEnum):
+    """enum vcpu_run_state in bpf/completion.c (the tests compare them)."""
+
+    IDLE = 0
+    RUNNING = 1
+    PENDING = 2
+    CLOSED = 3  # last fd gone; the entry waits for Python to read its statistics and delete it
 
 
 def exit_slot_name(slot: int) -> str:

@@ -16,7 +16,7 @@ from prometheus_client import CollectorRegistry, ProcessCollector
 
 from tracer import __version__, handover, vmident
 from tracer.alerts import AlertSink, LogSink
-from tracer.counters import PATHS, VcpuCounters, total
+from tracer.counters import PATHS, RunState, VcpuCounters, total
 from tracer.events import MalformedEvent, decode_event
 from tracer.metrics import CompletionCollector, ExporterHealth, MetricsOptions, start_server
 from tracer.policy import CompletionPolicy, describe
@@ -210,7 +210,8 @@ class Daemon:
         path = self._handover_path()
         if path is None or not self.started:
             return 0  # stopped before start(): a previous hand-over stays for the next start
-        first = {s["uid"]: s for s in self.probes.vcpu_states() if s["state"] == handover.PENDING}
+        first = {s["uid"]: s for s in self.probes.vcpu_states()
+                 if s["state"] == RunState.PENDING}
         runtimes = {uid: handover.thread_runtime_ns(s["pid"], s["run_tid"])
                     for uid, s in first.items()}
         # Read again after the thread times: a KVM_RUN between the two reads changed the
@@ -221,7 +222,7 @@ class Daemon:
             now = again.get(uid)
             runtime = runtimes[uid]
             start_time = vmident.process_start_time(s["pid"])
-            if (now is None or now["state"] != handover.PENDING or now["seq"] != s["seq"]
+            if (now is None or now["state"] != RunState.PENDING or now["seq"] != s["seq"]
                     or runtime is None or start_time is None):
                 continue
             pending.append(handover.PendingVcpu(

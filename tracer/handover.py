@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Final
 
 from tracer import abi
+from tracer.counters import RunState
 from tracer.vmident import PROC, stat_field
 
 HANDOVER_FILE: Final = "handover.json"
@@ -156,14 +157,11 @@ def still_pending(prev: PendingVcpu, *, start_time: int | None, in_run: bool,
 class AdoptState:
     """The run state a vCPU found in /proc starts with in the probes."""
 
-    state: int = 0  # enum vcpu_run_state: 0 idle, 1 running, 2 pending
+    state: RunState = RunState.IDLE
     exit_reason: int = 0
     run_tid: int = 0
     pending_since_ns: int = 0
 
-
-RUNNING: Final = 1
-PENDING: Final = 2
 
 
 class Relearner:
@@ -183,7 +181,7 @@ class Relearner:
         if fd in in_run:
             if prev is not None:
                 self.dropped.append(prev)
-            return AdoptState(RUNNING, run_tid=in_run[fd])
+            return AdoptState(RunState.RUNNING, run_tid=in_run[fd])
         if prev is None:
             return AdoptState()
         if still_pending(prev, start_time=start_time,
@@ -192,6 +190,7 @@ class Relearner:
                          exit_reason=kvm_run_exit_reason(pid, run_addr, self.proc_root),
                          runtime_ns=thread_runtime_ns(pid, prev.run_tid, self.proc_root)):
             self.kept.append(prev)
-            return AdoptState(PENDING, prev.exit_reason, prev.run_tid, prev.pending_since_ns)
+            return AdoptState(RunState.PENDING, prev.exit_reason, prev.run_tid,
+                              prev.pending_since_ns)
         self.dropped.append(prev)
         return AdoptState()

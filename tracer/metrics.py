@@ -28,15 +28,14 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from tracer import __version__
-from tracer.counters import PATHS, VcpuCounters, VcpuEntry, exit_slot_name, total
+from tracer.counters import PATHS, RunState, VcpuCounters, VcpuEntry, exit_slot_name, total
 from tracer.guest_exits import guest_exit_name
-from tracer.tracker import CLOSED_STATE, Tracker
+from tracer.tracker import Tracker
 from tracer.vmident import VmIdentity
 
 # 9100-9999 is the exporters' range; the README ("Metrics port") says why this one.
 DEFAULT_METRICS_PORT: Final = 9110
 PREFIX: Final = "kvm_completion"
-PENDING_STATE: Final = 2
 
 
 class MetricsConfigError(ValueError):
@@ -189,10 +188,10 @@ class CompletionCollector(Collector):
         for entry in entries:
             vm = names[entry.pid].name
             live[vm].append(entry.counters)
-            if entry.state == CLOSED_STATE:
+            if entry.state == RunState.CLOSED:
                 continue
             vcpus[vm] += 1
-            is_pending = entry.state == PENDING_STATE
+            is_pending = entry.state == RunState.PENDING
             if is_pending:
                 pending[vm] += 1
                 if entry.pending_since_ns:  # from the map: the window open now, not a mirror
@@ -234,7 +233,7 @@ class CompletionCollector(Collector):
             f.add(oldest_gauge, [vm], oldest[vm])
         info = f.gauge("vm_info", "One series per VM process: its pid, VMM and UUID.",
                        ["vm", "pid", "vmm", "uuid"])
-        live_pids = {e.pid for e in entries if e.state != CLOSED_STATE}
+        live_pids = {e.pid for e in entries if e.state != RunState.CLOSED}
         for pid, ident in sorted(names.items()):
             if pid in live_pids:
                 f.add(info, [ident.name, str(pid), ident.vmm, ident.uuid or ""], 1)

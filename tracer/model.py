@@ -8,22 +8,14 @@ real probes with ``--trace-exits`` and checks they reach the same verdicts as th
 
 from __future__ import annotations
 
-import enum
 from dataclasses import dataclass, field
 
 from tracer import abi
-from tracer.counters import EXIT_SLOT_ERROR, EXIT_SLOT_OTHER, VcpuCounters
+from tracer.counters import EXIT_SLOT_ERROR, EXIT_SLOT_OTHER, RunState, VcpuCounters
 from tracer.events import EventFlag, EventType, KernelEvent, PendingAccess
 from tracer.handover import AdoptState
 
 NO_FLAGS = EventFlag(0)
-
-
-class RunState(enum.Enum):
-    IDLE = 0
-    RUNNING = 1
-    PENDING = 2
-    CLOSED = 3  # last fd gone; the entry waits for the tracker to read and release it
 
 
 @dataclass

@@ -20,9 +20,9 @@ from pathlib import Path
 from typing import Any, Final
 
 from tracer import abi, syscall_abi
-from tracer.counters import HIST_SLOTS, VcpuCounters, VcpuEntry
+from tracer.counters import HIST_SLOTS, RunState, VcpuCounters, VcpuEntry
 from tracer.events import EVENT_SIZE, EventType
-from tracer.handover import PENDING, AdoptState
+from tracer.handover import AdoptState
 from tracer.policy import CompletionPolicy
 from tracer.syscall_abi import DEFAULT_SYSCALL_PROBES, raw_syscalls_supported
 from tracer.tracefs import tracefs_root
@@ -270,7 +270,7 @@ class Probes:
                 leaf.state, leaf.exit_reason, leaf.run_tid = (start.state, start.exit_reason,
                                                               start.run_tid)
                 leaf.pending_since = start.pending_since_ns
-                leaf.seq = 1 if start.state == PENDING else 0
+                leaf.seq = 1 if start.state == RunState.PENDING else 0
             if not self._put("vcpu", vcpus, ctypes.c_uint64(uid), leaf):
                 return None
             if not self._put("vcpu", refs, ctypes.c_uint64(uid), ctypes.c_uint32(1)):

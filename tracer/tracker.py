@@ -18,7 +18,7 @@ from typing import Protocol
 
 from tracer import abi
 from tracer.alerts import AlertSink, SnapshotAlert, ViolationAlert
-from tracer.counters import VcpuCounters, VmLedger
+from tracer.counters import RunState, VcpuCounters, VmLedger
 from tracer.events import EventFlag, EventType, KernelEvent, PendingAccess, split_exit_aux
 from tracer.handover import AdoptState, Relearner
 from tracer.policy import CompletionPolicy, Kind, Verdict
@@ -58,8 +58,7 @@ class ProcView(Protocol):
         """Whether ``pid`` is still the process that started at ``start_time``."""
 
 
-RUN_STATES = ("idle", "running", "pending", "closed")  # enum vcpu_run_state, bpf/completion.c
-CLOSED_STATE = 3
+RUN_STATES = tuple(s.name.lower() for s in RunState)  # VcpuRecord.state values, by number
 
 
 @dataclass
@@ -343,7 +342,7 @@ class Tracker:
     def sync(self, states: Iterable[dict[str, int]]) -> None:
         closed: dict[int, set[int]] = {}  # pid -> uids whose close event was lost
         for st in states:
-            if st["state"] == CLOSED_STATE:
+            if st["state"] == RunState.CLOSED:
                 closed.setdefault(st["pid"], set()).add(st["uid"])
                 continue
             rec = self.vcpus.get(st["uid"])
@@ -418,7 +417,7 @@ class Tracker:
             if start is not None and start.state:
                 rec.state = RUN_STATES[start.state]
                 rec.run_tid = start.run_tid or None
-                if start.state == 2:
+                if start.state == RunState.PENDING:
                     rec.pending(start.exit_reason, start.pending_since_ns, 1)
             adopted += 1
         return adopted

@@ -543,5 +543,5 @@ def test_vcpu_statistics_slots_match_the_c_enums(c_facts: CFacts) -> None:
     assert counters.PATHS == ("reentry", "immediate_exit")
     states = {n.removeprefix("VCPU_").lower(): c_facts.enums[n]
               for n in enum_names(ENUM_RUN_STATE)}
-    assert states == {name: i for i, name in enumerate(tracker.RUN_STATES)}
-    assert states["closed"] == tracker.CLOSED_STATE
+    assert states == {s.name.lower(): s.value for s in counters.RunState}
+    assert tuple(states) == tracker.RUN_STATES

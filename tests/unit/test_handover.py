@@ -8,7 +8,10 @@ from pathlib import Path
 import pytest
 
 from tracer import abi, handover
-from tracer.handover import PENDING, RUNNING, AdoptState, PendingVcpu, Relearner
+from tracer.counters import RunState
+from tracer.handover import AdoptState, PendingVcpu, Relearner
+
+PENDING, RUNNING = RunState.PENDING, RunState.RUNNING
 
 PID, TID, FD = 300, 301, 7
 PREV = PendingVcpu(pid=PID, start_time=1000, vcpu_id=0, exit_reason=2, run_tid=TID,
