@@ -35,11 +35,12 @@ test: lint
 	if [ $$rc -eq 5 ]; then echo "make test: error: pytest collected no tests (exit 5)" >&2; fi; \
 	exit $$rc
 
-# Overhead benchmark (bench/README.md): one table, JSON in bench/results.json; about 5 minutes.
+# Overhead benchmark (bench/README.md): one table, JSON in bench/results.json; about 6 minutes.
 # Options with BENCH_ARGS, e.g. `sudo make bench BENCH_ARGS='--quick'`.
 BENCH_ARGS ?=
 .PHONY: bench
-bench: setup
+bench:
+	@bash scripts/setup-host.sh bench
 	$(VENV)/bin/python bench/run.py $(BENCH_ARGS)
 
 # ---- system install (root): /opt venv, the systemd unit, a default config ----------------------

@@ -40,6 +40,7 @@ static uint64_t count_limit; // exits per busy vCPU (0: use duration)
 static long violations;
 static long pace_us = 1000;
 static const char *ts_file;
+static double start_delay_s; // pause between creating the vCPUs and running them
 
 struct vcpu {
     int fd;
@@ -159,7 +160,7 @@ static void usage(void)
 {
     fprintf(stderr,
             "usage: kvmloop [--vcpus N] [--busy B] [--seconds S | --count C] [--port P]\n"
-            "               [--violations K --ts-file PATH [--pace-us U]]\n");
+            "               [--violations K --ts-file PATH [--pace-us U]] [--start-delay S]\n");
     exit(2);
 }
 
@@ -187,6 +188,8 @@ int main(int argc, char **argv)
             ts_file = val;
         else if (!strcmp(a, "--pace-us"))
             pace_us = atol(val);
+        else if (!strcmp(a, "--start-delay"))
+            start_delay_s = atof(val);
         else
             usage();
     }
@@ -260,6 +263,13 @@ int main(int argc, char **argv)
             die("calloc");
     }
 
+    // A tracer learns each new vCPU from an event: give it time to take them all in before
+    // the timed loop, so the scaling rows measure per-exit cost, not start-up work.
+    if (start_delay_s > 0) {
+        struct timespec d = {(time_t)start_delay_s,
+                             (long)((start_delay_s - (double)(time_t)start_delay_s) * 1e9)};
+        nanosleep(&d, NULL);
+    }
     uint64_t w0 = now_ns(CLOCK_MONOTONIC);
     for (long i = 0; i < nbusy; i++)
         if ((errno = pthread_create(&vcpus[i].thread, NULL, busy, &vcpus[i])))

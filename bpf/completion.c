@@ -64,6 +64,7 @@ enum counter {
     C_INFLIGHT_MAP_FULL,
     C_PROC_MAP_FULL,
     C_GUEST_EXIT_MAP_FULL,
+    C_GUEST_ENTRY_MAP_FULL,
     C_ACCESS_READ_FAILED,  // kvm_run not readable when reporting: alert without the access
     C_UNTRACKED_EXITS,  // kvm_userspace_exit from a thread whose vCPU is unknown
     C_COUNTERS,
@@ -562,7 +563,9 @@ static __always_inline void ioctl_enter(s32 fd, u32 cmd, u64 arg)
                 maps_changed();  // its exits must not land on an older vCPU
             u8 one = 1;
             if (!unknown_fds.lookup(&fk)) {
-                unknown_fds.update(&fk, &one);
+                // An LRU map evicts rather than fills; a failure is an allocation failure.
+                if (unknown_fds.update(&fk, &one))
+                    count(C_FD_MAP_FULL);
                 proc_get(tgid);  // its close() calls are worth looking at from now on
                 emit_simple(EV_UNKNOWN_FD, tgid, tid, fk.fd, 0, 0, cmd);
             }
@@ -631,10 +634,12 @@ static __always_inline void on_vcpu_created(u32 tgid, u32 tid, struct inflight *
     struct vcpu_state *st = vcpus.lookup(&uid);
     u32 one = 1;
     // Without its refs, or its process in procs (its close() calls are only looked at for
-    // processes there), the vCPU cannot be followed: drop it, counted.
-    if (!st || vcpu_refs.update(&uid, &one) || !proc_get(tgid)) {
-        if (st)
-            count(C_VCPU_MAP_FULL);
+    // processes there), the vCPU cannot be followed: drop it, counted once under the map that
+    // refused it (proc_get counts its own).
+    int dropped = !st || vcpu_refs.update(&uid, &one);
+    if (dropped)
+        count(C_VCPU_MAP_FULL);  // !st: the entry just added is gone, i.e. the map is at its edge
+    if (dropped || !proc_get(tgid)) {
         vcpu_refs.delete(&uid);
         vcpus.delete(&uid);
         vcpu_fds.delete(&fk);
@@ -660,7 +665,7 @@ static __always_inline void dup_done(u32 tgid, u32 tid, struct inflight *inf, lo
     struct fd_val copy = *fv;
     struct vcpu_state *st = vcpus.lookup(&copy.vcpu_uid);
     if (!st)
-        return;
+        return;  // the vCPU was already dropped (and counted then): nothing more to lose
     if (vcpu_fds.update(&nk, &copy)) {
         count(C_FD_MAP_FULL);
         return;
@@ -939,7 +944,7 @@ TRACEPOINT_PROBE(kvm, kvm_entry)
     } else {
         u64 one = 1;
         if (guest_entries.update(&k, &one))
-            count(C_GUEST_EXIT_MAP_FULL);
+            count(C_GUEST_ENTRY_MAP_FULL);
     }
     return 0;
 }

@@ -16,8 +16,8 @@ set -euo pipefail
 
 mode="${1:-test}"
 case "$mode" in
-    run|test) ;;
-    *) echo "setup-host: error: unknown mode '$mode' (expected run or test)" >&2; exit 2 ;;
+    run|test|bench) ;;
+    *) echo "setup-host: error: unknown mode '$mode' (expected run, test or bench)" >&2; exit 2 ;;
 esac
 
 me="setup-host"
@@ -45,6 +45,11 @@ if [[ "$mode" == test ]]; then
     )
     pip_target="$repo[dev]"
     pip_shown="'.[dev]'"
+elif [[ "$mode" == bench ]]; then
+    # make bench: the C drivers and the bpftrace one-off, nothing of the test stack.
+    base_packages+=(gcc libc6-dev linux-libc-dev make bpftrace)
+    pip_target="$repo"
+    pip_shown="."
 else
     pip_target="$repo"
     pip_shown="."

@@ -79,7 +79,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--ringbuf-pages", type=int, default=None, metavar="N",
                      help="ring buffer size in pages, a power of two (default 64)")
     run.add_argument("--max-vcpus", type=int, default=None, metavar="N",
-                     help="vCPUs tracked at once (BPF map size, default 4096)")
+                     help="vCPUs tracked at once (sizes every BPF map, default 4096)")
+    run.add_argument("--no-guest-exits", dest="guest_exits", action="store_const", const=False,
+                     default=None, help="do not count guest exits (kvm:kvm_exit/kvm_entry: one "
+                     "program run per guest exit on hardware KVM)")
     metrics = run.add_mutually_exclusive_group()
     metrics.add_argument("--metrics-addr", metavar="HOST:PORT",
                          help="Prometheus exporter address ([::1]:PORT for IPv6)")
@@ -131,6 +134,7 @@ _FLAG_KEYS = {"log_level": ("--log-level", "log.level"),
               "ringbuf_pages": ("--ringbuf-pages", "probes.ringbuf_pages"),
               "syscall_probes": ("--syscall-probes", "probes.syscall_probes"),
               "max_vcpus": ("--max-vcpus", "probes.max_vcpus"),
+              "guest_exits": ("--no-guest-exits", "probes.guest_exits"),
               "metrics_addr": ("--metrics-addr", "metrics.addr"),
               "metrics_per_vcpu": ("--metrics-per-vcpu", "metrics.per_vcpu"),
               "state_dir": ("--state-dir", "state_dir")}

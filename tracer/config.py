@@ -38,7 +38,9 @@ DEFAULT_CONFIG_PATH: Final = Path("/etc/kvm-completion-tracer/config.toml")
 DEFAULT_STATE_DIR: Final = Path("/var/lib/kvm-completion-tracer")
 DEFAULT_METRICS_ADDR: Final = f"127.0.0.1:{DEFAULT_METRICS_PORT}"
 LOG_FORMATS: Final = ("auto", "json", "console")
-MAX_VCPUS_LIMIT: Final = 1 << 20
+# KVM allows 4096 vCPUs per VM on x86; 65536 is 16 such VMs on one host, and keeps the maps
+# sized from it (tracer.probes.ProbeConfig) near 250 MiB of kernel memory (~3.8 KiB a vCPU).
+MAX_VCPUS_LIMIT: Final = 1 << 16
 
 # Keys whose new value only takes effect on a restart (the probes, the exporter's socket, the
 # lock): a reload names them and keeps the running value.
@@ -192,6 +194,7 @@ KEYS: Final[dict[str, _Key]] = {
     "probes.max_vcpus": _Key("max_vcpus", max_vcpus),
     "probes.trace_exits": _Key("trace_exits", _bool),
     "probes.syscall_probes": _Key("syscall_probes", _choice(SYSCALL_PROBE_KINDS)),
+    "probes.guest_exits": _Key("guest_exits", _bool),
     "metrics.addr": _Key("metrics_addr", metrics_addr),
     "metrics.per_vcpu": _Key("metrics_per_vcpu", _bool),
     "metrics.max_vcpu_series": _Key("max_vcpu_series", vcpu_series),
@@ -215,6 +218,7 @@ class Settings:
     max_vcpus: int = 4096
     trace_exits: bool = False
     syscall_probes: str = DEFAULT_SYSCALL_PROBES
+    guest_exits: bool = True
     metrics_addr: str | None = DEFAULT_METRICS_ADDR
     metrics_per_vcpu: bool = False
     max_vcpu_series: int = 256
@@ -245,10 +249,10 @@ class Settings:
 
         return DaemonOptions(
             policy=self.completion_policy(),
-            probe_config=ProbeConfig(max_vcpus=self.max_vcpus, max_vcpu_fds=4 * self.max_vcpus,
-                                     ringbuf_pages=self.ringbuf_pages,
+            probe_config=ProbeConfig(max_vcpus=self.max_vcpus, ringbuf_pages=self.ringbuf_pages,
                                      trace_exits=self.trace_exits,
-                                     syscall_probes=self.syscall_probes),
+                                     syscall_probes=self.syscall_probes,
+                                     guest_exits=self.guest_exits),
             snapshot_idle_s=self.snapshot_idle_s,
             metrics=MetricsOptions(addr=self.metrics_addr, per_vcpu=self.metrics_per_vcpu,
                                    max_vcpu_series=self.max_vcpu_series,

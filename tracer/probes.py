@@ -33,7 +33,7 @@ BPF_SOURCE_NAME: Final = "completion.c"
 EVENT_TYPES: Final = 16
 COUNTER_NAMES: Final = (
     "vcpu_map_full", "fd_map_full", "thread_map_full", "inflight_map_full", "proc_map_full",
-    "guest_exit_map_full", "access_read_failed", "untracked_exits",
+    "guest_exit_map_full", "guest_entry_map_full", "access_read_failed", "untracked_exits",
 )
 # Python-adopted vCPUs (found in /proc at start-up) take uids from the top half so they never
 # collide with the kernel's counter.
@@ -46,14 +46,30 @@ class ProbeError(RuntimeError):
 
 @dataclass(frozen=True)
 class ProbeConfig:
+    """What the operator sizes (``probes.*`` in the config); every map is bounded by it."""
+
     max_vcpus: int = 4096
-    max_vcpu_fds: int = 16384
-    max_threads: int = 16384
-    max_procs: int = 1024
-    max_guest_exit_keys: int = 16384
     ringbuf_pages: int = 64  # 256 KiB: ~2300 events of 112 bytes between two polls
     trace_exits: bool = False  # one event per exit, for debugging and differential tests
     syscall_probes: str = DEFAULT_SYSCALL_PROBES  # tracer.syscall_abi: "raw" or "classic"
+    guest_exits: bool = True  # kvm:kvm_exit/kvm_entry counts (one program run per guest exit)
+
+    # The other maps follow max_vcpus, so one key sizes them all.
+    @property
+    def max_vcpu_fds(self) -> int:
+        return 4 * self.max_vcpus  # the vCPU fd plus dups a VMM keeps (QEMU: 1, with CPR: 2)
+
+    @property
+    def max_threads(self) -> int:
+        return 4 * self.max_vcpus  # vCPU threads plus threads with a vCPU ioctl in flight
+
+    @property
+    def max_procs(self) -> int:
+        return max(1024, self.max_vcpus)  # every VMM process has at least one vCPU
+
+    @property
+    def max_guest_exit_keys(self) -> int:
+        return 16 * self.max_vcpus  # (vCPU, exit reason) pairs: a busy VMX guest shows ~10
 
 
 def bpf_source() -> Path:
@@ -124,11 +140,15 @@ def cflags(config: ProbeConfig) -> list[str]:
     return flags
 
 
-def _without_missing_kvm_tracepoints(source: str) -> tuple[str, list[str]]:
-    """kvm_exit/kvm_entry are x86-only: drop their programs where the kernel lacks them."""
+GUEST_EXIT_PROBES: Final = ("kvm:kvm_exit", "kvm:kvm_entry")
+
+
+def _without_guest_exit_probes(source: str, wanted: bool) -> tuple[str, list[str]]:
+    """kvm_exit/kvm_entry are x86-only: drop their programs where the kernel lacks them, or
+    when the operator turned guest-exit counting off (``probes.guest_exits = false``)."""
     skipped = []
     for event in ("kvm_exit", "kvm_entry"):
-        if not _tracepoint_exists("kvm", event):
+        if not wanted or not _tracepoint_exists("kvm", event):
             marker = f"TRACEPOINT_PROBE(kvm, {event})"
             start = source.find(marker)
             end = source.find("\n}\n", start)
@@ -150,11 +170,12 @@ CLASSIC_SYSCALL_PROBES: Final = (
 RAW_SYSCALL_PROBES: Final = ("raw:sys_enter", "raw:sys_exit")
 
 
-def expected_probes(syscall_probes: str = DEFAULT_SYSCALL_PROBES) -> tuple[str, ...]:
+def expected_probes(syscall_probes: str = DEFAULT_SYSCALL_PROBES,
+                    guest_exits: bool = True) -> tuple[str, ...]:
     """Every probe the programs attach, for one kind of syscall probes."""
     syscalls = RAW_SYSCALL_PROBES if syscall_probes == "raw" else CLASSIC_SYSCALL_PROBES
     return ("raw:kvm_userspace_exit", *syscalls, "sched:sched_process_exit",
-            "sched:sched_process_exec", "kvm:kvm_exit", "kvm:kvm_entry")
+            "sched:sched_process_exec", *(GUEST_EXIT_PROBES if guest_exits else ()))
 
 
 BCC_FIX: Final = ("apt-get install python3-bpfcc and use /usr/bin/python3 (or a venv made "
@@ -189,7 +210,8 @@ class Probes:
         if missing is not None:
             raise ProbeError(f"cannot import bcc ({missing}): {BCC_FIX}")
         from bcc import BPF
-        source, self.skipped = _without_missing_kvm_tracepoints(bpf_source().read_text())
+        source, self.skipped = _without_guest_exit_probes(
+            bpf_source().read_text(), self.config.guest_exits)
         with _captured_stderr() as diagnostics:
             try:
                 # bcc attaches every TRACEPOINT_PROBE/RAW_TRACEPOINT_PROBE while loading.

@@ -94,3 +94,22 @@ def test_a_tracker_failure_is_a_counted_notice_not_a_lost_traceback(
     assert names == ["internal_error", "malformed_event"]
     assert daemon.tracker.stats.internal_errors == 1
     assert daemon.tracker.stats.malformed_events == 1
+
+
+def test_guest_exit_probes_can_be_turned_off() -> None:
+    """probes.guest_exits = false: no kvm_exit/kvm_entry program, and none is expected (so the
+    probes-missing alert stays quiet), while the completion probes are all there."""
+    from tracer.probes import GUEST_EXIT_PROBES, ProbeConfig
+
+    d = Daemon(DaemonOptions(policy=build_policy(),
+                             probe_config=ProbeConfig(guest_exits=False, max_vcpus=64)),
+               sink=MemorySink())
+    d.start()
+    try:
+        attached = set(d.probes.attached())
+        assert not attached & set(GUEST_EXIT_PROBES)
+        assert d.probes.missing() == []
+        assert set(d.probes.expected()) == set(expected_probes(guest_exits=False))
+        assert set(expected_probes(guest_exits=False)) <= attached
+    finally:
+        d.close()

@@ -143,7 +143,7 @@ def test_metrics_can_be_disabled_in_the_file(tmp_path: Path, value: str) -> None
     ("[probes]\nringbuf_pages = \"64\"\n", ["probes.ringbuf_pages", "expected an integer",
                                            "a string"]),
     ("[probes]\nringbuf_pages = 48\n", ["probes.ringbuf_pages = 48", "power of two"]),
-    ("[probes]\nmax_vcpus = 0\n", ["probes.max_vcpus = 0", "between 1 and 1048576"]),
+    ("[probes]\nmax_vcpus = 0\n", ["probes.max_vcpus = 0", "between 1 and 65536"]),
     ("[probes]\ntrace_exits = 1\n", ["probes.trace_exits", "expected true or false"]),
     ("[metrics]\naddr = 9110\n", ["metrics.addr = 9110", "HOST:PORT"]),
     ("[metrics]\naddr = true\n", ["metrics.addr = true"]),

@@ -1,0 +1,79 @@
+"""bench/run.py's summary: ratios are paired per round, and the targets decide PASS/FAIL from
+them (pure arithmetic on synthetic samples; the harness itself runs in tests/e2e)."""
+
+from __future__ import annotations
+
+import importlib.util
+import statistics
+import sys
+from pathlib import Path
+from types import ModuleType, SimpleNamespace
+from typing import Any
+
+BENCH_RUN = Path(__file__).resolve().parents[2] / "bench" / "run.py"
+
+
+def _load() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("bench_run", BENCH_RUN)
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["bench_run"] = module  # dataclasses resolve their module by name
+    spec.loader.exec_module(module)
+    return module
+
+
+run = _load()
+
+
+def rows_for(samples: dict[str, Any], configs: list[str]) -> dict[tuple[str, str], Any]:
+    rows = run.summarize(SimpleNamespace(samples=samples), configs)
+    return {(r["row"], r["config"]): r for r in rows}
+
+
+def exits(*ns: float) -> list[dict[str, float]]:
+    return [{"ns_per_exit": x, "exits": 1000} for x in ns]
+
+
+def test_per_exit_ratio_is_the_median_of_per_round_ratios() -> None:
+    # The host slows down in round 2: both configurations move, the paired ratio does not.
+    base, daemon = [5000.0, 6000.0, 5100.0], [5100.0, 6120.0, 5202.0]
+    rows = rows_for({"per_exit": {"baseline": exits(*base), "daemon": exits(*daemon)}},
+                    ["baseline", "daemon"])
+    got = rows[("1 per-exit", "daemon")]
+    assert got["ratio"] == statistics.median(d / b for d, b in zip(daemon, base, strict=True))
+    assert got["result"] == "PASS"  # x1.02 <= x1.03
+    assert "added +102 ns" in got["note"]
+
+
+def test_per_exit_over_the_target_fails() -> None:
+    rows = rows_for({"per_exit": {"baseline": exits(5000, 5000), "daemon": exits(5200, 5200)}},
+                    ["baseline", "daemon"])
+    assert rows[("1 per-exit", "daemon")]["result"] == "FAIL"  # x1.04
+
+
+def test_getppid_is_judged_against_the_floor_of_the_same_round() -> None:
+    calls = {c: [{"ns_per_call": x} for x in v] for c, v in
+             {"baseline": [200, 240], "daemon": [300, 360], "floor": [290, 350]}.items()}
+    rows = rows_for({"getppid": calls}, ["baseline", "daemon", "floor"])
+    got = rows[("2 getppid", "daemon")]
+    assert got["ratio"] == statistics.median([300 / 290, 360 / 350])
+    assert got["result"] == "PASS"
+    calls["daemon"] = [{"ns_per_call": 320}, {"ns_per_call": 380}]  # x1.10, x1.09
+    assert rows_for({"getppid": calls}, ["baseline", "daemon", "floor"])[
+        ("2 getppid", "daemon")]["result"] == "FAIL"
+
+
+def test_scale_spread_is_on_the_paired_ratio() -> None:
+    def scale(ratios: list[float]) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for n, r in zip(run.SCALE_VCPUS, ratios, strict=True):
+            base = 5000.0 + n  # the baseline itself varies with the size: that is not the tracer
+            out[f"baseline_{n}"] = exits(base)
+            out[f"daemon_{n}"] = exits(base * r)
+        return out
+
+    flat = rows_for({"scale": scale([1.10, 1.12, 1.11])}, [])
+    spread = flat[("6 scale", "daemon ratio spread 1..1024")]
+    assert abs(spread["median"] - 0.02) < 1e-9 and spread["result"] == "PASS"
+    growing = rows_for({"scale": scale([1.05, 1.08, 1.15])}, [])
+    assert growing[("6 scale", "daemon ratio spread 1..1024")]["result"] == "FAIL"
