@@ -96,10 +96,12 @@ def run_json(cmd: list[str], timeout: float) -> dict[str, Any]:
     return result
 
 
-def rss_kb(pid: int) -> int | None:
+def rss_kb(pid: int, field_name: str = "VmRSS") -> int | None:
+    """VmRSS, or RssAnon: the part that is the process's own memory (VmRSS also counts the
+    clean, shared page cache of LLVM's library text, which both bcc and bpftrace touch)."""
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
+            if line.startswith(f"{field_name}:"):
                 return int(line.split()[1])
     except OSError:
         return None
@@ -203,6 +205,7 @@ class Session:
     lines: list[tuple[int, str]] = field(default_factory=list)
     startup_s: float | None = None
     ready_rss_kb: int | None = None
+    ready_rss_anon_kb: int | None = None
     _arrivals: queue.Queue[tuple[int, str]] = field(default_factory=queue.Queue)
     _reader: threading.Thread | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
@@ -236,6 +239,7 @@ class Session:
                 self.startup_s = time.monotonic() - t0
                 break
         self.ready_rss_kb = rss_kb(self.proc.pid)
+        self.ready_rss_anon_kb = rss_kb(self.proc.pid, "RssAnon")
 
     def _read(self) -> None:
         assert self.proc and self.proc.stdout
@@ -359,6 +363,7 @@ class Bench:
                 if config in ("daemon", "bpftrace"):
                     self.add("startup", f"{config}_s", sess.startup_s)
                     self.add("startup", f"{config}_rss_kb", sess.ready_rss_kb)
+                    self.add("startup", f"{config}_rss_anon_kb", sess.ready_rss_anon_kb)
                 time.sleep(self.args.settle)
             if "per_exit" in rows:
                 out = self.kvmloop()
@@ -649,12 +654,17 @@ def summarize(b: Bench, configs: list[str]) -> list[dict[str, Any]]:
             v = [x / 1024 for x in st.get(f"{c}_rss_kb", []) if x]
             if v:
                 row("5 RSS after start", c, v, "MiB")
+            v = [x / 1024 for x in st.get(f"{c}_rss_anon_kb", []) if x]
+            if v:
+                row("5 RSS after start", f"{c} (RssAnon)", v, "MiB",
+                    note="own memory, without shared library page cache")
         cmp("5 start-up", "start-up", med(st.get("daemon_s", [])),
             med(st.get("bpftrace_s", [])), "s")
-        dr = [x for x in st.get("daemon_rss_kb", []) if x]
-        br = [x for x in st.get("bpftrace_rss_kb", []) if x]
-        cmp("5 RSS after start", "RSS", statistics.median(dr) / 1024 if dr else None,
-            statistics.median(br) / 1024 if br else None, "MiB")
+        for key, what in (("rss_kb", "RSS"), ("rss_anon_kb", "RssAnon")):
+            dr = [x for x in st.get(f"daemon_{key}", []) if x]
+            br = [x for x in st.get(f"bpftrace_{key}", []) if x]
+            cmp("5 RSS after start", what, statistics.median(dr) / 1024 if dr else None,
+                statistics.median(br) / 1024 if br else None, "MiB")
 
     if "scale" in s:
         ratios: dict[str, list[float]] = {}

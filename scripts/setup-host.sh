@@ -41,7 +41,7 @@ base_packages=(python3-bpfcc python3-venv)
 if [[ "$mode" == test ]]; then
     base_packages+=(
         gcc libc6-dev linux-libc-dev make util-linux systemd
-        qemu-system-x86 prometheus prometheus-alertmanager bpftrace
+        qemu-system-x86 prometheus prometheus-alertmanager bpftrace python3-seccomp
     )
     pip_target="$repo[dev]"
     pip_shown="'.[dev]'"

@@ -201,6 +201,15 @@ def bcc_version() -> str:
         return "unavailable"
 
 
+def _release_compile_heap() -> None:
+    """Give clang/LLVM's freed compile-time heap back to the kernel. glibc keeps freed memory
+    for reuse, and nothing after the one compile reuses it: measured here, the daemon's
+    anonymous RSS goes from ~55 to ~30 MiB. (The ~85 MiB of LLVM's library text that the
+    compile touched stays in RSS as shared, clean page cache.)"""
+    with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to give back
+        ctypes.CDLL(None).malloc_trim(0)
+
+
 class Probes:
     """Loaded and attached BPF programs; :meth:`close` detaches them."""
 
@@ -222,6 +231,7 @@ class Probes:
                 failure = None
         if failure is not None:
             raise ProbeError(_explain_load_failure(failure, diagnostics.text())) from None
+        _release_compile_heap()
         self._ring_open = False
         self._closed = False
         self._next_adopted_uid = ADOPTED_UID_BASE
