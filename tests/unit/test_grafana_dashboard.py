@@ -1,8 +1,10 @@
 """The Grafana dashboard: importable, filtered by the template variables, queries valid PromQL on
-the exporter's metric names only.
+the exporter's metric names only, and counter panels that count a series born mid-range.
 
 PromQL syntax is checked offline: every query becomes a recording rule in a temporary rules file
-that ``promtool check rules`` parses (skipped without promtool, failed under CI without it).
+that ``promtool check rules`` parses; the counter panels are evaluated by ``promtool test rules``
+against a series that appears mid-range (both skipped without promtool, failed under CI without
+it).
 """
 
 from __future__ import annotations
@@ -19,13 +21,19 @@ import yaml
 from dashboard_queries import (
     CONTRACT_METRICS,
     DASHBOARD,
+    NEW_SERIES_COUNTERS,
     VM_METRICS,
     fill_variables,
+    grafana_regex_values,
     is_contract_metric,
     iter_panels,
     load,
     metric_names,
+    new_series_increase,
     panel_queries,
+    plain_counter_functions,
+    variable_queries,
+    variable_query_text,
 )
 
 JOB_MATCHER = 'job="kvm-completion-tracer"'
@@ -66,11 +74,6 @@ def all_targets() -> list[tuple[str, dict[str, Any]]]:
     return [(p["title"], t) for p in panels() for t in p.get("targets", [])]
 
 
-def _query_text(var: dict[str, Any]) -> str:
-    query = var.get("query", "")
-    return str(query.get("query", "")) if isinstance(query, dict) else str(query)
-
-
 def test_loads_and_is_importable() -> None:
     d = dashboard()
     assert d["title"] and d["uid"]
@@ -87,9 +90,11 @@ def test_loads_and_is_importable() -> None:
 def test_template_variables() -> None:
     v = variables()
     assert v["DS"]["type"] == "datasource" and v["DS"]["query"] == "prometheus"
-    assert _query_text(v["instance"]) == "label_values(kvm_completion_build_info, instance)"
-    assert (_query_text(v["vm"])
-            == 'label_values(kvm_completion_vcpus{instance=~"$instance"}, vm)')
+    assert variable_query_text(v["instance"]) == "label_values(kvm_completion_build_info, instance)"
+    # every VM the daemon counts, exited ones too: kvm_completion_vcpus would offer only the VMs
+    # alive at some scrape, not one that ran, misbehaved and exited within a second
+    assert (variable_query_text(v["vm"])
+            == 'label_values(kvm_completion_pending_seconds_count{instance=~"$instance"}, vm)')
     for name in ("instance", "vm"):
         assert v[name]["type"] == "query"
         assert v[name]["multi"] is True and v[name]["includeAll"] is True
@@ -171,6 +176,58 @@ def test_panel_queries_fill_every_variable() -> None:
         "x[1m] a b")
 
 
+def test_variable_queries_helper() -> None:
+    assert [(q.name, q.label) for q in variable_queries(dashboard())] == [
+        ("instance", "instance"), ("vm", "vm")]
+    with pytest.raises(ValueError, match="not label_values"):
+        variable_queries({"templating": {"list": [
+            {"name": "x", "type": "query", "query": "query_result(up)"}]}})
+
+
+def test_grafana_regex_values() -> None:
+    # Grafana regex-escapes multi-value selections; a PromQL string doubles the backslash
+    assert grafana_regex_values("127.0.0.1:9110") == "127\\\\.0\\\\.0\\\\.1:9110"
+    assert grafana_regex_values("python[42]", "web-1") == "(python\\\\[42\\\\]|web-1)"
+    with pytest.raises(ValueError):
+        grafana_regex_values()
+
+
+def test_new_series_counters_are_contract_counters() -> None:
+    assert NEW_SERIES_COUNTERS <= CONTRACT_METRICS
+    for name in NEW_SERIES_COUNTERS:
+        assert name.endswith(("_total", "_bucket")), name
+
+
+@pytest.mark.parametrize(("title", "target"), all_targets(),
+                         ids=[f"{t}:{x['refId']}" for t, x in all_targets()])
+def test_counter_panels_count_new_series(title: str, target: dict[str, Any]) -> None:
+    # these counters' series appear already counted: plain increase()/rate() shows 0 for them
+    plain = plain_counter_functions(target["expr"])
+    assert not plain, (
+        f"{title}: {plain} misses a series created at its first increment (a one-off violation "
+        f"never shows); write new_series_increase(selector, window) instead, e.g. "
+        f"{new_series_increase('c{...}', '$__rate_interval')}")
+
+
+def test_plain_counter_functions_helper() -> None:
+    sel = 'kvm_completion_violations_total{job="j", vm=~"$vm"}'
+    assert plain_counter_functions(f"sum by (vm) (increase({sel}[$__rate_interval]))") == [
+        f"increase({sel}[$__rate_interval])"]
+    assert plain_counter_functions(f"sum(rate({sel}[5m]))") == [f"rate({sel}[5m])"]
+    # the brief's first idea: increase() masks the right-hand side once a new series has two
+    # samples, so it is still plain
+    naive = f"increase({sel}[1m]) or ({sel} unless {sel} offset 1m)"
+    assert plain_counter_functions(naive) == [f"increase({sel}[1m])"]
+    assert plain_counter_functions(f"sum by (vm) ({new_series_increase(sel, '1m')})") == []
+    # a safe form for one window does not cover a call with another
+    mixed = f"{new_series_increase(sel, '1m')} + increase({sel}[5m])"
+    assert plain_counter_functions(mixed) == [f"increase({sel}[5m])"]
+    # activity counters keep rate(); plain totals (no function) are fine
+    assert plain_counter_functions(
+        'rate(kvm_completion_userspace_exits_total{job="j"}[1m])') == []
+    assert plain_counter_functions(sel) == []
+
+
 def _promtool() -> str:
     path = shutil.which("promtool")
     if path is None:
@@ -186,10 +243,8 @@ def test_queries_are_valid_promql(tmp_path: Path) -> None:
     promtool = _promtool()
     queries = panel_queries()
     # the variables' own selectors must be valid too
-    for name in ("instance", "vm"):
-        inner = re.fullmatch(r"label_values\((.*),\s*\w+\)", _query_text(variables()[name]))
-        assert inner, name
-        queries.append((f"variable {name}", fill_variables(inner.group(1))))
+    for var in variable_queries(dashboard()):
+        queries.append((f"variable {var.name}", fill_variables(var.selector)))
     rules = {"groups": [{"name": "dashboard", "rules": [
         {"record": f"dashboard:query_{i}", "expr": expr} for i, (_, expr) in enumerate(queries)
     ]}]}
@@ -202,3 +257,78 @@ def test_queries_are_valid_promql(tmp_path: Path) -> None:
         detail = "\n".join(f"  query_{i} ({title}): {expr}" for i, (title, expr)
                            in enumerate(queries) if f"query_{i}" in res.stdout + res.stderr)
         pytest.fail(f"promtool rejected dashboard queries:\n{res.stdout}{res.stderr}\n{detail}")
+
+
+def _promtool_test(tmp_path: Path, tests: list[dict[str, Any]]) -> None:
+    """Run ``promtool test rules`` on promql_expr_test cases (no rules needed)."""
+    promtool = _promtool()
+    (tmp_path / "empty.rules.yml").write_text("groups: []\n")
+    path = tmp_path / "dashboard_test.yml"
+    path.write_text(yaml.safe_dump({"rule_files": ["empty.rules.yml"],
+                                    "evaluation_interval": "15s", "tests": tests}))
+    res = subprocess.run([promtool, "test", "rules", str(path)], capture_output=True, text=True,
+                         timeout=120, check=False, cwd=tmp_path)
+    assert res.returncode == 0, f"promtool test rules:\n{res.stdout}{res.stderr}"
+
+
+def test_new_series_increase_counts_a_series_born_mid_range(tmp_path: Path) -> None:
+    expr = f"sum by (vm) ({new_series_increase('c', '1m')})"
+
+    def at(time: str, new: float, old: float) -> dict[str, Any]:
+        return {"expr": expr, "eval_time": time, "exp_samples": [
+            {"labels": '{vm="new"}', "value": new}, {"labels": '{vm="old"}', "value": old}]}
+
+    _promtool_test(tmp_path, [{
+        "interval": "15s",
+        "input_series": [
+            # created at its first increment: absent until 2m, then 1, then 3 from 3m45s
+            {"series": 'c{vm="new"}', "values": "_x8 1x7 3x10"},
+            # exported from 0, one increment at 1m45s
+            {"series": 'c{vm="old"}', "values": "0x7 1x17"},
+        ],
+        "promql_expr_test": [
+            at("2m", new=1, old=1),      # new: its whole value (it started from 0)
+            at("2m30s", new=1, old=1),   # still: plain increase() would give 0 here
+            at("3m", new=0, old=0),      # a window later the new series is an old one
+            at("4m", new=2, old=0),      # ... whose increments count as usual
+        ],
+    }])
+
+
+def _born_mid_range_inputs(expr: str) -> list[dict[str, str]]:
+    """One series for each NEW_SERIES_COUNTERS metric that ``expr`` takes an increase or rate
+    of (not a plain total), absent for 5 minutes and then at 3 (two buckets for the histogram,
+    so histogram_quantile has a finite answer)."""
+    out = []
+    for name in sorted(metric_names(expr) & NEW_SERIES_COUNTERS):
+        if not re.search(rf"\b(?:i?rate|increase|i?delta)\(\s*{name}\{{", expr):
+            continue
+        labels = 'job="kvm-completion-tracer",instance="host1:9110"'
+        if name in VM_METRICS:
+            labels += ',vm="web-1"'
+        for le in (['le="0.001",', 'le="+Inf",'] if name.endswith("_bucket") else [""]):
+            out.append({"series": f"{name}{{{le}{labels}}}", "values": "_x20 3x40"})
+    return out
+
+
+def test_counter_panels_show_a_series_born_mid_range(tmp_path: Path) -> None:
+    # Each panel query on those counters, as the dashboard has it, against a series born at 5m:
+    # 30 s later (three samples: a plain increase() says 0) it must show a value above 0, and
+    # once the series is older than the window and unchanged, 0 (not its full value again).
+    cases = []
+    for title, expr in panel_queries(interval="1m"):
+        inputs = _born_mid_range_inputs(expr)
+        if not inputs:
+            continue
+        probe = f"sum({expr}) > bool 0"
+        cases.append({"name": title, "interval": "15s", "input_series": inputs,
+                      "promql_expr_test": [
+                          {"expr": probe, "eval_time": "5m30s",
+                           "exp_samples": [{"labels": "{}", "value": 1}]},
+                          {"expr": probe, "eval_time": "8m",
+                           "exp_samples": [{"labels": "{}", "value": 0}]}]})
+    covered = {c["name"] for c in cases}
+    for title in ("Violations by VM, ioctl and exit reason", "Snapshots mid-completion",
+                  "Sanctioned mid-completion saves/restores", "Events lost / maps full"):
+        assert title in covered, f"no counter query in panel {title!r}"
+    _promtool_test(tmp_path, cases)
