@@ -14,40 +14,30 @@ same time, and this daemon sees them all.
 from __future__ import annotations
 
 import json
-import os
-import re
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import ci_enabled, isolated_daemon_args, requires_kvm_bpf
-from qemu_vm import QEMU, QemuGuest, qemu_binary
+from conftest import isolated_daemon_args, requires_kvm_bpf
+from metrics_scrape import Labels, Samples, scrape, series
+from qemu_vm import QemuGuest, check_0x7e_sync, qemu_or_skip
 
 pytestmark = [pytest.mark.e2e, requires_kvm_bpf]
 
 REPO = Path(__file__).resolve().parents[2]
-STATE_IOCTL = re.compile(r"^KVM_(GET|SET)_[A-Z0-9_]+$")
-Labels = tuple[tuple[str, str], ...]
 
 
 @pytest.fixture
 def qemu() -> str:
-    binary = qemu_binary()
-    if binary is None:
-        why = f"{QEMU} is not installed (scripts/setup-host.sh test installs it)"
-        if ci_enabled(os.environ):
-            pytest.fail(f"{why}; CI=true, so this must not be skipped")
-        pytest.skip(why)
-    return binary
+    return qemu_or_skip()
 
 
 @pytest.fixture
@@ -103,14 +93,8 @@ class Daemon:
                 raise AssertionError(f"the daemon kept logging about pid {pid}")
             time.sleep(0.05)
 
-    def scrape(self) -> dict[tuple[str, Labels], float]:
-        from prometheus_client.parser import text_string_to_metric_families
-
-        with urllib.request.urlopen(self.metrics_url, timeout=10) as resp:
-            assert resp.status == 200
-            text = resp.read().decode()
-        return {(s.name, tuple(sorted(s.labels.items()))): s.value
-                for family in text_string_to_metric_families(text) for s in family.samples}
+    def scrape(self) -> Samples:
+        return scrape(self.metrics_url)
 
     def stop(self) -> int:
         self.proc.send_signal(signal.SIGTERM)
@@ -129,7 +113,7 @@ class GuestRun:
     pid: int
     lines: list[dict[str, Any]]  # the daemon's lines about QEMU's pid
     stopped: dict[str, Any]  # the daemon's last line (totals over everything it saw)
-    metrics: dict[tuple[str, Labels], float]  # scraped while the guest ran, after the save
+    metrics: Samples  # scraped while the guest ran, after the save
     migration: dict[str, Any]
     timings: dict[str, float] = field(default_factory=dict)
 
@@ -149,9 +133,7 @@ class GuestRun:
 
     def series(self, name: str, **labels: str) -> dict[Labels, float]:
         """Samples of ``name`` for this VM whose labels include ``labels``."""
-        want = {"vm": self.name, **labels}.items()
-        return {k[1]: v for k, v in self.metrics.items()
-                if k[0] == name and want <= dict(k[1]).items()}
+        return series(self.metrics, name, vm=self.name, **labels)
 
 
 def run_guest(tmp: Path, *daemon_args: str) -> GuestRun:
@@ -228,24 +210,8 @@ def assert_named_and_counted(run: GuestRun) -> None:
 
 
 def the_0x7e_sync(run: GuestRun) -> list[dict[str, Any]]:
-    """Every alert and sanctioned line about QEMU, checked to be the kvmvapic sync: one
-    window on vCPU 0, an ``OUT`` to port 0x7e pending, state ioctls only."""
-    sync = [e for e in run.lines if e["event"] in ("completion_sanctioned",
-                                                   "completion_violation")]
-    assert sync
-    for e in sync:
-        assert (e["vm"], e["vmm"], e["vcpu_id"], e["exit_reason"]) == (
-            run.name, "qemu", 0, "KVM_EXIT_IO"), e
-        assert e["access"]["port"] == "0x7e" and e["access"]["direction"] == "out", e
-        assert STATE_IOCTL.match(e["ioctl"]), e
-        assert e["kind"] == ("save" if e["ioctl"].startswith("KVM_GET_") else "restore"), e
-    assert len({e["window"] for e in sync}) == 1, "one sync per boot"
-    ioctls = [e["ioctl"] for e in sync]
-    assert any(i.startswith("KVM_GET_") for i in ioctls)
-    assert any(i.startswith("KVM_SET_") for i in ioctls)
-    assert ioctls.index(next(i for i in ioctls if i.startswith("KVM_SET_"))) > max(
-        n for n, i in enumerate(ioctls) if i.startswith("KVM_GET_")), "reads, then writes back"
-    return sync
+    """Every alert and sanctioned line about QEMU, checked to be the kvmvapic sync."""
+    return check_0x7e_sync(run.lines, run.name)
 
 
 def test_qemu_boot_pause_save_resume_raises_nothing(qemu: str, tmp: Path) -> None:

@@ -1,20 +1,30 @@
 """A daemon restart while a guest's completion is pending (tracer.handover): the new instance
 keeps the pending state when nothing can have completed it, and drops it (no false alert) when
-the VMM completed it while no daemon was watching."""
+the VMM completed it while no daemon was watching.
+
+And a restart under a real QEMU guest that keeps running: its vCPU thread sleeps inside KVM_RUN
+(SeaBIOS halted, see tests/qemu_vm.py), so the new instance must re-learn it as RUNNING from
+/proc to attribute the exit that ends that KVM_RUN, then follow the guest through pause, save,
+resume and quit without a false alert."""
 
 from __future__ import annotations
 
+import json
+import shutil
 import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 from conftest import requires_kvm_bpf
 from daemon_proc import DaemonProcess
+from metrics_scrape import Samples, scrape, series
+from qemu_vm import QemuGuest, check_0x7e_sync, qemu_or_skip
 
 pytestmark = [pytest.mark.e2e, requires_kvm_bpf]
 REPO = Path(__file__).resolve().parents[2]
@@ -79,13 +89,18 @@ def Daemon(state_dir: Path) -> DaemonProcess:
     return DaemonProcess(state_dir=state_dir)
 
 
+def stop_lines(d: DaemonProcess) -> list[dict[str, Any]]:
+    """SIGTERM, exit 0, and every line it printed, the last one ``stopped``."""
+    assert d.stop() == 0
+    lines = d.lines()
+    d.cleanup()
+    assert lines[-1]["event"] == "stopped"
+    return lines
+
+
 def stop(d: DaemonProcess) -> dict[str, Any]:
     """SIGTERM, exit 0, and its ``stopped`` line."""
-    assert d.stop() == 0
-    stopped = d.lines()[-1]
-    d.cleanup()
-    assert stopped["event"] == "stopped"
-    return stopped
+    return stop_lines(d)[-1]
 
 
 @pytest.fixture
@@ -170,3 +185,202 @@ def test_a_broken_handover_file_is_reported_and_ignored(state_dir: Path) -> None
         assert not (state_dir / "handover.json").exists()
     finally:
         d.kill()
+
+
+# --- a real QEMU guest running through the restart ---------------------------------------------
+
+SYNC = ("completion_sanctioned", "completion_violation")
+# The scan can find QEMU's vCPU thread between two KVM_RUNs (it is inside one ~98% of the time):
+# then nothing is re-learned and the daemon is restarted again, at most this many times in all.
+RESTARTS = 3
+
+
+@pytest.fixture
+def qemu() -> str:
+    return qemu_or_skip()
+
+
+@pytest.fixture
+def tmp() -> Iterator[Path]:
+    path = Path(tempfile.mkdtemp(prefix="kct-qemu-restart-"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def about(lines: list[dict[str, Any]], pid: int, *events: str) -> list[dict[str, Any]]:
+    return [e for e in lines if e.get("pid") == pid and (not events or e["event"] in events)]
+
+
+def lines_after(d: DaemonProcess, index: int, pid: int, event: str,
+                timeout_s: float = 15) -> list[dict[str, Any]]:
+    """The daemon's lines from ``index`` on, once one of them is ``event`` about ``pid``."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        tail = d.lines()[index:]
+        if about(tail, pid, event):
+            return tail
+        assert time.monotonic() < deadline, f"no {event} for pid {pid} after line {index}"
+        time.sleep(0.05)
+
+
+def handed_over(state_dir: Path, pid: int) -> list[dict[str, Any]]:
+    """The hand-over file's entries for ``pid`` (read before the next instance consumes it)."""
+    try:
+        doc = json.loads((state_dir / "handover.json").read_text())
+    except FileNotFoundError:
+        return []
+    return [p for p in doc["pending"] if p["pid"] == pid]
+
+
+@dataclass
+class QemuRestart:
+    name: str
+    pid: int
+    vcpu_tid: int  # QEMU's "CPU 0/KVM" thread
+    first: list[dict[str, Any]]  # every line of the instance that saw QEMU start
+    second: list[dict[str, Any]]  # every line of the instance that saw it quit
+    restarts: int  # instances started after the first one (see RESTARTS)
+    inherited: list[dict[str, Any]]  # hand-over entries for QEMU the second one read
+    metrics: Samples  # the second instance's, after the resume, while QEMU still ran
+
+    def events(self, lines: list[dict[str, Any]], *events: str) -> list[dict[str, Any]]:
+        return about(lines, self.pid, *events)
+
+    def series(self, name: str, **labels: str) -> dict[tuple[tuple[str, str], ...], float]:
+        return series(self.metrics, name, vm=self.name, **labels)
+
+
+def restart_under_qemu(tmp: Path, state_dir: Path, *second_args: str,
+                       reset: bool = False) -> QemuRestart:
+    """A daemon sees QEMU boot SeaBIOS (and its 0x7e sync); SIGTERM; a new one on the same
+    state dir with ``--trace-exits`` (so its first line about QEMU's vCPU says whether it
+    caught the thread inside KVM_RUN) and ``second_args``; optionally a ``system_reset`` (a
+    second boot, a second sync); QMP stop, save, cont, scrape, quit; the new one stops."""
+    first = DaemonProcess(state_dir=state_dir)
+    second: DaemonProcess | None = None
+    guest: QemuGuest | None = None
+    try:
+        guest = QemuGuest(tmp)  # after the first daemon: it sees the vCPU created
+        pid = guest.pid
+        qmp = guest.connect()
+        first.wait_for(lambda e: e["event"] == "vcpu_created" and e.get("pid") == pid)
+        qmp.command("cont")
+        guest.wait_for_firmware(timeout_s=60)
+        first.wait_for(lambda e: e["event"] in SYNC and e.get("pid") == pid)
+        vcpu_tid = guest.vcpu_tids()[0]
+        first_lines = stop_lines(first)
+
+        restarts, inherited = 0, []
+        while True:
+            restarts += 1
+            inherited = handed_over(state_dir, pid)
+            second = DaemonProcess("--trace-exits", *second_args, state_dir=state_dir)
+            seen = second.wait_for(lambda e: e["event"].startswith("trace_")
+                                   and e.get("pid") == pid, timeout_s=15)
+            if seen["event"] == "trace_userspace_exit" or restarts == RESTARTS:
+                break
+            stop_lines(second)  # its scan found the thread outside KVM_RUN: try again
+            second = None
+
+        if reset:
+            qmp.command("system_reset")  # the vCPU restarts at the reset vector: SeaBIOS again
+            guest.wait_for_firmware(timeout_s=60, times=2)
+            second.wait_for(lambda e: e["event"] in SYNC and e.get("pid") == pid)
+        qmp.command("stop")
+        assert guest.status() == "paused"
+        mark = len(second.lines())
+        guest.migrate_to_file(tmp / "vm.state")
+        assert (tmp / "vm.state").stat().st_size > 0
+        qmp.command("cont")
+        assert guest.status() == "running"
+        # Past the save's reads and the resume's writes, the vCPU ran and exited again: every
+        # line about the stop, save and resume is out by then.
+        tail = lines_after(second, mark, pid, "trace_state_ioctl")
+        last_ioctl = max(n for n, e in enumerate(tail) if e["event"] == "trace_state_ioctl"
+                         and e.get("pid") == pid)
+        lines_after(second, mark + last_ioctl + 1, pid, "trace_userspace_exit")
+        metrics = scrape(second.metrics_url)
+
+        assert guest.quit() == 0
+        second.wait_for(lambda e: e["event"] == "process_exit" and e.get("pid") == pid)
+        second_lines = stop_lines(second)
+        second = None
+        return QemuRestart(guest.name, pid, vcpu_tid, first_lines, second_lines, restarts,
+                           inherited, metrics)
+    finally:
+        if guest is not None:
+            guest.kill()
+        first.kill()
+        if second is not None:
+            second.kill()
+
+
+def assert_restarted_under_a_running_guest(r: QemuRestart) -> None:
+    """The first instance saw QEMU start; the second adopted its vCPU from /proc as RUNNING,
+    then counted and named it until QEMU quit."""
+    [created] = r.events(r.first, "vcpu_created")
+    assert (created["vm"], created["vcpu_id"]) == (r.name, 0)
+
+    ready = next(e for e in r.second if e["event"] == "ready")
+    assert ready["vcpus_adopted"] >= 1  # QEMU's vCPU fd, and any other VM's on the host
+    # Found by the start-up scan: neither created under this instance nor adopted late.
+    assert r.events(r.second, "vcpu_created", "vcpu_adopted") == []
+    # Its first line about QEMU is an exit: of a KVM_RUN that began before its probes did,
+    # which only the re-learned RUNNING state (with the thread) lets it attribute.
+    first_trace = next(e for e in r.events(r.second) if e["event"].startswith("trace_"))
+    assert first_trace["event"] == "trace_userspace_exit", (
+        f"after {r.restarts} restart(s) the vCPU thread's first line is still {first_trace}")
+    assert (first_trace["tid"], first_trace["vcpu_id"]) == (r.vcpu_tid, 0)
+    if r.inherited:  # stopped mid-exit: that completion was pending, but the thread re-ran it
+        [handover] = [e for e in r.second if e["event"] == "handover"]
+        assert handover["pending_dropped"] >= len(r.inherited)
+
+    assert r.events(r.first, "completion_snapshot") == []
+    assert {e["vm"] for e in r.events(r.second) if "vm" in e} <= {r.name}  # named in metrics
+    # The save read the state: checked, with nothing pending.
+    saves = [e for e in r.events(r.second, "trace_state_ioctl")
+             if e["ioctl"].startswith("KVM_GET_")]
+    assert saves and {e["tid"] for e in saves} == {r.vcpu_tid}
+
+    io = sum(r.series("kvm_completion_userspace_exits_total", exit_reason="KVM_EXIT_IO").values())
+    assert io >= 1  # the halted guest's timer ticks
+    # QMP stop kicked the vCPU out of KVM_RUN (-EINTR).
+    assert sum(r.series("kvm_completion_userspace_exits_total",
+                        exit_reason="none_run_interrupted").values()) >= 1
+    assert r.series("kvm_completion_vcpus") == {(("vm", r.name),): 1.0}
+    [info] = r.series("kvm_completion_vm_info", pid=str(r.pid))
+    assert dict(info)["vmm"] == "qemu"
+    assert r.second[-1]["userspace_exits"] >= io
+
+
+def test_a_restart_under_a_running_qemu_guest(qemu: str, tmp: Path, state_dir: Path) -> None:
+    r = restart_under_qemu(tmp, state_dir)
+    assert_restarted_under_a_running_guest(r)
+    sync = check_0x7e_sync(r.events(r.first), r.name)
+    assert {e["rule"] for e in sync} == {"port-0x7e"}
+    for lines in (r.first, r.second):
+        assert r.events(lines, "completion_violation", "completion_snapshot") == []
+
+
+def test_a_qemu_sync_after_the_restart_is_reported_by_the_second_instance_alone(
+        qemu: str, tmp: Path, state_dir: Path) -> None:
+    """``--no-sanction port-0x7e`` on the second instance only; a ``system_reset`` after the
+    restart boots SeaBIOS again, whose 0x7e sync that instance must report on the adopted vCPU
+    (the first one, still sanctioning it, saw only the first boot's)."""
+    r = restart_under_qemu(tmp, state_dir, "--no-sanction", "port-0x7e", reset=True)
+    assert_restarted_under_a_running_guest(r)
+    ready = next(e for e in r.second if e["event"] == "ready")
+    assert "port-0x7e" not in ready["policy"]["sanctions"]
+
+    before = check_0x7e_sync(r.events(r.first), r.name)
+    assert {e["rule"] for e in before} == {"port-0x7e"}
+    assert r.events(r.first, "completion_violation") == []
+    after = check_0x7e_sync(r.events(r.second), r.name)
+    saves = [e for e in after if e["kind"] == "save"]
+    assert saves and all(e["event"] == "completion_violation"
+                         and e["rule"] == "save-mid-completion" for e in saves)
+    assert all(e["rule"] == "restore-after-pio" for e in after if e["kind"] == "restore")
+    got = r.series("kvm_completion_violations_total")
+    assert sum(got.values()) == len(r.events(r.second, "completion_violation")) == len(saves)
+    [snap] = r.events(r.second, "completion_snapshot")  # several saves in one pending window
+    assert snap["ioctls"] == [e["ioctl"] for e in saves]

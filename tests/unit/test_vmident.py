@@ -1,10 +1,13 @@
 """tracer.vmident: VM naming rules, vCPU discovery and pid identity.
 
 Most tests read ``procfs/``, a fixture /proc: one directory per process (cmdline, comm, cgroup,
-stat, status, maps, fd/* symlinks).  Pid 7525 there is a capture from a real 6.18 host (a Python
-process with vCPUs 0 and 3); the others are written in the kernel's formats.  Variants of one
-rule build a small tree under tmp_path.  The live tests at the end use the real /proc and
-/dev/kvm.
+stat, status, maps, fd/* symlinks). procfs/README.md says where each comes from. Captured from
+real processes (tests/capture_procfs.py): 7525 (a Python process with vCPUs 0 and 3), 15285,
+15292 and 15359 (Debian's QEMU 7.2 in three ``-name`` forms) and 17758 (a libvirt 9.0 domain in
+libvirt's own cgroups, no systemd). Written by hand in the kernel's formats, since this host
+cannot run them: the libvirt-with-systemd, Proxmox ``-id``, KubeVirt, Firecracker,
+cloud-hypervisor, crosvm and kvmtool samples, plus made-up edge cases. Variants of one rule
+build a small tree under tmp_path.  The live tests at the end use the real /proc and /dev/kvm.
 """
 
 from __future__ import annotations
@@ -172,6 +175,31 @@ def test_real_capture_falls_back() -> None:
     assert identify_vm(7525, PROCFS) == VmIdentity(
         name="python[7525]", vmm="other", uuid=None, source="comm"
     )
+
+
+# Real captures (procfs/README.md), each next to the hand-written sample of its form where
+# there is one: both must name the VM alike.
+@pytest.mark.parametrize(
+    ("captured", "written", "expected"),
+    [
+        # qemu-system-x86_64 -name guest=build,,ci,debug-threads=on -uuid 6E9B3F4A-...
+        (15285, 1001, VmIdentity("build,ci", "qemu", "6e9b3f4a-1c2d-4e5f-8a9b-0c1d2e3f4a5b",
+                                 "qemu -name guest=")),
+        # /usr/bin/kvm -name web01,debug-threads=on -smbios type=1,uuid=... (comm "kvm")
+        (15292, 1004, VmIdentity("web01", "qemu", None, "qemu -name guest=")),
+        # qemu-system-x86_64 -name plain-vm
+        (15359, None, VmIdentity("plain-vm", "qemu", None, "qemu -name guest=")),
+        # libvirt without systemd: /machine/qemu-1-webfrontend.prod.libvirt-qemu/emulator; the
+        # exact -name wins over the lossy machine name (no '_'), as under systemd's scope.
+        (17758, 1002, VmIdentity("web_frontend.prod", "qemu",
+                                 "1f0e7d3c-5b4a-4c2d-9e8f-7a6b5c4d3e2f",
+                                 "libvirt machine scope")),
+    ],
+)
+def test_real_qemu_captures(captured: int, written: int | None, expected: VmIdentity) -> None:
+    assert identify_vm(captured, PROCFS) == expected
+    if written is not None:
+        assert identify_vm(written, PROCFS) == expected
 
 
 def test_vanished_process() -> None:
@@ -465,6 +493,14 @@ def test_every_fixture_name_is_label_safe() -> None:
 
 RUN0, RUN1, RUN2 = 0x7F3A2C000000, 0x7F3A2C003000, 0x7F3A2C006000  # synthetic maps layout
 REAL_RUN0, REAL_RUN3 = 0x7FA2287C9000, 0x7FA2287C6000  # from the real capture, pid 7525
+# From the QEMU captures: each vCPU's kvm_run is one 3-page mapping at offset 0 (kvm_run, the
+# PIO data page, the coalesced MMIO ring), vCPU 1's just below vCPU 0's.
+QEMU_RUNS = {
+    15285: (0x7F5A8241E000, 0x7F5A8241B000),
+    15292: (0x7FF149566000, 0x7FF149563000),
+    15359: (0x7F70AC437000,),
+    17758: (0x7FDB233D9000, 0x7FDB233D6000),
+}
 
 
 def test_discover_fixture_tree() -> None:
@@ -496,6 +532,13 @@ def test_discover_fixture_tree() -> None:
         D(7525, 8, 3, REAL_RUN3),
         D(7525, 9, 3, REAL_RUN3),
         D(7525, 11, 3, REAL_RUN3),
+        D(15285, 9, 0, QEMU_RUNS[15285][0]),  # fd 8 is the VM, fd 3 /dev/kvm
+        D(15285, 10, 1, QEMU_RUNS[15285][1]),
+        D(15292, 9, 0, QEMU_RUNS[15292][0]),
+        D(15292, 10, 1, QEMU_RUNS[15292][1]),
+        D(15359, 9, 0, QEMU_RUNS[15359][0]),
+        D(17758, 13, 0, QEMU_RUNS[17758][0]),  # libvirt's QEMU: its monitor socket comes first
+        D(17758, 14, 1, QEMU_RUNS[17758][1]),
     ]
 
 
@@ -505,6 +548,9 @@ def test_discover_fixture_tree() -> None:
         (1002, 25, 0),
         (1002, 40, 0),
         (7525, 6, 3),
+        (17758, 14, 1),
+        (17758, 9, None),  # a real VM fd: anon_inode:kvm-vm
+        (17758, 11, None),  # a real anon_inode:[eventfd]
         (1002, 20, None),  # /dev/kvm
         (1002, 21, None),  # the VM fd
         (1001, 13, None),  # anon_inode:[eventfd]
@@ -522,6 +568,8 @@ def test_resolve_fd(pid: int, fd: int, expected: int | None) -> None:
         (1001, 1, RUN1),
         (7525, 3, REAL_RUN3),
         (7525, 0, REAL_RUN0),
+        (15285, 1, QEMU_RUNS[15285][1]),
+        (15359, 1, None),  # a one-vCPU QEMU
         (1060, 0, None),  # ambiguous
         (1060, 2, RUN2),
         (1001, 5, None),  # no such vCPU
@@ -625,6 +673,8 @@ def test_process_start_time_parsing(tmp_path: Path, stat: str, expected: int | N
 def test_process_start_time_of_fixtures() -> None:
     assert process_start_time(1001, PROCFS) == 1180342
     assert process_start_time(7525, PROCFS) == 649474  # the real capture
+    assert process_start_time(15285, PROCFS) == 196876  # real QEMU
+    assert process_start_time(17758, PROCFS) == 211185  # real QEMU under libvirt
     assert process_start_time(1080, PROCFS) is None
     assert process_start_time(99999, PROCFS) is None
 
