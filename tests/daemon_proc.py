@@ -17,6 +17,8 @@ from typing import Any
 
 from conftest import free_port
 
+from tracer.vmm.report import ScenarioReport
+
 REPO = Path(__file__).resolve().parents[1]
 SNAPSHOT_IDLE_S = 0.2
 
@@ -102,3 +104,13 @@ class DaemonProcess:
             self.out.unlink(missing_ok=True)
         if self.own_state_dir:
             shutil.rmtree(self.state_dir, ignore_errors=True)
+
+
+def run_vmm(scenario: str, iterations: int = 3, *extra: str) -> ScenarioReport:
+    """Run a built-in VMM scenario (``python -m tracer.vmm``) to its end; its report."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "report.json"
+        subprocess.run([sys.executable, "-m", "tracer.vmm", scenario, "--iterations",
+                        str(iterations), "--report", str(path), *extra], cwd=REPO, check=True,
+                       timeout=120)
+        return ScenarioReport.from_json(path.read_text())
