@@ -540,9 +540,11 @@ def _explain_load_failure(err: Exception, diagnostics: str = "") -> str:
     first = _first_error(diagnostics) or (text[-1] if text else type(err).__name__)
     if os.geteuid() != 0:
         return "loading the BPF programs needs root (or CAP_BPF+CAP_PERFMON): run with sudo"
-    if "Permission denied" in str(err) or "Operation not permitted" in str(err):
-        return (f"the kernel refused the BPF programs ({first}): check lockdown mode and "
-                "kernel.unprivileged_bpf_disabled / CAP_BPF")
+    everything = f"{err}\n{diagnostics}"
+    if "Permission denied" in everything or "Operation not permitted" in everything:
+        return (f"the kernel refused the BPF programs ({first}): check lockdown mode, "
+                "kernel.unprivileged_bpf_disabled, CAP_BPF and CAP_PERFMON, and any seccomp "
+                "filter (systemd's SystemCallFilter= must allow bpf and perf_event_open)")
     if "tracepoint" in str(err).lower() or "attach" in str(err).lower():
         return (f"attaching a tracepoint failed ({first}): mount tracefs "
                 "(mount -t tracefs tracefs /sys/kernel/tracing) and run "
