@@ -19,7 +19,7 @@ from tracer.config import (
     load_settings,
 )
 from tracer.instance import InstanceError, InstanceLock
-from tracer.metrics import DEFAULT_METRICS_PORT, MetricsConfigError, parse_addr
+from tracer.metrics import DEFAULT_METRICS_PORT, MetricsConfigError
 from tracer.policy import PolicyError, PolicyOverrides, build_policy
 from tracer.preflight import basic_checks, failures, trial_load
 from tracer.syscall_abi import SYSCALL_PROBE_KINDS
@@ -114,13 +114,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _checked_policy_flag(flag: str, value: str, overrides: PolicyOverrides) -> None:
+    """Build the policy of one flag alone, so that an error names that flag."""
+    try:
+        build_policy(overrides)
+    except PolicyError as err:
+        raise PolicyError(f"{flag} {value}: {err}") from None
+
+
 def _policy_flags(args: argparse.Namespace) -> PolicyOverrides:
     severities = {}
     for item in args.severity:
         key, sep, value = item.partition("=")
         if not sep:
             raise PolicyError(f"--severity {item!r}: expected KIND[:EXIT]=LEVEL")
+        _checked_policy_flag("--severity", item, PolicyOverrides(severities={key: value}))
         severities[key] = value
+    for flag, item, alone in (
+            *(("--extra-pending-exit", v, PolicyOverrides(extra_pending_exits=[v]))
+              for v in args.extra_pending_exit),
+            *(("--ignore-exit", v, PolicyOverrides(ignored_exits=[v])) for v in args.ignore_exit),
+            *(("--no-sanction", v, PolicyOverrides(disabled_sanctions=[v]))
+              for v in args.no_sanction)):
+        _checked_policy_flag(flag, item, alone)
     return PolicyOverrides(arch=args.arch, extra_pending_exits=args.extra_pending_exit,
                            ignored_exits=args.ignore_exit, disabled_sanctions=args.no_sanction,
                            severities=severities)
@@ -140,15 +156,23 @@ _FLAG_KEYS = {"log_level": ("--log-level", "log.level"),
               "state_dir": ("--state-dir", "state_dir")}
 
 
+def _metrics_addr_flag(raw: str) -> str:
+    """``--metrics-addr`` (run and selftest): HOST:PORT by the metrics.addr key's rules, but
+    never "" (the config file's way to disable the exporter; the flag's is --no-metrics)."""
+    addr = flag_value("--metrics-addr", raw, "metrics.addr") if raw else None
+    if not isinstance(addr, str):
+        raise ConfigError("--metrics-addr '': expected HOST:PORT (use --no-metrics to disable "
+                          "the exporter)")
+    return addr
+
+
 def _flag_overrides(args: argparse.Namespace) -> FlagOverrides:
     values: dict[str, object] = {}
     for dest, (flag, key) in _FLAG_KEYS.items():
         raw = getattr(args, dest)
         if raw is not None:
-            if dest == "metrics_addr" and raw == "":
-                raise ConfigError("--metrics-addr '': expected HOST:PORT (use --no-metrics to "
-                                  "disable the exporter)")
-            values[key] = flag_value(flag, raw, key)
+            values[key] = (_metrics_addr_flag(raw) if dest == "metrics_addr"
+                           else flag_value(flag, raw, key))
     if args.no_metrics:
         values["metrics.addr"] = None
     labels = dict(label_flag(item) for item in args.label)
@@ -199,11 +223,11 @@ def cmd_check(args: argparse.Namespace) -> int:
 def cmd_selftest(args: argparse.Namespace) -> int:
     from tracer.selftest import run_selftest
 
+    # A malformed address is the operator's error (named before any host check), not a skipped
+    # feature like a taken port.
+    addr = None if args.no_metrics else _metrics_addr_flag(args.metrics_addr)
     _require_host()
     configure_logging(args.log_format, args.log_level)
-    addr = None if args.no_metrics else args.metrics_addr
-    if addr is not None:
-        parse_addr(addr)  # a malformed address is the operator's error, not a skipped feature
     return run_selftest(args.iterations, args.scenario, addr, args.linger)
 
 

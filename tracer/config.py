@@ -5,6 +5,8 @@ operator actually passed. Every key is validated here; a bad one is refused with
 the file and the key. A SIGHUP re-reads the file (and ``--policy FILE``) and applies what can
 change without re-attaching the probes (log level and format, the policy, the snapshot idle time,
 static labels); keys that need a restart are named in a notice and keep their running value.
+A reload is all or nothing: everything is read, validated and built first (the merged policy
+included), and a reload refused at any step leaves the running configuration untouched.
 """
 
 from __future__ import annotations
@@ -318,6 +320,21 @@ def read_config_file(path: Path, explicit: bool) -> dict[str, Any]:
         raise ConfigError(f"config file {path} is not valid TOML: {err}") from None
 
 
+# The keys of a [policy] table, as build_policy's messages start with them.
+_POLICY_KEY: Final = re.compile(r"(extra_pending_exits|ignored_exits|disabled_sanctions|"
+                                r"severity)\b")
+
+
+def checked_policy(overrides: PolicyOverrides, where: str) -> CompletionPolicy:
+    """``build_policy``, its error one line naming ``where`` (the file) and the key."""
+    try:
+        return build_policy(overrides)
+    except PolicyError as err:
+        text = str(err)
+        sep = "." if _POLICY_KEY.match(text) else ": "
+        raise ConfigError(f"{where}: policy{sep}{text}") from None
+
+
 def parse_config(data: Mapping[str, Any], where: str) -> tuple[dict[str, object],
                                                                   dict[str, str],
                                                                   PolicyOverrides]:
@@ -334,11 +351,9 @@ def parse_config(data: Mapping[str, Any], where: str) -> tuple[dict[str, object]
             if name == "policy":
                 try:
                     policy = overrides_from_mapping(value, f"{where}: policy")
-                    build_policy(policy)  # exit names, sanctions, severities
                 except PolicyError as err:
-                    text = str(err)
-                    raise ConfigError(text if text.startswith(where) else
-                                      f"{where}: policy: {text}") from None
+                    raise ConfigError(str(err)) from None
+                checked_policy(policy, where)  # exit names, sanctions, severities
             elif name == "labels":
                 for key, text in value.items():
                     try:
@@ -369,11 +384,16 @@ def _parse(key: str, value: object, where: str) -> object:
 
 
 def load_settings(path: Path, explicit: bool, flags: FlagOverrides | None = None) -> Settings:
-    """Defaults < the file at ``path`` < ``flags`` (policy: file < --policy FILE < flags)."""
+    """Defaults < the file at ``path`` < ``flags`` (policy: file < --policy FILE < flags).
+
+    Each source's policy is built on its own, so that an error names the file it is in; the
+    flags' policy was built when they were parsed (tracer.cli)."""
     flags = flags or FlagOverrides()
     values, labels, policy = parse_config(read_config_file(path, explicit), str(path))
     if flags.policy_file is not None:
-        policy = policy.merged(load_policy_file(flags.policy_file))
+        from_file = load_policy_file(flags.policy_file)
+        checked_policy(from_file, str(flags.policy_file))
+        policy = policy.merged(from_file)
     policy = policy.merged(flags.policy)
     settings = Settings(policy=policy, labels={**labels, **flags.labels})
     for key, value in {**values, **flags.values}.items():
@@ -412,16 +432,30 @@ class ReloadPlan:
     applied: dict[str, str]  # key -> "old -> new", taking effect now
     restart_required: dict[str, str]  # key -> "running -> file", kept at the running value
     settings: Settings  # what runs after the reload
+    policy: CompletionPolicy  # settings.policy, built: nothing is left to validate when applying
 
 
 def plan_reload(running: Settings, loaded: Settings) -> ReloadPlan:
+    """What a reload would change, its policy built (PolicyError if it cannot be)."""
     changes = diff(running, loaded)
     kept = {k: v for k, v in changes.items() if needs_restart(k)}
     # Every restart-only key keeps its running value (derived from KEYS: a new key cannot be
     # forgotten here).
     restart_only = {spec.attr for key, spec in KEYS.items() if needs_restart(key)}
     settings = replace(loaded, **{attr: getattr(running, attr) for attr in restart_only})
-    return ReloadPlan({k: v for k, v in changes.items() if k not in kept}, kept, settings)
+    # Built here, before anything changes, so that applying the plan has nothing left to
+    # refuse (load_settings built each source's part, so this cannot fail for its Settings).
+    policy = settings.completion_policy()
+    return ReloadPlan({k: v for k, v in changes.items() if k not in kept}, kept, settings,
+                      policy)
+
+
+class ApplyError(RuntimeError):
+    """A validated reload that the running daemon could not take (a BPF map update refused)."""
+
+    def __init__(self, reason: str, partly_applied: bool) -> None:
+        super().__init__(reason)
+        self.partly_applied = partly_applied
 
 
 class Reloader:
@@ -449,20 +483,27 @@ class Reloader:
         finally:
             notifier.ready(status=f"watching; config {self.path}")
 
+    def prepare(self) -> ReloadPlan:
+        """Read and validate everything a reload needs, changing nothing (ConfigError or
+        PolicyError, naming the file and the key, if anything is wrong)."""
+        return plan_reload(self.running, load_settings(self.path, self.explicit, self.flags))
+
     def reload(self, daemon: Daemon) -> ReloadPlan | None:
+        """All or nothing: the plan applies whole, or the running configuration stays."""
         try:
-            loaded = load_settings(self.path, self.explicit, self.flags)
+            plan = self.prepare()
         except (ConfigError, PolicyError) as err:
             daemon.sink.notice("config_reload_failed", "error", path=str(self.path),
                                reason=str(err), kept="the running configuration")
             return None
-        plan = plan_reload(self.running, loaded)
         try:
-            apply_settings(daemon, self.running, plan.settings)
-        except Exception as err:  # e.g. a BPF map update refused: keep running, say so
+            apply_settings(daemon, self.running, plan)
+        except ApplyError as err:
+            kept = ("the running configuration, but the probes' policy map may be a mix of old "
+                    "and new: restart the daemon" if err.partly_applied
+                    else "the running configuration")
             daemon.sink.notice("config_reload_failed", "error", path=str(self.path),
-                               reason=f"applying it failed: {type(err).__name__}: {err}",
-                               kept="the running configuration (it may be partly applied)")
+                               reason=str(err), kept=kept)
             return None
         self.running = plan.settings
         daemon.sink.notice("config_reloaded", "info", path=str(self.path),
@@ -474,19 +515,39 @@ class Reloader:
         return plan
 
 
-def apply_settings(daemon: Daemon, old: Settings, new: Settings) -> None:
-    """What changes live: logging, the policy (BPF map and tracker), idle time, labels."""
-    if (old.log_format, old.log_level) != (new.log_format, new.log_level):
-        configure_logging(new.log_format, new.log_level)
-    # The daemon's lock keeps a metrics scrape from seeing half a change.
+def _what(err: BaseException) -> str:
+    return f"{type(err).__name__}: {err}"
+
+
+def apply_settings(daemon: Daemon, old: Settings, plan: ReloadPlan) -> None:
+    """What changes live: the policy (BPF map and tracker), idle time, labels, logging.
+
+    Only the BPF map write can fail (everything was validated and built into ``plan``), so it
+    goes first and is undone if it fails: an ApplyError then means nothing changed, unless
+    ``partly_applied`` says the undo failed too."""
+    new = plan.settings
+    # The daemon's lock keeps a metrics scrape and the event loop from seeing half a policy.
     with daemon.lock:
         if old.policy != new.policy:
-            policy = new.completion_policy()
-            daemon.probes.set_policy(policy)
-            daemon.tracker.policy = policy
-            daemon.options.policy = policy
+            previous = daemon.tracker.policy
+            try:
+                daemon.probes.set_policy(plan.policy)
+            except Exception as err:  # e.g. bcc refusing a map update
+                try:
+                    daemon.probes.set_policy(previous)
+                except Exception as again:
+                    raise ApplyError(f"writing the policy into the probes' map failed "
+                                     f"({_what(err)}), and so did restoring the old one "
+                                     f"({_what(again)})", partly_applied=True) from None
+                raise ApplyError(f"writing the policy into the probes' map failed: "
+                                 f"{_what(err)}", partly_applied=False) from None
+            daemon.tracker.policy = plan.policy
+            daemon.options.policy = plan.policy
         if old.snapshot_idle_s != new.snapshot_idle_s:
             daemon.tracker.snapshot_idle_s = new.snapshot_idle_s
             daemon.options.snapshot_idle_s = new.snapshot_idle_s
     if old.labels != new.labels:  # set_labels takes the lock itself
         daemon.set_labels(dict(new.labels))
+    # Last, so that the config_reloaded line is already at the new level.
+    if (old.log_format, old.log_level) != (new.log_format, new.log_level):
+        configure_logging(new.log_format, new.log_level)

@@ -22,6 +22,12 @@ def _address(raw: str) -> str | bytes | None:
     return None  # vsock:... and other schemes: not supported, stay silent
 
 
+# The manager's queue holds few unread datagrams (net.unix.max_dgram_qlen, 10 by default): a
+# manager that stops reading must not stall the event loop. State changes wait this long at
+# most; a watchdog ping never waits (a full queue means the manager is not reading anyway).
+SEND_TIMEOUT_S = 1.0
+
+
 class Notifier:
     def __init__(self, environ: Mapping[str, str] | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
@@ -42,15 +48,27 @@ class Notifier:
     def enabled(self) -> bool:
         return self.address is not None
 
-    def send(self, *assignments: str) -> bool:
-        """Send ``KEY=VALUE`` lines in one datagram; False when disabled or the send failed."""
+    def send(self, *assignments: str, wait: bool = True) -> bool:
+        """Send ``KEY=VALUE`` lines in one datagram; False when disabled or the send failed (or
+        would have waited: more than SEND_TIMEOUT_S, or at all with ``wait=False``)."""
         if self.address is None:
             return False
         try:
             if self._sock is None:
-                self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
-            self._sock.sendto("\n".join(assignments).encode() + b"\n", self.address)
-        except OSError:
+                self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC
+                                           | socket.SOCK_NONBLOCK)
+            data = "\n".join(assignments).encode() + b"\n"
+            # An unconnected datagram socket cannot poll for room in the peer's queue: retry.
+            deadline = time.monotonic() + (SEND_TIMEOUT_S if wait else 0.0)
+            while True:
+                try:
+                    self._sock.sendto(data, self.address)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() >= deadline:
+                        raise
+                    time.sleep(0.01)
+        except OSError:  # BlockingIOError: the manager's queue stayed full
             self.errors += 1
             return False
         return True
@@ -78,7 +96,7 @@ class Notifier:
             return
         now = self.clock()
         if now >= self._next_ping:
-            self.send("WATCHDOG=1")
+            self.send("WATCHDOG=1", wait=False)
             self._next_ping = now + self.watchdog_interval_s
 
     def close(self) -> None:

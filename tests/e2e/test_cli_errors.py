@@ -14,6 +14,7 @@ import os
 import platform
 import shlex
 import shutil
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator, Sequence
@@ -22,6 +23,8 @@ from pathlib import Path
 
 import pytest
 from conftest import requires_kvm_bpf
+
+from tracer.instance import LOCK_NAME, InstanceLock
 
 pytestmark = pytest.mark.e2e
 
@@ -211,6 +214,40 @@ def test_policy_file_that_is_not_utf8(tmp_path: Path) -> None:
 ])
 def test_bad_run_sizes(args: list[str], needle: str) -> None:
     assert_one_error_line(tracer("run", *args), needle)
+
+
+@pytest.mark.parametrize(("addr", "needle"), [("not-an-address", "expected HOST:PORT"),
+                                              ("[::1]:0", "port '0'"),
+                                              ("", "--no-metrics")])
+def test_selftest_names_a_malformed_metrics_addr(addr: str, needle: str) -> None:
+    # Refused before any host check: no root, KVM or bcc needed to see it.
+    line = assert_one_error_line(tracer("selftest", "--metrics-addr", addr), needle,
+                                 exit_code=2)
+    assert line.startswith(f"{PREFIX} --metrics-addr {addr}" if addr else
+                           f"{PREFIX} --metrics-addr ''"), line
+
+
+# ---- the exporter's port is taken ----------------------------------------------------------------
+
+@requires_kvm_bpf
+def test_run_with_the_metrics_port_taken_fails_before_loading_anything(tmp_path: Path) -> None:
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        addr = f"127.0.0.1:{holder.getsockname()[1]}"
+        state = tmp_path / "state"
+        done = tracer("run", "--log-format", "json", "--state-dir", str(state),
+                      "--metrics-addr", addr)
+        assert_one_error_line(done, f"cannot serve metrics on {addr}", "Address already in use",
+                              "--metrics-addr", exit_code=1)
+        # The exporter binds before the probes compile: nothing was attached, nothing handed
+        # over, and the instance lock is free again.
+        assert [json.loads(line)["event"] for line in done.stdout.splitlines()] == ["starting"]
+        assert {p.name for p in state.iterdir()} <= {LOCK_NAME}, list(state.iterdir())
+        InstanceLock.acquire(state).release()
+        # and the port is still ours
+        with socket.create_connection(holder.getsockname(), timeout=5):
+            pass
 
 
 # ---- not root -----------------------------------------------------------------------------------

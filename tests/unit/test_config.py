@@ -1,31 +1,54 @@
-"""tracer.config: the TOML file, its validation, flag precedence, and the SIGHUP reload plan.
+"""tracer.config: the TOML file, its validation, flag precedence, and SIGHUP reloads (the plan,
+and applying it to a daemon all or nothing).
 
 Also the single-instance lock (tracer.instance), taken here by two real processes.
 """
 
 from __future__ import annotations
 
+import errno
+import json
 import os
+import socket
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
+import structlog
 
+from tracer import abi
+from tracer.alerts import LogSink, configure_logging
 from tracer.cli import _flag_overrides, build_parser
 from tracer.config import (
     DEFAULT_METRICS_ADDR,
     DEFAULT_STATE_DIR,
     ConfigError,
     FlagOverrides,
+    Reloader,
     Settings,
     diff,
     load_settings,
     plan_reload,
 )
+from tracer.daemon import Daemon, DaemonOptions, SystemProcView
 from tracer.instance import LOCK_NAME, InstanceError, InstanceLock
-from tracer.policy import PolicyOverrides, Sanction
+from tracer.metrics import ExporterHealth
+from tracer.policy import (
+    CompletionPolicy,
+    PolicyError,
+    PolicyOverrides,
+    Sanction,
+    Severity,
+    build_policy,
+)
+from tracer.sdnotify import Notifier
+from tracer.tracker import Tracker
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLE = REPO / "deploy" / "config.example.toml"
@@ -314,6 +337,263 @@ def test_reload_rereads_the_file_under_the_same_flags(tmp_path: Path) -> None:
     path.write_text(FILE.replace('"warning"', '"error"').replace('"fra1"', '"fra2"'))
     plan = plan_reload(running, load_settings(path, True, cli))
     assert plan.applied == {"labels.site": "fra1 -> fra2"}  # log.level stays the flag's
+
+
+def test_a_bad_policy_file_names_the_file_and_the_key(tmp_path: Path) -> None:
+    bad = tmp_path / "policy.toml"
+    bad.write_text("[policy]\nignored_exits = [\"BOGUS\"]\n")
+    with pytest.raises(ConfigError) as info:
+        load_settings(write(tmp_path, FILE), True, flags("--policy", str(bad)))
+    assert str(info.value).startswith(f"{bad}: policy.ignored_exits: unknown exit reason "
+                                      "'BOGUS'"), info.value
+
+
+@pytest.mark.parametrize(("text", "needle"), [
+    ("extra_pending_exits = [\"BOGUS\"]", "policy.extra_pending_exits: unknown exit reason"),
+    ("disabled_sanctions = [\"nope\"]", "policy.disabled_sanctions: unknown sanction 'nope'"),
+    ("severity = { \"save:NOPE\" = \"error\" }", "policy.severity: unknown exit reason 'NOPE'"),
+    ("severity = { often = \"error\" }", "policy.severity: key 'often' must start with"),
+    ("severity = { save = \"loud\" }", "policy.severity.save: unknown severity 'loud'"),
+])
+def test_a_bad_policy_table_names_the_file_and_the_key(tmp_path: Path, text: str,
+                                                       needle: str) -> None:
+    assert error(tmp_path, f"[policy]\n{text}\n").startswith(
+        f"{tmp_path / 'config.toml'}: {needle}")
+
+
+@pytest.mark.parametrize(("argv", "needle"), [
+    (["--ignore-exit", "NOPE"], "--ignore-exit NOPE: ignored_exits: unknown exit reason"),
+    (["--extra-pending-exit", "X"], "--extra-pending-exit X: extra_pending_exits: unknown exit"),
+    (["--no-sanction", "x"], "--no-sanction x: disabled_sanctions: unknown sanction 'x'"),
+    (["--severity", "save=loud"], "--severity save=loud: severity.save: unknown severity"),
+])
+def test_a_bad_policy_flag_is_named(argv: list[str], needle: str) -> None:
+    with pytest.raises(PolicyError) as info:
+        flags(*argv)
+    assert str(info.value).startswith(needle), info.value
+
+
+# A Daemon as the reload sees it, without bcc: the real lock, options, tracker, LogSink,
+# ExporterHealth and Daemon.set_labels; only the BPF map behind Probes.set_policy is a dict.
+
+class PolicyMap:
+    """Probes.set_policy's writes, one entry per exit reason as in the pending_exits map;
+    ``fail_at``: the write numbers (0-based, counted over every call) that raise, as bcc does
+    when the kernel refuses an update."""
+
+    def __init__(self, policy: CompletionPolicy) -> None:
+        self.pending: dict[int, int] = {}
+        self.writes = 0
+        self.fail_at: set[int] = set()
+        self.set_policy(policy)
+
+    def set_policy(self, policy: CompletionPolicy) -> None:
+        for reason in range(abi.MAX_EXIT_REASON):
+            if self.writes in self.fail_at:
+                self.writes += 1
+                raise OSError(errno.E2BIG, "Argument list too long")
+            self.writes += 1
+            self.pending[reason] = int(policy.leaves_pending(reason))
+
+    def pending_names(self) -> set[str]:
+        return {abi.exit_reason_name(r) for r, on in self.pending.items() if on}
+
+
+class OfflineDaemon(Daemon):
+    def __init__(self, options: DaemonOptions) -> None:  # no super(): it would load the probes
+        self.options = options
+        self.sink = LogSink()
+        self.sink.labels = dict(options.labels)
+        self.lock = threading.Lock()
+        self.probes = PolicyMap(options.policy)  # type: ignore[assignment]
+        self.tracker = Tracker(options.policy, self.sink, SystemProcView(), None,
+                               snapshot_idle_s=options.snapshot_idle_s)
+        self.health = ExporterHealth(labels=dict(options.labels))
+
+
+RUNNING = """
+snapshot_idle_seconds = 1.0
+[log]
+level = "info"
+format = "json"
+[labels]
+site = "fra1"
+"""
+
+
+@dataclass
+class Live:
+    """A daemon running on RUNNING (and an empty --policy file), its Reloader, its log."""
+
+    config: Path
+    policy_file: Path
+    daemon: OfflineDaemon
+    reloader: Reloader
+    capsys: pytest.CaptureFixture[str]
+
+    def log(self) -> list[dict[str, Any]]:
+        return [json.loads(line) for line in self.capsys.readouterr().out.splitlines()]
+
+    def reload(self, config: str, policy: str = "") -> list[dict[str, Any]]:
+        """Rewrite both files, reload, and return what was logged meanwhile, ended by a debug
+        and an info line, each with the labels the sink puts on every line."""
+        self.config.write_text(config)
+        self.policy_file.write_text(policy)
+        self.log()
+        self.reloader.reload(self.daemon)
+        self.daemon.sink.notice("probe_debug", "debug")
+        self.daemon.sink.notice("probe_info", "info")
+        return self.log()
+
+    def map_and_tracker_agree(self) -> set[str]:
+        names = self.daemon.probes.pending_names()  # type: ignore[attr-defined]
+        policy = self.daemon.tracker.policy
+        assert self.daemon.options.policy is policy
+        assert names == {abi.exit_reason_name(r) for r in policy.pending_exits}
+        return set(names)
+
+
+class Stdout:
+    """Whatever sys.stdout is when written to: capsys swaps it between a fixture's set-up and
+    the test, while a reload's configure_logging writes to the one current then."""
+
+    def write(self, text: str) -> int:
+        return sys.stdout.write(text)
+
+    def flush(self) -> None:
+        sys.stdout.flush()
+
+    def isatty(self) -> bool:
+        return False
+
+
+@pytest.fixture
+def live(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Iterator[Live]:
+    config, policy_file = write(tmp_path, RUNNING), tmp_path / "policy.toml"
+    policy_file.write_text("")
+    cli = flags("--policy", str(policy_file), "--label", "rack=r7")
+    settings = load_settings(config, True, cli)
+    configure_logging(settings.log_format, settings.log_level, Stdout())  # as cmd_run does
+    daemon = OfflineDaemon(settings.daemon_options())
+    yield Live(config, policy_file, daemon, Reloader(config, True, cli, settings), capsys)
+    structlog.reset_defaults()
+
+
+def events(lines: list[dict[str, Any]]) -> list[str]:
+    return [line["event"] for line in lines]
+
+
+def test_reload_applies_level_policy_labels_and_idle_time(live: Live) -> None:
+    old_running = live.reloader.running
+    assert "KVM_EXIT_IO" in live.map_and_tracker_agree()
+    lines = live.reload(RUNNING.replace('"info"', '"debug"').replace('"fra1"', '"fra2"')
+                        .replace("1.0", "0.25"),
+                        '[policy]\nignored_exits = ["KVM_EXIT_IO"]\n'
+                        'severity = { "save:KVM_EXIT_MMIO" = "critical" }\n')
+    assert events(lines) == ["config_reloaded", "probe_debug", "probe_info"]
+    assert lines[0]["changed"] == {
+        "labels.site": "fra1 -> fra2", "log.level": "info -> debug",
+        "policy.ignored_exits": '[] -> ["KVM_EXIT_IO"]',
+        "policy.severity": '{} -> {"save:KVM_EXIT_MMIO": "critical"}',
+        "snapshot_idle_seconds": "1.0 -> 0.25"}
+    assert {line["labels"]["site"] for line in lines} == {"fra2"}
+    assert lines[0]["labels"] == {"site": "fra2", "rack": "r7"}  # the flag's label stays
+    daemon = live.daemon
+    assert daemon.health.labels == daemon.options.labels == {"site": "fra2", "rack": "r7"}
+    assert "KVM_EXIT_IO" not in live.map_and_tracker_agree()
+    assert daemon.tracker.policy.severities == {("save", "KVM_EXIT_MMIO"): Severity.CRITICAL}
+    assert daemon.tracker.snapshot_idle_s == daemon.options.snapshot_idle_s == 0.25
+    assert live.reloader.running is not old_running
+    assert live.reloader.running.log_level == "debug"
+
+
+def unchanged(live: Live, lines: list[dict[str, Any]], running: Settings) -> None:
+    """Nothing of the refused reload took effect: the state RUNNING set up is all there."""
+    assert events(lines) == ["config_reload_failed", "probe_info"]  # still at info: no debug
+    assert {line["labels"]["site"] for line in lines} == {"fra1"}
+    daemon = live.daemon
+    assert daemon.health.labels == daemon.options.labels == {"site": "fra1", "rack": "r7"}
+    assert "KVM_EXIT_IO" in live.map_and_tracker_agree()
+    assert daemon.tracker.policy == build_policy()
+    assert daemon.tracker.snapshot_idle_s == daemon.options.snapshot_idle_s == 1.0
+    assert live.reloader.running is running
+
+
+CHANGED = RUNNING.replace('"info"', '"debug"').replace('"fra1"', '"fra2"').replace("1.0", "0.25")
+
+
+@pytest.mark.parametrize(("policy", "needles"), [
+    ('[policy]\nignored_exits = ["BOGUS"]\n', ["policy.ignored_exits", "'BOGUS'"]),
+    ('[policy]\nseverity = { save = "loud" }\n', ["policy.severity.save", "'loud'"]),
+    ("[policy]\nignore_exits = []\n", ["unknown key 'ignore_exits'"]),
+    ("[policy\n", ["not valid TOML"]),
+])
+def test_a_bad_policy_file_on_reload_changes_nothing(live: Live, policy: str,
+                                                     needles: list[str]) -> None:
+    running, writes = live.reloader.running, live.daemon.probes.writes  # type: ignore[attr-defined]
+    lines = live.reload(CHANGED, policy)
+    failed = lines[0]
+    assert failed["level"] == "error" and failed["kept"] == "the running configuration"
+    assert str(live.policy_file) in failed["reason"], failed
+    for needle in needles:
+        assert needle in failed["reason"], failed
+    unchanged(live, lines, running)
+    assert live.daemon.probes.writes == writes  # type: ignore[attr-defined]
+
+
+def test_a_bad_config_file_on_reload_changes_nothing(live: Live) -> None:
+    running = live.reloader.running
+    lines = live.reload(CHANGED + "[metrics]\nper_vcpu = \"yes\"\n",
+                        '[policy]\nignored_exits = ["KVM_EXIT_IO"]\n')
+    assert str(live.config) in lines[0]["reason"] and "metrics.per_vcpu" in lines[0]["reason"]
+    unchanged(live, lines, running)
+
+
+def test_a_refused_map_update_is_undone_and_changes_nothing(live: Live) -> None:
+    probes = live.daemon.probes
+    probes.fail_at = {probes.writes + 3}  # type: ignore[attr-defined]  # mid-way through
+    running = live.reloader.running
+    lines = live.reload(CHANGED, '[policy]\nignored_exits = ["KVM_EXIT_IO"]\n')
+    failed = lines[0]
+    assert "writing the policy into the probes' map failed: OSError" in failed["reason"]
+    assert failed["kept"] == "the running configuration"
+    unchanged(live, lines, running)
+    # the next reload, with the map working again, applies in full
+    lines = live.reload(CHANGED, '[policy]\nignored_exits = ["KVM_EXIT_IO"]\n')
+    assert events(lines) == ["config_reloaded", "probe_debug", "probe_info"]
+    assert "KVM_EXIT_IO" not in live.map_and_tracker_agree()
+
+
+def test_a_map_that_cannot_be_restored_says_so(live: Live) -> None:
+    probes = live.daemon.probes
+    first = probes.writes  # type: ignore[attr-defined]
+    probes.fail_at = {first + 3, first + 4}  # type: ignore[attr-defined]  # update and undo
+    lines = live.reload(CHANGED, '[policy]\nignored_exits = ["KVM_EXIT_IO"]\n')
+    failed = lines[0]
+    assert failed["event"] == "config_reload_failed"
+    assert "and so did restoring the old one" in failed["reason"], failed
+    assert "restart the daemon" in failed["kept"], failed
+
+
+def test_reload_runs_only_when_requested_between_reloading_and_ready(
+        live: Live, tmp_path: Path) -> None:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(tmp_path / "notify"))
+    sock.settimeout(2)
+    try:
+        notifier = Notifier({"NOTIFY_SOCKET": str(tmp_path / "notify")})
+        live.config.write_text(CHANGED)
+        live.reloader.poll(live.daemon, notifier)  # no SIGHUP yet: nothing
+        assert live.reloader.running.log_level == "info" and live.log() == []
+        live.reloader.request()
+        live.reloader.poll(live.daemon, notifier)
+        assert events(live.log()) == ["config_reloaded"]
+        assert sock.recv(4096).decode().startswith("RELOADING=1\n")
+        assert sock.recv(4096).decode().startswith("READY=1\n")
+        live.reloader.poll(live.daemon, notifier)  # one request, one reload
+        assert live.log() == []
+    finally:
+        sock.close()
 
 
 # ---- state directory and the single-instance lock -----------------------------------------------

@@ -112,3 +112,34 @@ def test_watchdog_pid_ours(listener: tuple[socket.socket, str]) -> None:
     notifier = Notifier({"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "1000000",
                          "WATCHDOG_PID": str(os.getpid())})
     assert notifier.watchdog_interval_s == pytest.approx(0.5)
+
+
+def _fill(sock_path: str, n: Notifier) -> int:
+    """Ping until the listener's queue is full (it never reads); how many pings went."""
+    sent = 0
+    while n.send("WATCHDOG=1", wait=False):
+        sent += 1
+        assert sent < 100_000, "the queue never filled"
+    return sent
+
+
+def test_a_manager_that_stops_reading_never_stalls_the_loop(
+        listener: tuple[socket.socket, str], monkeypatch: pytest.MonkeyPatch) -> None:
+    import time
+
+    import tracer.sdnotify as sdnotify
+
+    _, path = listener
+    monkeypatch.setattr(sdnotify, "SEND_TIMEOUT_S", 0.3)
+    clock = [0.0]
+    n = Notifier({"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "2000000"}, clock=lambda: clock[0])
+    assert _fill(path, n) > 0
+    errors = n.errors
+    t0 = time.monotonic()
+    n.watchdog_tick()  # a ping into a full queue: dropped at once, counted
+    assert time.monotonic() - t0 < 0.1
+    assert n.errors == errors + 1
+    t0 = time.monotonic()
+    assert n.stopping() is False  # a state change waits, but only SEND_TIMEOUT_S
+    assert 0.25 <= time.monotonic() - t0 < 1.0
+    assert n.errors == errors + 2
