@@ -8,7 +8,7 @@
 #   docker build -t kvm-completion-tracer .
 #   docker run -d --name kvm-completion-tracer --pid=host --network=host \
 #       --cap-drop=ALL --cap-add=BPF --cap-add=PERFMON --cap-add=SYS_PTRACE \
-#       --cap-add=DAC_READ_SEARCH \
+#       --cap-add=DAC_READ_SEARCH --security-opt apparmor=unconfined \
 #       -v /sys/kernel/tracing:/sys/kernel/tracing -v /sys/kernel/debug:/sys/kernel/debug \
 #       -v /lib/modules:/lib/modules:ro -v /usr/src:/usr/src:ro \
 #       -v /var/lib/kvm-completion-tracer:/var/lib/kvm-completion-tracer \
@@ -20,6 +20,10 @@
 #   SYS_PTRACE       /proc/PID/fd and /proc/PID/maps of VMMs running as other users (libvirt-qemu,
 #                    KubeVirt's qemu): vCPU adoption and the kvm_run address
 #   DAC_READ_SEARCH  enter those processes' /proc/PID/fd directories (mode 0500, their owner)
+# apparmor=unconfined: Docker's docker-default profile allows ptrace reads only of processes in
+# the same profile, so on AppArmor hosts (Debian, Ubuntu) the host VMMs' /proc/PID/fd, /maps
+# and /task/*/syscall stay unreadable even with SYS_PTRACE and running VMs go unadopted (the
+# daemon then logs vcpu_discovery_incomplete).  Hosts without AppArmor ignore the option.
 # Why not a dedicated non-root user: the capabilities would have to be file capabilities on the
 # interpreter, and setcap on /usr/bin/python3.11 grants them to every Python program in the image
 # (and they are dropped anyway on a nosuid mount or under no_new_privs); ambient capabilities need a
@@ -80,10 +84,12 @@ ENV PATH=/opt/venv/bin:$PATH \
 
 EXPOSE ${METRICS_PORT}
 
-# Compiling the probes takes a few seconds at start-up; then /metrics must answer.  Plain Python
-# (no curl in the image).  127.0.0.1 works because the daemon binds 0.0.0.0 on the host network.
+# /-/healthy: 200 while the event loop polls (503, and urlopen raises, once it has not for 10 s,
+# or before the first poll: the probes compile for a few seconds, hence the start period).
+# Plain Python (no curl in the image).  127.0.0.1 works because the daemon binds 0.0.0.0 on the
+# host network.
 HEALTHCHECK --interval=30s --timeout=5s --start-period=60s --retries=3 \
-    CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:' + os.environ['KVM_COMPLETION_TRACER_METRICS_PORT'] + '/metrics', timeout=4).read()"]
+    CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:' + os.environ['KVM_COMPLETION_TRACER_METRICS_PORT'] + '/-/healthy', timeout=4).read()"]
 
 ENTRYPOINT ["kvm-completion-tracer", "run"]
 CMD ["--log-format", "json", "--metrics-addr", "0.0.0.0:9110"]

@@ -20,6 +20,7 @@ from tracer.counters import PATHS, RunState, VcpuCounters, total
 from tracer.events import MalformedEvent, decode_event
 from tracer.metrics import CompletionCollector, ExporterHealth, MetricsOptions, start_server
 from tracer.policy import CompletionPolicy, describe
+from tracer.preflight import effective_caps
 from tracer.probes import ProbeConfig, ProbeError, Probes, bcc_version
 from tracer.tracker import Tracker
 from tracer.vmident import VmIdentity
@@ -34,6 +35,12 @@ POLL_MS = 100
 MAX_POLL_MS = 500
 SWEEP_S = 5.0  # how often to look for processes whose exit event was lost
 LOSS_CHECK_S = 2.0
+# /-/healthy fails when the loop has not polled for this long. An iteration waits at most
+# MAX_POLL_MS in the poll, then handles what it returned and the housekeeping (the /proc sweep
+# every SWEEP_S, the loss check, the watchdog, a reload): twenty poll timeouts (10 s) is far
+# above a busy iteration on a loaded node (a full ring, a sweep, CPU throttled to the pod's
+# limit), yet one liveness period shows a stuck loop (the kubelet restarts it after three).
+STALL_AFTER_S = 20 * MAX_POLL_MS / 1000
 
 
 class SystemProcView:
@@ -73,9 +80,12 @@ class Daemon:
 
     def __init__(self, options: DaemonOptions, sink: AlertSink | None = None,
                  stop: threading.Event | None = None,
-                 registry: CollectorRegistry | None = None) -> None:
+                 registry: CollectorRegistry | None = None,
+                 health: ExporterHealth | None = None) -> None:
         self.options = options
         self.sink: AlertSink = sink or LogSink()
+        if isinstance(self.sink, LogSink):  # the static labels from the first line on
+            self.sink.labels = dict(options.labels)
         # Held by the loop while it handles events and by a scrape while it reads: the exporter's
         # HTTP thread sees the tracker between two events, never in the middle of one.
         self.lock = threading.Lock()
@@ -88,9 +98,12 @@ class Daemon:
             raise ProbeError(f"probes not attached: {', '.join(missing)}; run "
                              "'kvm-completion-tracer check'")
         self.probes.on_event(self._on_raw_event)
-        self.health = ExporterHealth(
-            expected_probes=self.probes.expected(),
-            bcc_version=bcc_version(), labels=dict(options.labels))
+        # ``health`` may already be served (/-/ready, /-/healthy) while the probes compiled.
+        self.health = health if health is not None else ExporterHealth()
+        self.health.expected_probes = self.probes.expected()
+        self.health.bcc_version = bcc_version()
+        self.health.labels = dict(options.labels)
+        self.health.stall_after_s = STALL_AFTER_S
         if registry is not None:
             registry.register(CompletionCollector(self.tracker, self.probes, self.lock,
                                                   self.health, options.metrics))
@@ -145,19 +158,42 @@ class Daemon:
                 self.sink.notice("handover_ignored", "warning", reason=str(err),
                                  hint="pending completions of older VMs start unknown (idle)")
         relearner = handover.Relearner(inherited)
+        scan = vmident.scan_vcpus()
         with self.lock:
-            adopted = self.tracker.adopt_existing(vmident.discover_vcpus(), relearner)
+            adopted = self.tracker.adopt_existing(scan.vcpus, relearner)
         if inherited:
             self.sink.notice("handover", "info", pending_kept=len(relearner.kept),
                              pending_dropped=len(relearner.dropped) + len(relearner.inherited),
                              why_dropped="completed, re-run or gone since the previous "
                                          "instance stopped (or not provably unchanged)")
+        attached = self.probes.attached()
+        self.health.mark_ready(attached, time.monotonic())  # /-/ready from the ready line on
         self.sink.notice("ready", "info", version=__version__, pid=os.getpid(),
-                         probes=self.probes.attached(), vcpus_adopted=adopted,
+                         probes=attached, vcpus_adopted=adopted,
+                         processes_unreadable=len(scan.unreadable),
+                         vmms_unreadable=len(scan.unreadable_vmms),
                          policy=describe(self.options.policy))
+        # A warning only for processes named as VMMs: other unreadable ones (a container's own
+        # init, say) are common and harmless, so they are only counted in the ready line.
+        if scan.unreadable_vmms:  # after ready, which stays the line right after starting
+            self._warn_unreadable(scan)
         self.started = True
 
+    def _warn_unreadable(self, scan: vmident.VcpuScan) -> None:
+        # Once per start: without /proc/PID/fd and /maps of the VMMs, their running vCPUs are
+        # not adopted (their exits go untracked until their next state ioctl), and the kvm_run
+        # page of a vCPU cannot be located.
+        cause, fix = vmident.explain_denied(effective_caps(), vmident.lsm_label())
+        vmms = {str(pid): vmm for pid, vmm in sorted(scan.unreadable_vmms.items())}
+        self.sink.notice("vcpu_discovery_incomplete", "warning",
+                         processes_unreadable=len(scan.unreadable),
+                         vmm_pids=dict(list(vmms.items())[:10]), likely_cause=cause, fix=fix,
+                         impact="vCPUs of VMs already running are not adopted")
+
     def poll_once(self, timeout_ms: int = POLL_MS) -> None:
+        # The beat comes before the poll: it blocks up to timeout_ms, and the events it hands
+        # to the tracker are where a stuck loop would hang.
+        self.health.loop_beat = time.monotonic()
         self.probes.poll(timeout_ms)
         with self.lock:
             self.health.ringbuf_polls += 1
@@ -200,6 +236,7 @@ class Daemon:
                 next_loss = now + LOSS_CHECK_S
             for hook in self.housekeeping:
                 hook()
+        self.health.stopping = True  # also when stopped other than by a signal
         self.probes.poll(0)  # drain what is already in the ring
         with self.lock:
             self.tracker.tick()
@@ -274,7 +311,10 @@ def run(options: DaemonOptions, reloader: Reloader | None = None) -> int:
     stop = threading.Event()
     notifier = Notifier()
 
+    health = ExporterHealth()  # served from the bind on: /-/ready says 503 until the ready line
+
     def _stop(signum: int, _frame: FrameType | None) -> None:
+        health.stopping = True  # /-/ready: 503 at once, not after the loop's next poll
         stop.set()
 
     def _hup(signum: int, _frame: FrameType | None) -> None:
@@ -291,9 +331,10 @@ def run(options: DaemonOptions, reloader: Reloader | None = None) -> int:
     # probes are attached a scrape shows only the process metrics.
     registry = CollectorRegistry()
     ProcessCollector(registry=registry)
-    stop_metrics = start_server(options.metrics.addr, registry) if options.metrics.addr else None
+    stop_metrics = (start_server(options.metrics.addr, registry, health)
+                    if options.metrics.addr else None)
     try:
-        daemon = Daemon(options, stop=stop, registry=registry)
+        daemon = Daemon(options, stop=stop, registry=registry, health=health)
     except BaseException:
         notifier.stopping()
         if stop_metrics is not None:

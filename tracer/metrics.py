@@ -14,10 +14,14 @@ import platform
 import re
 import socket
 import threading
+import time
 from collections import defaultdict
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Final, Protocol
+from socketserver import ThreadingMixIn
+from typing import Any, Final, Protocol
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+from wsgiref.types import StartResponse, WSGIApplication, WSGIEnvironment
 
 from prometheus_client.core import (
     CounterMetricFamily,
@@ -90,9 +94,19 @@ class ProbeStats(Protocol):
     def attached(self) -> list[str]: ...
 
 
+# /-/healthy fails once the loop has not beaten for this long, unless the daemon sets its own
+# bound (tracer.daemon derives it from its poll timeout).
+DEFAULT_STALL_AFTER_S: Final = 10.0
+
+
 @dataclass
 class ExporterHealth:
-    """The daemon's own health, updated by its loop and read at scrape time."""
+    """The daemon's own health, updated by its loop and read at scrape time.
+
+    The lifecycle fields (``ready`` .. ``stall_after_s``) answer /-/ready and /-/healthy. Those
+    read them without the daemon's lock: each is one attribute written by one thread, and a loop
+    stuck while holding the lock must still get its 503 rather than hang the probe.
+    """
 
     expected_probes: Sequence[str] = ()
     ringbuf_polls: int = 0
@@ -101,6 +115,75 @@ class ExporterHealth:
     probes_closed: bool = False
     bcc_version: str = "unknown"
     labels: dict[str, str] = field(default_factory=dict)  # static labels on every series
+    ready: bool = False  # set with the ``ready`` log line
+    stopping: bool = False  # from SIGTERM/SIGINT on: no longer ready, whatever else holds
+    ready_probes: frozenset[str] = frozenset()  # what was attached when the daemon said ready
+    loop_beat: float | None = None  # time.monotonic() of the loop's last poll; None: no loop yet
+    stall_after_s: float = DEFAULT_STALL_AFTER_S
+
+    def mark_ready(self, attached: Iterable[str], now: float) -> None:
+        """The daemon is about to log ``ready`` and enter its loop (which beats from then)."""
+        self.ready_probes = frozenset(attached)
+        self.loop_beat = now
+        self.ready = True
+
+
+def liveness(health: ExporterHealth, now: float) -> tuple[bool, str]:
+    """/-/healthy: whether the event loop has polled within ``stall_after_s``, and why not."""
+    if health.loop_beat is None:
+        return False, "event loop not started: compiling and attaching the probes"
+    age = max(0.0, now - health.loop_beat)
+    if age > health.stall_after_s:
+        return False, (f"event loop stalled: last ring-buffer poll {age:.1f} s ago "
+                       f"(limit {health.stall_after_s:g} s)")
+    return True, f"healthy: last ring-buffer poll {age:.1f} s ago"
+
+
+def readiness(health: ExporterHealth, now: float) -> tuple[bool, str]:
+    """/-/ready: whether the daemon is watching (said ready, every expected probe attached,
+    its loop alive, not stopping), and why not."""
+    if health.stopping:
+        return False, "not ready: stopping"
+    if not health.ready:
+        return False, "not ready: compiling and attaching the probes"
+    missing = [p for p in health.expected_probes if p not in health.ready_probes]
+    if missing:
+        return False, f"not ready: probes not attached: {', '.join(missing)}"
+    alive, why = liveness(health, now)
+    if not alive:
+        return False, f"not ready: {why}"
+    return True, f"ready: watching, {len(health.expected_probes)} probes attached"
+
+
+# Prometheus's own paths for the same two questions.
+HEALTH_CHECKS: Final[dict[str, Callable[[ExporterHealth, float], tuple[bool, str]]]] = {
+    "/-/ready": readiness,
+    "/-/healthy": liveness,
+}
+
+
+def with_health(metrics_app: WSGIApplication, health: ExporterHealth,
+                clock: Callable[[], float] = time.monotonic) -> WSGIApplication:
+    """``metrics_app`` with /-/ready and /-/healthy in front: 200 or 503 and a one-line reason.
+    Every other path goes to ``metrics_app`` unchanged (prometheus_client serves any path)."""
+
+    def app(environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+        check = HEALTH_CHECKS.get(environ.get("PATH_INFO", ""))
+        if check is None:
+            return metrics_app(environ, start_response)
+        method = environ.get("REQUEST_METHOD", "GET")
+        if method not in ("GET", "HEAD"):
+            start_response("405 Method Not Allowed", [("Allow", "GET, HEAD"),
+                                                      ("Content-Length", "0")])
+            return [b""]
+        ok, reason = check(health, clock())
+        body = f"{reason}\n".encode()
+        start_response("200 OK" if ok else "503 Service Unavailable",
+                       [("Content-Type", "text/plain; charset=utf-8"),
+                        ("Content-Length", str(len(body))), ("Cache-Control", "no-store")])
+        return [b""] if method == "HEAD" else [body]
+
+    return app
 
 
 class _Families:
@@ -140,6 +223,7 @@ class CompletionCollector(Collector):
         self.health = health
         self.options = options
         self._now_ns = now
+        self._guest = _GuestExitLedger()
 
     def describe(self) -> list[Metric]:
         return []  # no families at registration: collect() needs the live maps
@@ -156,19 +240,21 @@ class CompletionCollector(Collector):
         counters: dict[str, int] = {}
         guest: dict[tuple[int, int, int, int], int] = {}
         attached: list[str] = []
+        read = False
         if not self.health.probes_closed:
             try:
                 entries = self.probes.vcpu_entries()
                 counters = self.probes.counters()
                 guest = self.probes.guest_exit_counts()
                 attached = self.probes.attached()
+                read = True
             except Exception:  # a map read failing must not cost the whole exposition
                 self.health.scrape_errors += 1
                 entries, counters, guest, attached = [], {}, {}, []
         names = self._vm_names(entries, guest)
         self._vm_metrics(f, entries, names)
         self._alert_metrics(f)
-        self._guest_exits(f, guest, names)
+        self._guest_exits(f, guest if read else None, names)
         self._health(f, counters, attached)
         return f.out
 
@@ -183,7 +269,7 @@ class CompletionCollector(Collector):
         vcpus: dict[str, int] = defaultdict(int)
         pending: dict[str, int] = defaultdict(int)
         oldest: dict[str, float] = defaultdict(float)
-        per_vcpu: list[tuple[str, int, int]] = []
+        per_vcpu: list[tuple[str, int, int, int]] = []
         now_ns = self._now_ns() if self._now_ns else _monotonic_ns()
         for entry in entries:
             vm = names[entry.pid].name
@@ -196,7 +282,7 @@ class CompletionCollector(Collector):
                 pending[vm] += 1
                 if entry.pending_since_ns:  # from the map: the window open now, not a mirror
                     oldest[vm] = max(oldest[vm], max(0, now_ns - entry.pending_since_ns) / 1e9)
-            per_vcpu.append((vm, entry.vcpu_id, int(is_pending)))
+            per_vcpu.append((vm, entry.pid, entry.vcpu_id, int(is_pending)))
         for vm in self.tracker.ledger.retired:
             live.setdefault(vm, [])
         sums = {vm: total([*parts, self.tracker.ledger.retired.get(vm, VcpuCounters())])
@@ -240,12 +326,15 @@ class CompletionCollector(Collector):
         if self.options.per_vcpu:
             self._per_vcpu(f, per_vcpu)
 
-    def _per_vcpu(self, f: _Families, rows: list[tuple[str, int, int]]) -> None:
+    def _per_vcpu(self, f: _Families, rows: list[tuple[str, int, int, int]]) -> None:
+        # The pid tells apart two processes with the same VM name (two `-name guest=x`, or a
+        # restarted VM whose old process lingers): both have a vCPU 0, and summing two 0/1 flags
+        # would no longer be a flag. Joins with vm_info on pid; no more series than vCPUs.
         gauge = f.gauge("vcpu_pending", "1 while this vCPU has a completion pending "
-                        "(--metrics-per-vcpu; capped).", ["vm", "vcpu"])
+                        "(--metrics-per-vcpu; capped).", ["vm", "pid", "vcpu"])
         rows.sort()
-        for vm, vcpu_id, value in rows[:self.options.max_vcpu_series]:
-            f.add(gauge, [vm, str(vcpu_id)], value)
+        for vm, pid, vcpu_id, value in rows[:self.options.max_vcpu_series]:
+            f.add(gauge, [vm, str(pid), str(vcpu_id)], value)
         dropped = f.gauge("vcpu_series_dropped", "Per-vCPU series left out by the cap "
                           "(max_vcpu_series).")
         f.add(dropped, [], max(0, len(rows) - self.options.max_vcpu_series))
@@ -266,16 +355,20 @@ class CompletionCollector(Collector):
         for (vm, rule), count in sorted(stats.sanctioned.items()):
             f.add(sanctioned, [vm, rule], count)
 
-    def _guest_exits(self, f: _Families, guest: dict[tuple[int, int, int, int], int],
+    def _guest_exits(self, f: _Families, guest: dict[tuple[int, int, int, int], int] | None,
                      names: dict[int, VmIdentity]) -> None:
         fam = f.counter("guest_exits", "Guest exits to KVM (kvm:kvm_exit), by ISA and hardware "
                         "exit reason.", ["vm", "isa", "reason"])
-        sums: dict[tuple[str, str, str], int] = defaultdict(int)
-        for (pid, _vcpu, isa, reason), count in guest.items():
-            isa_name, reason_name = guest_exit_name(isa, reason)
-            sums[(names[pid].name, isa_name, reason_name)] += count
-        for key, count in sorted(sums.items()):
+        if guest is not None:  # else the maps could not be read: keep the last known counts
+            self._guest.update({key: (names[key[0]].name, count) for key, count in guest.items()})
+            self._guest.prune(self._kept_vms())
+        for key, count in sorted(self._guest.sums().items()):
             f.add(fam, list(key), count)
+
+    def _kept_vms(self) -> set[str]:
+        """VMs whose series the tracker still keeps: known to its ledger until retain_gone_s
+        after they are gone (tracer.tracker.Tracker.prune_gone)."""
+        return set(self.tracker.ledger.retired) | set(self.tracker.ledger.gone_since)
 
     def _health(self, f: _Families, counters: dict[str, int], attached: list[str]) -> None:
         health = self.health
@@ -320,27 +413,84 @@ class CompletionCollector(Collector):
         f.add(internal, [], stats.internal_errors + stats.malformed_events)
 
 
+GuestKey = tuple[int, int, int, int]  # pid, vcpu, isa, hardware exit reason (the map's key)
+
+
+class _GuestExitLedger:
+    """The guest-exit counts of processes gone from the probes' map, per (vm, isa, reason).
+
+    The probes drop an exited process's guest_exits entries without folding them into its VM's
+    totals (as tracer.counters.VmLedger does for the per-vCPU counts), so a VM name shared by
+    two processes (two ``-name guest=x``, a restarted VM whose old process lingers) would see
+    its sum fall when one of them exits: a counter reset to Prometheus, and a false jump in
+    rate(). Each scrape remembers what every key showed; a key that is gone, or shows less (the
+    pid was reused), or now belongs to another name, keeps its last value here. Exits between
+    the last scrape and the process exit are not counted: monotonic, and at worst a little low.
+    """
+
+    def __init__(self) -> None:
+        self.last: dict[GuestKey, tuple[str, int]] = {}
+        self.retired: dict[tuple[str, str, str], int] = defaultdict(int)
+
+    def update(self, now: dict[GuestKey, tuple[str, int]]) -> None:
+        for key, (vm, count) in self.last.items():
+            new = now.get(key)
+            if new is None or new[0] != vm or new[1] < count:
+                self.retired[(vm, *guest_exit_name(key[2], key[3]))] += count
+        self.last = now
+
+    def prune(self, kept_vms: set[str]) -> None:
+        """Forget the gone counts of VMs neither running now nor in ``kept_vms``."""
+        keep = kept_vms | {vm for vm, _ in self.last.values()}
+        for key in [k for k in self.retired if k[0] not in keep]:
+            del self.retired[key]
+
+    def sums(self) -> dict[tuple[str, str, str], int]:
+        out = defaultdict(int, self.retired)
+        for (_pid, _vcpu, isa, reason), (vm, count) in self.last.items():
+            out[(vm, *guest_exit_name(isa, reason))] += count
+        return out
+
+
 def _le(bound: float) -> str:
     return "+Inf" if bound == float("inf") else repr(bound)
 
 
 def _monotonic_ns() -> int:
-    import time
-
     return time.monotonic_ns()  # the clock of bpf_ktime_get_ns
 
 
-def start_server(addr: str, registry: CollectorRegistry) -> Callable[[], None]:
-    """Serve /metrics on ``addr``; returns a function that stops the server. Raises
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:
+        pass  # probes and scrapes every few seconds: no access log on stderr
+
+
+def start_server(addr: str, registry: CollectorRegistry,
+                 health: ExporterHealth | None = None) -> Callable[[], None]:
+    """Serve the metrics on ``addr`` (any path, like prometheus_client), and with ``health``
+    also /-/ready and /-/healthy; returns a function that stops the server. Raises
     MetricsConfigError with one actionable line if the address is bad or taken."""
-    from prometheus_client import start_http_server
+    from prometheus_client import make_wsgi_app
 
     try:
         host, port = parse_addr(addr)
     except MetricsConfigError as err:
         raise MetricsConfigError(f"metrics address {addr!r}: {err}") from None
+    app: WSGIApplication = make_wsgi_app(registry)
+    if health is not None:
+        app = with_health(app, health)
+    # prometheus_client's start_http_server builds its own app, so the server is built here the
+    # same way (address family from getaddrinfo, a thread per request, no request log), with
+    # the wrapped app in it from the first request on.
     try:
-        server, thread = start_http_server(port, addr=host, registry=registry)
+        family, _, _, _, sockaddr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                       flags=socket.AI_PASSIVE)[0]
+
+        class Server(ThreadingMixIn, WSGIServer):
+            address_family = family
+            daemon_threads = True  # a hung client must not hold up the exit
+
+        server = make_server(str(sockaddr[0]), port, app, Server, handler_class=_QuietHandler)
     except OSError as err:
         reason = err.strerror or str(err)
         if isinstance(err, socket.gaierror) or err.errno is None:
@@ -349,6 +499,8 @@ def start_server(addr: str, registry: CollectorRegistry) -> Callable[[], None]:
         hint = ("another process listens there: pick another port with --metrics-addr"
                 if "in use" in reason.lower() else "check the address")
         raise MetricsConfigError(f"cannot serve metrics on {addr}: {reason}; {hint}") from None
+    thread = threading.Thread(target=server.serve_forever, name="metrics-http", daemon=True)
+    thread.start()
 
     def stop() -> None:
         server.shutdown()

@@ -444,20 +444,88 @@ def _scan_pid(base: Path, pid: int) -> list[DiscoveredVcpu]:
     return [DiscoveredVcpu(pid, fd, vcpu, run.get(vcpu)) for fd, vcpu in sorted(fds)]
 
 
-def discover_vcpus(proc_root: Path = PROC) -> list[DiscoveredVcpu]:
-    """Every vCPU fd of every process, one entry per fd (dup'ed fds included), by pid and fd."""
+@dataclass(frozen=True)
+class VcpuScan:
+    vcpus: list[DiscoveredVcpu]  # by pid and fd
+    # Processes whose /proc/PID/fd or /maps this process may not read (EACCES/EPERM), with the
+    # VMM their command line names ("other" for non-VMMs, or VMMs not known by name).
+    unreadable: dict[int, str]
+
+    @property
+    def unreadable_vmms(self) -> dict[int, str]:
+        return {pid: vmm for pid, vmm in self.unreadable.items() if vmm != "other"}
+
+
+def scan_vcpus(proc_root: Path = PROC) -> VcpuScan:
+    """Every vCPU fd of every process (dup'ed fds included), and which processes could not be
+    inspected: a permission error is not a vanished process, and means VMs go unadopted."""
     try:
         pids = sorted(int(entry) for entry in os.listdir(proc_root) if entry.isdigit())
     except OSError:
-        return []
+        return VcpuScan([], {})
     found: list[DiscoveredVcpu] = []
+    unreadable: dict[int, str] = {}
     for pid in pids:
+        base = proc_root / str(pid)
         try:
-            found.extend(_scan_pid(proc_root / str(pid), pid))
+            found.extend(_scan_pid(base, pid))
+        except PermissionError:
+            # Reading another process's fd links and maps is a ptrace read check: missing
+            # CAP_SYS_PTRACE / CAP_DAC_READ_SEARCH, or an LSM profile (explain_denied). The
+            # command line and comm stay world-readable, so the VMM can still be named.
+            unreadable[pid] = _vmm_kind(next(iter(_read_argv(base) or []), None),
+                                        _read_comm(base))
         except OSError:
-            # Vanished (ENOENT/ESRCH) or not ours to read (EACCES) mid-scan: skip that pid only.
-            continue
-    return found
+            continue  # vanished (ENOENT/ESRCH) mid-scan: its vCPUs are gone too
+    return VcpuScan(found, unreadable)
+
+
+def discover_vcpus(proc_root: Path = PROC) -> list[DiscoveredVcpu]:
+    """Every vCPU fd of every process, one entry per fd (dup'ed fds included), by pid and fd."""
+    return scan_vcpus(proc_root).vcpus
+
+
+# Capability bits (linux/capability.h) that reading other users' /proc/PID/fd and maps needs.
+CAP_DAC_READ_SEARCH: Final = 2
+CAP_SYS_PTRACE: Final = 19
+
+
+def lsm_label(proc_root: Path = PROC) -> str | None:
+    """This process's LSM confinement (AppArmor: ``docker-default (enforce)``, SELinux: a
+    context), or None when there is no LSM that labels processes."""
+    # attr/apparmor/current where LSMs stack (Linux >= 5.8), else the shared attr/current.
+    for rel in ("self/attr/apparmor/current", "self/attr/current"):
+        raw = _read_bytes(proc_root / rel)
+        if raw and (label := _decode(raw).strip("\0\n ")):
+            return label
+    return None
+
+
+def explain_denied(caps: int, label: str | None) -> tuple[str, str]:
+    """(likely cause, fix) for other processes' /proc/PID/fd and maps being unreadable, from
+    this process's effective capabilities and LSM label (see lsm_label)."""
+    causes: list[str] = []
+    fixes: list[str] = []
+    missing = [name for bit, name in ((CAP_SYS_PTRACE, "SYS_PTRACE"),
+                                      (CAP_DAC_READ_SEARCH, "DAC_READ_SEARCH"))
+               if not caps & (1 << bit)]
+    if missing:
+        causes.append(f"no CAP_{' or CAP_'.join(missing)}")
+        fixes.append(f"grant {', '.join(missing)} (docker run --cap-add; Kubernetes "
+                     "securityContext.capabilities.add; systemd AmbientCapabilities=)")
+    confined = label is not None and "unconfined" not in label and "(complain)" not in label
+    if confined:
+        # docker-default and containerd's profile allow ptrace reads only of their own peers.
+        causes.append(f"this process runs confined by the LSM profile {label!r}, which denies "
+                      "ptrace reads of processes outside it")
+        fixes.append("run it unconfined: docker run --security-opt apparmor=unconfined "
+                     "(SELinux: label=disable); Kubernetes securityContext.appArmorProfile "
+                     "type Unconfined")
+    if not causes:
+        causes.append("a security policy (AppArmor, SELinux, seccomp, a user namespace) denies "
+                      "ptrace reads of other processes")
+        fixes.append("run the daemon in the host's user namespace and unconfined by any LSM")
+    return "; ".join(causes), "; ".join(fixes)
 
 
 # --- process identity over time --------------------------------------------------------------

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tracer.metrics import DEFAULT_METRICS_PORT
+from tracer.metrics import DEFAULT_METRICS_PORT, HEALTH_CHECKS
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCKERFILE = ROOT / "Dockerfile"
@@ -33,6 +33,9 @@ REQUIRED_MOUNTS = {
     ("/var/lib/kvm-completion-tracer", "/var/lib/kvm-completion-tracer", ""),
 }
 CAPABILITIES = {"BPF", "PERFMON", "SYS_PTRACE", "DAC_READ_SEARCH"}
+# docker-default allows ptrace reads only within its own profile: the host VMMs' /proc would be
+# unreadable (the DaemonSet's appArmorProfile says the same).
+SECURITY_OPTS = {"apparmor=unconfined"}
 
 
 def _hadolint() -> str:
@@ -100,12 +103,13 @@ def _parse_run(argv: list[str]) -> dict[str, object]:
     caps_dropped: set[str] = set()
     mounts: set[tuple[str, str, str]] = set()
     flags: set[str] = set()
+    security_opts: set[str] = set()
     positional: list[str] = []
     i = 2
     while i < len(argv):
         arg = argv[i]
         value = None
-        if arg in ("-v", "--volume", "--name", "--cap-add", "--cap-drop"):
+        if arg in ("-v", "--volume", "--name", "--cap-add", "--cap-drop", "--security-opt"):
             value = argv[i + 1]
             i += 1
         elif "=" in arg and arg.startswith("--"):
@@ -118,6 +122,8 @@ def _parse_run(argv: list[str]) -> dict[str, object]:
             caps_added.add(str(value))
         elif arg == "--cap-drop":
             caps_dropped.add(str(value))
+        elif arg == "--security-opt":
+            security_opts.add(str(value))
         elif arg.startswith("-"):
             flags.add(arg if value is None else f"{arg}={value}")
         else:
@@ -128,6 +134,7 @@ def _parse_run(argv: list[str]) -> dict[str, object]:
         "caps_dropped": caps_dropped,
         "mounts": mounts,
         "flags": flags,
+        "security_opts": security_opts,
         "positional": positional,
     }
 
@@ -204,13 +211,16 @@ def test_metrics_port_matches_the_package() -> None:
     assert "KVM_COMPLETION_TRACER_METRICS_PORT=${METRICS_PORT}" in _one("ENV")
 
 
-def test_healthcheck_fetches_metrics_with_python() -> None:
+def test_healthcheck_asks_the_liveness_endpoint_with_python() -> None:
     health = _one("HEALTHCHECK")
     options, _, command = health.partition(" CMD ")
     assert "--start-period=" in options  # the probes compile first
     argv = json.loads(command)
     assert argv[:2] == ["python", "-c"]
-    assert "/metrics" in argv[2] and "KVM_COMPLETION_TRACER_METRICS_PORT" in argv[2]
+    # /-/healthy (the event loop polls), not /metrics (answered by its own thread regardless).
+    assert "/-/healthy" in HEALTH_CHECKS
+    assert "'/-/healthy'" in argv[2] and "/metrics" not in argv[2]
+    assert "KVM_COMPLETION_TRACER_METRICS_PORT" in argv[2]
     compile(argv[2], "<healthcheck>", "exec")
     assert "curl" not in health and "wget" not in health
 
@@ -249,6 +259,7 @@ def test_readme_run_line_privileges_and_mounts() -> None:
     assert "--privileged" not in run["flags"]  # type: ignore[operator]
     assert run["caps_dropped"] == {"ALL"}
     assert run["caps_added"] == CAPABILITIES
+    assert run["security_opts"] == SECURITY_OPTS
     assert run["mounts"] == REQUIRED_MOUNTS
 
 

@@ -5,8 +5,10 @@ Validators (both from the dev extra, no cluster and no network):
 
 - built-in kinds (Namespace, ServiceAccount, DaemonSet, Service): ``kubernetes-validate``, which
   bundles the Kubernetes OpenAPI-derived JSON schemas; its *strict* schemas also reject unknown
-  fields.  Checked against the oldest and the newest Kubernetes minor it ships a schema for
-  (capabilities such as BPF/PERFMON are plain strings to the API, so old minors accept them).
+  fields.  Checked against the oldest Kubernetes minor the DaemonSet supports (1.30:
+  ``securityContext.appArmorProfile``) and the newest one it ships a schema for (capabilities
+  such as BPF/PERFMON are plain strings to the API, so old minors accept them); the oldest
+  shipped minor accepts everything but that field (its clusters use the annotation).
 - prometheus-operator CRDs (PodMonitor, PrometheusRule): ``cloudcoil-models-prometheus-operator``,
   pydantic models generated from the operator's CRD ``openAPIV3Schema`` (types, enums, patterns
   such as the Duration regex, required fields).  The models ignore unknown keys, so a document is
@@ -36,7 +38,7 @@ from cloudcoil.models.prometheus_operator.v1 import PodMonitor, PrometheusRule
 from kubernetes_validate import utils as kv_utils
 
 from tracer import __version__
-from tracer.metrics import DEFAULT_METRICS_PORT
+from tracer.metrics import DEFAULT_METRICS_PORT, HEALTH_CHECKS
 
 ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "deploy" / "kubernetes"
@@ -45,6 +47,7 @@ GENERATOR = ROOT / "scripts" / "gen-prometheusrule.py"
 NAME = "kvm-completion-tracer"
 NAMESPACE = "kvm-completion-tracer"
 CAPABILITIES = ["BPF", "PERFMON", "SYS_PTRACE", "DAC_READ_SEARCH"]  # as the container's
+MIN_KUBERNETES = "1.30"  # securityContext.appArmorProfile
 CRD_MODELS: dict[str, type[pydantic.BaseModel]] = {
     "PodMonitor": PodMonitor,
     "PrometheusRule": PrometheusRule,
@@ -82,12 +85,18 @@ def _named_port(name: str) -> int:
     return int(ports[name])
 
 
+def _minor(version: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in version.split("."))
+
+
+def _shipped_versions() -> list[str]:
+    return sorted({kv_utils.major_minor(v) for v in kv_utils.all_versions()}, key=_minor)
+
+
 def _kubernetes_versions() -> list[str]:
-    versions = sorted(
-        {kv_utils.major_minor(v) for v in kv_utils.all_versions()},
-        key=lambda v: tuple(int(x) for x in v.split(".")),
-    )
-    return [versions[0], versions[-1]]
+    versions = _shipped_versions()
+    assert MIN_KUBERNETES in versions
+    return [MIN_KUBERNETES, versions[-1]]
 
 
 def _crd_round_trip(doc: dict[str, Any]) -> dict[str, Any]:
@@ -130,6 +139,19 @@ def test_builtin_kinds_validate_strictly(version: str) -> None:
             pytest.fail(f"{name} ({doc['kind']}) against Kubernetes {version}: {err.message}")
         checked += 1
     assert checked == 4
+
+
+def test_older_clusters_differ_only_by_the_apparmor_field() -> None:
+    # Before 1.30 the API has no appArmorProfile (strict validation rejects it; the DaemonSet's
+    # header says to apply with --validate=warn there) and the annotation alone confines.
+    oldest = _shipped_versions()[0]
+    assert _minor(oldest) < _minor(MIN_KUBERNETES)
+    daemonset = copy.deepcopy(_one("DaemonSet"))
+    with pytest.raises(kubernetes_validate.ValidationError, match="appArmorProfile"):
+        kubernetes_validate.validate(daemonset, oldest, strict=True)
+    del daemonset["spec"]["template"]["spec"]["containers"][0]["securityContext"][
+        "appArmorProfile"]
+    kubernetes_validate.validate(daemonset, oldest, strict=True)
 
 
 def test_builtin_validator_rejects_mistakes() -> None:
@@ -213,9 +235,11 @@ def test_metrics_port_everywhere() -> None:
     args = container["args"]
     i = args.index("--metrics-addr")
     assert args[i + 1] == f"0.0.0.0:{DEFAULT_METRICS_PORT}"
-    for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+    paths = {"startupProbe": "/-/healthy", "livenessProbe": "/-/healthy",
+             "readinessProbe": "/-/ready"}
+    for probe, path in paths.items():
         get = container[probe]["httpGet"]
-        assert get["path"] == "/metrics", probe
+        assert get["path"] == path and path in HEALTH_CHECKS, probe  # the daemon serves it
         port = get["port"]
         assert (_named_port(port) if isinstance(port, str) else port) == DEFAULT_METRICS_PORT
     (service_port,) = _one("Service")["spec"]["ports"]
@@ -224,6 +248,20 @@ def test_metrics_port_everywhere() -> None:
     for endpoint in _one("PodMonitor")["spec"]["podMetricsEndpoints"]:
         assert _named_port(endpoint["port"]) == DEFAULT_METRICS_PORT
         assert endpoint["path"] == "/metrics"
+
+
+def test_probe_timing_fits_the_start_up() -> None:
+    # The probes compile in ~2 s (longer on a throttled node): the startup probe must allow
+    # minutes before the kubelet gives up, and liveness must not be quicker than its own
+    # timeout allows.
+    container = _container()
+    startup = container["startupProbe"]
+    assert startup["periodSeconds"] * startup["failureThreshold"] >= 120
+    assert startup.get("initialDelaySeconds", 0) >= 2
+    for name in ("livenessProbe", "readinessProbe"):
+        probe = container[name]
+        assert probe["timeoutSeconds"] <= probe["periodSeconds"], name
+        assert probe["failureThreshold"] >= 2, name
 
 
 def test_args_are_the_images_default_arguments() -> None:
@@ -257,6 +295,12 @@ def test_pod_privileges() -> None:
     assert security["privileged"] is False
     assert security["capabilities"] == {"drop": ["ALL"], "add": CAPABILITIES}
     assert security["readOnlyRootFilesystem"] is True
+    # AppArmor's default container profiles deny ptrace reads of the host's VMMs: the field
+    # (>= 1.30) and the annotation (older clusters), agreeing, on this container.
+    assert security["appArmorProfile"] == {"type": "Unconfined"}
+    annotations = _one("DaemonSet")["spec"]["template"]["metadata"]["annotations"]
+    key = f"container.apparmor.security.beta.kubernetes.io/{_container()['name']}"
+    assert annotations == {key: "unconfined"}
 
 
 def test_capabilities_and_mounts_match_the_container() -> None:

@@ -20,8 +20,11 @@ from tracer.metrics import (
     ExporterHealth,
     MetricsConfigError,
     MetricsOptions,
+    liveness,
     parse_addr,
+    readiness,
     start_server,
+    with_health,
 )
 from tracer.model import ProbeModel
 from tracer.policy import PolicyOverrides, build_policy
@@ -29,6 +32,7 @@ from tracer.tracker import Tracker
 from tracer.vmident import VmIdentity
 
 PID, TID, VM_FD = 4242, 4243, 3
+OTHER = 5151  # a second process
 IO = abi.EXIT_REASON_BY_NAME["KVM_EXIT_IO"]
 HLT = abi.EXIT_REASON_BY_NAME["KVM_EXIT_HLT"]
 GET_REGS = abi.IOCTL_BY_NAME["KVM_GET_REGS"].number
@@ -100,27 +104,37 @@ class Rig:
         for ev in self.model.drain():
             self.tracker.handle(ev)
 
+    # One vCPU thread per process (tid pid + 1, so TID for PID).
     def vcpu(self, fd: int, vcpu_id: int = 0, pid: int = PID) -> None:
-        self.model.ioctl_enter(pid, TID, VM_FD, abi.KVM_CREATE_VCPU, vcpu_id)
-        self.model.ioctl_exit(pid, TID, fd)
+        self.model.ioctl_enter(pid, pid + 1, VM_FD, abi.KVM_CREATE_VCPU, vcpu_id)
+        self.model.ioctl_exit(pid, pid + 1, fd)
         self.flush()
 
     def run(self, fd: int, reason: int, access: Any = None, pid: int = PID) -> None:
-        self.model.ioctl_enter(pid, TID, fd, abi.KVM_RUN)
-        self.model.userspace_exit(TID, reason, 0, access)
+        self.model.ioctl_enter(pid, pid + 1, fd, abi.KVM_RUN)
+        self.model.userspace_exit(pid + 1, reason, 0, access)
         self.flush()
 
     def ioctl(self, fd: int, cmd: int, pid: int = PID) -> None:
-        self.model.ioctl_enter(pid, TID, fd, cmd)
-        self.model.ioctl_exit(pid, TID, 0)
+        self.model.ioctl_enter(pid, pid + 1, fd, cmd)
+        self.model.ioctl_exit(pid, pid + 1, 0)
         self.flush()
+
+    def exit_process(self, pid: int) -> None:
+        """As the probes do: the process's guest-exit entries go with it."""
+        self.model.process_exit(pid)
+        self.flush()
+        self.probes.guest = {k: v for k, v in self.probes.guest.items() if k[0] != pid}
 
     def scrape(self) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
         text = generate_latest(self.registry).decode()
         out = {}
         for family in text_string_to_metric_families(text):  # raises on a broken exposition
             for sample in family.samples:
-                out[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+                key = (sample.name, tuple(sorted(sample.labels.items())))
+                # The parser accepts a series twice; Prometheus rejects such a scrape.
+                assert key not in out, f"duplicate series {key}"
+                out[key] = sample.value
         return out
 
 
@@ -258,7 +272,7 @@ def test_per_vcpu_series_are_opt_in_and_capped() -> None:
     got = capped.scrape()
     assert sorted(dict(k[1])["vcpu"] for k in got if k[0] == "kvm_completion_vcpu_pending") \
         == ["0", "1", "2"]
-    assert value(got, "kvm_completion_vcpu_pending", vm="vm", vcpu="0") == 1
+    assert value(got, "kvm_completion_vcpu_pending", vm="vm", pid=str(PID), vcpu="0") == 1
     assert value(got, "kvm_completion_vcpu_series_dropped") == 2
 
 
@@ -291,6 +305,137 @@ def test_retired_counts_are_added_to_the_live_ones() -> None:
     rig.run(5, IO, OUT)
     assert value(rig.scrape(), "kvm_completion_userspace_exits_total", vm="vm",
                  exit_reason="KVM_EXIT_IO") == 11
+
+
+def _counter_samples(got: dict[tuple[str, tuple[tuple[str, str], ...]], float],
+                     vm: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    return {k: v for k, v in got.items()
+            if k[0].endswith(("_total", "_bucket", "_count", "_sum")) and ("vm", vm) in k[1]}
+
+
+def test_two_processes_with_one_vm_name_give_one_series_each() -> None:
+    # Two `qemu -name guest=x` on one host (or a restarted VM whose old process lingers).
+    rig = Rig({PID: "x", OTHER: "x"}, per_vcpu=True)
+    for pid in (PID, OTHER):
+        rig.vcpu(fd=5, vcpu_id=0, pid=pid)
+        rig.run(5, IO, OUT, pid=pid)
+    rig.probes.guest = {(PID, 0, 1, 30): 4, (OTHER, 0, 1, 30): 3}
+    got = rig.scrape()  # no duplicate series (Rig.scrape checks)
+    assert value(got, "kvm_completion_vcpu_pending", vm="x", pid=str(PID), vcpu="0") == 1
+    assert value(got, "kvm_completion_vcpu_pending", vm="x", pid=str(OTHER), vcpu="0") == 1
+    assert value(got, "kvm_completion_pending_vcpus", vm="x") == 2
+    assert value(got, "kvm_completion_vcpus", vm="x") == 2
+    assert value(got, "kvm_completion_userspace_exits_total", vm="x",
+                 exit_reason="KVM_EXIT_IO") == 2
+    assert value(got, "kvm_completion_guest_exits_total", vm="x", isa="vmx",
+                 reason="IO_INSTRUCTION") == 7
+    for pid in (PID, OTHER):
+        assert value(got, "kvm_completion_vm_info", vm="x", pid=str(pid), vmm="qemu",
+                     uuid="") == 1
+
+
+def test_a_shared_vm_names_counters_stay_monotonic_when_one_process_exits() -> None:
+    rig = Rig({PID: "x", OTHER: "x"})
+    for pid in (PID, OTHER):
+        rig.vcpu(fd=5, vcpu_id=0, pid=pid)
+        rig.run(5, IO, OUT, pid=pid)
+        rig.ioctl(5, GET_REGS, pid=pid)
+        rig.run(5, HLT, pid=pid)
+    rig.probes.guest = {(PID, 0, 1, 30): 4, (OTHER, 0, 1, 30): 3, (OTHER, 0, 1, 12): 2}
+    before = _counter_samples(rig.scrape(), "x")
+    assert len(before) > 20  # exits, completions, histogram, violations, guest exits
+    rig.exit_process(OTHER)
+    rig.probes.guest[(PID, 0, 1, 30)] = 5
+    after = _counter_samples(rig.scrape(), "x")
+    assert set(after) == set(before)
+    assert all(after[k] >= v for k, v in before.items()), {
+        k: (v, after[k]) for k, v in before.items() if after[k] < v}
+    assert value(after, "kvm_completion_guest_exits_total", vm="x", isa="vmx",
+                 reason="IO_INSTRUCTION") == 8  # 5 live + the 3 of the process gone
+    assert value(after, "kvm_completion_guest_exits_total", vm="x", isa="vmx",
+                 reason="HLT") == 2
+
+
+def test_guest_exit_counts_of_gone_processes_are_kept_then_pruned() -> None:
+    rig = Rig({PID: "vm"})
+    rig.vcpu(fd=5)
+    rig.probes.guest = {(PID, 0, 1, 30): 9}
+    rig.scrape()
+    rig.probes.guest = {(PID, 0, 1, 30): 2}  # the pid was reused between two scrapes
+    io = {"vm": "vm", "isa": "vmx", "reason": "IO_INSTRUCTION"}
+    assert value(rig.scrape(), "kvm_completion_guest_exits_total", **io) == 11
+    rig.probes.fail = True  # an unreadable map keeps the last counts, not zero
+    assert value(rig.scrape(), "kvm_completion_guest_exits_total", **io) == 11
+    rig.probes.fail = False
+    rig.exit_process(PID)
+    assert value(rig.scrape(), "kvm_completion_guest_exits_total", **io) == 11
+    assert rig.tracker.prune_gone(0.0) == ["vm"]  # retain_gone_s over: the VM's series go
+    assert value(rig.scrape(), "kvm_completion_guest_exits_total", **io) is None
+
+
+# --- /-/ready and /-/healthy -----------------------------------------------------------------
+
+
+def test_readiness_and_liveness_through_the_lifecycle() -> None:
+    health = ExporterHealth()
+    assert readiness(health, 0.0) == (False, "not ready: compiling and attaching the probes")
+    assert liveness(health, 0.0) == (False, "event loop not started: compiling and attaching "
+                                            "the probes")
+    health.expected_probes = EXPECTED
+    health.stall_after_s = 10.0
+    health.mark_ready(EXPECTED[:1], 100.0)
+    assert readiness(health, 100.0) == (False, "not ready: probes not attached: "
+                                               "syscalls:sys_enter_ioctl")
+    health.mark_ready(EXPECTED, 100.0)
+    assert readiness(health, 101.0) == (True, "ready: watching, 2 probes attached")
+    assert liveness(health, 110.0) == (True, "healthy: last ring-buffer poll 10.0 s ago")
+    stalled = (False, "event loop stalled: last ring-buffer poll 10.5 s ago (limit 10 s)")
+    assert liveness(health, 110.5) == stalled
+    assert readiness(health, 110.5) == (False, f"not ready: {stalled[1]}")
+    health.loop_beat = 110.0
+    assert readiness(health, 110.5)[0] and liveness(health, 110.5)[0]
+    health.stopping = True
+    assert readiness(health, 110.5) == (False, "not ready: stopping")
+    assert liveness(health, 110.5)[0]  # still alive: restarting it would not help
+
+
+def _call(app: Any, path: str, method: str = "GET") -> tuple[str, dict[str, str], bytes]:
+    from wsgiref.util import setup_testing_defaults
+
+    environ: dict[str, Any] = {"PATH_INFO": path, "REQUEST_METHOD": method}
+    setup_testing_defaults(environ)
+    got: dict[str, Any] = {}
+
+    def start_response(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
+        got["status"], got["headers"] = status, dict(headers)
+
+    body = b"".join(app(environ, start_response))
+    return got["status"], got["headers"], body
+
+
+def test_health_paths_are_routed_before_the_metrics() -> None:
+    def metrics_app(environ: Any, start_response: Any) -> list[bytes]:
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return [f"metrics for {environ['PATH_INFO']}".encode()]
+
+    now = [0.0]
+    health = ExporterHealth(expected_probes=EXPECTED)
+    app = with_health(metrics_app, health, clock=lambda: now[0])
+    status, headers, body = _call(app, "/-/ready")
+    assert status == "503 Service Unavailable"
+    assert body == b"not ready: compiling and attaching the probes\n"
+    assert headers["Content-Length"] == str(len(body))
+    assert _call(app, "/-/healthy")[0].startswith("503")
+    health.mark_ready(EXPECTED, 0.0)
+    now[0] = 1.0
+    assert _call(app, "/-/ready")[:3:2] == ("200 OK", b"ready: watching, 2 probes attached\n")
+    assert _call(app, "/-/healthy")[0] == "200 OK"
+    head = _call(app, "/-/healthy", "HEAD")
+    assert head[0] == "200 OK" and head[2] == b"" and int(head[1]["Content-Length"]) > 0
+    assert _call(app, "/-/ready", "POST")[0] == "405 Method Not Allowed"
+    for path in ("/metrics", "/", "/-/readyz", "/-/ready/"):
+        assert _call(app, path) == ("200 OK", {"Content-Type": "text/plain"},
+                                    f"metrics for {path}".encode())
 
 
 @pytest.mark.parametrize(("addr", "expected"), [
@@ -327,19 +472,54 @@ def test_a_taken_port_is_one_clear_error() -> None:
             start_server(f"127.0.0.1:{port}", CollectorRegistry())
 
 
-def test_the_server_serves_and_stops() -> None:
-    import urllib.request
-
+def _free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+        return int(probe.getsockname()[1])
+
+
+def _get(url: str) -> tuple[int, str]:
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url, timeout=5) as resp:
+            return resp.status, resp.read().decode()
+    except urllib.error.HTTPError as err:
+        return err.code, err.read().decode()
+
+
+def test_the_server_serves_and_stops() -> None:
+    port = _free_port()
     rig = Rig({PID: "vm"})
     stop = start_server(f"127.0.0.1:{port}", rig.registry)
     try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
-            body = resp.read().decode()
-        assert resp.status == 200 and "kvm_completion_build_info" in body
+        status, body = _get(f"http://127.0.0.1:{port}/metrics")
+        assert status == 200 and "kvm_completion_build_info" in body
+        # Without a health state (the selftest's exporter) every path is the metrics.
+        assert "kvm_completion_build_info" in _get(f"http://127.0.0.1:{port}/-/ready")[1]
     finally:
         stop()
     with pytest.raises(OSError):
-        urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2)
+        _get(f"http://127.0.0.1:{port}/metrics")
+
+
+def test_the_server_answers_health_over_http() -> None:
+    import time
+
+    port = _free_port()
+    rig = Rig({PID: "vm"})
+    stop = start_server(f"127.0.0.1:{port}", rig.registry, rig.health)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        assert _get(f"{base}/-/ready") == (503, "not ready: compiling and attaching the probes\n")
+        assert _get(f"{base}/-/healthy")[0] == 503
+        rig.health.mark_ready(EXPECTED, time.monotonic())
+        assert _get(f"{base}/-/ready") == (200, "ready: watching, 2 probes attached\n")
+        assert _get(f"{base}/-/healthy")[0] == 200
+        rig.health.stopping = True
+        assert _get(f"{base}/-/ready") == (503, "not ready: stopping\n")
+        status, body = _get(f"{base}/metrics")
+        assert status == 200 and "kvm_completion_build_info" in body
+    finally:
+        stop()
