@@ -53,9 +53,10 @@ T_PER_EXIT_NS = 200.0
 T_SYSCALL_RATIO = 1.05
 T_CPU_PCT = 2.0
 T_LATENCY_P99_MS = 100.0
-# "Flat": the daemon's paired ratio to the baseline may move by this much (of a baseline exit,
-# ~300 ns here) between 1 and 1024 tracked vCPUs.
-T_SCALE_SPREAD = 0.05
+# "Flat": with 64 or 1024 tracked vCPUs the daemon's paired ratio to the baseline may exceed its
+# ratio with 1 by at most this much (of a baseline exit, ~300-400 ns here). One-sided: the
+# target is that cost does not grow with the vCPUs tracked; the spread is printed too.
+T_SCALE_GROWTH = 0.05
 SCALE_START_DELAY_S = 1.0  # kvmloop pause after creating the vCPUs: the tracer takes them in
 
 
@@ -684,15 +685,16 @@ def summarize(b: Bench, configs: list[str]) -> list[dict[str, Any]]:
         for c, rs in ratios.items():
             if len(rs) < 2:
                 continue
-            spread = max(rs) - min(rs)
-            rows.append({"row": "6 scale", "config": f"{c} ratio spread 1..{SCALE_VCPUS[-1]}",
-                         "median": spread, "min": None, "n": len(rs),
-                         "unit": "max-min of ratio", "ratio": None,
-                         "target": f"<= {T_SCALE_SPREAD:.2f}" if c == "daemon" else "",
-                         "result": ("PASS" if spread <= T_SCALE_SPREAD else "FAIL")
+            growth = max(rs[1:]) - rs[0]
+            rows.append({"row": "6 scale", "config": f"{c} ratio growth 1..{SCALE_VCPUS[-1]}",
+                         "median": growth, "min": None, "n": len(rs),
+                         "unit": "max(r_n) - r_1", "ratio": None,
+                         "target": f"<= {T_SCALE_GROWTH:.2f}" if c == "daemon" else "",
+                         "result": ("PASS" if growth <= T_SCALE_GROWTH else "FAIL")
                          if c == "daemon" else "",
-                         "note": "1 busy vCPU, the others idle; "
-                                 f"{SCALE_START_DELAY_S:.0f} s settle after creating them"})
+                         "note": f"spread (max-min) {max(rs) - min(rs):.3f}; 1 busy vCPU, the "
+                                 f"others idle, {SCALE_START_DELAY_S:.0f} s settle after "
+                                 "creating them"})
         d, b = ratios.get("daemon"), ratios.get("bpftrace")
         if d and b:
             cmp("6 scale", f"ratio at {SCALE_VCPUS[-1]} vCPUs", d[-1], b[-1], "x baseline")
@@ -703,7 +705,7 @@ def fmt(x: Any, unit: str = "") -> str:
     if x is None:
         return "-"
     if isinstance(x, float):
-        if unit in ("s", "max-min of ratio") or abs(x) < 10:
+        if unit in ("s", "max(r_n) - r_1") or abs(x) < 10:
             return f"{x:.3f}"
         return f"{x:.1f}" if abs(x) < 1000 else f"{x:.0f}"
     return str(x)

@@ -11,7 +11,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +29,14 @@ class DaemonProcess:
     ``state_dir``: the daemon's state directory; a private temporary one (removed at the end)
     unless given, e.g. to hand over across a restart."""
 
-    def __init__(self, *args: str, state_dir: Path | None = None) -> None:
+    TEST_ARGS: tuple[str, ...] = ("run", "--log-format", "json", "--log-level", "debug",
+                                  "--snapshot-idle", str(SNAPSHOT_IDLE_S))
+
+    def __init__(self, *args: str, state_dir: Path | None = None,
+                 base_args: Sequence[str] = TEST_ARGS, env: Mapping[str, str] | None = None,
+                 preexec_fn: Callable[[], None] | None = None) -> None:
+        """``python -m tracer`` with ``base_args`` (by default ``run`` as the tests want it),
+        a private state dir and metrics port, then ``args``."""
         fd, out_name = tempfile.mkstemp(prefix="kct-daemon-", suffix=".jsonl")
         efd, err_name = tempfile.mkstemp(prefix="kct-daemon-", suffix=".err")
         self.out, self.err = Path(out_name), Path(err_name)
@@ -38,10 +45,9 @@ class DaemonProcess:
         port = free_port()
         self.metrics_url = f"http://127.0.0.1:{port}/metrics"
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "tracer", "run", "--log-format", "json", "--log-level",
-             "debug", "--snapshot-idle", str(SNAPSHOT_IDLE_S), "--state-dir",
-             str(self.state_dir), "--metrics-addr", f"127.0.0.1:{port}", *args],
-            cwd=REPO, stdout=fd, stderr=efd)
+            [sys.executable, "-m", "tracer", *base_args, "--state-dir", str(self.state_dir),
+             "--metrics-addr", f"127.0.0.1:{port}", *args],
+            cwd=REPO, stdout=fd, stderr=efd, env=env, preexec_fn=preexec_fn)
         os.close(fd)
         os.close(efd)
         try:

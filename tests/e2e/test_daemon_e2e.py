@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 from conftest import requires_kvm_bpf
-from daemon_proc import DaemonProcess
+from daemon_proc import DaemonProcess, run_vmm
 
 from tracer.selftest import compare, expected_snapshots
 from tracer.vmm.report import ScenarioReport
@@ -34,15 +34,6 @@ def daemon() -> Iterator[DaemonProcess]:
     assert d.stop() == 0
     assert d.lines()[-1]["event"] == "stopped"
     d.cleanup()
-
-
-def run_vmm(scenario: str, iterations: int = 3, *extra: str) -> ScenarioReport:
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "report.json"
-        subprocess.run([sys.executable, "-m", "tracer.vmm", scenario, "--iterations",
-                        str(iterations), "--report", str(path), *extra], cwd=REPO, check=True,
-                       timeout=120)
-        return ScenarioReport.from_json(path.read_text())
 
 
 def verdicts(d: DaemonProcess, report: ScenarioReport) -> list[str]:

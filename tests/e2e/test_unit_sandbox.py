@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import free_port, requires_kvm_bpf
+from conftest import requires_kvm_bpf
 from daemon_proc import REPO, DaemonProcess, run_vmm
 from metrics_scrape import scrape, series
 from unit_sandbox import (
@@ -178,25 +178,10 @@ class SandboxedDaemon(DaemonProcess):
 
     def __init__(self, sb: Sandbox, config: Path, notify: Path) -> None:
         assert Path(sb.exec_start[0]).name == "kvm-completion-tracer", sb.exec_start  # = -m tracer
-        fd, out_name = tempfile.mkstemp(prefix="kct-sandboxed-", suffix=".jsonl")
-        efd, err_name = tempfile.mkstemp(prefix="kct-sandboxed-", suffix=".err")
-        self.out, self.err = Path(out_name), Path(err_name)
-        self.own_state_dir, self.state_dir = True, Path(tempfile.mkdtemp(prefix="kct-state-"))
-        port = free_port()
-        self.metrics_url = f"http://127.0.0.1:{port}/metrics"
         self.filters = build_filters(sb)
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "tracer", *sb.exec_start[1:], "--config", str(config),
-             "--state-dir", str(self.state_dir), "--metrics-addr", f"127.0.0.1:{port}"],
-            cwd=REPO, stdout=fd, stderr=efd, preexec_fn=preexec(sb, self.filters),
-            env=child_env(sb, {**os.environ, "NOTIFY_SOCKET": str(notify)}))
-        os.close(fd)
-        os.close(efd)
-        try:
-            self.wait_for(lambda e: e["event"] == "ready", timeout_s=90)
-        except BaseException:
-            self.kill()
-            raise
+        super().__init__("--config", str(config), base_args=sb.exec_start[1:],
+                         env=child_env(sb, {**os.environ, "NOTIFY_SOCKET": str(notify)}),
+                         preexec_fn=preexec(sb, self.filters))
 
 
 @pytest.fixture

@@ -63,7 +63,7 @@ def test_getppid_is_judged_against_the_floor_of_the_same_round() -> None:
         ("2 getppid", "daemon")]["result"] == "FAIL"
 
 
-def test_scale_spread_is_on_the_paired_ratio() -> None:
+def test_scale_growth_is_on_the_paired_ratio() -> None:
     def scale(ratios: list[float]) -> dict[str, Any]:
         out: dict[str, Any] = {}
         for n, r in zip(run.SCALE_VCPUS, ratios, strict=True):
@@ -73,7 +73,10 @@ def test_scale_spread_is_on_the_paired_ratio() -> None:
         return out
 
     flat = rows_for({"scale": scale([1.10, 1.12, 1.11])}, [])
-    spread = flat[("6 scale", "daemon ratio spread 1..1024")]
-    assert abs(spread["median"] - 0.02) < 1e-9 and spread["result"] == "PASS"
+    growth = flat[("6 scale", "daemon ratio growth 1..1024")]
+    assert abs(growth["median"] - 0.02) < 1e-9 and growth["result"] == "PASS"
+    # Cheaper with more vCPUs tracked is no growth (noise between runs of one size is ~0.05).
+    falling = rows_for({"scale": scale([1.16, 1.07, 1.06])}, [])
+    assert falling[("6 scale", "daemon ratio growth 1..1024")]["result"] == "PASS"
     growing = rows_for({"scale": scale([1.05, 1.08, 1.15])}, [])
-    assert growing[("6 scale", "daemon ratio spread 1..1024")]["result"] == "FAIL"
+    assert growing[("6 scale", "daemon ratio growth 1..1024")]["result"] == "FAIL"
