@@ -65,6 +65,7 @@ enum counter {
     C_PROC_MAP_FULL,
     C_GUEST_EXIT_MAP_FULL,
     C_GUEST_ENTRY_MAP_FULL,
+    C_UNKNOWN_FD_MAP_FULL,  // an LRU map evicts instead: only an allocation failure lands here
     C_ACCESS_READ_FAILED,  // kvm_run not readable when reporting: alert without the access
     C_UNTRACKED_EXITS,  // kvm_userspace_exit from a thread whose vCPU is unknown
     C_COUNTERS,
@@ -563,9 +564,8 @@ static __always_inline void ioctl_enter(s32 fd, u32 cmd, u64 arg)
                 maps_changed();  // its exits must not land on an older vCPU
             u8 one = 1;
             if (!unknown_fds.lookup(&fk)) {
-                // An LRU map evicts rather than fills; a failure is an allocation failure.
                 if (unknown_fds.update(&fk, &one))
-                    count(C_FD_MAP_FULL);
+                    count(C_UNKNOWN_FD_MAP_FULL);
                 proc_get(tgid);  // its close() calls are worth looking at from now on
                 emit_simple(EV_UNKNOWN_FD, tgid, tid, fk.fd, 0, 0, cmd);
             }
@@ -632,14 +632,19 @@ static __always_inline void on_vcpu_created(u32 tgid, u32 tid, struct inflight *
         return;
     }
     struct vcpu_state *st = vcpus.lookup(&uid);
+    if (!st) {  // deleted in between (Python cleaning up after its process): nothing to follow
+        vcpu_fds.delete(&fk);
+        maps_changed();
+        return;
+    }
     u32 one = 1;
     // Without its refs, or its process in procs (its close() calls are only looked at for
     // processes there), the vCPU cannot be followed: drop it, counted once under the map that
-    // refused it (proc_get counts its own).
-    int dropped = !st || vcpu_refs.update(&uid, &one);
-    if (dropped)
-        count(C_VCPU_MAP_FULL);  // !st: the entry just added is gone, i.e. the map is at its edge
-    if (dropped || !proc_get(tgid)) {
+    // refused it (vcpu_refs is sized like vcpus; proc_get counts procs itself).
+    int no_refs = vcpu_refs.update(&uid, &one) != 0;
+    if (no_refs)
+        count(C_VCPU_MAP_FULL);
+    if (no_refs || !proc_get(tgid)) {
         vcpu_refs.delete(&uid);
         vcpus.delete(&uid);
         vcpu_fds.delete(&fk);

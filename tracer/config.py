@@ -505,6 +505,12 @@ class Reloader:
             daemon.sink.notice("config_reload_failed", "error", path=str(self.path),
                                reason=str(err), kept=kept)
             return None
+        except Exception as err:  # a bug: never let a reload end the daemon
+            daemon.sink.notice("config_reload_failed", "error", path=str(self.path),
+                               reason=f"internal error: {_what(err)}",
+                               kept="the running configuration, possibly in part: restart the "
+                                    "daemon (and report this)")
+            return None
         self.running = plan.settings
         daemon.sink.notice("config_reloaded", "info", path=str(self.path),
                            changed=plan.applied)

@@ -35,14 +35,15 @@ def exits(*ns: float) -> list[dict[str, float]]:
 
 
 def test_per_exit_ratio_is_the_median_of_per_round_ratios() -> None:
-    # The host slows down in round 2: both configurations move, the paired ratio does not.
-    base, daemon = [5000.0, 6000.0, 5100.0], [5100.0, 6120.0, 5202.0]
+    # The host slows down from round 2's daemon run on: paired, that is one bad round of three;
+    # unpaired, the medians (5000 vs 6120) would say x1.22, a FAIL.
+    base, daemon = [5000.0, 5000.0, 6000.0], [5100.0, 6120.0, 6120.0]
     rows = rows_for({"per_exit": {"baseline": exits(*base), "daemon": exits(*daemon)}},
                     ["baseline", "daemon"])
     got = rows[("1 per-exit", "daemon")]
-    assert got["ratio"] == statistics.median(d / b for d, b in zip(daemon, base, strict=True))
+    assert abs(got["ratio"] - 1.02) < 1e-9  # the median of 1.02, 1.224, 1.02
     assert got["result"] == "PASS"  # x1.02 <= x1.03
-    assert "added +102 ns" in got["note"]
+    assert "added +120 ns" in got["note"]  # the median of 100, 1120, 120
 
 
 def test_per_exit_over_the_target_fails() -> None:

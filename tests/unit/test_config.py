@@ -549,6 +549,22 @@ def test_a_bad_config_file_on_reload_changes_nothing(live: Live) -> None:
     unchanged(live, lines, running)
 
 
+def test_an_unexpected_error_while_applying_is_logged_not_raised(
+        live: Live, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A bug past the validated steps (here: labels) must not end the daemon's loop.
+    def broken(labels: dict[str, str]) -> None:
+        raise KeyError("boom")
+
+    monkeypatch.setattr(live.daemon, "set_labels", broken)
+    running = live.reloader.running
+    lines = live.reload(CHANGED)
+    failed = lines[0]
+    assert failed["event"] == "config_reload_failed" and failed["level"] == "error"
+    assert failed["reason"] == "internal error: KeyError: 'boom'"
+    assert "restart" in failed["kept"]
+    assert live.reloader.running is running
+
+
 def test_a_refused_map_update_is_undone_and_changes_nothing(live: Live) -> None:
     probes = live.daemon.probes
     probes.fail_at = {probes.writes + 3}  # type: ignore[attr-defined]  # mid-way through

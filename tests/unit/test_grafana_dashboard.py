@@ -214,8 +214,8 @@ def test_plain_counter_functions_helper() -> None:
     assert plain_counter_functions(f"sum by (vm) (increase({sel}[$__rate_interval]))") == [
         f"increase({sel}[$__rate_interval])"]
     assert plain_counter_functions(f"sum(rate({sel}[5m]))") == [f"rate({sel}[5m])"]
-    # the brief's first idea: increase() masks the right-hand side once a new series has two
-    # samples, so it is still plain
+    # The obvious form, `increase(c[w]) or (c unless c offset w)`, fails: once a new series
+    # has two samples, increase() returns 0 and masks the right-hand side; so it is plain.
     naive = f"increase({sel}[1m]) or ({sel} unless {sel} offset 1m)"
     assert plain_counter_functions(naive) == [f"increase({sel}[1m])"]
     assert plain_counter_functions(f"sum by (vm) ({new_series_increase(sel, '1m')})") == []

@@ -45,3 +45,11 @@ def test_a_compile_error_points_at_the_headers() -> None:
 def test_not_root_says_so(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(probes.os, "geteuid", lambda: 1000)
     assert "needs root" in probes._explain_load_failure(Exception("anything"), "")
+
+
+def test_an_unreadable_header_is_a_header_problem() -> None:
+    got = probes._explain_load_failure(
+        Exception("Failed to compile BPF module <text>"),
+        "/lib/modules/6.1/build/include/linux/types.h:1:1: fatal error: cannot open file: "
+        "Permission denied\n")
+    assert "kernel headers must be installed" in got

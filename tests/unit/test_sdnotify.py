@@ -130,16 +130,16 @@ def test_a_manager_that_stops_reading_never_stalls_the_loop(
     import tracer.sdnotify as sdnotify
 
     _, path = listener
-    monkeypatch.setattr(sdnotify, "SEND_TIMEOUT_S", 0.3)
+    monkeypatch.setattr(sdnotify, "SEND_TIMEOUT_S", 1.0)
     clock = [0.0]
     n = Notifier({"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "2000000"}, clock=lambda: clock[0])
     assert _fill(path, n) > 0
     errors = n.errors
     t0 = time.monotonic()
     n.watchdog_tick()  # a ping into a full queue: dropped at once, counted
-    assert time.monotonic() - t0 < 0.1
+    assert time.monotonic() - t0 < 0.5  # no wait at all; loose for a loaded CI host
     assert n.errors == errors + 1
     t0 = time.monotonic()
     assert n.stopping() is False  # a state change waits, but only SEND_TIMEOUT_S
-    assert 0.25 <= time.monotonic() - t0 < 1.0
+    assert 0.9 <= time.monotonic() - t0 < 5.0
     assert n.errors == errors + 2
