@@ -79,7 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--ringbuf-pages", type=int, default=None, metavar="N",
                      help="ring buffer size in pages, a power of two (default 64)")
     run.add_argument("--max-vcpus", type=int, default=None, metavar="N",
-                     help="vCPUs tracked at once (sizes every BPF map, default 4096)")
+                     help="vCPUs tracked at once (sizes the per-vCPU, fd, thread and process "
+                          "maps, default 4096)")
     run.add_argument("--no-guest-exits", dest="guest_exits", action="store_const", const=False,
                      default=None, help="do not count guest exits (kvm:kvm_exit/kvm_entry: one "
                      "program run per guest exit on hardware KVM)")

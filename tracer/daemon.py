@@ -84,8 +84,6 @@ class Daemon:
                  health: ExporterHealth | None = None) -> None:
         self.options = options
         self.sink: AlertSink = sink or LogSink()
-        if isinstance(self.sink, LogSink):  # the static labels from the first line on
-            self.sink.labels = dict(options.labels)
         # Held by the loop while it handles events and by a scrape while it reads: the exporter's
         # HTTP thread sees the tracker between two events, never in the middle of one.
         self.lock = threading.Lock()
@@ -102,7 +100,7 @@ class Daemon:
         self.health = health if health is not None else ExporterHealth()
         self.health.expected_probes = self.probes.expected()
         self.health.bcc_version = bcc_version()
-        self.health.labels = dict(options.labels)
+        self.set_labels(options.labels)  # on every series and alert line from the first on
         self.health.stall_after_s = STALL_AFTER_S
         if registry is not None:
             registry.register(CompletionCollector(self.tracker, self.probes, self.lock,

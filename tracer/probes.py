@@ -149,14 +149,15 @@ def _without_guest_exit_probes(source: str, wanted: bool) -> tuple[str, list[str
     """kvm_exit/kvm_entry are x86-only: drop their programs where the kernel lacks them, or
     when the operator turned guest-exit counting off (``probes.guest_exits = false``)."""
     skipped = []
-    for event in ("kvm_exit", "kvm_entry"):
-        if not wanted or not _tracepoint_exists("kvm", event):
-            marker = f"TRACEPOINT_PROBE(kvm, {event})"
+    for probe in GUEST_EXIT_PROBES:
+        category, event = probe.split(":")
+        if not wanted or not _tracepoint_exists(category, event):
+            marker = f"TRACEPOINT_PROBE({category}, {event})"
             start = source.find(marker)
             end = source.find("\n}\n", start)
             if start >= 0 and end >= 0:
                 source = source[:start] + source[end + 3:]
-                skipped.append(f"kvm:{event}")
+                skipped.append(probe)
     return source, skipped
 
 
