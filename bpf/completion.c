@@ -53,6 +53,7 @@ enum event_flag {
     EV_F_QUIRK_7E_DISABLED = 2,
     EV_F_AT_RETURN = 4,
     EV_F_IMMEDIATE_EXIT = 8,
+    EV_F_WINDOW_OPEN = 16,  // EV_STATE_IOCTL sent because proc_state.open_windows > 0
 };
 
 // Indexes of the per-CPU `counters` array; tracer/probes.py names them (COUNTER_NAMES).
@@ -141,6 +142,11 @@ struct vcpu_state {
 // worth an event; its bits are the quirks the VMM turned off.
 struct proc_state {
     u64 quirks_disabled;  // KVM_X86_QUIRK_* bits the process disabled on a VM fd
+    // Windows of its vCPUs that have a report and are not closed yet. While there is one, a
+    // state ioctl on any of its vCPUs is sent too (EV_STATE_IOCTL): a restore, or a thread
+    // reading a second vCPU, decides what an earlier register peek was part of. Two reports
+    // racing on one window may count it twice: that costs extra events, never a verdict.
+    s64 open_windows;
 };
 
 struct inflight {
@@ -262,9 +268,18 @@ static __always_inline u32 quirk_flags(u32 tgid)
     return (p && (p->quirks_disabled & QUIRK_OUT_7E_INC_RIP)) ? EV_F_QUIRK_7E_DISABLED : 0;
 }
 
+static __always_inline void open_windows_add(u32 tgid, s64 delta)
+{
+    struct proc_state *p = procs.lookup(&tgid);
+    if (p && (delta > 0 || p->open_windows > 0))
+        __sync_fetch_and_add(&p->open_windows, delta);
+}
+
 static __always_inline void report_violation(u32 tgid, u32 tid, s32 fd, u32 cmd, u64 uid,
                                              struct vcpu_state *st, u32 extra_flags)
 {
+    if (!st->window_reports)
+        open_windows_add(tgid, 1);
     __sync_fetch_and_add(&st->window_reports, 1);
     struct event *ev = new_event(EV_VIOLATION, tgid, tid);
     if (!ev)
@@ -327,8 +342,11 @@ static __always_inline void forget_fd(u32 tgid, u32 tid, struct fd_key *key)
         vcpu_refs.delete(&uid);
         // Python reads its statistics then deletes it (on this event, or its sweep).
         struct vcpu_state *st = vcpus.lookup(&uid);
-        if (st)
+        if (st) {
+            if (st->state == VCPU_PENDING && st->window_reports)
+                open_windows_add(tgid, -1);
             st->state = VCPU_CLOSED;
+        }
     }
     emit_simple(EV_VCPU_FD_CLOSED, tgid, tid, key->fd, vcpu_id, uid, left);
 }
@@ -368,6 +386,7 @@ static __always_inline void on_run_enter(u32 tgid, u32 tid, s32 fd, u64 uid,
         }
 #endif
         if (st->window_reports) {
+            open_windows_add(tgid, -1);
             struct event *ev = new_event(EV_WINDOW_CLOSED, tgid, tid);
             if (ev) {
                 fill_vcpu(ev, uid, st);
@@ -594,16 +613,23 @@ static __always_inline void ioctl_enter(s32 fd, u32 cmd, u64 arg)
                                .vcpu_id = st->vcpu_id};
         stash(tid, &inf);
     }
-#ifdef TRACE_EXITS
+    u32 flags = 0;
+#ifndef TRACE_EXITS
+    // Only while a window of this process has reports: the rare path (see proc_state).
+    struct proc_state *p = procs.lookup(&tgid);
+    if (!p || p->open_windows <= 0)
+        return;
+    flags = EV_F_WINDOW_OPEN;
+#endif
     struct event *ev = new_event(EV_STATE_IOCTL, tgid, tid);
     if (ev) {
         fill_vcpu(ev, uid, st);
         ev->fd = fk.fd;
         ev->cmd = cmd;
         ev->aux = state;
+        ev->flags = flags;
         events.ringbuf_submit(ev, 0);
     }
-#endif
 }
 
 static __always_inline void on_vcpu_created(u32 tgid, u32 tid, struct inflight *inf, s32 fd)

@@ -36,6 +36,14 @@ class ViolationAlert:
     detected_at: str  # "ioctl_entry" | "ioctl_return"
     window: int  # per-vCPU id of the pending window (count of completion-needing exits)
     sanctioned: bool = False
+    # What decided the verdict: "ioctl" (the ioctl alone: alerted at once), or for a register
+    # peek held until its window showed what it was part of: "snapshot" (more state read in
+    # the window), "second_vcpu" (the same thread read another vCPU), "restore" (state written
+    # in the process), "vcpu_closed", "process_exit", "idle" (never completed in time); for an
+    # inspection: "reentry" | "immediate_exit" (the window closed by completion).
+    judged_on: str = "ioctl"
+    # The offending ioctl's user-space stack, symbolized (tracer.symbolize.UserStack.to_dict()).
+    stack: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -64,6 +72,8 @@ class AlertSink(Protocol):
 
     def snapshot(self, alert: SnapshotAlert) -> None: ...
 
+    def inspection(self, alert: ViolationAlert) -> None: ...
+
     def notice(self, event: str, level: str, **fields: Any) -> None: ...
 
 
@@ -74,6 +84,7 @@ class MemorySink:
     violations: list[ViolationAlert] = field(default_factory=list)
     sanctions: list[ViolationAlert] = field(default_factory=list)
     snapshots: list[SnapshotAlert] = field(default_factory=list)
+    inspections: list[ViolationAlert] = field(default_factory=list)
     notices: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
 
     def violation(self, alert: ViolationAlert) -> None:
@@ -84,6 +95,9 @@ class MemorySink:
 
     def snapshot(self, alert: SnapshotAlert) -> None:
         self.snapshots.append(alert)
+
+    def inspection(self, alert: ViolationAlert) -> None:
+        self.inspections.append(alert)
 
     def notice(self, event: str, level: str, **fields: Any) -> None:
         self.notices.append((event, fields))
@@ -134,15 +148,26 @@ class LogSink:
     def violation(self, alert: ViolationAlert) -> None:
         fields = asdict(alert)
         fields.pop("sanctioned")
+        if fields["stack"] is None:
+            fields.pop("stack")
         self._emit(_level_for(alert.severity), "completion_violation", **fields)
 
     def sanctioned(self, alert: ViolationAlert) -> None:
         fields = asdict(alert)
         fields.pop("sanctioned")
+        fields.pop("stack")
         self._emit("debug", "completion_sanctioned", **fields)
 
     def snapshot(self, alert: SnapshotAlert) -> None:
         self._emit(_level_for(alert.severity), "completion_snapshot", **asdict(alert))
+
+    def inspection(self, alert: ViolationAlert) -> None:
+        # A register peek completed before anything else touched the vCPU: correct use of the
+        # ABI, counted (kvm_completion_inspections_total) and logged for debugging only.
+        fields = asdict(alert)
+        for key in ("sanctioned", "stack"):
+            fields.pop(key)
+        self._emit("debug", "completion_inspection", **fields)
 
     def notice(self, event: str, level: str, **fields: Any) -> None:
         self._emit(level, event, **fields)

@@ -46,6 +46,10 @@ def _policy_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--severity", action="append", default=[], metavar="KIND[:EXIT]=LEVEL",
                        help="override a severity, e.g. save:KVM_EXIT_MMIO=critical")
     group.add_argument("--arch", help="policy architecture (default: this host's)")
+    group.add_argument("--inspection", choices=("benign", "violation"), default=None,
+                       help="a register peek (KVM_GET_REGS) whose exit is then completed with "
+                            "nothing else read or written: benign (default: counted, not "
+                            "alerted) or violation (strict: alerted at once)")
 
 
 def _log_args(parser: argparse.ArgumentParser, from_config: bool = False) -> None:
@@ -140,7 +144,7 @@ def _policy_flags(args: argparse.Namespace) -> PolicyOverrides:
         _checked_policy_flag(flag, item, alone)
     return PolicyOverrides(arch=args.arch, extra_pending_exits=args.extra_pending_exit,
                            ignored_exits=args.ignore_exit, disabled_sanctions=args.no_sanction,
-                           severities=severities)
+                           severities=severities, inspection=args.inspection)
 
 
 # flag (argparse dest) -> config key; the flag's value is checked by that key's rules.

@@ -238,6 +238,7 @@ class Daemon:
         self.probes.poll(0)  # drain what is already in the ring
         with self.lock:
             self.tracker.tick()
+            self.tracker.flush_held()
 
     def write_handover(self) -> int:
         """Before the probes detach: the vCPUs with a completion pending, for the next
@@ -290,6 +291,7 @@ class Daemon:
             "guest_entries": sum(self.probes.guest_entry_counts().values()),
             "violations": sum(stats.violations.values()),
             "sanctioned": sum(stats.sanctioned.values()),
+            "inspections": sum(stats.inspections.values()),
             "snapshots": sum(stats.snapshots.values()),
             "events_lost": counters["events_lost"],
         }

@@ -354,6 +354,12 @@ class CompletionCollector(Collector):
                                "allows (e.g. QEMU's port 0x7e sync).", ["vm", "rule"])
         for (vm, rule), count in sorted(stats.sanctioned.items()):
             f.add(sanctioned, [vm, rule], count)
+        inspections = f.counter("inspections", "Register peeks (policy peek_ioctls) whose "
+                                "window then closed by completion with nothing else read or "
+                                "written: correct use of the ABI, not alerted.",
+                                ["vm", "ioctl", "exit_reason"])
+        for ikey, count in sorted(stats.inspections.items()):
+            f.add(inspections, list(ikey), count)
 
     def _guest_exits(self, f: _Families, guest: dict[tuple[int, int, int, int], int] | None,
                      names: dict[int, VmIdentity]) -> None:

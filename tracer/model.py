@@ -55,6 +55,7 @@ class ProbeModel:
     inflight: dict[int, _Inflight] = field(default_factory=dict)
     quirks_disabled: dict[int, int] = field(default_factory=dict)  # pid -> mask
     procs: set[int] = field(default_factory=set)
+    open_windows: dict[int, int] = field(default_factory=dict)  # pid -> windows with reports
     out: list[KernelEvent] = field(default_factory=list)
     _next_uid: int = 0
 
@@ -88,12 +89,20 @@ class ProbeModel:
                 vcpu.fd_refs -= 1
                 left = vcpu.fd_refs
             else:
+                if vcpu.state is RunState.PENDING and vcpu.window_reports:
+                    self._open_windows_add(pid, -1)
                 vcpu.fd_refs, vcpu.state = 0, RunState.CLOSED
         self._emit(EventType.VCPU_FD_CLOSED, pid, tid, fd=fd, aux=left, vcpu_id=vcpu_id,
                    uid=uid)
 
+    def _open_windows_add(self, pid: int, delta: int) -> None:
+        if pid in self.procs and (delta > 0 or self.open_windows.get(pid, 0) > 0):
+            self.open_windows[pid] = self.open_windows.get(pid, 0) + delta
+
     def _report(self, pid: int, tid: int, fd: int, cmd: int, vcpu: ModelVcpu,
                 extra: EventFlag = NO_FLAGS) -> None:
+        if not vcpu.window_reports:
+            self._open_windows_add(pid, 1)
         vcpu.window_reports += 1
         if self.quirks_disabled.get(pid, 0) & abi.KVM_X86_QUIRK_OUT_7E_INC_RIP:
             extra |= EventFlag.QUIRK_7E_DISABLED
@@ -117,6 +126,7 @@ class ProbeModel:
             if vcpu.state is RunState.PENDING:
                 vcpu.completing = True  # the path is counted when this KVM_RUN returns
             if vcpu.state is RunState.PENDING and vcpu.window_reports:
+                self._open_windows_add(pid, -1)
                 self._emit(EventType.WINDOW_CLOSED, pid, tid, vcpu=vcpu,
                            aux=vcpu.window_reports,
                            flags=EventFlag.IMMEDIATE_EXIT if immediate_exit else NO_FLAGS)
@@ -128,8 +138,12 @@ class ProbeModel:
             return
         if vcpu.state is RunState.PENDING:
             self._report(pid, tid, fd, cmd, vcpu)
-        elif vcpu.state is RunState.RUNNING:
+            return
+        if vcpu.state is RunState.RUNNING:
             self.inflight[tid] = _Inflight("state_while_running", fd, cmd, uid, vcpu.seq)
+        if self.open_windows.get(pid, 0) > 0:  # what a held register peek was part of
+            self._emit(EventType.STATE_IOCTL, pid, tid, fd=fd, cmd=cmd, vcpu=vcpu,
+                       aux=int(vcpu.state), flags=EventFlag.WINDOW_OPEN)
 
     def ioctl_exit(self, pid: int, tid: int, ret: int) -> None:
         inf = self.inflight.pop(tid, None)
@@ -206,6 +220,7 @@ class ProbeModel:
         if pid in self.procs:
             self.procs.discard(pid)
             self.quirks_disabled.pop(pid, None)
+            self.open_windows.pop(pid, None)
             self._emit(EventType.PROCESS_EXIT, pid, pid)
 
     # ---- what the tracker asks of the probes (ProbeControl) ------------------------------------

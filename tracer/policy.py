@@ -57,6 +57,19 @@ class Severity(enum.Enum):
     CRITICAL = "critical"
 
 
+class Inspection(enum.Enum):
+    """What a register peek that is then completed counts as (policy key ``inspection``)."""
+
+    BENIGN = "benign"  # counted as an inspection, not alerted (the default)
+    VIOLATION = "violation"  # strict: every save mid-completion is a violation at once
+
+
+# Save ioctls a VMM issues to decode a request (read RDI, RAX, ...): one of these alone in a
+# window that then closes by completion is an inspection. Every other save ioctl is more than the
+# general registers, and so part of a snapshot (KVM_GET_SREGS, _XSAVE, _MSRS, _VCPU_EVENTS, ...).
+DEFAULT_PEEK_IOCTLS: Final = ("KVM_GET_REGS", "KVM_GET_ONE_REG")
+
+
 class Sanction(enum.Enum):
     """Named exceptions an operator can switch off (``--no-sanction NAME``)."""
 
@@ -79,6 +92,13 @@ class CompletionPolicy:
     sanctions: frozenset[Sanction] = frozenset(Sanction)
     # Overrides keyed by (kind, exit reason name) or (kind, "*").
     severities: Mapping[tuple[str, str], Severity] = field(default_factory=dict)
+    inspection: Inspection = Inspection.BENIGN
+    peek_ioctls: frozenset[str] = frozenset(DEFAULT_PEEK_IOCTLS)
+
+    def is_peek(self, ioctl: str) -> bool:
+        """Whether a save through ``ioctl`` mid-completion waits for the window's outcome
+        (an inspection if it then closes by completion) instead of being a violation at once."""
+        return self.inspection is Inspection.BENIGN and ioctl in self.peek_ioctls
 
     def leaves_pending(self, exit_reason: int) -> bool:
         return exit_reason in self.pending_exits
@@ -192,6 +212,8 @@ class PolicyOverrides:
     ignored_exits: list[str] = field(default_factory=list)
     disabled_sanctions: list[str] = field(default_factory=list)
     severities: dict[str, str] = field(default_factory=dict)  # "save:KVM_EXIT_MMIO" -> "error"
+    inspection: str | None = None  # "benign" | "violation"
+    peek_ioctls: list[str] | None = None  # replaces DEFAULT_PEEK_IOCTLS
 
     def merged(self, other: PolicyOverrides) -> PolicyOverrides:
         """``other`` (CLI flags) on top of ``self`` (file)."""
@@ -201,11 +223,13 @@ class PolicyOverrides:
             ignored_exits=self.ignored_exits + other.ignored_exits,
             disabled_sanctions=self.disabled_sanctions + other.disabled_sanctions,
             severities={**self.severities, **other.severities},
+            inspection=other.inspection or self.inspection,
+            peek_ioctls=other.peek_ioctls if other.peek_ioctls is not None else self.peek_ioctls,
         )
 
 
 _POLICY_KEYS: Final = {"arch", "extra_pending_exits", "ignored_exits", "disabled_sanctions",
-                       "severity"}
+                       "severity", "inspection", "peek_ioctls"}
 
 
 def overrides_from_mapping(data: Mapping[str, object], where: str) -> PolicyOverrides:
@@ -219,6 +243,11 @@ def overrides_from_mapping(data: Mapping[str, object], where: str) -> PolicyOver
     severity = data.get("severity", {})
     if not isinstance(severity, dict):
         raise PolicyError(f"{where}.severity: expected a table like {{save = \"error\"}}")
+    inspection = data.get("inspection")
+    if inspection is not None and not isinstance(inspection, str):
+        raise PolicyError(f"{where}.inspection: expected \"benign\" or \"violation\", got "
+                          f"{inspection!r}")
+    peeks = data.get("peek_ioctls")
     return PolicyOverrides(
         arch=arch,
         extra_pending_exits=_str_list(data.get("extra_pending_exits", []),
@@ -227,7 +256,29 @@ def overrides_from_mapping(data: Mapping[str, object], where: str) -> PolicyOver
         disabled_sanctions=_str_list(data.get("disabled_sanctions", []),
                                      f"{where}.disabled_sanctions"),
         severities={str(k): str(v) for k, v in severity.items()},
+        inspection=inspection,
+        peek_ioctls=None if peeks is None else _str_list(peeks, f"{where}.peek_ioctls"),
     )
+
+
+def _inspection(value: str) -> Inspection:
+    try:
+        return Inspection(value.strip())
+    except ValueError:
+        known = ", ".join(i.value for i in Inspection)
+        raise PolicyError(f"inspection: unknown value {value!r} (known: {known})") from None
+
+
+def _peek_ioctl(name: str) -> str:
+    key = name.strip().upper()
+    if not key.startswith("KVM_"):
+        key = "KVM_" + key
+    info = abi.IOCTL_BY_NAME.get(key)
+    if info is None or info.kind is not abi.IoctlKind.SAVE:
+        saves = ", ".join(sorted(abi.IOCTLS[n].name for n in abi.SAVE_IOCTLS))
+        raise PolicyError(f"peek_ioctls: {name!r} is not a vCPU state save ioctl (known: "
+                          f"{saves})")
+    return key
 
 
 def load_policy_file(path: Path) -> PolicyOverrides:
@@ -266,8 +317,12 @@ def build_policy(overrides: PolicyOverrides | None = None) -> CompletionPolicy:
             raise PolicyError(f"severity: key {key!r} must start with 'save' or 'restore'")
         name = "*" if not exit_name else abi.exit_reason_name(_exit_number(exit_name, "severity"))
         severities[(kind, name)] = _severity(value, f"severity.{key}")
+    inspection = _inspection(ov.inspection) if ov.inspection else Inspection.BENIGN
+    peeks = (frozenset(DEFAULT_PEEK_IOCTLS) if ov.peek_ioctls is None
+             else frozenset(_peek_ioctl(n) for n in ov.peek_ioctls))
     return CompletionPolicy(arch=arch, pending_exits=frozenset(pending),
-                            sanctions=frozenset(Sanction) - disabled, severities=severities)
+                            sanctions=frozenset(Sanction) - disabled, severities=severities,
+                            inspection=inspection, peek_ioctls=peeks)
 
 
 def describe(policy: CompletionPolicy) -> dict[str, object]:
@@ -276,4 +331,6 @@ def describe(policy: CompletionPolicy) -> dict[str, object]:
         "arch": policy.arch,
         "pending_exits": sorted(abi.exit_reason_name(n) for n in policy.pending_exits),
         "sanctions": sorted(s.value for s in policy.sanctions),
+        "inspection": policy.inspection.value,
+        "peek_ioctls": sorted(policy.peek_ioctls),
     }

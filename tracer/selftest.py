@@ -33,6 +33,8 @@ SELFTEST_SCENARIOS = (
     "save-while-running", "save-while-running-kicked",
     "restore-mmio", "restore-pio", "hlt", "eintr", "port-7e", "port-7e-quirk-disabled",
     "dup-fd", "dup2-fd", "dup3-fd", "fd-reuse", "multi", "process-exit",
+    "peek-io", "peek-mmio", "peek-then-snapshot", "peek-then-restore", "peek-then-close",
+    "peek-two-vcpus", "peek-then-exit",
 )
 SETTLE_S = 0.3  # after the VMM exits: ring buffer drained, idle windows flushed
 
@@ -76,9 +78,16 @@ def expected_snapshots(report: ScenarioReport) -> int:
 
 
 def compare(report: ScenarioReport, violations: Iterable[Mapping[str, Any]],
-            sanctioned: Iterable[Mapping[str, Any]], snapshots: int) -> list[str]:
+            sanctioned: Iterable[Mapping[str, Any]], snapshots: int,
+            inspections: Iterable[Mapping[str, Any]] = ()) -> list[str]:
     """Every difference between what the VMM did and what the tracer said, as text."""
     problems = []
+    want_i = Counter(map(expected_key, report.inspections))
+    got_i = Counter(map(alert_key, inspections))
+    for key in sorted((want_i - got_i).elements()):
+        problems.append(f"missed inspection {key}")
+    for key in sorted((got_i - want_i).elements()):
+        problems.append(f"unexpected inspection {key}")
     want, got = Counter(map(expected_key, report.violations)), Counter(map(alert_key, violations))
     for key in sorted((want - got).elements()):
         problems.append(f"missed violation {key}")
@@ -96,11 +105,14 @@ def compare(report: ScenarioReport, violations: Iterable[Mapping[str, Any]],
 
 
 def alerts_for(sink: MemorySink, pid: int) -> tuple[list[dict[str, Any]],
-                                                  list[dict[str, Any]], int]:
-    """(violations, sanctioned, snapshot count) of one process, in compare()'s shape."""
+                                                  list[dict[str, Any]], int,
+                                                  list[dict[str, Any]]]:
+    """(violations, sanctioned, snapshot count, inspections) of one process, in compare()'s
+    shape."""
     return ([asdict(a) for a in sink.violations if a.pid == pid],
             [asdict(a) for a in sink.sanctions if a.pid == pid],
-            sum(1 for s in sink.snapshots if s.pid == pid))
+            sum(1 for s in sink.snapshots if s.pid == pid),
+            [asdict(a) for a in sink.inspections if a.pid == pid])
 
 
 def run_vmm(scenario: str, iterations: int, daemon: Daemon | None = None,
@@ -175,9 +187,10 @@ def run_selftest(iterations: int, only: Iterable[str] = (), metrics_addr: str | 
                 failed += 1
                 continue
             problems = compare(report, *alerts_for(sink, report.pid))
-            _, _, snaps = alerts_for(sink, report.pid)
+            _, _, snaps, _ = alerts_for(sink, report.pid)
             summary = (f"{len(report.violations)} violations, {len(report.sanctioned)} "
-                       f"sanctioned, {snaps} snapshots, {sum(report.exits.values())} exits")
+                       f"sanctioned, {len(report.inspections)} inspections, {snaps} "
+                       f"snapshots, {sum(report.exits.values())} exits")
             if problems:
                 failed += 1
                 print(f"FAIL {name}: {summary}")

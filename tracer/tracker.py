@@ -13,7 +13,7 @@ from __future__ import annotations
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 from tracer import abi
@@ -99,6 +99,10 @@ class Window:
     tids: list[int] = field(default_factory=list)
     last_ts_ns: int = 0
     touched_at: float = 0.0  # tracker clock, for the idle flush
+    # Register peeks (policy.peek_ioctls) held until the window shows what they were part of.
+    held: list[ViolationAlert] = field(default_factory=list)
+    peek_tids: set[int] = field(default_factory=set)
+    tainted: str | None = None  # why later peeks of this window are violations at once
 
 
 @dataclass
@@ -106,6 +110,8 @@ class TrackerStats:
     # (vm, kind, ioctl, exit_reason, severity)
     violations: Counter[tuple[str, str, str, str, str]] = field(default_factory=Counter)
     sanctioned: Counter[tuple[str, str]] = field(default_factory=Counter)  # (vm, rule)
+    # (vm, ioctl, exit_reason): register peeks completed before anything else touched the vCPU
+    inspections: Counter[tuple[str, str, str]] = field(default_factory=Counter)
     snapshots: Counter[str] = field(default_factory=Counter)  # vm
     not_pending: int = 0
     malformed_events: int = 0
@@ -113,6 +119,7 @@ class TrackerStats:
 
 
 CLOSED_BY_FLAGS = {True: "immediate_exit", False: "reentry"}
+COMPLETED_BY = frozenset(CLOSED_BY_FLAGS.values())
 
 
 class Tracker:
@@ -272,10 +279,9 @@ class Tracker:
             self.stats.not_pending += 1
             return
         ident = self.identity(ev.tgid)
-        exit_name = abi.exit_reason_name(ev.exit_reason)
         alert = ViolationAlert(
             pid=ev.tgid, tid=ev.tid, comm=ev.comm, vm=ident.name, vmm=ident.vmm,
-            vcpu_id=ev.vcpu_id, vcpu_fd=ev.fd, exit_reason=exit_name,
+            vcpu_id=ev.vcpu_id, vcpu_fd=ev.fd, exit_reason=abi.exit_reason_name(ev.exit_reason),
             access=ev.access.describe() if ev.access else {}, ioctl=ioctl.name, kind=kind.value,
             pending_ns=ev.pending_ns, rule=ruling.rule, severity=ruling.severity.value,
             reason=ruling.reason,
@@ -285,26 +291,105 @@ class Tracker:
             self.stats.sanctioned[(ident.name, ruling.rule)] += 1
             self.sink.sanctioned(alert)
             return
-        self.stats.violations[(ident.name, kind.value, ioctl.name, exit_name,
+        if kind is Kind.RESTORE:
+            # State written in the process: every peek it holds was read to be restored.
+            self._release_held(lambda w: w.pid == ev.tgid, "restore")
+            self._report(alert)
+            return
+        window = self._window(ev)
+        # One thread reading several vCPUs' state is saving the VM, not decoding a request.
+        crossed = [w for w in self.windows.values()
+                   if w.pid == ev.tgid and w.uid != ev.vcpu_uid and ev.tid in w.peek_tids]
+        for other in crossed:
+            self._release(other, "second_vcpu")
+        if crossed:
+            window.tainted = window.tainted or "second_vcpu"
+        if self.policy.is_peek(ioctl.name):
+            if window.tainted is None:
+                window.held.append(alert)  # judged when the window shows what it was
+                window.peek_tids.add(ev.tid)
+                window.touched_at = self.clock()
+                return
+            alert = replace(alert, judged_on=window.tainted)
+        else:
+            self._release(window, "snapshot")  # more than the registers: a snapshot
+            window.tainted = window.tainted or "snapshot"
+        self._report(alert)
+        self._add_save(window, alert, ev.ts_ns)
+
+    def _on_state_ioctl(self, ev: KernelEvent) -> None:
+        """A save or restore with nothing pending on its vCPU, sent while the process has a
+        window with reports open (and for every state ioctl with --trace-exits): it may tell
+        what a held register peek was part of."""
+        ioctl = abi.IOCTLS.get(ev.cmd)
+        if ioctl is not None and any(w.held for w in self.windows.values()
+                                     if w.pid == ev.tgid):
+            if ioctl.kind is abi.IoctlKind.RESTORE:
+                self._release_held(lambda w: w.pid == ev.tgid, "restore")
+            elif ioctl.kind is abi.IoctlKind.SAVE:
+                self._release_held(lambda w: w.pid == ev.tgid and w.uid != ev.vcpu_uid
+                                   and ev.tid in w.peek_tids, "second_vcpu")
+        if not ev.flags & EventFlag.WINDOW_OPEN:  # sent for --trace-exits
+            self._on_trace(ev)
+
+    def _window(self, ev: KernelEvent) -> Window:
+        key = (ev.vcpu_uid, ev.seq)
+        window = self.windows.get(key)
+        if window is None:
+            window = Window(ev.vcpu_uid, ev.seq, ev.tgid, ev.vcpu_id, ev.exit_reason, ev.access,
+                            ev.pending_since_ns)
+            self.windows[key] = window
+        return window
+
+    def _report(self, alert: ViolationAlert) -> None:
+        self.stats.violations[(alert.vm, alert.kind, alert.ioctl, alert.exit_reason,
                                alert.severity)] += 1
         self.sink.violation(alert)
-        if kind is Kind.SAVE:
-            key = (ev.vcpu_uid, ev.seq)
-            window = self.windows.get(key)
-            if window is None:
-                window = Window(ev.vcpu_uid, ev.seq, ev.tgid, ev.vcpu_id, ev.exit_reason,
-                                ev.access, ev.pending_since_ns)
-                self.windows[key] = window
-            window.saves.append(ioctl.name)
-            if ev.tid not in window.tids:
-                window.tids.append(ev.tid)
-            window.last_ts_ns = max(window.last_ts_ns, ev.ts_ns)
-            window.touched_at = self.clock()
+
+    def _add_save(self, window: Window, alert: ViolationAlert, ts_ns: int) -> None:
+        window.touched_at = self.clock()
+        window.saves.append(alert.ioctl)
+        if alert.tid not in window.tids:
+            window.tids.append(alert.tid)
+        window.last_ts_ns = max(window.last_ts_ns, window.pending_since_ns + alert.pending_ns,
+                                ts_ns)
+
+    def _release_held(self, match: Callable[[Window], bool], judged_on: str) -> None:
+        """The held peeks of the matching open windows turn out to be part of a snapshot, a
+        restore or a VM-wide save: report them now, as violations."""
+        for window in [w for w in self.windows.values() if w.held and match(w)]:
+            self._release(window, judged_on)
+
+    def _release(self, window: Window, judged_on: str) -> None:
+        if window.held:
+            held, window.held = window.held, []
+            window.tainted = window.tainted or judged_on
+            for alert in held:
+                alert = replace(alert, judged_on=judged_on)
+                self._report(alert)
+                self._add_save(window, alert, 0)
+
+    def _inspected(self, window: Window, closed_by: str) -> None:
+        """The window closed by completion with only register peeks in it: inspections."""
+        for alert in window.held:
+            self.stats.inspections[(alert.vm, alert.ioctl, alert.exit_reason)] += 1
+            self.sink.inspection(replace(
+                alert, rule="register-peek", severity="info", judged_on=closed_by,
+                reason=f"{alert.ioctl} read vCPU state while {alert.exit_reason} was pending, "
+                       f"then the exit was completed ({closed_by}) with no other state read "
+                       "or written in between: the state read was not kept, so nothing is "
+                       "replayed or lost"))
+        window.held = []
 
     # ---- windows -------------------------------------------------------------------------------
     def _close_windows(self, match: Callable[[Window], bool], closed_by: str) -> None:
         for key in [k for k, w in self.windows.items() if match(w)]:
             window = self.windows.pop(key)
+            if window.held:
+                if closed_by in COMPLETED_BY:
+                    self._inspected(window, closed_by)
+                else:  # abandoned, or pending past the idle time: still a violation
+                    self._release(window, closed_by)
             if len(window.saves) >= 2:
                 ident = self.identity(window.pid)
                 exit_name = abi.exit_reason_name(window.exit_reason)
@@ -319,6 +404,14 @@ class Tracker:
                     reason=f"{len(window.saves)} state reads while {exit_name} was pending: a "
                            "snapshot taken mid-completion replays or loses that operation when "
                            "restored"))
+
+    def flush_held(self) -> int:
+        """At shutdown: peeks whose window is still open cannot be judged; say how many."""
+        held = sum(len(w.held) for w in self.windows.values())
+        if held:
+            self.sink.notice("inspections_unresolved", "info", peeks=held,
+                             why="their windows were still open when the tracer stopped")
+        return held
 
     # ---- housekeeping --------------------------------------------------------------------------
     def tick(self) -> None:
@@ -372,6 +465,8 @@ class Tracker:
                 del self.stats.violations[key]
             for skey in [k for k in self.stats.sanctioned if k[0] == vm]:
                 del self.stats.sanctioned[skey]
+            for ikey in [k for k in self.stats.inspections if k[0] == vm]:
+                del self.stats.inspections[ikey]
         return expired
 
     def pending_vcpus(self) -> list[VcpuRecord]:
@@ -435,5 +530,5 @@ _HANDLERS: dict[EventType, Callable[[Tracker, KernelEvent], None]] = {
     EventType.FD_RANGE_CLOSED: Tracker._on_fd_range_closed,
     EventType.RUN_ENTER: Tracker._on_trace,
     EventType.USERSPACE_EXIT: Tracker._on_trace,
-    EventType.STATE_IOCTL: Tracker._on_trace,
+    EventType.STATE_IOCTL: Tracker._on_state_ioctl,
 }

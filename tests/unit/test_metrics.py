@@ -87,8 +87,10 @@ class ModelProbes:
 
 
 class Rig:
-    def __init__(self, names: dict[int, str] | None = None, **options: Any) -> None:
-        policy = build_policy(PolicyOverrides(arch="x86_64"))
+    def __init__(self, names: dict[int, str] | None = None, inspection: str = "violation",
+                 **options: Any) -> None:
+        # Strict by default: a lone KVM_GET_REGS is the violation these tests count.
+        policy = build_policy(PolicyOverrides(arch="x86_64", inspection=inspection))
         self.model = ProbeModel(policy.pending_exits)
         self.sink = MemorySink()
         self.tracker = Tracker(policy, self.sink, NamedProc(names or {}), self.model)

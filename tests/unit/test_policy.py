@@ -6,6 +6,7 @@ here by hand: nothing is copied from the module under test.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -546,3 +547,40 @@ def test_shipped_example_policy_loads_and_matches_the_defaults() -> None:
     default = build_policy(PolicyOverrides(arch=policy.arch))
     assert policy.pending_exits == default.pending_exits
     assert policy.sanctions == default.sanctions
+
+
+# ---- register peeks ----------------------------------------------------------------------------
+def test_peeks_are_benign_by_default_and_only_the_general_registers() -> None:
+    from tracer.policy import DEFAULT_PEEK_IOCTLS, Inspection
+
+    policy = build_policy(PolicyOverrides(arch="x86_64"))
+    assert policy.inspection is Inspection.BENIGN
+    assert policy.peek_ioctls == frozenset(DEFAULT_PEEK_IOCTLS)
+    assert policy.is_peek("KVM_GET_REGS") and not policy.is_peek("KVM_GET_SREGS")
+    assert describe(policy)["inspection"] == "benign"
+
+
+def test_strict_inspection_makes_no_ioctl_a_peek() -> None:
+    policy = build_policy(PolicyOverrides(arch="x86_64", inspection="violation"))
+    assert not policy.is_peek("KVM_GET_REGS")
+
+
+def test_inspection_and_peek_ioctls_from_a_policy_table() -> None:
+    ov = overrides_from_mapping({"inspection": "violation", "peek_ioctls": ["get_sregs"]}, "t")
+    policy = build_policy(ov)
+    assert policy.inspection.value == "violation"
+    assert policy.peek_ioctls == frozenset({"KVM_GET_SREGS"})
+    merged = ov.merged(PolicyOverrides(inspection="benign"))
+    assert build_policy(merged).is_peek("KVM_GET_SREGS")
+
+
+@pytest.mark.parametrize(("table", "message"), [
+    ({"inspection": "lenient"}, "inspection: unknown value 'lenient' (known: benign, violation)"),
+    ({"inspection": 1}, "inspection: expected \"benign\" or \"violation\""),
+    ({"peek_ioctls": ["KVM_SET_REGS"]}, "'KVM_SET_REGS' is not a vCPU state save ioctl"),
+    ({"peek_ioctls": "KVM_GET_REGS"}, "peek_ioctls: expected a list of strings"),
+])
+def test_bad_inspection_settings_say_what_is_wrong(table: dict[str, object],
+                                                   message: str) -> None:
+    with pytest.raises(PolicyError, match=re.escape(message)):
+        build_policy(overrides_from_mapping(table, "t"))

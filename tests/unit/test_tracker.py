@@ -70,6 +70,9 @@ class Harness:
     def __init__(self, **policy: Any) -> None:
         from tracer.policy import PolicyOverrides
 
+        # Strict unless a test asks otherwise: most tests use a lone KVM_GET_REGS as "a save
+        # mid-completion"; the register-peek tests below pass inspection="benign".
+        policy.setdefault("inspection", "violation")
         self.policy = build_policy(PolicyOverrides(arch="x86_64", **policy))
         self.model = ProbeModel(self.policy.pending_exits)
         self.sink = MemorySink()
@@ -532,3 +535,158 @@ def test_close_range_retires_the_vcpu_it_closed() -> None:
                                  EventFlag(0), 0, 0, 1, 5, 0, None, "vmm"))
     h.tracker.tick()
     assert h.tracker.vcpus == {} and _retired(h) == {f"guest-{PID}": (1, 0, 0)}
+
+
+# ---- register peeks (policy inspection = "benign", the default) -------------------------------
+def peek_harness() -> Harness:
+    h = Harness(inspection="benign")
+    h.create_vcpu(fd=5, vcpu_id=0)
+    return h
+
+
+@pytest.mark.parametrize("immediate", [True, False])
+def test_peek_then_completion_is_an_inspection_not_a_violation(immediate: bool) -> None:
+    h = peek_harness()
+    h.run(5, IO, IN_60)
+    h.ioctl(5, GET_REGS)
+    h.ioctl(5, GET_REGS)  # reading twice is still only the general registers
+    assert h.violations == [] and h.sink.inspections == []  # held: the window decides
+    if immediate:
+        h.complete(5)
+    else:
+        h.run(5, HLT)  # a plain re-entry completes it too
+    assert h.violations == [] and h.sink.snapshots == []
+    closed_by = "immediate_exit" if immediate else "reentry"
+    assert [(i.ioctl, i.rule, i.severity, i.judged_on) for i in h.sink.inspections] == [
+        ("KVM_GET_REGS", "register-peek", "info", closed_by)] * 2
+    assert h.tracker.stats.inspections == {(f"guest-{PID}", "KVM_GET_REGS", "KVM_EXIT_IO"): 2}
+    assert h.tracker.stats.violations == {}
+
+
+def test_peek_followed_by_more_state_is_part_of_a_snapshot() -> None:
+    h = peek_harness()
+    h.run(5, IO, IN_60)
+    h.ioctl(5, GET_REGS)
+    h.ioctl(5, GET_SREGS)  # more than the general registers: a snapshot, reported at once
+    assert [(v.ioctl, v.judged_on) for v in h.violations] == [
+        ("KVM_GET_REGS", "snapshot"), ("KVM_GET_SREGS", "ioctl")]
+    h.ioctl(5, GET_REGS)  # later peeks of a snapshot window are violations at once
+    assert h.violations[-1].judged_on == "snapshot"
+    h.complete(5)
+    [snap] = h.sink.snapshots
+    assert snap.ioctls == ["KVM_GET_REGS", "KVM_GET_SREGS", "KVM_GET_REGS"]
+    assert h.sink.inspections == []
+
+
+@pytest.mark.parametrize("restore_vcpu", ["same", "other"])
+def test_peek_followed_by_a_restore_in_the_process_is_a_violation(restore_vcpu: str) -> None:
+    h = peek_harness()
+    h.create_vcpu(fd=6, vcpu_id=1)
+    h.run(5, MMIO, MMIO_W)
+    h.ioctl(5, GET_REGS)
+    h.ioctl(5 if restore_vcpu == "same" else 6, SET_REGS)
+    peeks = [v for v in h.violations if v.kind == "save"]
+    assert [(v.ioctl, v.judged_on) for v in peeks] == [("KVM_GET_REGS", "restore")]
+    restores = [v for v in h.violations if v.kind == "restore"]
+    # On the pending vCPU the restore is one itself; on an idle one it is fine by itself.
+    assert len(restores) == (1 if restore_vcpu == "same" else 0)
+    h.complete(5)
+    assert h.sink.inspections == []
+
+
+def test_restore_before_the_peek_does_not_count() -> None:
+    h = peek_harness()
+    h.ioctl(5, SET_REGS)  # nothing pending: a plain restore
+    h.run(5, IO, IN_60)
+    h.ioctl(5, GET_REGS)
+    h.complete(5)
+    assert h.violations == [] and len(h.sink.inspections) == 1
+
+
+@pytest.mark.parametrize("how", ["close", "process_exit", "idle"])
+def test_peek_never_completed_is_a_violation(how: str) -> None:
+    h = peek_harness()
+    h.run(5, IO, IN_60)
+    h.ioctl(5, GET_REGS)
+    if how == "close":
+        h.model.close(PID, VCPU_TID, 5)
+        h.flush()
+    elif how == "process_exit":
+        h.model.process_exit(PID)
+        h.flush()
+    else:
+        h.clock.now = 0.9
+        h.tracker.tick()
+        assert h.violations == []  # within the idle time: still waiting
+        h.clock.now = 1.1
+        h.tracker.tick()
+    judged = {"close": "vcpu_closed", "process_exit": "process_exit", "idle": "idle"}[how]
+    [v] = h.violations
+    assert (v.ioctl, v.rule, v.severity, v.judged_on) == (
+        "KVM_GET_REGS", "save-mid-completion", "error", judged)
+    assert h.sink.inspections == []
+
+
+def test_one_thread_reading_two_vcpus_is_saving_the_vm() -> None:
+    h = peek_harness()
+    h.create_vcpu(fd=6, vcpu_id=1)
+    h.run(5, IO, IN_60)
+    h.run(6, IO, IN_60)  # the same thread runs both vCPUs
+    h.ioctl(5, GET_REGS)
+    h.ioctl(6, GET_REGS)
+    assert sorted((v.vcpu_id, v.judged_on) for v in h.violations) == [
+        (0, "second_vcpu"), (1, "second_vcpu")]
+    h.complete(5)
+    h.complete(6)
+    assert h.sink.inspections == []
+
+
+def test_reading_an_idle_second_vcpu_after_a_peek_is_saving_the_vm() -> None:
+    h = peek_harness()
+    h.create_vcpu(fd=6, vcpu_id=1)
+    h.run(5, IO, IN_60)
+    h.ioctl(5, GET_REGS)
+    h.ioctl(6, GET_REGS)  # vCPU 1 has nothing pending: only the probes' open-window event
+    [v] = h.violations
+    assert (v.vcpu_id, v.judged_on) == (0, "second_vcpu")
+
+
+def test_vcpu_threads_peeking_their_own_vcpus_at_once_are_inspections() -> None:
+    h = peek_harness()
+    h.create_vcpu(fd=6, vcpu_id=1, tid=VCPU_TID + 1)
+    h.run(5, IO, IN_60)
+    h.run(6, IO, IN_60, tid=VCPU_TID + 1)
+    h.ioctl(5, GET_REGS)
+    h.ioctl(6, GET_REGS, tid=VCPU_TID + 1)
+    h.complete(5)
+    h.complete(6, tid=VCPU_TID + 1)
+    assert h.violations == [] and len(h.sink.inspections) == 2
+
+
+def test_strict_policy_reports_every_peek_at_once() -> None:
+    h = Harness(inspection="violation")
+    h.create_vcpu(fd=5)
+    h.run(5, IO, IN_60)
+    h.ioctl(5, GET_REGS)
+    [v] = h.violations
+    assert v.judged_on == "ioctl"
+    h.complete(5)
+    assert h.sink.inspections == []
+
+
+def test_peek_ioctls_come_from_the_policy() -> None:
+    h = Harness(inspection="benign", peek_ioctls=["KVM_GET_REGS", "KVM_GET_SREGS"])
+    h.create_vcpu(fd=5)
+    h.run(5, IO, IN_60)
+    h.ioctl(5, GET_REGS)
+    h.ioctl(5, GET_SREGS)
+    h.complete(5)
+    assert h.violations == [] and len(h.sink.inspections) == 2
+
+
+def test_held_peeks_at_shutdown_are_named_not_counted() -> None:
+    h = peek_harness()
+    h.run(5, IO, IN_60)
+    h.ioctl(5, GET_REGS)
+    assert h.tracker.flush_held() == 1
+    assert h.violations == [] and h.sink.notices[-1][0] == "inspections_unresolved"

@@ -192,13 +192,13 @@ def test_sanction_rules() -> None:
     mmio = MidCompletionIoctl(20, 1, 5, 4, 0, "KVM_SET_REGS", "restore",
                               PendingExit(abi.KVM_EXIT_MMIO, None, 10), False)
     assert sanction_rule(mmio) is None
-    violations, sanctioned = split_expectations([_record("save", 0x3F8), _record("save", 0x7E)])
+    violations, sanctioned, _ = split_expectations([_record("save", 0x3F8), _record("save", 0x7E)])
     assert [v.port for v in violations] == [0x3F8] and violations[0].rule is None
     assert [(v.port, v.rule) for v in sanctioned] == [(0x7E, "port-0x7e")]
 
 
 def test_report_json_round_trip() -> None:
-    violations, sanctioned = split_expectations([_record("save", 0x3F8), _record("save", 0x7E)])
+    violations, sanctioned, _ = split_expectations([_record("save", 0x3F8), _record("save", 0x7E)])
     report = ScenarioReport(
         scenario="x", pid=1, iterations=1, violations=violations, sanctioned=sanctioned,
         exits={"KVM_EXIT_IO": 1}, completions=0,

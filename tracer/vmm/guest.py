@@ -101,6 +101,9 @@ class _Asm:
     def mov_edx(self, value: int) -> int:
         return self._emit(b"\x66\xba" + struct.pack("<I", value), f"mov edx, {value:#x}")
 
+    def mov_di(self, value: int) -> int:
+        return self._emit(b"\xbf" + struct.pack("<H", value), f"mov di, {value:#x}")
+
     def mov_es_ax(self) -> int:
         return self._emit(b"\x8e\xc0", "mov es, ax")  # 8E /r, ModRM 11 000(es) 000(ax)
 
@@ -205,6 +208,24 @@ def in_loop(port: int = SERIAL_PORT, size: int = 1) -> GuestProgram:
     return a.loop_program(f"in-{port:#x}", head, ("KVM_EXIT_IO",),
                           f"in {_acc(size)}, dx from port {port:#x} in a loop", "in",
                           port=port)
+
+
+# A hypercall-like request: the guest puts a pointer to its request block in DI and reads a
+# status from HCALL_PORT; the VMM reads DI (KVM_GET_REGS), the block, answers, and completes.
+HCALL_PORT: Final = 0x510
+HCALL_REQUEST_ADDR: Final = 0x0E00
+
+
+def hypercall_in_loop(port: int = HCALL_PORT, request: int = HCALL_REQUEST_ADDR) -> GuestProgram:
+    """``mov di, request`` then IN from ``port`` forever: one KVM_EXIT_IO (in) per KVM_RUN,
+    whose argument (the request block's address) is only in RDI."""
+    a = _Asm()
+    a.mov_di(request)
+    a.mov_dx(port)
+    head = a.in_dx(1)
+    return a.loop_program(f"hypercall-{port:#x}", head, ("KVM_EXIT_IO",),
+                          f"in al, dx from port {port:#x} with di -> request block "
+                          f"{request:#x}, in a loop", "in", port=port)
 
 
 def mmio_write_loop(gpa: int = MMIO_GPA, value: int = 0x42) -> GuestProgram:

@@ -327,6 +327,9 @@ class Kvm:
         self.run_log: list[RunRecord] = []
         self.mid_completion: list[MidCompletionIoctl] = []
         self.queued_ioctls: list[QueuedIoctl] = []
+        # (vm fd, vCPU id, PendingExit.since_ns) -> ts_ns of the KVM_RUN that completed it; a
+        # window missing here was never completed (fd closed, or the process exited with it).
+        self.completed_windows: dict[tuple[int, int, int], int] = {}
         self.vms: list[Vm] = []
         version = self._sys_ioctl("KVM_GET_API_VERSION")
         if version != KVM_API_VERSION:
@@ -565,6 +568,9 @@ class Vcpu:
         ts = time.monotonic_ns()
         tid = threading.get_native_id()
         # Entering KVM_RUN completes whatever was pending, whatever KVM_RUN returns.
+        if self.pending is not None:
+            key = (self.vm.fd, self.vcpu_id, self.pending.since_ns)
+            self.vm.kvm.completed_windows[key] = ts
         self.pending = None
         with self._run_cond:
             self.run_in_flight = ts

@@ -26,6 +26,12 @@ from tracer.vmm.kvm import (
 PORT_7E: Final = 0x7E
 RULE_PORT_7E: Final = "port-0x7e"
 RULE_RESTORE_AFTER_PIO: Final = "restore-after-pio"
+# The tracer's default register peeks (tracer.policy.DEFAULT_PEEK_IOCTLS), restated here: the
+# expectations are the VMM's own reading of the rule, not the policy's code.
+PEEK_IOCTLS: Final = frozenset({"KVM_GET_REGS", "KVM_GET_ONE_REG"})
+_SAVES: Final = frozenset(i.name for i in abi.IOCTLS.values() if i.kind is abi.IoctlKind.SAVE)
+_RESTORES: Final = frozenset(i.name for i in abi.IOCTLS.values()
+                             if i.kind is abi.IoctlKind.RESTORE)
 
 
 @dataclass(frozen=True)
@@ -116,6 +122,8 @@ class ScenarioReport:
     notes: list[str] = field(default_factory=list)
     ioctl_log: list[LoggedIoctl] = field(default_factory=list)  # every vCPU-fd ioctl
     run_log: list[RunRecord] = field(default_factory=list)
+    # Register peeks completed before anything else touched the vCPU (not violations).
+    inspections: list[ExpectedViolation] = field(default_factory=list)
 
     @property
     def elapsed_ns(self) -> int:
@@ -155,6 +163,7 @@ class ScenarioReport:
             notes=list(data.get("notes", [])),
             ioctl_log=[LoggedIoctl(*e) for e in data.get("ioctl_log", [])],
             run_log=[RunRecord(*r) for r in data.get("run_log", [])],
+            inspections=[ExpectedViolation(**v) for v in data.get("inspections", [])],
         )
 
     @classmethod
@@ -192,16 +201,66 @@ def expected_entry(rec: MidCompletionIoctl, rule: str | None) -> ExpectedViolati
     )
 
 
+WindowKey = tuple[int, int, int]  # (vm fd, vCPU id, PendingExit.since_ns)
+
+
+def _window(rec: MidCompletionIoctl) -> WindowKey:
+    return (rec.vm_fd, rec.vcpu_id, rec.pending.since_ns)
+
+
+def inspections(records: list[MidCompletionIoctl], ioctl_log: list[LoggedIoctl],
+                completed: dict[WindowKey, int], fd_vcpu: dict[int, tuple[int, int]]
+                ) -> set[MidCompletionIoctl]:
+    """The mid-completion saves that were register peeks of a window closed by completion.
+
+    A window qualifies when every unsanctioned ioctl in it is a peek (PEEK_IOCTLS), a KVM_RUN
+    completed it, no restore was issued in the process between its first peek and that
+    KVM_RUN, and no thread that peeked in it read another vCPU's state meanwhile (nor while
+    holding a peek of another vCPU whose window was still open: one thread reading several
+    vCPUs is saving the VM). ``fd_vcpu`` maps every vCPU fd (and dup) to (vm fd, vCPU id).
+    """
+    windows: dict[WindowKey, list[MidCompletionIoctl]] = {}
+    for rec in records:
+        if sanction_rule(rec) is None:
+            windows.setdefault(_window(rec), []).append(rec)
+    found: set[MidCompletionIoctl] = set()
+    for key, recs in windows.items():
+        end = completed.get(key)
+        if end is None or any(r.kind != "save" or r.name not in PEEK_IOCTLS for r in recs):
+            continue
+        first = min(r.ts_ns for r in recs)
+        tids = {r.tid for r in recs}
+        if any(first < e.ts_ns < end and e.name in _RESTORES for e in ioctl_log):
+            continue
+        if any(first < e.ts_ns < end and e.tid in tids and e.name in _SAVES
+               and fd_vcpu.get(e.fd, key[:2]) != key[:2] for e in ioctl_log):
+            continue
+        # The same thread peeked another vCPU before, and that window was still open.
+        if any(o_key != key and o.tid in tids and o.ts_ns <= first
+               and completed.get(o_key, end) > first and o.name in PEEK_IOCTLS
+               for o_key, others in windows.items() for o in others):
+            continue
+        found.update(recs)
+    return found
+
+
 def split_expectations(
-    records: list[MidCompletionIoctl],
-) -> tuple[list[ExpectedViolation], list[ExpectedViolation]]:
-    """(violations, sanctioned), each in issue order."""
+    records: list[MidCompletionIoctl], peeks: set[MidCompletionIoctl] | None = None,
+) -> tuple[list[ExpectedViolation], list[ExpectedViolation], list[ExpectedViolation]]:
+    """(violations, sanctioned, inspections), each in issue order; ``peeks`` from
+    :func:`inspections`."""
     violations: list[ExpectedViolation] = []
     sanctioned: list[ExpectedViolation] = []
+    inspected: list[ExpectedViolation] = []
     for rec in sorted(records, key=lambda r: r.ts_ns):
         rule = sanction_rule(rec)
-        (sanctioned if rule else violations).append(expected_entry(rec, rule))
-    return violations, sanctioned
+        if rule:
+            sanctioned.append(expected_entry(rec, rule))
+        elif peeks and rec in peeks:
+            inspected.append(expected_entry(rec, None))
+        else:
+            violations.append(expected_entry(rec, None))
+    return violations, sanctioned, inspected
 
 
 def pending_info(vm_fd: int, vcpu_id: int, vcpu_fd: int, pending: PendingExit) -> PendingInfo:

@@ -39,6 +39,7 @@ from tracer.vmm.report import (
     ScenarioReport,
     VcpuInfo,
     exit_counts,
+    inspections,
     pending_info,
     split_expectations,
 )
@@ -116,7 +117,10 @@ class _Session:
     def report(self, *, keep_open: bool = False) -> ScenarioReport:
         finished = time.monotonic_ns()
         kvm = self.kvm
-        violations, sanctioned = split_expectations(kvm.mid_completion)
+        fd_vcpu = {fd: (v.vm.fd, v.vcpu_id) for v, _ in self.vcpus
+                   for fd in (v.fd, *v.dup_history)}
+        peeks = inspections(kvm.mid_completion, kvm.ioctl_log, kvm.completed_windows, fd_vcpu)
+        violations, sanctioned, inspected = split_expectations(kvm.mid_completion, peeks)
         pending = [
             pending_info(v.vm.fd, v.vcpu_id, v.fd, v.pending)
             for v, _ in self.vcpus
@@ -135,7 +139,7 @@ class _Session:
             completions=sum(1 for r in kvm.run_log if r.immediate_exit),
             vcpus=infos, pending_at_end=pending, started_ns=self.started_ns,
             finished_ns=finished, facts=self.facts, notes=self.notes,
-            ioctl_log=list(kvm.ioctl_log), run_log=list(kvm.run_log),
+            ioctl_log=list(kvm.ioctl_log), run_log=list(kvm.run_log), inspections=inspected,
         )
         if keep_open:
             _KEPT_OPEN.append(kvm)
@@ -770,6 +774,175 @@ def process_exit(iterations: int = DEFAULT_ITERATIONS) -> ScenarioReport:
         raise
 
 
+# --- register peeks: read one register set to decode the exit, then complete at once -------
+HCALL_MAGIC: Final = 0x4B43_5450  # "PTCK": the request block's tag, checked by the VMM
+HCALL_STATUS: Final = 0x3C
+
+
+def _decode_request(vcpu: Vcpu, vm: Vm) -> int:
+    """The hypercall-like request: its block's address is only in RDI (KVM_GET_REGS); the
+    reply goes into the block and the status into AL (the IN's answer). Returns the address."""
+    rdi = int(vcpu.get_regs().rdi) & 0xFFFF
+    tag, arg = struct.unpack("<II", vm.memory[0].read(rdi, 8))
+    if tag != HCALL_MAGIC:
+        raise VmmError(f"request block at {rdi:#x} holds {tag:#x}, expected {HCALL_MAGIC:#x}")
+    vm.memory[0].write(rdi + 8, struct.pack("<I", arg * 2))
+    vcpu.set_io_in_data(HCALL_STATUS)
+    return rdi
+
+
+def _peek_session(name: str, iterations: int, program: GuestProgram) -> tuple[_Session, Vm,
+                                                                              Vcpu]:
+    s = _Session(name, iterations)
+    vm = s.vm()
+    vm.memory[0].write(guest.HCALL_REQUEST_ADDR, struct.pack("<II", HCALL_MAGIC, 0))
+    return s, vm, s.vcpu(vm, 0, program)
+
+
+def peek_io(iterations: int = DEFAULT_ITERATIONS) -> ScenarioReport:
+    """A hypercall-like port request: IN exit, KVM_GET_REGS to find the request block from
+    RDI, reply, complete with immediate_exit; a full snapshot only after. Correct use of the
+    ABI: every peek is an inspection, no violation."""
+    s, vm, vcpu = _peek_session("peek-io", iterations, guest.hypercall_in_loop())
+    try:
+        for i in range(iterations):
+            vm.memory[0].write(guest.HCALL_REQUEST_ADDR + 4, struct.pack("<I", i + 1))
+            _exit(vcpu, guest.hypercall_in_loop(), i)
+            rdi = _decode_request(vcpu, vm)
+            _complete(vcpu)
+            snap = snapshot.save(vcpu)  # after the completion: a clean snapshot
+            if snap.regs.rax & 0xFF != HCALL_STATUS:
+                raise VmmError(f"completed request left AL={snap.regs.rax & 0xFF:#x}")
+            (reply,) = struct.unpack("<I", vm.memory[0].read(rdi + 8, 4))
+            if reply != 2 * (i + 1):
+                raise VmmError(f"request {i}: reply {reply}, expected {2 * (i + 1)}")
+        return s.report()
+    finally:
+        s.close()
+
+
+def peek_mmio(iterations: int = DEFAULT_ITERATIONS) -> ScenarioReport:
+    """MMIO read exit, KVM_GET_REGS to look at the faulting context, answer, complete with
+    immediate_exit, then snapshot: inspections only."""
+    program = guest.mmio_read_loop()
+    s = _Session("peek-mmio", iterations)
+    try:
+        vcpu = s.vcpu(s.vm(), 0, program)
+        for i in range(iterations):
+            _exit(vcpu, program, i)
+            vcpu.get_regs()
+            _complete(vcpu)
+            _check_read_completed(vcpu, snapshot.save(vcpu), i, program)
+        return s.report()
+    finally:
+        s.close()
+
+
+def peek_then_snapshot(iterations: int = DEFAULT_ITERATIONS) -> ScenarioReport:
+    """The request is decoded (KVM_GET_REGS), then the whole state saved before completing:
+    the peek is part of a snapshot taken mid-completion (violations and a snapshot)."""
+    s, vm, vcpu = _peek_session("peek-then-snapshot", iterations, guest.hypercall_in_loop())
+    try:
+        for i in range(iterations):
+            _exit(vcpu, guest.hypercall_in_loop(), i)
+            _decode_request(vcpu, vm)
+            snapshot.save(vcpu)
+            _complete(vcpu)
+        return s.report()
+    finally:
+        s.close()
+
+
+def peek_then_restore(iterations: int = DEFAULT_ITERATIONS) -> ScenarioReport:
+    """MMIO read exit, KVM_GET_REGS, then KVM_SET_REGS of what was read before completing:
+    the peek was read to be restored (violation), and the restore is one itself."""
+    program = guest.mmio_read_loop()
+    s = _Session("peek-then-restore", iterations)
+    try:
+        vcpu = s.vcpu(s.vm(), 0, program, buggy=True)
+        for i in range(iterations):
+            _exit(vcpu, program, i)
+            vcpu.set_regs(vcpu.get_regs())
+            _complete(vcpu)
+        return s.report()
+    finally:
+        s.close()
+
+
+def peek_then_close(iterations: int = DEFAULT_ITERATIONS) -> ScenarioReport:
+    """IN exit, KVM_GET_REGS, then the vCPU (and its VM) closed without completing: the
+    instruction never finishes (violation)."""
+    s = _Session("peek-then-close", iterations)
+    try:
+        for i in range(iterations):
+            vm = s.vm()
+            vm.memory[0].write(guest.HCALL_REQUEST_ADDR, struct.pack("<II", HCALL_MAGIC, 0))
+            vcpu = s.vcpu(vm, 0, guest.hypercall_in_loop(), buggy=True)
+            _exit(vcpu, guest.hypercall_in_loop(), i)
+            _decode_request(vcpu, vm)
+            vm.close()
+        return s.report()
+    finally:
+        s.close()
+
+
+def peek_two_vcpus(iterations: int = DEFAULT_ITERATIONS) -> ScenarioReport:
+    """One thread runs two vCPUs to an IN exit each, then reads both vCPUs' registers before
+    completing either: a VM-wide save, not a request decode (violations)."""
+    s = _Session("peek-two-vcpus", iterations)
+    try:
+        vm = s.vm()
+        programs = [guest.in_loop().at(guest.LOAD_ADDR + 0x100 * n) for n in range(2)]
+        vcpus = [s.vcpu(vm, n, p, buggy=True) for n, p in enumerate(programs)]
+        for i in range(iterations):
+            for vcpu, program in zip(vcpus, programs, strict=True):
+                _exit(vcpu, program, i)
+            for vcpu in vcpus:
+                vcpu.get_regs()
+            for vcpu in vcpus:
+                _complete(vcpu)
+        return s.report()
+    finally:
+        s.close()
+
+
+def peek_then_exit(iterations: int = DEFAULT_ITERATIONS) -> ScenarioReport:
+    """IN exit, KVM_GET_REGS, and the process exits with the exit still pending (the VM stays
+    open until then): a violation judged at process exit."""
+    s, vm, vcpu = _peek_session("peek-then-exit", iterations, guest.hypercall_in_loop())
+    try:
+        for i in range(iterations):
+            _exit(vcpu, guest.hypercall_in_loop(), i)
+            _decode_request(vcpu, vm)
+            if i + 1 < iterations:
+                _complete(vcpu)
+        return s.report(keep_open=True)
+    except BaseException:
+        s.close()
+        raise
+
+
+PEEK_HOLD_S: Final = 1.5  # longer than the tracer's default idle time (1 s)
+
+
+def peek_idle(iterations: int = 1) -> ScenarioReport:
+    """IN exit, KVM_GET_REGS, then the exit left pending for PEEK_HOLD_S before completing:
+    longer than the tracer waits for a window to close (--snapshot-idle, default 1 s), so the
+    peek is reported as a violation (judged_on "idle") though the VMM completed it in the end.
+    The expectations list it as an inspection: the VMM does not know the tracer's idle time."""
+    s, vm, vcpu = _peek_session("peek-idle", iterations, guest.hypercall_in_loop())
+    try:
+        for i in range(iterations):
+            _exit(vcpu, guest.hypercall_in_loop(), i)
+            _decode_request(vcpu, vm)
+            time.sleep(PEEK_HOLD_S)
+            _complete(vcpu)
+        s.facts["held_s"] = PEEK_HOLD_S
+        return s.report()
+    finally:
+        s.close()
+
+
 ScenarioFn = Callable[..., ScenarioReport]
 SCENARIOS: Final[dict[str, ScenarioFn]] = {
     "correct-io": correct_io,
@@ -797,6 +970,14 @@ SCENARIOS: Final[dict[str, ScenarioFn]] = {
     "multi": multi,
     "loop-io": loop_io,
     "process-exit": process_exit,
+    "peek-io": peek_io,
+    "peek-mmio": peek_mmio,
+    "peek-then-snapshot": peek_then_snapshot,
+    "peek-then-restore": peek_then_restore,
+    "peek-then-close": peek_then_close,
+    "peek-two-vcpus": peek_two_vcpus,
+    "peek-then-exit": peek_then_exit,
+    "peek-idle": peek_idle,
 }
 
 
