@@ -13,7 +13,6 @@ from tracer.config import (
     DEFAULT_CONFIG_PATH,
     ConfigError,
     FlagOverrides,
-    Reloader,
     flag_value,
     label_flag,
     load_settings,
@@ -195,6 +194,7 @@ def _require_host() -> None:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from tracer.daemon import run
+    from tracer.reload import Reloader
 
     flags = _flag_overrides(args)
     path = args.config or DEFAULT_CONFIG_PATH

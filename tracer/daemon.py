@@ -10,7 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from prometheus_client import CollectorRegistry, ProcessCollector
 
@@ -22,11 +22,9 @@ from tracer.metrics import CompletionCollector, ExporterHealth, MetricsOptions, 
 from tracer.policy import CompletionPolicy, describe
 from tracer.preflight import effective_caps
 from tracer.probes import ProbeConfig, ProbeError, Probes, bcc_version
+from tracer.sdnotify import Notifier
 from tracer.tracker import Tracker
 from tracer.vmident import VmIdentity
-
-if TYPE_CHECKING:
-    from tracer.config import Reloader
 
 # Ring-buffer poll timeout. Events wake the poll at once (epoll), and so do signals: the timeout
 # only paces the housekeeping (idle snapshot windows, watchdog, reload), so it is as long as
@@ -63,6 +61,15 @@ class SystemProcView:
 
     def alive(self, pid: int, start_time: int) -> bool:
         return vmident.process_alive(pid, start_time, self.proc_root)
+
+
+class ReloadHook(Protocol):
+    """SIGHUP handling (tracer.reload.Reloader): ``request`` from the signal handler, ``poll``
+    from the loop's housekeeping."""
+
+    def request(self) -> None: ...
+
+    def poll(self, daemon: Daemon, notifier: Notifier) -> None: ...
 
 
 @dataclass
@@ -302,12 +309,10 @@ class Daemon:
             self.probes.close()
 
 
-def run(options: DaemonOptions, reloader: Reloader | None = None) -> int:
+def run(options: DaemonOptions, reloader: ReloadHook | None = None) -> int:
     # Handlers first: a SIGTERM while the probes compile (a second or two) must still end in a
     # clean detach and exit 0, not the default kill; a SIGHUP then (default: terminate) is kept
     # for the loop. Handlers only set flags: the loop's housekeeping does the work.
-    from tracer.sdnotify import Notifier
-
     stop = threading.Event()
     notifier = Notifier()
 

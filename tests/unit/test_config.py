@@ -30,11 +30,9 @@ from tracer.config import (
     DEFAULT_STATE_DIR,
     ConfigError,
     FlagOverrides,
-    Reloader,
     Settings,
     diff,
     load_settings,
-    plan_reload,
 )
 from tracer.daemon import Daemon, DaemonOptions, SystemProcView
 from tracer.instance import LOCK_NAME, InstanceError, InstanceLock
@@ -47,6 +45,7 @@ from tracer.policy import (
     Severity,
     build_policy,
 )
+from tracer.reload import Reloader, plan_reload
 from tracer.sdnotify import Notifier
 from tracer.tracker import Tracker
 
