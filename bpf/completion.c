@@ -25,7 +25,8 @@
 // F_DUPFD_CLOEXEC_NR from Python's fcntl module; NR_*, PT_REGS_R10_OFF, USER64_CS from
 // tracer/syscall_abi.py (RAW_SYSCALLS only); map sizes MAX_VCPUS, MAX_VCPU_FDS, MAX_THREADS,
 // MAX_PROCS, MAX_GUEST_EXIT_KEYS, RINGBUF_PAGES; HAVE_GROUP_DEAD, TRACE_EXITS, RAW_SYSCALLS
-// optional.
+// optional; STACKS (with MAX_STACKS, STACK_ERR_EXIST): the user stack of every reported ioctl;
+// WATCH (with MAX_WATCHED): only the processes in `watched` (`watch -- CMD`) are followed.
 
 #include <uapi/linux/ptrace.h>
 
@@ -69,6 +70,9 @@ enum counter {
     C_UNKNOWN_FD_MAP_FULL,  // an LRU map evicts instead: only an allocation failure lands here
     C_ACCESS_READ_FAILED,  // kvm_run not readable when reporting: alert without the access
     C_UNTRACKED_EXITS,  // kvm_userspace_exit from a thread whose vCPU is unknown
+    C_STACK_MAP_FULL,   // the stack's bucket in `stacks` was taken: reported without a stack
+    C_STACK_FAILED,     // the user stack could not be read (e.g. no stack pointer to walk)
+    C_WATCH_MAP_FULL,   // a fork of a watched process could not be recorded: it is not watched
     C_COUNTERS,
 };
 
@@ -105,6 +109,8 @@ struct event {
     u64 vcpu_uid;
     u8 access[ACCESS_BYTES];
     char comm[16];
+    s32 stack_id;  // key of `stacks` for EV_VIOLATION (-1: none; Python deletes it once read)
+    u32 pad;
 };
 
 struct fd_key {
@@ -206,6 +212,18 @@ struct run_cache {
 BPF_PERCPU_ARRAY(run_cache, struct run_cache, 1);
 BPF_ARRAY(map_gen, u64, 1);
 BPF_HASH(guest_exits, struct guest_exit_key, u64, MAX_GUEST_EXIT_KEYS);
+#ifdef STACKS
+// User stacks of reported ioctls, taken only when reporting (never on the exit path). A bucket
+// is freed when Python has read it; a report whose bucket is still taken goes without a stack.
+BPF_STACK_TRACE(stacks, MAX_STACKS);
+#endif
+#ifdef WATCH
+// `watch -- CMD`: CMD and every process forked from a watched one, keyed by task id (a new
+// thread's id is added too, and removed when it exits, so a recycled id never stays watched).
+// Python seeds it with its own pid around the fork of CMD. Only vCPU creation, adoption and
+// quirk changes look here: every other path follows vcpu_fds, which then holds watched fds only.
+BPF_HASH(watched, u32, u8, MAX_WATCHED);
+#endif
 BPF_HASH(guest_entries, struct vcpu_key, u64, MAX_VCPUS);  // kvm_entry count
 
 static __always_inline void count(u32 idx)
@@ -213,6 +231,15 @@ static __always_inline void count(u32 idx)
     u64 *c = counters.lookup(&idx);
     if (c)
         (*c)++;  // per-CPU slot: no atomic needed
+}
+
+static __always_inline int watched_tgid(u32 tgid)
+{
+#ifdef WATCH
+    return watched.lookup(&tgid) != 0;
+#else
+    return 1;
+#endif
 }
 
 // Called for every change of vcpu_fds or run_threads: invalidates every CPU's run_cache.
@@ -232,6 +259,7 @@ static __always_inline struct event *new_event(u32 type, u32 tgid, u32 tid)
         return 0;
     }
     __builtin_memset(ev, 0, sizeof(*ev));
+    ev->stack_id = -1;
     ev->type = type;
     ev->tgid = tgid;
     ev->tid = tid;
@@ -275,8 +303,9 @@ static __always_inline void open_windows_add(u32 tgid, s64 delta)
         __sync_fetch_and_add(&p->open_windows, delta);
 }
 
-static __always_inline void report_violation(u32 tgid, u32 tid, s32 fd, u32 cmd, u64 uid,
-                                             struct vcpu_state *st, u32 extra_flags)
+// ctx: the syscall tracepoint's context, for the user stack of the ioctl being reported.
+static __always_inline void report_violation(void *ctx, u32 tgid, u32 tid, s32 fd, u32 cmd,
+                                             u64 uid, struct vcpu_state *st, u32 extra_flags)
 {
     if (!st->window_reports)
         open_windows_add(tgid, 1);
@@ -289,6 +318,14 @@ static __always_inline void report_violation(u32 tgid, u32 tid, s32 fd, u32 cmd,
     ev->fd = fd;
     ev->cmd = cmd;
     ev->flags |= extra_flags | quirk_flags(tgid);
+#ifdef STACKS
+    // Frame-pointer walk of the VMM's stack by the kernel; a binary built without frame
+    // pointers gives the frames up to the first function that does not keep them.
+    int stack_id = stacks.get_stackid(ctx, BPF_F_USER_STACK);
+    if (stack_id < 0)
+        count(stack_id == STACK_ERR_EXIST ? C_STACK_MAP_FULL : C_STACK_FAILED);
+    ev->stack_id = stack_id;
+#endif
     events.ringbuf_submit(ev, 0);
 }
 
@@ -454,7 +491,8 @@ RAW_TRACEPOINT_PROBE(kvm_userspace_exit)
     if (!st) {
         u64 *uidp = run_threads.lookup(&tid);
         if (!uidp) {
-            count(C_UNTRACKED_EXITS);
+            if (watched_tgid((u32)(id >> 32)))
+                count(C_UNTRACKED_EXITS);
             return 0;
         }
         uid = *uidp;
@@ -540,7 +578,7 @@ static __always_inline void unstash(u32 tid)
     }
 }
 
-static __always_inline void ioctl_enter(s32 fd, u32 cmd, u64 arg)
+static __always_inline void ioctl_enter(void *ctx, s32 fd, u32 cmd, u64 arg)
 {
     if (((cmd >> 8) & 0xff) != KVMIO_TYPE)  // every non-KVM ioctl on the host leaves here
         return;
@@ -549,7 +587,8 @@ static __always_inline void ioctl_enter(s32 fd, u32 cmd, u64 arg)
     struct fd_key fk = {.tgid = tgid, .fd = fd};
 
     if (cmd == KVM_ENABLE_CAP_NR) {
-        on_enable_cap(tgid, tid, arg);
+        if (watched_tgid(tgid))
+            on_enable_cap(tgid, tid, arg);
         return;
     }
     u64 gen_before = 0;
@@ -572,6 +611,8 @@ static __always_inline void ioctl_enter(s32 fd, u32 cmd, u64 arg)
     }
     struct fd_val *fv = vcpu_fds.lookup(&fk);
     if (!fv) {
+        if (!watched_tgid(tgid))
+            return;  // `watch`: another user's VM
         if (cmd == KVM_CREATE_VCPU_NR) {
             struct inflight inf = {.op = OP_CREATE_VCPU, .fd = fk.fd, .vcpu_id = (u32)arg};
             stash(tid, &inf);
@@ -604,7 +645,7 @@ static __always_inline void ioctl_enter(s32 fd, u32 cmd, u64 arg)
         return;
     u32 state = st->state;
     if (state == VCPU_PENDING) {
-        report_violation(tgid, tid, fk.fd, cmd, uid, st, 0);
+        report_violation(ctx, tgid, tid, fk.fd, cmd, uid, st, 0);
         return;
     }
     if (state == VCPU_RUNNING) {
@@ -709,7 +750,7 @@ static __always_inline void dup_done(u32 tgid, u32 tid, struct inflight *inf, lo
 }
 
 // The return of a syscall that stashed something at its entry (the stash says which).
-static __always_inline void syscall_exit(long ret)
+static __always_inline void syscall_exit(void *ctx, long ret)
 {
     u32 zero = 0;
     u64 *n = inflight_count.lookup(&zero);
@@ -729,7 +770,7 @@ static __always_inline void syscall_exit(long ret)
         // The ioctl waited for the running KVM_RUN to drop the vCPU mutex; if that run ended
         // in a completion-needing exit (a new window), the ioctl ran inside it.
         if (st && st->state == VCPU_PENDING && st->seq != inf->seq)
-            report_violation(tgid, tid, inf->fd, inf->cmd, uid, st, EV_F_AT_RETURN);
+            report_violation(ctx, tgid, tid, inf->fd, inf->cmd, uid, st, EV_F_AT_RETURN);
     } else if (inf->op == OP_DUP) {
         dup_done(tgid, tid, inf, ret);
     } else if (inf->op == OP_MMAP && ret >= 0) {
@@ -820,7 +861,7 @@ RAW_TRACEPOINT_PROBE(sys_enter)
     if (r.cs != USER64_CS)
         return 0;
     if (nr == NR_IOCTL)
-        ioctl_enter((s32)r.di, (u32)r.si, r.dx);
+        ioctl_enter(ctx, (s32)r.di, (u32)r.si, r.dx);
     else if (nr == NR_CLOSE)
         close_enter((s32)r.di);
     else if (nr == NR_DUP)
@@ -838,7 +879,7 @@ RAW_TRACEPOINT_PROBE(sys_enter)
 
 RAW_TRACEPOINT_PROBE(sys_exit)
 {
-    syscall_exit((long)ctx->args[1]);
+    syscall_exit(ctx, (long)ctx->args[1]);
     return 0;
 }
 #else
@@ -846,13 +887,13 @@ RAW_TRACEPOINT_PROBE(sys_exit)
 // and the comparison point for the raw programs above (--syscall-probes classic).
 TRACEPOINT_PROBE(syscalls, sys_enter_ioctl)
 {
-    ioctl_enter((s32)args->fd, (u32)args->cmd, args->arg);
+    ioctl_enter(args, (s32)args->fd, (u32)args->cmd, args->arg);
     return 0;
 }
 
 TRACEPOINT_PROBE(syscalls, sys_exit_ioctl)
 {
-    syscall_exit(args->ret);
+    syscall_exit(args, args->ret);
     return 0;
 }
 
@@ -865,7 +906,7 @@ TRACEPOINT_PROBE(syscalls, sys_exit_ioctl)
     }                                                                                          \
     TRACEPOINT_PROBE(syscalls, sys_exit_##call)                                                \
     {                                                                                          \
-        syscall_exit(args->ret);                                                               \
+        syscall_exit(args, args->ret);                                                         \
         return 0;                                                                              \
     }
 
@@ -881,7 +922,7 @@ TRACEPOINT_PROBE(syscalls, sys_enter_fcntl)
 
 TRACEPOINT_PROBE(syscalls, sys_exit_fcntl)
 {
-    syscall_exit(args->ret);
+    syscall_exit(args, args->ret);
     return 0;
 }
 
@@ -905,7 +946,7 @@ TRACEPOINT_PROBE(syscalls, sys_enter_mmap)
 
 TRACEPOINT_PROBE(syscalls, sys_exit_mmap)
 {
-    syscall_exit(args->ret);
+    syscall_exit(args, args->ret);
     return 0;
 }
 #endif
@@ -931,14 +972,39 @@ TRACEPOINT_PROBE(sched, sched_process_exit)
         maps_changed();  // a new thread reusing this tid must not hit a CPU's run_cache
     unstash(tid);
 #ifdef HAVE_GROUP_DEAD
-    if (args->group_dead)
-        process_gone(tgid, tid);
+    int group_dead = args->group_dead;
 #else
-    if (tgid == tid)
+    int group_dead = tgid == tid;
+#endif
+#ifdef WATCH
+    // A thread's own key goes with it; the process's (its tgid) only with the whole group,
+    // after process_gone below has reported it.
+    if (tid != tgid)
+        watched.delete(&tid);
+#endif
+    if (group_dead)
         process_gone(tgid, tid);
+#ifdef WATCH
+    if (group_dead)
+        watched.delete(&tgid);
 #endif
     return 0;
 }
+
+#ifdef WATCH
+TRACEPOINT_PROBE(sched, sched_process_fork)
+{
+    // Fired in the parent; child_pid is the new task's id (a process's, or a thread's).
+    u32 parent_tgid = bpf_get_current_pid_tgid() >> 32;
+    if (!watched.lookup(&parent_tgid))
+        return 0;
+    u32 child = args->child_pid;
+    u8 one = 1;
+    if (watched.update(&child, &one))
+        count(C_WATCH_MAP_FULL);
+    return 0;
+}
+#endif
 
 TRACEPOINT_PROBE(sched, sched_process_exec)
 {

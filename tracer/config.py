@@ -194,6 +194,7 @@ KEYS: Final[dict[str, _Key]] = {
     "probes.trace_exits": _Key("trace_exits", _bool),
     "probes.syscall_probes": _Key("syscall_probes", _choice(SYSCALL_PROBE_KINDS)),
     "probes.guest_exits": _Key("guest_exits", _bool),
+    "probes.stacks": _Key("stacks", _bool),
     "metrics.addr": _Key("metrics_addr", metrics_addr),
     "metrics.per_vcpu": _Key("metrics_per_vcpu", _bool),
     "metrics.max_vcpu_series": _Key("max_vcpu_series", vcpu_series),
@@ -218,6 +219,7 @@ class Settings:
     trace_exits: bool = False
     syscall_probes: str = DEFAULT_SYSCALL_PROBES
     guest_exits: bool = True
+    stacks: bool = True
     metrics_addr: str | None = DEFAULT_METRICS_ADDR
     metrics_per_vcpu: bool = False
     max_vcpu_series: int = 256
@@ -235,6 +237,9 @@ class Settings:
         out["policy.ignored_exits"] = list(self.policy.ignored_exits)
         out["policy.disabled_sanctions"] = list(self.policy.disabled_sanctions)
         out["policy.severity"] = dict(self.policy.severities)
+        out["policy.inspection"] = self.policy.inspection
+        out["policy.peek_ioctls"] = (None if self.policy.peek_ioctls is None
+                                     else list(self.policy.peek_ioctls))
         out.update({f"labels.{k}": v for k, v in self.labels.items()})
         return out
 
@@ -250,7 +255,7 @@ class Settings:
             probe_config=ProbeConfig(max_vcpus=self.max_vcpus, ringbuf_pages=self.ringbuf_pages,
                                      trace_exits=self.trace_exits,
                                      syscall_probes=self.syscall_probes,
-                                     guest_exits=self.guest_exits),
+                                     guest_exits=self.guest_exits, stacks=self.stacks),
             snapshot_idle_s=self.snapshot_idle_s,
             metrics=MetricsOptions(addr=self.metrics_addr, per_vcpu=self.metrics_per_vcpu,
                                    max_vcpu_series=self.max_vcpu_series,

@@ -117,6 +117,7 @@ class Daemon:
         self.housekeeping: list[Callable[[], None]] = []
         self.poll_cap_ms: float = MAX_POLL_MS
         self.started = False
+        self.events_handled = 0
         self._lost_reported = 0
 
     def set_labels(self, labels: dict[str, str]) -> None:
@@ -129,6 +130,7 @@ class Daemon:
 
     def _on_raw_event(self, raw: bytes) -> None:
         with self.lock:
+            self.events_handled += 1
             self._handle_raw_event(raw)
 
     def _handle_raw_event(self, raw: bytes) -> None:
@@ -151,11 +153,15 @@ class Daemon:
         state_dir = self.options.state_dir
         return state_dir / handover.HANDOVER_FILE if state_dir is not None else None
 
-    def start(self) -> None:
+    def start(self, adopt: bool = True) -> None:
         """Adopt VMs that predate us (after attaching, so none slips between), in the state
-        re-learned from /proc and the previous instance's hand-over, and say ready."""
+        re-learned from /proc and the previous instance's hand-over, and say ready.
+        ``adopt=False`` (``watch``: only processes started after the probes matter) skips that."""
         inherited: list[handover.PendingVcpu] = []
         path = self._handover_path()
+        if not adopt:
+            self._say_ready(0, vmident.VcpuScan([], {}))
+            return
         if path is not None:
             try:
                 inherited = handover.load(path)
@@ -171,6 +177,9 @@ class Daemon:
                              pending_dropped=len(relearner.dropped) + len(relearner.inherited),
                              why_dropped="completed, re-run or gone since the previous "
                                          "instance stopped (or not provably unchanged)")
+        self._say_ready(adopted, scan)
+
+    def _say_ready(self, adopted: int, scan: vmident.VcpuScan) -> None:
         attached = self.probes.attached()
         self.health.mark_ready(attached, time.monotonic())  # /-/ready from the ready line on
         self.sink.notice("ready", "info", version=__version__, pid=os.getpid(),
@@ -225,9 +234,11 @@ class Daemon:
         wanted = min(MAX_POLL_MS, self.poll_cap_ms, self.tracker.snapshot_idle_s * 500)
         return int(max(POLL_MS // 2, wanted))
 
-    def run_forever(self) -> None:
+    def run_forever(self, until: Callable[[], bool] | None = None) -> None:
+        """The loop of ``run`` and ``watch``: until stopped (or ``until()`` says so), then the
+        ring is drained and the idle windows flushed."""
         next_sweep = next_loss = time.monotonic()
-        while not self.stop_requested.is_set():
+        while not self.stop_requested.is_set() and not (until is not None and until()):
             self.poll_once(self.loop_poll_ms())
             now = time.monotonic()
             if now >= next_sweep:
@@ -242,10 +253,20 @@ class Daemon:
             for hook in self.housekeeping:
                 hook()
         self.health.stopping = True  # also when stopped other than by a signal
-        self.probes.poll(0)  # drain what is already in the ring
+        self.drain()
         with self.lock:
             self.tracker.tick()
+            self.check_losses()
             self.tracker.flush_held()
+
+    def drain(self) -> None:
+        """Hand every event already in the ring to the tracker (a violation of the last
+        instant before a watched command exits is in there)."""
+        while True:
+            before = self.events_handled
+            self.probes.poll(0)
+            if self.events_handled == before:
+                return
 
     def write_handover(self) -> int:
         """Before the probes detach: the vCPUs with a completion pending, for the next

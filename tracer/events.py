@@ -44,9 +44,10 @@ class EventFlag(enum.IntFlag):
 
 
 # struct event: u32 type, tgid, tid, vcpu_id; s32 fd; u32 cmd, exit_reason, flags;
-# u64 seq, pending_since_ns, ts_ns; s64 aux; u64 vcpu_uid; u8 access[24]; char comm[16]
-EVENT_STRUCT: Final = struct.Struct("<IIIIiIIIQQQqQ24s16s")
-EVENT_SIZE: Final = EVENT_STRUCT.size  # 112, asserted against the C side by the probes
+# u64 seq, pending_since_ns, ts_ns; s64 aux; u64 vcpu_uid; u8 access[24]; char comm[16];
+# s32 stack_id; u32 pad
+EVENT_STRUCT: Final = struct.Struct("<IIIIiIIIQQQqQ24s16siI")
+EVENT_SIZE: Final = EVENT_STRUCT.size  # 120, asserted against the C side by the probes
 
 
 @dataclass(frozen=True)
@@ -140,6 +141,7 @@ class KernelEvent:
     vcpu_uid: int  # the probes' key for one vCPU (unique per KVM_CREATE_VCPU)
     access: PendingAccess | None
     comm: str
+    stack_id: int = -1  # key of the probes' stack map (VIOLATION with stacks on), -1: none
 
     @property
     def pending_ns(self) -> int:
@@ -159,7 +161,7 @@ def decode_event(raw: bytes) -> KernelEvent:
     if len(raw) < EVENT_SIZE:
         raise MalformedEvent(f"event of {len(raw)} bytes, expected {EVENT_SIZE}")
     (etype, tgid, tid, vcpu_id, fd, cmd, reason, flags, seq, since, ts, aux, uid, access,
-     comm) = EVENT_STRUCT.unpack_from(raw, 0)
+     comm, stack_id, _pad) = EVENT_STRUCT.unpack_from(raw, 0)
     try:
         event_type = EventType(etype)
     except ValueError as err:
@@ -167,7 +169,8 @@ def decode_event(raw: bytes) -> KernelEvent:
     eflags = EventFlag(flags & sum(EventFlag))
     decoded = decode_access(reason, access) if eflags & EventFlag.ACCESS_VALID else None
     return KernelEvent(event_type, tgid, tid, vcpu_id, fd, cmd, reason, eflags, seq, since, ts,
-                       aux, uid, decoded, comm.split(b"\0", 1)[0].decode("utf-8", "replace"))
+                       aux, uid, decoded, comm.split(b"\0", 1)[0].decode("utf-8", "replace"),
+                       stack_id)
 
 
 def encode_event(ev: KernelEvent, access_raw: bytes = b"") -> bytes:
@@ -176,4 +179,4 @@ def encode_event(ev: KernelEvent, access_raw: bytes = b"") -> bytes:
                              ev.exit_reason, int(ev.flags), ev.seq, ev.pending_since_ns,
                              ev.ts_ns, ev.aux, ev.vcpu_uid,
                              access_raw.ljust(abi.ACCESS_BYTES, b"\0"),
-                             ev.comm.encode()[:16])
+                             ev.comm.encode()[:16], ev.stack_id, 0)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import fcntl
 import os
 import re
@@ -35,7 +36,7 @@ EVENT_TYPES: Final = 16
 COUNTER_NAMES: Final = (
     "vcpu_map_full", "fd_map_full", "thread_map_full", "inflight_map_full", "proc_map_full",
     "guest_exit_map_full", "guest_entry_map_full", "unknown_fd_map_full", "access_read_failed",
-    "untracked_exits",
+    "untracked_exits", "stack_map_full", "stack_failed", "watch_map_full",
 )
 # Python-adopted vCPUs (found in /proc at start-up) take uids from the top half so they never
 # collide with the kernel's counter.
@@ -55,6 +56,10 @@ class ProbeConfig:
     trace_exits: bool = False  # one event per exit, for debugging and differential tests
     syscall_probes: str = DEFAULT_SYSCALL_PROBES  # tracer.syscall_abi: "raw" or "classic"
     guest_exits: bool = True  # kvm:kvm_exit/kvm_entry counts (one program run per guest exit)
+    stacks: bool = True  # the user stack of every reported ioctl (taken only when reporting)
+    max_stacks: int = 1024  # stack map buckets (~1 KiB each); freed once Python read them
+    watch: bool = False  # follow only the processes Python puts in `watched` (and their forks)
+    max_watched: int = 65536  # processes and threads of the watched tree at once
 
     # The other maps follow max_vcpus, so one key sizes them all.
     @property
@@ -128,6 +133,10 @@ def cflags(config: ProbeConfig) -> list[str]:
         "MAX_GUEST_EXIT_KEYS": config.max_guest_exit_keys,
         "RINGBUF_PAGES": config.ringbuf_pages,
     }
+    if config.stacks:
+        defs.update(STACKS=1, MAX_STACKS=config.max_stacks, STACK_ERR_EXIST=f"(-{errno.EEXIST})")
+    if config.watch:
+        defs.update(WATCH=1, MAX_WATCHED=config.max_watched)
     flags = [f"-D{k}={v}" for k, v in defs.items()]
     if _has_field("sched", "sched_process_exit", "group_dead"):
         flags.append("-DHAVE_GROUP_DEAD")
@@ -174,11 +183,12 @@ RAW_SYSCALL_PROBES: Final = ("raw:sys_enter", "raw:sys_exit")
 
 
 def expected_probes(syscall_probes: str = DEFAULT_SYSCALL_PROBES,
-                    guest_exits: bool = True) -> tuple[str, ...]:
+                    guest_exits: bool = True, watch: bool = False) -> tuple[str, ...]:
     """Every probe the programs attach, for one kind of syscall probes."""
     syscalls = RAW_SYSCALL_PROBES if syscall_probes == "raw" else CLASSIC_SYSCALL_PROBES
     return ("raw:kvm_userspace_exit", *syscalls, "sched:sched_process_exit",
-            "sched:sched_process_exec", *(GUEST_EXIT_PROBES if guest_exits else ()))
+            "sched:sched_process_exec", *(("sched:sched_process_fork",) if watch else ()),
+            *(GUEST_EXIT_PROBES if guest_exits else ()))
 
 
 BCC_FIX: Final = ("apt-get install python3-bpfcc and use /usr/bin/python3 (or a venv made "
@@ -267,7 +277,8 @@ class Probes:
 
     def expected(self) -> list[str]:
         """The probes these programs need on this kernel."""
-        return [p for p in expected_probes(self.config.syscall_probes)
+        return [p for p in expected_probes(self.config.syscall_probes,
+                                           watch=self.config.watch)
                 if p not in self.skipped]
 
     # ---- events --------------------------------------------------------------------------------
@@ -423,6 +434,31 @@ class Probes:
         return [VcpuEntry(int(key.value), st.tgid, st.vcpu_id, st.state, _counters_of(st),
                           int(st.pending_since))
                 for key, st in self._bpf[b"vcpus"].items()]
+
+    # ---- stacks and the watched tree -----------------------------------------------------------
+    def take_stack(self, stack_id: int) -> list[int] | None:
+        """The user return addresses of a reported ioctl (innermost first), and free its
+        bucket; None when stacks are off or the id is unknown."""
+        if not self.config.stacks or stack_id < 0:
+            return None
+        table = self._bpf[b"stacks"]
+        try:
+            addresses = [int(a) for a in table.walk(stack_id)]
+        except (KeyError, ValueError):
+            return None
+        with contextlib.suppress(KeyError):
+            del table[table.Key(stack_id)]
+        return addresses
+
+    def watch(self, pid: int, on: bool) -> None:
+        """Put ``pid`` into (or take it out of) the watched tree; its forks follow it."""
+        table = self._bpf[b"watched"]
+        key = table.Key(pid)
+        if on:
+            if not self._put("watch", table, key, table.Leaf(1)):
+                raise ProbeError("the watched-process map is full (probes.max_watched)")
+        else:
+            table.pop(key, None)
 
     # ---- counters ------------------------------------------------------------------------------
     def counters(self) -> dict[str, int]:

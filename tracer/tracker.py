@@ -14,7 +14,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
-from typing import Protocol
+from typing import Any, Protocol
 
 from tracer import abi
 from tracer.alerts import AlertSink, SnapshotAlert, ViolationAlert
@@ -40,6 +40,20 @@ class ProbeControl(Protocol):
     def tracked_fds(self, pid: int) -> dict[int, int]: ...
 
     def vcpu_states(self) -> list[dict[str, int]]: ...
+
+
+class StackResolver(Protocol):
+    """User stacks of reported ioctls (tracer.daemon.ProbeStacks: the probes' stack map and
+    tracer.symbolize). ``remember`` is called while a VMM surely lives (its first vCPU), so a
+    stack can still be symbolized after the process is gone."""
+
+    def take(self, stack_id: int) -> list[int] | None: ...
+
+    def symbolize(self, pid: int, addresses: list[int]) -> dict[str, Any]: ...
+
+    def remember(self, pid: int) -> None: ...
+
+    def forget(self, pid: int) -> None: ...
 
 
 class ProcView(Protocol):
@@ -125,8 +139,10 @@ COMPLETED_BY = frozenset(CLOSED_BY_FLAGS.values())
 class Tracker:
     def __init__(self, policy: CompletionPolicy, sink: AlertSink, proc: ProcView,
                  control: ProbeControl | None = None, snapshot_idle_s: float = 1.0,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 stacks: StackResolver | None = None) -> None:
         self.policy = policy
+        self.stacks = stacks
         self.sink = sink
         self.proc = proc
         self.control = control
@@ -158,6 +174,8 @@ class Tracker:
     def _track(self, uid: int, pid: int, vcpu_id: int) -> VcpuRecord:
         if pid not in self._started:
             self._started[pid] = self.proc.start_time(pid)
+            if self.stacks is not None:
+                self.stacks.remember(pid)
         return self.vcpus.setdefault(uid, VcpuRecord(uid, pid, vcpu_id))
 
     def _on_created(self, ev: KernelEvent) -> None:
@@ -203,6 +221,8 @@ class Tracker:
             del self.vcpus[uid]
         if self.control is not None:
             self._retire(pid, self.control.forget_process(pid, uids))
+        if self.stacks is not None:
+            self.stacks.forget(pid)
         ident = self._names.pop(pid, None)
         if ident is not None and not any(i.name == ident.name for i in self._names.values()):
             self.ledger.mark_gone(ident.name, self.clock())
@@ -269,6 +289,9 @@ class Tracker:
         rec = self.vcpus.get(ev.vcpu_uid)
         if rec is not None:
             rec.pending(ev.exit_reason, ev.pending_since_ns, ev.seq)
+        # Taken whatever the verdict: it frees the stack's bucket in the probes' map.
+        addresses = (self.stacks.take(ev.stack_id)
+                     if self.stacks is not None and ev.stack_id >= 0 else None)
         ioctl = abi.IOCTLS.get(ev.cmd)
         if ioctl is None or ioctl.kind not in (abi.IoctlKind.SAVE, abi.IoctlKind.RESTORE):
             return
@@ -291,6 +314,8 @@ class Tracker:
             self.stats.sanctioned[(ident.name, ruling.rule)] += 1
             self.sink.sanctioned(alert)
             return
+        if addresses is not None and self.stacks is not None:
+            alert = replace(alert, stack=self.stacks.symbolize(ev.tgid, addresses))
         if kind is Kind.RESTORE:
             # State written in the process: every peek it holds was read to be restored.
             self._release_held(lambda w: w.pid == ev.tgid, "restore")
@@ -404,6 +429,13 @@ class Tracker:
                     reason=f"{len(window.saves)} state reads while {exit_name} was pending: a "
                            "snapshot taken mid-completion replays or loses that operation when "
                            "restored"))
+
+    def close_all(self, closed_by: str) -> None:
+        """Every open window, judged now (``watch`` at the end of its command): held peeks of
+        processes still alive stay unresolved (see :meth:`flush_held`)."""
+        for key in [k for k, w in self.windows.items() if not w.held]:
+            window = self.windows[key]
+            self._close_windows(lambda w, win=window: w is win, closed_by)
 
     def flush_held(self) -> int:
         """At shutdown: peeks whose window is still open cannot be judged; say how many."""
