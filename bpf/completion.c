@@ -213,9 +213,11 @@ BPF_PERCPU_ARRAY(run_cache, struct run_cache, 1);
 BPF_ARRAY(map_gen, u64, 1);
 BPF_HASH(guest_exits, struct guest_exit_key, u64, MAX_GUEST_EXIT_KEYS);
 #ifdef STACKS
-// User stacks of reported ioctls, taken only when reporting (never on the exit path). A bucket
+// User stacks of reported ioctls, taken only when reporting (never on the exit path), as
+// (build-id, file offset) per frame (BPF_F_STACK_BUILD_ID): resolved by the kernel while the
+// VMM is surely alive, so a test process that exits at once still gets named frames. A bucket
 // is freed when Python has read it; a report whose bucket is still taken goes without a stack.
-BPF_STACK_TRACE(stacks, MAX_STACKS);
+BPF_STACK_TRACE_BUILDID(stacks, MAX_STACKS);
 #endif
 #ifdef WATCH
 // `watch -- CMD`: CMD and every process forked from a watched one, keyed by task id (a new

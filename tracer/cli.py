@@ -26,10 +26,18 @@ from tracer.syscall_abi import SYSCALL_PROBE_KINDS
 PROG = "kvm-completion-tracer"
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
+# watch's exit statuses (also in README "In CI"); a sanitizer-like code apart from test failures
+EXIT_FINDINGS = 66
+EXIT_INCONCLUSIVE = 65
+EXIT_CANNOT_RUN = 127
 
 
 class CliError(Exception):
     """A problem the operator must fix; printed as one line."""
+
+
+class UsageError(CliError):
+    """A malformed command line (exit 2)."""
 
 
 def _policy_args(parser: argparse.ArgumentParser) -> None:
@@ -51,6 +59,34 @@ def _policy_args(parser: argparse.ArgumentParser) -> None:
                             "alerted) or violation (strict: alerted at once)")
 
 
+def _pipeline_args(parser: argparse.ArgumentParser) -> None:
+    """What ``run`` and ``watch`` share: the config file, logging, policy, probes."""
+    # Defaults of None: only the flags actually passed override the config file.
+    parser.add_argument("--config", type=Path, metavar="FILE",
+                        help=f"TOML config file (default {DEFAULT_CONFIG_PATH}, if it exists)")
+    _log_args(parser, from_config=True)
+    _policy_args(parser)
+    parser.add_argument("--snapshot-idle", type=float, default=None, metavar="SECONDS",
+                        help="judge a window after it stays idle this long (default 1)")
+    parser.add_argument("--trace-exits", action="store_true", default=None,
+                        help="debug: one event per exit and re-entry (costly)")
+    parser.add_argument("--syscall-probes", choices=SYSCALL_PROBE_KINDS, default=None,
+                        help="classic (default): the per-syscall tracepoints; raw: "
+                             "raw_syscalls sys_enter/sys_exit (x86-64; cheaper per exit, "
+                             "dearer for every other syscall)")
+    parser.add_argument("--ringbuf-pages", type=int, default=None, metavar="N",
+                        help="ring buffer size in pages, a power of two (default 64)")
+    parser.add_argument("--max-vcpus", type=int, default=None, metavar="N",
+                        help="vCPUs tracked at once (sizes the per-vCPU, fd, thread and "
+                             "process maps, default 4096)")
+    parser.add_argument("--no-guest-exits", dest="guest_exits", action="store_const",
+                        const=False, default=None, help="do not count guest exits "
+                        "(kvm:kvm_exit/kvm_entry: one program run per guest exit on hardware "
+                        "KVM)")
+    parser.add_argument("--no-stacks", dest="stacks", action="store_const", const=False,
+                        default=None, help="no user-space stack in the alerts")
+
+
 def _log_args(parser: argparse.ArgumentParser, from_config: bool = False) -> None:
     # run: None means "not passed", so the config file's [log] keys apply.
     parser.add_argument("--log-format", choices=("auto", "json", "console"),
@@ -66,27 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="trace every VM on this host (foreground)")
-    # Defaults of None: only the flags actually passed override the config file.
-    run.add_argument("--config", type=Path, metavar="FILE",
-                     help=f"TOML config file (default {DEFAULT_CONFIG_PATH}, if it exists)")
-    _log_args(run, from_config=True)
-    _policy_args(run)
-    run.add_argument("--snapshot-idle", type=float, default=None, metavar="SECONDS",
-                     help="report a snapshot after a window stays idle this long (default 1)")
-    run.add_argument("--trace-exits", action="store_true", default=None,
-                     help="debug: one event per exit and re-entry (costly)")
-    run.add_argument("--syscall-probes", choices=SYSCALL_PROBE_KINDS, default=None,
-                     help="classic (default): the per-syscall tracepoints; raw: "
-                          "raw_syscalls sys_enter/sys_exit (x86-64; cheaper per exit, dearer "
-                          "for every other syscall)")
-    run.add_argument("--ringbuf-pages", type=int, default=None, metavar="N",
-                     help="ring buffer size in pages, a power of two (default 64)")
-    run.add_argument("--max-vcpus", type=int, default=None, metavar="N",
-                     help="vCPUs tracked at once (sizes the per-vCPU, fd, thread and process "
-                          "maps, default 4096)")
-    run.add_argument("--no-guest-exits", dest="guest_exits", action="store_const", const=False,
-                     default=None, help="do not count guest exits (kvm:kvm_exit/kvm_entry: one "
-                     "program run per guest exit on hardware KVM)")
+    _pipeline_args(run)
     metrics = run.add_mutually_exclusive_group()
     metrics.add_argument("--metrics-addr", metavar="HOST:PORT",
                          help="Prometheus exporter address ([::1]:PORT for IPv6)")
@@ -99,6 +115,30 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--state-dir", metavar="DIR",
                      help="state directory holding the instance lock "
                           "(default /var/lib/kvm-completion-tracer)")
+
+    watch = sub.add_parser(
+        "watch", help="run CMD under the probes and fail on a completion race (a CI gate)",
+        usage=f"{PROG} watch [OPTIONS] -- CMD [ARGS...]",
+        description="Run CMD with the probes attached, following CMD and every process it "
+                    "forks; at its end print a report of every completion race to stderr. "
+                    f"Exit status: CMD's own when nothing failed the gate, {EXIT_FINDINGS} "
+                    "(--error-exitcode) when a finding did, "
+                    f"{EXIT_INCONCLUSIVE} when events were lost (no 'no race' claim without "
+                    f"--allow-lost), {EXIT_CANNOT_RUN} when CMD could not be started.")
+    _pipeline_args(watch)
+    watch.add_argument("--fail-on", choices=("warning", "error", "critical", "snapshot"),
+                       default="warning", help="what fails the gate: findings of this severity "
+                       "or worse, or only snapshots and critical restores (default: warning)")
+    watch.add_argument("--error-exitcode", type=int, default=EXIT_FINDINGS, metavar="N",
+                       help=f"exit status when a finding fails the gate (default {EXIT_FINDINGS})")
+    watch.add_argument("--allow-lost", action="store_true",
+                       help="pass the gate even when events were lost or maps were full")
+    watch.add_argument("--junit", type=Path, metavar="FILE",
+                       help="JUnit XML report: one testcase per finding")
+    watch.add_argument("--json", type=Path, metavar="FILE", help="the whole result as JSON")
+    watch.add_argument("--log-file", type=Path, metavar="FILE",
+                       help="every alert and notice as JSON lines (default: none)")
+    watch.add_argument("command", nargs=argparse.REMAINDER, metavar="-- CMD [ARGS...]")
 
     check = sub.add_parser("check", help="preflight: what this host lacks, and how to fix it")
     check.add_argument("--no-load", action="store_true", help="skip the trial BPF load")
@@ -155,6 +195,7 @@ _FLAG_KEYS = {"log_level": ("--log-level", "log.level"),
               "syscall_probes": ("--syscall-probes", "probes.syscall_probes"),
               "max_vcpus": ("--max-vcpus", "probes.max_vcpus"),
               "guest_exits": ("--no-guest-exits", "probes.guest_exits"),
+              "stacks": ("--no-stacks", "probes.stacks"),
               "metrics_addr": ("--metrics-addr", "metrics.addr"),
               "metrics_per_vcpu": ("--metrics-per-vcpu", "metrics.per_vcpu"),
               "state_dir": ("--state-dir", "state_dir")}
@@ -173,13 +214,13 @@ def _metrics_addr_flag(raw: str) -> str:
 def _flag_overrides(args: argparse.Namespace) -> FlagOverrides:
     values: dict[str, object] = {}
     for dest, (flag, key) in _FLAG_KEYS.items():
-        raw = getattr(args, dest)
+        raw = getattr(args, dest, None)  # watch has no metrics or state-dir flags
         if raw is not None:
             values[key] = (_metrics_addr_flag(raw) if dest == "metrics_addr"
                            else flag_value(flag, raw, key))
-    if args.no_metrics:
+    if getattr(args, "no_metrics", None):
         values["metrics.addr"] = None
-    labels = dict(label_flag(item) for item in args.label)
+    labels = dict(label_flag(item) for item in getattr(args, "label", []))
     return FlagOverrides(values=values, labels=labels, policy_file=args.policy,
                          policy=_policy_flags(args))
 
@@ -209,6 +250,38 @@ def cmd_run(args: argparse.Namespace) -> int:
         lock.release()
 
 
+def cmd_watch(args: argparse.Namespace) -> int:
+    from tracer.alerts import LogSink
+    from tracer.watch import WatchOptions, watch
+
+    command = list(args.command)
+    if command[:1] == ["--"]:
+        command = command[1:]
+    if not command:
+        raise UsageError("watch: no command given (usage: kvm-completion-tracer watch "
+                         "[OPTIONS] -- CMD [ARGS...])")
+    if not 1 <= args.error_exitcode <= 255:
+        raise UsageError(f"--error-exitcode {args.error_exitcode}: expected 1..255")
+    flags = _flag_overrides(args)
+    path = args.config or DEFAULT_CONFIG_PATH
+    settings = load_settings(path, args.config is not None, flags)
+    options = settings.daemon_options()
+    _require_host()
+    # CMD owns stdout and stderr: our lines go to --log-file, or (errors only) to stderr.
+    if args.log_file is not None:
+        try:
+            stream = args.log_file.open("a", encoding="utf-8")
+        except OSError as err:
+            raise CliError(f"--log-file {args.log_file}: {err.strerror}") from None
+        configure_logging("json", settings.log_level, stream)
+    else:
+        configure_logging("auto", "error", sys.stderr)
+    gate = WatchOptions(command=command, fail_on=args.fail_on,
+                        error_exitcode=args.error_exitcode, allow_lost=args.allow_lost,
+                        junit=args.junit, json=args.json)
+    return watch(options, gate, LogSink())
+
+
 def cmd_check(args: argparse.Namespace) -> int:
     results = basic_checks()
     if not args.no_load and not failures(results):
@@ -236,7 +309,8 @@ def cmd_selftest(args: argparse.Namespace) -> int:
     return run_selftest(args.iterations, args.scenario, addr, args.linger)
 
 
-COMMANDS = {"run": cmd_run, "check": cmd_check, "selftest": cmd_selftest}
+COMMANDS = {"run": cmd_run, "watch": cmd_watch, "check": cmd_check,
+            "selftest": cmd_selftest}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -245,7 +319,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return COMMANDS[args.command](args)
     except (CliError, PolicyError, ConfigError, InstanceError) as err:
         print(f"{PROG}: error: {err}", file=sys.stderr)
-        return EXIT_USAGE if isinstance(err, PolicyError | ConfigError) else EXIT_FAILURE
+        return (EXIT_USAGE if isinstance(err, PolicyError | ConfigError | UsageError)
+                else EXIT_FAILURE)
     except KeyboardInterrupt:
         return 0
     except Exception as err:  # last resort: one line, no traceback, but say what it was

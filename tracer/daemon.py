@@ -10,7 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
-from typing import Protocol
+from typing import Any, Protocol
 
 from prometheus_client import CollectorRegistry, ProcessCollector
 
@@ -23,6 +23,7 @@ from tracer.policy import CompletionPolicy, describe
 from tracer.preflight import effective_caps
 from tracer.probes import ProbeConfig, ProbeError, Probes, bcc_version
 from tracer.sdnotify import Notifier
+from tracer.symbolize import Symbolizer
 from tracer.tracker import Tracker
 from tracer.vmident import VmIdentity
 
@@ -63,6 +64,27 @@ class SystemProcView:
         return vmident.process_alive(pid, start_time, self.proc_root)
 
 
+class ProbeStacks:
+    """The tracker's StackResolver: addresses from the probes' stack map, names from the
+    symbolizer (tracer.symbolize)."""
+
+    def __init__(self, probes: Probes, symbolizer: Symbolizer | None = None) -> None:
+        self.probes = probes
+        self.symbolizer = symbolizer or Symbolizer()
+
+    def take(self, stack_id: int) -> list[Any] | None:
+        return self.probes.take_stack(stack_id)
+
+    def symbolize(self, pid: int, frames: list[Any]) -> dict[str, Any]:
+        return self.symbolizer.symbolize(pid, frames).to_dict()
+
+    def remember(self, pid: int) -> None:
+        self.symbolizer.remember(pid)
+
+    def forget(self, pid: int) -> None:
+        self.symbolizer.forget(pid)
+
+
 class ReloadHook(Protocol):
     """SIGHUP handling (tracer.reload.Reloader): ``request`` from the signal handler, ``poll``
     from the loop's housekeeping."""
@@ -95,8 +117,9 @@ class Daemon:
         # HTTP thread sees the tracker between two events, never in the middle of one.
         self.lock = threading.Lock()
         self.probes = Probes(options.policy, options.probe_config)
+        stacks = ProbeStacks(self.probes) if options.probe_config.stacks else None
         self.tracker = Tracker(options.policy, self.sink, SystemProcView(), self.probes,
-                               snapshot_idle_s=options.snapshot_idle_s)
+                               snapshot_idle_s=options.snapshot_idle_s, stacks=stacks)
         missing = self.probes.missing()
         if missing:
             self.probes.close()

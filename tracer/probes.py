@@ -38,6 +38,9 @@ COUNTER_NAMES: Final = (
     "guest_exit_map_full", "guest_entry_map_full", "unknown_fd_map_full", "access_read_failed",
     "untracked_exits", "stack_map_full", "stack_failed", "watch_map_full",
 )
+# struct bpf_stack_build_id.status (<linux/bpf.h>): a frame's module resolved, or its bare ip.
+BUILD_ID_VALID: Final = 1
+BUILD_ID_IP: Final = 2
 # Python-adopted vCPUs (found in /proc at start-up) take uids from the top half so they never
 # collide with the kernel's counter.
 ADOPTED_UID_BASE: Final = 1 << 63
@@ -57,7 +60,8 @@ class ProbeConfig:
     syscall_probes: str = DEFAULT_SYSCALL_PROBES  # tracer.syscall_abi: "raw" or "classic"
     guest_exits: bool = True  # kvm:kvm_exit/kvm_entry counts (one program run per guest exit)
     stacks: bool = True  # the user stack of every reported ioctl (taken only when reporting)
-    max_stacks: int = 1024  # stack map buckets (~1 KiB each); freed once Python read them
+    max_stacks: int = 512  # stack map buckets (4 KiB each: 127 frames of build-id + offset);
+    # freed as soon as Python has read them
     watch: bool = False  # follow only the processes Python puts in `watched` (and their forks)
     max_watched: int = 65536  # processes and threads of the watched tree at once
 
@@ -436,19 +440,29 @@ class Probes:
                 for key, st in self._bpf[b"vcpus"].items()]
 
     # ---- stacks and the watched tree -----------------------------------------------------------
-    def take_stack(self, stack_id: int) -> list[int] | None:
-        """The user return addresses of a reported ioctl (innermost first), and free its
-        bucket; None when stacks are off or the id is unknown."""
+    def take_stack(self, stack_id: int) -> list[tuple[str | None, int]] | None:
+        """The user stack of a reported ioctl, innermost first, and free its bucket: per frame
+        (build-id, file offset) as the kernel resolved it, or (None, address) where it could
+        not; None when stacks are off or the id is unknown."""
         if not self.config.stacks or stack_id < 0:
             return None
         table = self._bpf[b"stacks"]
+        key = table.Key(stack_id)
         try:
-            addresses = [int(a) for a in table.walk(stack_id)]
-        except (KeyError, ValueError):
+            leaf = table[key]
+        except KeyError:
             return None
+        frames: list[tuple[str | None, int]] = []
+        for entry in leaf.trace:  # struct bpf_stack_build_id
+            if entry.status == BUILD_ID_VALID:
+                frames.append((bytes(entry.build_id).hex(), int(entry.offset)))
+            elif entry.status == BUILD_ID_IP and entry.ip:
+                frames.append((None, int(entry.ip)))
+            else:
+                break
         with contextlib.suppress(KeyError):
-            del table[table.Key(stack_id)]
-        return addresses
+            del table[key]
+        return frames
 
     def watch(self, pid: int, on: bool) -> None:
         """Put ``pid`` into (or take it out of) the watched tree; its forks follow it."""

@@ -47,9 +47,9 @@ class StackResolver(Protocol):
     tracer.symbolize). ``remember`` is called while a VMM surely lives (its first vCPU), so a
     stack can still be symbolized after the process is gone."""
 
-    def take(self, stack_id: int) -> list[int] | None: ...
+    def take(self, stack_id: int) -> list[Any] | None: ...
 
-    def symbolize(self, pid: int, addresses: list[int]) -> dict[str, Any]: ...
+    def symbolize(self, pid: int, frames: list[Any]) -> dict[str, Any]: ...
 
     def remember(self, pid: int) -> None: ...
 
@@ -433,9 +433,8 @@ class Tracker:
     def close_all(self, closed_by: str) -> None:
         """Every open window, judged now (``watch`` at the end of its command): held peeks of
         processes still alive stay unresolved (see :meth:`flush_held`)."""
-        for key in [k for k, w in self.windows.items() if not w.held]:
-            window = self.windows[key]
-            self._close_windows(lambda w, win=window: w is win, closed_by)
+        open_keys = {k for k, w in self.windows.items() if not w.held}
+        self._close_windows(lambda w: (w.uid, w.seq) in open_keys, closed_by)
 
     def flush_held(self) -> int:
         """At shutdown: peeks whose window is still open cannot be judged; say how many."""

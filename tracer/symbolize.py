@@ -1,0 +1,233 @@
+"""User stacks of offending ioctls, symbolized: function+offset, module path, build-id.
+
+The probes hand over return addresses (a frame-pointer walk by the kernel). A test VMM often
+exits milliseconds after its violation, before Python reads the event, so the process's
+executable mappings are remembered while it surely lives (its first vCPU), and every module is
+parsed once and kept by build-id (or by file identity): a stack of a process that is gone, or of
+a binary deleted since, still resolves.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Final
+
+from tracer import demangle, elf
+
+MAX_PROCESSES: Final = 4096  # remembered mappings (LRU)
+MAX_MODULES: Final = 64  # parsed ELF files (LRU)
+# Where a frame-pointer walk normally ends: anything else as the last frame means it stopped
+# early (a function built without frame pointers).
+OUTERMOST: Final = frozenset({"_start", "__libc_start_main", "__libc_start_call_main",
+                              "start_thread", "clone", "clone3", "thread_start", "main",
+                              "__clone", "__clone3", "std::rt::lang_start_internal"})
+NO_FP_HINT: Final = ("binaries built without frame pointers give only the frames the kernel "
+                     "could unwind (build with -fno-omit-frame-pointer, or Rust "
+                     "-C force-frame-pointers=yes)")
+
+
+@dataclass(frozen=True)
+class StackFrame:
+    address: int
+    module: str | None
+    build_id: str | None
+    file_offset: int | None
+    function: str | None
+    function_offset: int | None
+
+    def describe(self) -> str:
+        what = self.function or "??"
+        if self.function and self.function_offset:
+            what += f"+{self.function_offset:#x}"
+        where = self.module or "?"
+        if self.build_id:
+            where += f", build-id {self.build_id}"
+        return f"{what} ({where})"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class UserStack:
+    frames: tuple[StackFrame, ...]
+    partial: bool
+    why_partial: str | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"frames": [f.to_dict() for f in self.frames], "partial": self.partial,
+                "why_partial": self.why_partial}
+
+
+@dataclass(frozen=True)
+class Mapping:
+    start: int
+    end: int
+    offset: int
+    path: str
+    inode: int
+
+
+def read_maps(pid: int, proc_root: Path = Path("/proc")) -> list[Mapping]:
+    """The executable file mappings of ``pid`` (empty when it is gone or unreadable)."""
+    out = []
+    try:
+        text = (proc_root / str(pid) / "maps").read_text(errors="replace")
+    except OSError:
+        return []
+    for line in text.splitlines():
+        parts = line.split(maxsplit=5)
+        if len(parts) < 6 or "x" not in parts[1] or not parts[5].startswith("/"):
+            continue
+        start, _, end = parts[0].partition("-")
+        with contextlib.suppress(ValueError):
+            out.append(Mapping(int(start, 16), int(end, 16), int(parts[2], 16),
+                               parts[5].removesuffix(" (deleted)"), int(parts[4])))
+    return out
+
+
+# One frame as the probes give it: (build-id hex, file offset) when the kernel resolved the
+# module (BPF_F_STACK_BUILD_ID), else (None, the raw address).
+RawFrame = tuple[str | None, int]
+DEBUG_ROOT: Final = Path("/usr/lib/debug/.build-id")
+
+
+class Symbolizer:
+    def __init__(self, proc_root: Path = Path("/proc")) -> None:
+        self.proc_root = proc_root
+        self._maps: OrderedDict[int, list[Mapping]] = OrderedDict()
+        # file identity (path, inode) -> parsed symbols; None: not readable as ELF
+        self._modules: OrderedDict[tuple[str, int], elf.ElfSymbols | None] = OrderedDict()
+        # build-id -> (path, symbols): how a frame of a process long gone still resolves
+        self._by_build_id: OrderedDict[str, tuple[str, elf.ElfSymbols]] = OrderedDict()
+
+    def remember(self, pid: int) -> None:
+        """Snapshot ``pid``'s executable mappings and index their modules by build-id."""
+        maps = read_maps(pid, self.proc_root)
+        if not maps:
+            return
+        self._maps[pid] = maps
+        self._maps.move_to_end(pid)
+        while len(self._maps) > MAX_PROCESSES:
+            self._maps.popitem(last=False)
+        for m in maps:  # parse while the files are surely reachable
+            self._module(pid, m)
+
+    def index_file(self, path: Path) -> None:
+        """Index one binary by its build-id (``watch``: the command, before it runs)."""
+        try:
+            st = path.stat()
+            with path.open("rb") as f:
+                symbols = elf.read_symbols(f)
+        except (OSError, elf.ElfError):
+            return
+        self._modules[(str(path), st.st_ino)] = symbols
+        self._index(str(path), symbols)
+
+    def forget(self, pid: int) -> None:
+        self._maps.pop(pid, None)
+
+    def _index(self, path: str, symbols: elf.ElfSymbols | None) -> None:
+        if symbols is not None and symbols.build_id:
+            self._by_build_id[symbols.build_id] = (path, symbols)
+            self._by_build_id.move_to_end(symbols.build_id)
+            while len(self._by_build_id) > MAX_MODULES:
+                self._by_build_id.popitem(last=False)
+
+    def _module(self, pid: int, m: Mapping) -> elf.ElfSymbols | None:
+        key = (m.path, m.inode)
+        if key in self._modules:
+            self._modules.move_to_end(key)
+            return self._modules[key]
+        symbols = None
+        # map_files works for deleted files and other mount namespaces; then the process's
+        # root; then the path as we see it.
+        for candidate in (self.proc_root / str(pid) / "map_files" / f"{m.start:x}-{m.end:x}",
+                          self.proc_root / str(pid) / "root" / m.path.lstrip("/"),
+                          Path(m.path)):
+            try:
+                with candidate.open("rb") as f:
+                    symbols = elf.read_symbols(f)
+                break
+            except (OSError, elf.ElfError):
+                continue
+        self._modules[key] = symbols
+        while len(self._modules) > MAX_MODULES:
+            self._modules.popitem(last=False)
+        self._index(m.path, symbols)
+        return symbols
+
+    def _by_id(self, pid: int, build_id: str) -> tuple[str, elf.ElfSymbols] | None:
+        hit = self._by_build_id.get(build_id)
+        if hit is None and os.path.exists(self.proc_root / str(pid)):
+            self.remember(pid)  # alive: its mappings name the module
+            hit = self._by_build_id.get(build_id)
+        if hit is None:  # a debuginfo package's layout
+            debug = DEBUG_ROOT / build_id[:2] / f"{build_id[2:]}.debug"
+            if debug.is_file():
+                self.index_file(debug)
+                hit = self._by_build_id.get(build_id)
+        return hit
+
+    def _mapping(self, pid: int, address: int) -> Mapping | None:
+        for m in self._maps.get(pid, ()):
+            if m.start <= address < m.end:
+                return m
+        return None
+
+    def symbolize(self, pid: int, raw: Sequence[RawFrame | int]) -> UserStack:
+        frames = []
+        for i, item in enumerate(raw):
+            build_id, value = (None, item) if isinstance(item, int) else item
+            frames.append(self._frame_by_id(pid, build_id, value, i > 0) if build_id
+                          else self._frame(pid, value, i > 0))
+        return UserStack(tuple(frames), *self._partial(frames))
+
+    def _frame_by_id(self, pid: int, build_id: str, file_offset: int,
+                     caller: bool) -> StackFrame:
+        hit = self._by_id(pid, build_id)
+        if hit is None:
+            return StackFrame(0, None, build_id, file_offset, None, None)
+        path, symbols = hit
+        return self._named(0, path, symbols, file_offset, caller)
+
+    def _frame(self, pid: int, address: int, caller: bool) -> StackFrame:
+        m = self._mapping(pid, address)
+        if m is None and os.path.exists(self.proc_root / str(pid)):
+            self.remember(pid)  # alive: new mappings (dlopen), or never seen
+            m = self._mapping(pid, address)
+        if m is None:
+            return StackFrame(address, None, None, None, None, None)
+        file_offset = address - m.start + m.offset
+        symbols = self._module(pid, m)
+        if symbols is None:
+            return StackFrame(address, m.path, None, file_offset, None, None)
+        return self._named(address, m.path, symbols, file_offset, caller)
+
+    @staticmethod
+    def _named(address: int, path: str, symbols: elf.ElfSymbols, file_offset: int,
+               caller: bool) -> StackFrame:
+        # A return address points after the call: look up the call instruction itself.
+        vaddr = symbols.vaddr_of(file_offset - (1 if caller else 0))
+        hit = symbols.lookup(vaddr) if vaddr is not None else None
+        if hit is None:
+            return StackFrame(address, path, symbols.build_id, file_offset, None, None)
+        name, offset = hit
+        return StackFrame(address, path, symbols.build_id, file_offset,
+                          demangle.demangle(name), offset + (1 if caller else 0))
+
+    @staticmethod
+    def _partial(frames: list[StackFrame]) -> tuple[bool, str | None]:
+        if not frames:
+            return True, "no frames could be read"
+        last = frames[-1].function or ""
+        if len(frames) < 2:
+            return True, f"only {len(frames)} frame: {NO_FP_HINT}"
+        if last in OUTERMOST or last.endswith(("::main", "lang_start_internal")):
+            return False, None
+        return True, f"the frame-pointer walk ended in {last or 'an unknown frame'}: {NO_FP_HINT}"
