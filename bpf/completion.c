@@ -46,6 +46,7 @@ enum event_type {
     EV_RUN_ENTER = 10,
     EV_USERSPACE_EXIT = 11,
     EV_STATE_IOCTL = 12,
+    EV_EXEC = 13,  // WATCH: a watched process exec'd; EXEC_PATH_BYTES of its file name follow
     EV_TYPES = 16,
 };
 
@@ -1013,6 +1014,29 @@ TRACEPOINT_PROBE(sched, sched_process_exec)
     // exec closes the O_CLOEXEC vCPU fds KVM hands out: the old VM is gone for this process.
     u64 id = bpf_get_current_pid_tgid();
     process_gone(id >> 32, (u32)id);
+#ifdef WATCH
+    // Which binary a watched process now runs, so its stacks can be named by build-id after
+    // it exited (a test VMM often lives a few milliseconds).
+    u32 tgid = id >> 32;
+    if (!watched.lookup(&tgid))
+        return 0;
+    struct event *ev = events.ringbuf_reserve(sizeof(struct event) + EXEC_PATH_BYTES);
+    if (!ev) {
+        count(C_LOST_BASE + EV_EXEC);
+        return 0;
+    }
+    __builtin_memset(ev, 0, sizeof(*ev));
+    ev->type = EV_EXEC;
+    ev->tgid = tgid;
+    ev->tid = (u32)id;
+    ev->stack_id = -1;
+    ev->ts_ns = bpf_ktime_get_ns();
+    bpf_get_current_comm(&ev->comm, sizeof(ev->comm));
+    char *path = (char *)(ev + 1);
+    path[0] = 0;
+    TP_DATA_LOC_READ_STR(path, filename, EXEC_PATH_BYTES);
+    events.ringbuf_submit(ev, 0);
+#endif
     return 0;
 }
 

@@ -138,7 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
     watch.add_argument("--json", type=Path, metavar="FILE", help="the whole result as JSON")
     watch.add_argument("--log-file", type=Path, metavar="FILE",
                        help="every alert and notice as JSON lines (default: none)")
-    watch.add_argument("command", nargs=argparse.REMAINDER, metavar="-- CMD [ARGS...]")
+    # dest "cmd": "command" is the subcommand's own dest
+    watch.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD [ARGS...]")
 
     check = sub.add_parser("check", help="preflight: what this host lacks, and how to fix it")
     check.add_argument("--no-load", action="store_true", help="skip the trial BPF load")
@@ -254,7 +255,7 @@ def cmd_watch(args: argparse.Namespace) -> int:
     from tracer.alerts import LogSink
     from tracer.watch import WatchOptions, watch
 
-    command = list(args.command)
+    command = list(args.cmd)
     if command[:1] == ["--"]:
         command = command[1:]
     if not command:

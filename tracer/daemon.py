@@ -81,6 +81,9 @@ class ProbeStacks:
     def remember(self, pid: int) -> None:
         self.symbolizer.remember(pid)
 
+    def index_binary(self, pid: int, path: str) -> None:
+        self.symbolizer.index_binary(pid, path)
+
     def forget(self, pid: int) -> None:
         self.symbolizer.forget(pid)
 

@@ -29,7 +29,7 @@ class ElfError(ValueError):
 class Segment:
     vaddr: int
     offset: int
-    filesz: int
+    size: int  # the larger of filesz and memsz: a separate debug file keeps only the latter
 
 
 @dataclass
@@ -44,7 +44,7 @@ class ElfSymbols:
 
     def vaddr_of(self, file_offset: int) -> int | None:
         for seg in self.segments:
-            if seg.offset <= file_offset < seg.offset + max(seg.filesz, 1):
+            if seg.offset <= file_offset < seg.offset + max(seg.size, 1):
                 return file_offset - seg.offset + seg.vaddr
         return None
 
@@ -95,10 +95,10 @@ def read_symbols(f: BinaryIO) -> ElfSymbols:
     segments: list[Segment] = []
     build_id = None
     for i in range(phnum if phentsize >= 56 else 0):
-        ptype, _flags, offset, vaddr, _paddr, filesz = struct.unpack_from(
-            "<IIQQQQ", _read(f, phoff + i * phentsize, 56))
+        ptype, _flags, offset, vaddr, _paddr, filesz, memsz = struct.unpack_from(
+            "<IIQQQQQ", _read(f, phoff + i * phentsize, 56))
         if ptype == PT_LOAD:
-            segments.append(Segment(vaddr, offset, filesz))
+            segments.append(Segment(vaddr, offset, max(filesz, memsz)))
         elif ptype == PT_NOTE and build_id is None and filesz < 1 << 16:
             build_id = _notes(_read(f, offset, filesz))
     sections = []

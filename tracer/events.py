@@ -31,6 +31,7 @@ class EventType(enum.IntEnum):
     # a save/restore with nothing pending on its vCPU: with --trace-exits, or (flag WINDOW_OPEN)
     # while its process has a window with reports open
     STATE_IOCTL = 12
+    EXEC = 13  # watch: a watched process exec'd; ``path`` is the file it runs
 
 
 class EventFlag(enum.IntFlag):
@@ -48,6 +49,8 @@ class EventFlag(enum.IntFlag):
 # s32 stack_id; u32 pad
 EVENT_STRUCT: Final = struct.Struct("<IIIIiIIIQQQqQ24s16siI")
 EVENT_SIZE: Final = EVENT_STRUCT.size  # 120, asserted against the C side by the probes
+EXEC_PATH_BYTES: Final = 256  # an EXEC event's file name, after the struct
+MAX_EVENT_SIZE: Final = EVENT_SIZE + EXEC_PATH_BYTES
 
 
 @dataclass(frozen=True)
@@ -142,6 +145,7 @@ class KernelEvent:
     access: PendingAccess | None
     comm: str
     stack_id: int = -1  # key of the probes' stack map (VIOLATION with stacks on), -1: none
+    path: str | None = None  # EXEC: the file name the process exec'd
 
     @property
     def pending_ns(self) -> int:
@@ -170,7 +174,12 @@ def decode_event(raw: bytes) -> KernelEvent:
     decoded = decode_access(reason, access) if eflags & EventFlag.ACCESS_VALID else None
     return KernelEvent(event_type, tgid, tid, vcpu_id, fd, cmd, reason, eflags, seq, since, ts,
                        aux, uid, decoded, comm.split(b"\0", 1)[0].decode("utf-8", "replace"),
-                       stack_id)
+                       stack_id, _exec_path(raw) if event_type is EventType.EXEC else None)
+
+
+def _exec_path(raw: bytes) -> str | None:
+    tail = raw[EVENT_SIZE:MAX_EVENT_SIZE].split(b"\0", 1)[0]
+    return tail.decode("utf-8", "surrogateescape") if tail else None
 
 
 def encode_event(ev: KernelEvent, access_raw: bytes = b"") -> bytes:

@@ -23,7 +23,7 @@ from typing import Any, Final
 
 from tracer import abi, syscall_abi
 from tracer.counters import HIST_SLOTS, RunState, VcpuCounters, VcpuEntry
-from tracer.events import EVENT_SIZE, EventType
+from tracer.events import EXEC_PATH_BYTES, MAX_EVENT_SIZE, EventType
 from tracer.handover import AdoptState
 from tracer.policy import CompletionPolicy
 from tracer.syscall_abi import DEFAULT_SYSCALL_PROBES, raw_syscalls_supported
@@ -140,7 +140,7 @@ def cflags(config: ProbeConfig) -> list[str]:
     if config.stacks:
         defs.update(STACKS=1, MAX_STACKS=config.max_stacks, STACK_ERR_EXIST=f"(-{errno.EEXIST})")
     if config.watch:
-        defs.update(WATCH=1, MAX_WATCHED=config.max_watched)
+        defs.update(WATCH=1, MAX_WATCHED=config.max_watched, EXEC_PATH_BYTES=EXEC_PATH_BYTES)
     flags = [f"-D{k}={v}" for k, v in defs.items()]
     if _has_field("sched", "sched_process_exit", "group_dead"):
         flags.append("-DHAVE_GROUP_DEAD")
@@ -288,7 +288,7 @@ class Probes:
     # ---- events --------------------------------------------------------------------------------
     def on_event(self, handler: Callable[[bytes], None]) -> None:
         def _callback(_ctx: Any, data: Any, size: int) -> None:
-            handler(ctypes.string_at(data, min(size, EVENT_SIZE)))
+            handler(ctypes.string_at(data, min(size, MAX_EVENT_SIZE)))
 
         self._bpf[b"events"].open_ring_buffer(_callback)
         self._ring_open = True

@@ -26,6 +26,8 @@ MAX_MODULES: Final = 64  # parsed ELF files (LRU)
 OUTERMOST: Final = frozenset({"_start", "__libc_start_main", "__libc_start_call_main",
                               "start_thread", "clone", "clone3", "thread_start", "main",
                               "__clone", "__clone3", "std::rt::lang_start_internal"})
+# Syscall wrappers that keep no frame: their caller is missing from a frame-pointer walk.
+LEAF_WRAPPERS: Final = frozenset({"ioctl", "__ioctl", "__GI___ioctl", "syscall"})
 NO_FP_HINT: Final = ("binaries built without frame pointers give only the frames the kernel "
                      "could unwind (build with -fno-omit-frame-pointer, or Rust "
                      "-C force-frame-pointers=yes)")
@@ -39,6 +41,10 @@ class StackFrame:
     file_offset: int | None
     function: str | None
     function_offset: int | None
+    # Not in the walk: the caller of a frameless syscall wrapper (libc's ioctl keeps no frame,
+    # so a frame-pointer walk skips the function that called it), read back from the call
+    # instruction before the next frame's return address.
+    inferred: bool = False
 
     def describe(self) -> str:
         what = self.function or "??"
@@ -95,6 +101,8 @@ def read_maps(pid: int, proc_root: Path = Path("/proc")) -> list[Mapping]:
 # module (BPF_F_STACK_BUILD_ID), else (None, the raw address).
 RawFrame = tuple[str | None, int]
 DEBUG_ROOT: Final = Path("/usr/lib/debug/.build-id")
+OWN_LIBRARIES: Final = ("libc.so", "libc-", "ld-linux", "libstdc++", "libgcc_s", "libm.so",
+                        "libpthread", "libdl")
 
 
 class Symbolizer:
@@ -105,6 +113,7 @@ class Symbolizer:
         self._modules: OrderedDict[tuple[str, int], elf.ElfSymbols | None] = OrderedDict()
         # build-id -> (path, symbols): how a frame of a process long gone still resolves
         self._by_build_id: OrderedDict[str, tuple[str, elf.ElfSymbols]] = OrderedDict()
+        self._own_indexed = False
 
     def remember(self, pid: int) -> None:
         """Snapshot ``pid``'s executable mappings and index their modules by build-id."""
@@ -119,15 +128,36 @@ class Symbolizer:
             self._module(pid, m)
 
     def index_file(self, path: Path) -> None:
-        """Index one binary by its build-id (``watch``: the command, before it runs)."""
+        """Index one file by its build-id (a debug file, a binary about to run)."""
+        self._index_path(path, str(path))
+
+    def index_binary(self, pid: int, path: str) -> None:
+        """A binary ``pid`` exec'd (by the name given to execve): through the process while it
+        lives (its exe, cwd and root), else as we see the path."""
+        proc = self.proc_root / str(pid)
+        for candidate in (proc / "exe", proc / "cwd" / path, proc / "root" / path.lstrip("/"),
+                          Path(path)):
+            if self._index_path(candidate, path):
+                return
+
+    def _index_path(self, candidate: Path, name: str) -> bool:
         try:
-            st = path.stat()
-            with path.open("rb") as f:
+            st = candidate.stat()
+            with candidate.open("rb") as f:
                 symbols = elf.read_symbols(f)
         except (OSError, elf.ElfError):
-            return
-        self._modules[(str(path), st.st_ino)] = symbols
-        self._index(str(path), symbols)
+            return False
+        self._modules[(name, st.st_ino)] = symbols
+        self._index(name, symbols)
+        return True
+
+    def _index_own_libraries(self) -> None:
+        """The system libraries this process maps too (libc, the loader, libstdc++, ...): the
+        same files as a VMM's, found without the VMM's /proc."""
+        self._own_indexed = True
+        for m in read_maps(os.getpid(), self.proc_root):
+            if Path(m.path).name.startswith(OWN_LIBRARIES):
+                self._module(os.getpid(), m)
 
     def forget(self, pid: int) -> None:
         self._maps.pop(pid, None)
@@ -167,6 +197,9 @@ class Symbolizer:
         if hit is None and os.path.exists(self.proc_root / str(pid)):
             self.remember(pid)  # alive: its mappings name the module
             hit = self._by_build_id.get(build_id)
+        if hit is None and not self._own_indexed:
+            self._index_own_libraries()
+            hit = self._by_build_id.get(build_id)
         if hit is None:  # a debuginfo package's layout
             debug = DEBUG_ROOT / build_id[:2] / f"{build_id[2:]}.debug"
             if debug.is_file():
@@ -186,7 +219,45 @@ class Symbolizer:
             build_id, value = (None, item) if isinstance(item, int) else item
             frames.append(self._frame_by_id(pid, build_id, value, i > 0) if build_id
                           else self._frame(pid, value, i > 0))
+        caller = self._wrapper_caller(frames)
+        if caller is not None:
+            frames.insert(1, caller)
         return UserStack(tuple(frames), *self._partial(frames))
+
+    def _symbols_of(self, frame: StackFrame) -> elf.ElfSymbols | None:
+        if frame.build_id and frame.build_id in self._by_build_id:
+            return self._by_build_id[frame.build_id][1]
+        for (path, _inode), symbols in self._modules.items():
+            if path == frame.module:
+                return symbols
+        return None
+
+    def _wrapper_caller(self, frames: list[StackFrame]) -> StackFrame | None:
+        """The function that called a leaf syscall wrapper, from ``call rel32`` (E8) just before
+        the return address of the next frame; None when that is not a direct call."""
+        if len(frames) < 2 or frames[0].function not in LEAF_WRAPPERS:
+            return None
+        ret = frames[1]
+        if ret.module is None or ret.file_offset is None or ret.file_offset < 5:
+            return None
+        symbols = self._symbols_of(ret)
+        ret_vaddr = symbols.vaddr_of(ret.file_offset) if symbols is not None else None
+        if symbols is None or ret_vaddr is None:
+            return None
+        try:
+            with open(ret.module, "rb") as f:
+                f.seek(ret.file_offset - 5)
+                code = f.read(5)
+        except OSError:
+            return None
+        if len(code) != 5 or code[0] != 0xE8:
+            return None
+        target = ret_vaddr + int.from_bytes(code[1:], "little", signed=True)
+        hit = symbols.lookup(target)
+        if hit is None or hit[1] != 0:
+            return None
+        return StackFrame(0, ret.module, symbols.build_id, None, demangle.demangle(hit[0]),
+                          None, inferred=True)
 
     def _frame_by_id(self, pid: int, build_id: str, file_offset: int,
                      caller: bool) -> StackFrame:

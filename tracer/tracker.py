@@ -53,6 +53,8 @@ class StackResolver(Protocol):
 
     def remember(self, pid: int) -> None: ...
 
+    def index_binary(self, pid: int, path: str) -> None: ...
+
     def forget(self, pid: int) -> None: ...
 
 
@@ -253,6 +255,11 @@ class Tracker:
         self.sink.notice("vcpu_adopted", "info", pid=ev.tgid, vm=self.identity(ev.tgid).name,
                          vcpu_id=vcpu_id, vcpu_fd=ev.fd,
                          why=f"{abi.ioctl_name(ev.aux)} on an fd created before the probes")
+
+    def _on_exec(self, ev: KernelEvent) -> None:
+        """watch: a process of the tree runs a new binary; index it while it is there."""
+        if self.stacks is not None and ev.path:
+            self.stacks.index_binary(ev.tgid, ev.path)
 
     def _on_quirks(self, ev: KernelEvent) -> None:
         self.sink.notice("quirks_disabled", "info", pid=ev.tgid, vm=self.identity(ev.tgid).name,
@@ -562,4 +569,5 @@ _HANDLERS: dict[EventType, Callable[[Tracker, KernelEvent], None]] = {
     EventType.RUN_ENTER: Tracker._on_trace,
     EventType.USERSPACE_EXIT: Tracker._on_trace,
     EventType.STATE_IOCTL: Tracker._on_state_ioctl,
+    EventType.EXEC: Tracker._on_exec,
 }
