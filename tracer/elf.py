@@ -63,6 +63,10 @@ class ElfSymbols:
 
 
 def _read(f: BinaryIO, offset: int, size: int) -> bytes:
+    # Offsets and sizes come from the file itself: check them against its length first, or a
+    # corrupt 2**62 raises OverflowError from seek, or makes read() allocate that much.
+    if offset < 0 or size < 0 or offset + size > f.seek(0, 2):
+        raise ElfError(f"truncated at offset {offset:#x} (wanted {size} bytes)")
     f.seek(offset)
     data = f.read(size)
     if len(data) != size:

@@ -183,9 +183,13 @@ def _exec_path(raw: bytes) -> str | None:
 
 
 def encode_event(ev: KernelEvent, access_raw: bytes = b"") -> bytes:
-    """Inverse of :func:`decode_event` (tests and replay)."""
-    return EVENT_STRUCT.pack(int(ev.type), ev.tgid, ev.tid, ev.vcpu_id, ev.fd, ev.cmd,
+    """Inverse of :func:`decode_event` (tests and replay); an EXEC event carries its path after."""
+    raw = EVENT_STRUCT.pack(int(ev.type), ev.tgid, ev.tid, ev.vcpu_id, ev.fd, ev.cmd,
                              ev.exit_reason, int(ev.flags), ev.seq, ev.pending_since_ns,
                              ev.ts_ns, ev.aux, ev.vcpu_uid,
                              access_raw.ljust(abi.ACCESS_BYTES, b"\0"),
                              ev.comm.encode()[:16], ev.stack_id, 0)
+    if ev.type is not EventType.EXEC:
+        return raw
+    path = (ev.path or "").encode("utf-8", "surrogateescape")[:EXEC_PATH_BYTES - 1]
+    return raw + path.ljust(EXEC_PATH_BYTES, b"\0")

@@ -299,6 +299,12 @@ class Symbolizer:
         last = frames[-1].function or ""
         if len(frames) < 2:
             return True, f"only {len(frames)} frame: {NO_FP_HINT}"
-        if last in OUTERMOST or last.endswith(("::main", "lang_start_internal")):
+        # Past main the walk reaches libc's start code, which a libc without .symtab (Debian's)
+        # leaves unnamed: a known outermost function followed by at most two such frames.
+        tail = [f.function for f in frames[-3:]]
+        while len(tail) > 1 and tail[-1] is None:
+            tail.pop()
+        named = tail[-1] or ""
+        if named in OUTERMOST or named.endswith(("::main", "lang_start_internal")):
             return False, None
         return True, f"the frame-pointer walk ended in {last or 'an unknown frame'}: {NO_FP_HINT}"

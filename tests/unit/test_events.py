@@ -24,6 +24,8 @@ from tracer import abi, counters, probes, tracker
 from tracer.events import (
     EVENT_SIZE,
     EVENT_STRUCT,
+    EXEC_PATH_BYTES,
+    MAX_EVENT_SIZE,
     EventFlag,
     EventType,
     HypercallAccess,
@@ -238,9 +240,39 @@ def test_struct_event_is_found_in_the_bpf_source() -> None:
     assert "comm" in [name for _, name, _ in C_FIELDS]
 
 
+# Fields that do not live in struct event: an EXEC event's file name follows the struct.
+TRAILER_FIELDS = ["path"]
+
+
 def test_c_member_names_match_kernel_event_fields_in_order() -> None:
     # padding members carry nothing: KernelEvent has no field for them
-    assert [name for _, name, _ in C_FIELDS if name != "pad"] == KERNEL_EVENT_FIELDS
+    in_struct = [name for name in KERNEL_EVENT_FIELDS if name not in TRAILER_FIELDS]
+    assert [name for _, name, _ in C_FIELDS if name != "pad"] == in_struct
+    assert KERNEL_EVENT_FIELDS[-len(TRAILER_FIELDS):] == TRAILER_FIELDS
+
+
+def test_the_exec_trailer_size_is_the_one_the_probes_compile_with() -> None:
+    # the C side reserves sizeof(struct event) + EXEC_PATH_BYTES, defined by probes.py
+    assert "sizeof(struct event) + EXEC_PATH_BYTES" in SOURCE
+    assert MAX_EVENT_SIZE == EVENT_SIZE + EXEC_PATH_BYTES
+
+
+def test_exec_event_decodes_its_path_and_round_trips() -> None:
+    ev = dataclasses.replace(make_event(EventType.EXEC), path="/usr/bin/qemu-system-x86_64")
+    raw = encode_event(ev)
+    assert len(raw) == MAX_EVENT_SIZE
+    assert decode_event(raw).path == "/usr/bin/qemu-system-x86_64"
+    assert decode_event(raw) == ev
+
+
+def test_exec_event_without_its_trailer_has_no_path() -> None:
+    raw = encode_event(make_event(EventType.EXEC))[:EVENT_SIZE]
+    assert decode_event(raw).path is None
+
+
+def test_other_events_ignore_bytes_after_the_struct() -> None:
+    raw = encode_event(make_event(EventType.VIOLATION)) + b"/bin/x".ljust(EXEC_PATH_BYTES, b"\0")
+    assert decode_event(raw).path is None
 
 
 @requires_cc
@@ -382,7 +414,7 @@ def test_round_trip_every_event_type(etype: EventType) -> None:
     raw_access = io_union(1, 2, 0x7E, 1)
     ev = make_event(etype, raw_access, aux=-(2**63), fd=-1, seq=2**64 - 1)
     raw = encode_event(ev, raw_access)
-    assert len(raw) == EVENT_SIZE
+    assert len(raw) == (MAX_EVENT_SIZE if etype is EventType.EXEC else EVENT_SIZE)
     back = decode_event(raw)
     assert back == ev
     assert back.type is etype
@@ -421,7 +453,7 @@ def test_short_buffer_is_malformed(length: int) -> None:
         decode_event(raw)
 
 
-@pytest.mark.parametrize("etype", [0, 13, 16, 0xFFFFFFFF])
+@pytest.mark.parametrize("etype", [0, 14, 15, 16, 0xFFFFFFFF])
 def test_unknown_event_type_is_malformed(etype: int) -> None:
     raw = bytearray(encode_event(make_event(EventType.VIOLATION)))
     struct.pack_into("<I", raw, 0, etype)
