@@ -117,12 +117,12 @@ def _rel8_target(decoded: list[tuple[int, bytes]], offset: int) -> int:
 
 
 def test_delayed_out_loop() -> None:
-    # mov dx, 0x3f8; mov al, 0x41; head: inc dword [0xf00]; mov bx, 1; outer: mov cx, 0xffff;
+    # mov dx, 0x3f8; mov al, 0x41; head: inc dword [0xf00]; mov bx, 4; outer: mov cx, 0xffff;
     # inner: loop inner; dec bx; jnz outer; out dx, al; jmp head
     program = guest.delayed_out_loop()
     assert program.code == bytes.fromhex(
-        "baf803 b041 66ff06000f bb0100 b9ffff e2fe 4b 75f8 ee ebed")
-    assert guest.OUT_DELAY_ROUNDS == 1 and guest.DELAY_INNER_LOOPS == 0xFFFF
+        "baf803 b041 66ff06000f bb0400 b9ffff e2fe 4b 75f8 ee ebed")
+    assert guest.OUT_DELAY_ROUNDS == 4 and guest.DELAY_INNER_LOOPS == 0xFFFF
     decoded = _decode(program.code)
     offsets = [off for off, _ in decoded]
     head, bx, outer, inner, dec, jnz, out, jmp = offsets[2:]

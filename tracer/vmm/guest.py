@@ -284,12 +284,13 @@ def hlt_loop() -> GuestProgram:
 
 # Rounds of the delay loop in :func:`delayed_out_loop`. Real mode runs instruction by instruction
 # in KVM's emulator on this PVM host (no hardware real mode under PVM), about 0.7 us per `loop`:
-# measured here, one round of 65535 `loop`s makes a KVM_RUN (entry to the IO exit) last
-# 42-66 ms, median ~48 ms (a vCPU's first run ~50-60 ms); 2 rounds 85-115 ms. The
+# measured on these hosts, one round of 65535 `loop`s makes a KVM_RUN (entry to the IO exit) last
+# from 14 ms (a quiet, fast host) to 66 ms (a loaded one): 4 rounds keep the run well above the
+# snapshot's 5 ms head start plus the GIL's clock slack (10 ms) on the fastest host. The
 # save-while-running scenario reports each run's length in its facts (run_ms_min/max). On a
 # host with hardware real mode a round takes ~0.1 ms: raise the rounds there (the scenario
 # fails loudly if the snapshot does not start during the run).
-OUT_DELAY_ROUNDS: Final = 1
+OUT_DELAY_ROUNDS: Final = 4
 DELAY_INNER_LOOPS: Final = 0xFFFF
 
 

@@ -349,8 +349,8 @@ def buggy_other_thread(iterations: int = DEFAULT_ITERATIONS) -> ScenarioReport:
 SAVE_WHILE_RUNNING_ITERATIONS: Final = 3
 # The saver issues its snapshot at least this long after the vCPU thread is about to enter
 # KVM_RUN, and only once the guest's heartbeat moved (so KVM_RUN holds vcpu->mutex): well under
-# the ~45 ms the guest then spends in guest.delayed_out_loop()'s delay loop before its OUT (see
-# guest.OUT_DELAY_ROUNDS), leaving the snapshot ~40 ms to wait for the exit.
+# the 55-250 ms the guest then spends in guest.delayed_out_loop()'s delay loop before its OUT
+# (see guest.OUT_DELAY_ROUNDS), leaving the snapshot tens of ms to wait for the exit.
 SAVE_AFTER_ENTRY_S: Final = 0.005
 HEARTBEAT_POLL_S: Final = 0.0002
 # The kicked variant signals the vCPU thread this long after the saver started its snapshot, so
