@@ -3,6 +3,35 @@
 Facts behind every rule: ``Documentation/virt/kvm/api.rst`` (the note after the KVM_EXIT_MMIO
 struct) and the project's kvm-completion-facts.md. Every rule carries a one-line reason that the
 alert quotes. Operators override through a TOML policy file or CLI flags (:func:`build_policy`).
+
+Restores after a port exit (rule ``restore-after-pio``).
+What KVM (arch/x86/kvm/x86.c) does on the next KVM_RUN with state restored while a port exit is
+pending, per kind of port exit; measured on real KVM by the VMM's restore-pio* scenarios:
+- OUT through the emulator (string `rep outs`, or any OUT KVM emulated: real mode without
+  unrestricted guest, PVM): x86_emulate_instruction() wrote the instruction back (RIP, RSI,
+  RCX) and cleared pio.count *before* the exit, and set no complete_userspace_io: nothing is
+  left to do, the restored state takes effect whole.
+- fast OUT (kvm_fast_pio_out, VMX/SVM `out`): complete_fast_pio_out() returns early when the
+  vCPU's linear RIP is no longer pio.linear_rip (kvm_is_linear_rip), i.e. the restore moved
+  RIP, and otherwise only skips the OUT at RIP (kvm_skip_emulated_instruction): the data
+  already went to userspace, the restored state takes effect. (A restored state that sits at
+  that very RIP *before* its own OUT would lose that OUT: no VMM restores such a state into
+  a vCPU stopped at the same instruction, and the tracer cannot see RIP.)
+- OUT to port 0x7e with KVM_X86_QUIRK_OUT_7E_INC_RIP: RIP was advanced before the exit and
+  complete_fast_pio_out_port_0x7e() does nothing.
+- fast IN (kvm_fast_pio_in): complete_fast_pio_in() is dropped only if the restore moved the
+  linear RIP; with RIP unchanged it merges the port data into the restored RAX and skips.
+- IN through the emulator (string `rep ins`, or an emulated `in`): complete_emulated_pio()
+  -> complete_emulated_io() -> kvm_emulate_instruction(EMULTYPE_NO_DECODE) resumes the
+  instruction decoded before the exit. __set_regs() set emulate_regs_need_sync_from_vcpu, so
+  the emulator re-reads the restored RCX/RDI, stores the data at the destination it computed
+  before the exit and then writes back the RIP it decoded then: the restored RIP is lost
+  (measured on PVM: after a restore that moved RIP, RIP is back past the `in`; a single `in`
+  also drops the port data, a `rep ins` stores it at the old RDI and ends with the restored
+  RDI advanced).
+So a restore after any OUT is safe (rule restore-after-pio) and after an IN it is not: the
+tracer cannot see which path an IN took nor the exit's RIP (KVM reports neither), and only a
+fast IN whose restore moved RIP (a reset) would have been dropped.
 """
 
 from __future__ import annotations
@@ -117,16 +146,15 @@ class CompletionPolicy:
                           "OUT to port 0x7e: KVM_X86_QUIRK_OUT_7E_INC_RIP advanced RIP before "
                           "the exit and the completion does nothing else")
         if (kind is Kind.RESTORE and Sanction.RESTORE_AFTER_PIO in self.sanctions
-                and exit_reason == abi.KVM_EXIT_IO):
+                and isinstance(access, PioAccess) and access.direction == "out"):
             return Ruling(Sanction.RESTORE_AFTER_PIO.value, Verdict.SANCTIONED, Severity.INFO,
-                          "x86 fast PIO completion is dropped when userspace moved RIP, so a "
-                          "restore after a port exit is tolerated by the ABI")
+                          RESTORE_AFTER_OUT_REASON)
         severity = self._severity(kind, exit_name)
         if kind is Kind.RESTORE:
             return Ruling("restore-mid-completion", Verdict.VIOLATION, severity,
-                          f"{ioctl} wrote vCPU state while {exit_name} was pending: KVM finishes "
-                          "the exit on the next KVM_RUN and writes its result over the restored "
-                          "state; complete it (KVM_RUN with immediate_exit=1) before restoring")
+                          f"{ioctl} wrote vCPU state while {exit_name} was pending: "
+                          f"{_restore_consequence(exit_name, access)}; complete it (KVM_RUN "
+                          "with immediate_exit=1) before restoring")
         return Ruling("save-mid-completion", Verdict.VIOLATION, severity,
                       f"{ioctl} read vCPU state while {exit_name} was pending: "
                       f"{_consequence(self.arch, exit_reason, access)}; re-enter KVM_RUN with "
@@ -141,6 +169,34 @@ class CompletionPolicy:
         if self.arch == "aarch64":
             return Severity.WARNING  # consistent state, the access replays on restore
         return Severity.ERROR
+
+
+RESTORE_AFTER_OUT_REASON: Final = (
+    "a port OUT has nothing left to write into the restored state: an emulated or string OUT "
+    "was written back before the exit, a fast OUT's completion is dropped when the restore "
+    "moved RIP and otherwise only steps past the OUT (complete_fast_pio_out), so the restore "
+    "takes effect")
+
+
+def _restore_consequence(exit_name: str, access: PendingAccess | None) -> str:
+    if isinstance(access, PioAccess) and access.direction == "in":
+        what = f"port 0x{access.port:x} IN"
+        if access.count > 1:
+            return (f"KVM's emulator finishes the string {what} ({access.count} elements) into "
+                    "the restored state: it takes the restored RCX/RDI, stores at the address "
+                    "decoded before the exit and writes back its own RIP over the restored one "
+                    "(complete_emulated_pio)")
+        return (f"KVM finishes the {what} into the restored state: an emulated IN writes back "
+                "the RIP decoded before the exit over the restored one (complete_emulated_pio), "
+                "a fast IN merges the port data into the restored RAX and skips the instruction "
+                "unless the restore moved RIP (complete_fast_pio_in)")
+    if isinstance(access, PioAccess):
+        return f"KVM finishes the port 0x{access.port:x} OUT on the next KVM_RUN"
+    if exit_name == "KVM_EXIT_IO":
+        return ("KVM finishes the port access on the next KVM_RUN and, for an IN, writes its "
+                "result and RIP over the restored state")
+    return ("KVM finishes the exit on the next KVM_RUN and writes its result over the restored "
+            "state")
 
 
 def _consequence(arch: str, exit_reason: int, access: PendingAccess | None) -> str:

@@ -46,7 +46,7 @@ def verdicts(d: DaemonProcess, report: ScenarioReport) -> list[str]:
 @pytest.mark.parametrize("scenario", [
     "buggy-io-out", "buggy-io-in", "buggy-mmio-write", "buggy-mmio-read", "buggy-rdmsr",
     "buggy-wrmsr", "buggy-other-thread", "save-while-running", "restore-mmio", "dup-fd",
-    "dup2-fd", "dup3-fd", "port-7e-quirk-disabled",
+    "dup2-fd", "dup3-fd", "port-7e-quirk-disabled", "restore-pio-in", "restore-pio-rep-ins",
 ])
 def test_buggy_vmm_gets_exactly_the_expected_alerts(daemon: DaemonProcess,
                                                     scenario: str) -> None:
@@ -57,7 +57,7 @@ def test_buggy_vmm_gets_exactly_the_expected_alerts(daemon: DaemonProcess,
 
 @pytest.mark.parametrize("scenario", [
     "correct-io", "correct-mmio", "correct-msr", "hlt", "eintr", "fd-reuse", "port-7e",
-    "restore-pio", "save-while-running-kicked",
+    "restore-pio", "restore-pio-rep-outs", "save-while-running-kicked",
 ])
 def test_correct_vmm_gets_no_alert(daemon: DaemonProcess, scenario: str) -> None:
     report = run_vmm(scenario)

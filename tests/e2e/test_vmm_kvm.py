@@ -279,6 +279,43 @@ def test_restores() -> None:
         ("KVM_SET_REGS", "restore-after-pio", guest.SERIAL_PORT)] * N
 
 
+# PVM runs every guest instruction in KVM's emulator, so its IN/OUT exits take the emulated
+# path; VMX/SVM take the fast path for a plain `in`/`out` (tracer.policy's docstring).
+EMULATED_PIO = Path("/sys/module/kvm_pvm").exists()
+
+
+@pytest.mark.parametrize(("name", "direction", "count", "written"), [
+    # The OUT was written back before the exit (emulated) or its completion is dropped since
+    # the restore moved RIP (fast): KVM leaves the restored registers alone.
+    ("restore-pio", "out", 1, ""),
+    ("restore-pio-rep-outs", "out", 1, ""),
+    # Emulated IN: the RIP decoded before the exit is written back over the restored one.
+    # Fast IN: dropped, since the restore moved RIP (the one IN case KVM lets through).
+    ("restore-pio-in", "in", 1, "rip" if EMULATED_PIO else ""),
+    # String IN is always emulated: the restored RCX/RDI are used up and RIP is KVM's own.
+    ("restore-pio-rep-ins", "in", guest.STRING_IO_COUNT, "rcx,rdi,rip"),
+])
+def test_what_kvm_does_with_a_restore_after_each_kind_of_port_exit(
+        name: str, direction: str, count: int, written: str) -> None:
+    """Real KVM: a KVM_SET_REGS that moved RIP and changed RAX/RCX/RDI/RSI while the port exit
+    was pending, then the completion; the registers read back show what KVM wrote into the
+    restored state. The verdicts follow: a restore after an OUT is sanctioned, after an IN a
+    violation."""
+    report = report_of(name)
+    assert report.facts["fields_written_by_completion"] == written
+    assert report.facts["restores_intact"] == (N if not written else 0)
+    assert report.facts["pio_exits"] == f"{direction}x{count}"
+    assert {v.direction for v in report.violations + report.sanctioned} == {direction}
+    if direction == "out":
+        assert report.violations == []
+        assert [(v.kind, v.rule) for v in report.sanctioned] == [
+            ("restore", "restore-after-pio")] * N
+    else:
+        assert report.sanctioned == []
+        assert [(v.ioctl, v.kind, v.direction) for v in report.violations] == [
+            ("KVM_SET_REGS", "restore", "in")] * N
+
+
 def test_port_7e() -> None:
     on = report_of("port-7e")
     assert on.violations == [] and len(on.sanctioned) == N * (SAVES + RESTORES)

@@ -206,14 +206,44 @@ def test_restore_after_non_pio_exit_is_critical(x86: CompletionPolicy, reason: i
     assert "immediate_exit=1" in ruling.reason
 
 
-@pytest.mark.parametrize("access", [PioAccess(0x3F8, "out", 1, 1), PioAccess(0x60, "in", 1, 1),
-                                    PioAccess(0x7E, "in", 2, 1), None])
-def test_restore_after_pio_is_sanctioned(x86: CompletionPolicy,
-                                         access: PendingAccess | None) -> None:
+@pytest.mark.parametrize("access", [PioAccess(0x3F8, "out", 1, 1), PioAccess(0x3F8, "out", 1, 4),
+                                    PioAccess(0x60, "out", 4, 1)])
+def test_restore_after_an_out_is_sanctioned(x86: CompletionPolicy, access: PioAccess) -> None:
     ruling = x86.judge(Kind.RESTORE, IO, access, False, "KVM_SET_REGS")
     assert ruling.verdict is Verdict.SANCTIONED
     assert ruling.rule == "restore-after-pio"
     assert ruling.severity is Severity.INFO
+    assert "complete_fast_pio_out" in ruling.reason and "takes effect" in ruling.reason
+
+
+@pytest.mark.parametrize(("access", "says"), [
+    (PioAccess(0x60, "in", 1, 1), ["complete_fast_pio_in", "complete_emulated_pio", "RAX"]),
+    (PioAccess(0x7E, "in", 2, 1), ["port 0x7e IN", "complete_fast_pio_in"]),
+    (PioAccess(0x3F8, "in", 1, 4), ["string port 0x3f8 IN (4 elements)", "restored RCX/RDI",
+                                    "complete_emulated_pio"]),
+    (None, ["for an IN"]),
+])
+def test_restore_after_an_in_is_a_critical_violation(x86: CompletionPolicy,
+                                                     access: PioAccess | None,
+                                                     says: list[str]) -> None:
+    """KVM completes a pending IN into the restored state (tracer.policy's docstring): the
+    restore does not take effect whole. Unknown direction: not provably an OUT."""
+    ruling = x86.judge(Kind.RESTORE, IO, access, False, "KVM_SET_REGS")
+    assert (ruling.verdict, ruling.rule) == (Verdict.VIOLATION, "restore-mid-completion")
+    assert ruling.severity is Severity.CRITICAL
+    for text in says:
+        assert text in ruling.reason
+    assert "immediate_exit=1" in ruling.reason
+
+
+def test_the_policy_docstring_cites_kvm_for_every_port_exit_kind() -> None:
+    from tracer import policy
+
+    doc = policy.__doc__ or ""
+    for function in ("complete_fast_pio_out", "complete_fast_pio_in", "complete_emulated_pio",
+                     "complete_fast_pio_out_port_0x7e", "kvm_is_linear_rip",
+                     "EMULTYPE_NO_DECODE", "emulate_regs_need_sync_from_vcpu"):
+        assert function in doc, function
 
 
 def test_restore_after_pio_sanction_applies_to_restores_only(x86: CompletionPolicy) -> None:
@@ -323,7 +353,8 @@ def test_most_specific_severity_wins(key: str) -> None:
 def test_severity_overrides_do_not_touch_sanctioned_rulings() -> None:
     policy = policy_for("x86_64", severities={"save": "critical", "restore": "critical"})
     assert policy.judge(Kind.SAVE, IO, OUT_7E, False, "X").severity is Severity.INFO
-    assert policy.judge(Kind.RESTORE, IO, None, False, "X").severity is Severity.INFO
+    restore_after_out = policy.judge(Kind.RESTORE, IO, PioAccess(0x3F8, "out", 1, 1), False, "X")
+    assert restore_after_out.severity is Severity.INFO
 
 
 # ---- build_policy overrides --------------------------------------------------------------------

@@ -28,6 +28,10 @@ _OPERAND_BYTES = {
     b"\xa0": 2, b"\xa2": 2,  # mov al, [moffs16] / mov [moffs16], al
     b"\x0f\x30": 0, b"\x0f\x32": 0,  # wrmsr / rdmsr
     b"\xf4": 0,  # hlt
+    b"\xbe": 2,  # mov si, imm16
+    b"\xbf": 2,  # mov di, imm16
+    b"\xf3\x6c": 0,  # rep insb
+    b"\xf3\x6e": 0,  # rep outsb
     b"\xeb": 1,  # jmp rel8
 }
 
@@ -70,6 +74,7 @@ LOOP_PROGRAMS = [
 
 
 OTHER_PROGRAMS = [guest.sequence(), guest.delayed_out_loop(), guest.delayed_out_loop(delay=3),
+                  guest.rep_ins_loop(), guest.rep_outs_loop(),
                   guest.spin_forever(), guest.spin_forever(heartbeat=None)]
 
 
@@ -108,6 +113,10 @@ def test_known_encodings() -> None:
     assert guest.rdmsr_loop().code == bytes.fromhex("66b978563412 0f32 ebfc")
     assert guest.hlt_loop().code == bytes.fromhex("f4 ebfd")
     assert guest.out_loop(port=0x7E, size=2).code.endswith(bytes.fromhex("ef ebfd"))
+    # mov dx, 0x3f8; head: mov cx, 4; mov di, 0xe00; rep insb; jmp head
+    assert guest.rep_ins_loop().code == bytes.fromhex("baf803 b90400 bf000e f36c ebf6")
+    # mov dx, 0x3f8; head: mov cx, 4; mov si, 0xe00; rep outsb; jmp head
+    assert guest.rep_outs_loop().code == bytes.fromhex("baf803 b90400 be000e f36e ebf6")
 
 
 def _rel8_target(decoded: list[tuple[int, bytes]], offset: int) -> int:
@@ -188,7 +197,8 @@ def test_sanction_rules() -> None:
     assert sanction_rule(_record("restore", 0x7E, quirk_off=True)) == "restore-after-pio"
     assert sanction_rule(_record("save", 0x7E, "in")) is None  # the quirk is for OUT only
     assert sanction_rule(_record("save", 0x3F8)) is None
-    assert sanction_rule(_record("restore", 0x3F8, "in")) == "restore-after-pio"
+    assert sanction_rule(_record("restore", 0x3F8, "in")) is None  # KVM writes into the restore
+    assert sanction_rule(_record("restore", 0x3F8, "out")) == "restore-after-pio"
     mmio = MidCompletionIoctl(20, 1, 5, 4, 0, "KVM_SET_REGS", "restore",
                               PendingExit(abi.KVM_EXIT_MMIO, None, 10), False)
     assert sanction_rule(mmio) is None

@@ -104,6 +104,17 @@ class _Asm:
     def mov_di(self, value: int) -> int:
         return self._emit(b"\xbf" + struct.pack("<H", value), f"mov di, {value:#x}")
 
+    def mov_si(self, value: int) -> int:
+        return self._emit(b"\xbe" + struct.pack("<H", value), f"mov si, {value:#x}")
+
+    def rep_insb(self) -> int:
+        # F3 6C: rep insb, ES:DI <- port DX, CX times (16-bit address size in real mode)
+        return self._emit(b"\xf3\x6c", "rep insb")
+
+    def rep_outsb(self) -> int:
+        # F3 6E: rep outsb, port DX <- DS:SI, CX times
+        return self._emit(b"\xf3\x6e", "rep outsb")
+
     def mov_es_ax(self) -> int:
         return self._emit(b"\x8e\xc0", "mov es, ax")  # 8E /r, ModRM 11 000(es) 000(ax)
 
@@ -207,6 +218,39 @@ def in_loop(port: int = SERIAL_PORT, size: int = 1) -> GuestProgram:
     head = a.in_dx(size)
     return a.loop_program(f"in-{port:#x}", head, ("KVM_EXIT_IO",),
                           f"in {_acc(size)}, dx from port {port:#x} in a loop", "in",
+                          port=port)
+
+
+# Where the string I/O programs read from and write to (guest memory, below the load address).
+STRING_IO_BUFFER: Final = 0x0E00
+STRING_IO_COUNT: Final = 4
+
+
+def rep_ins_loop(port: int = SERIAL_PORT, count: int = STRING_IO_COUNT,
+                 dest: int = STRING_IO_BUFFER) -> GuestProgram:
+    """``rep insb`` of ``count`` bytes from ``port`` to ES:``dest`` forever: string I/O, which
+    KVM always runs in its instruction emulator (one KVM_EXIT_IO, direction in, count > 1)."""
+    a = _Asm()
+    a.mov_dx(port)
+    head = a.mov_cx(count)
+    a.mov_di(dest)
+    a.rep_insb()
+    return a.loop_program(f"rep-ins-{port:#x}", head, ("KVM_EXIT_IO",),
+                          f"rep insb, {count} bytes from port {port:#x} in a loop", "in",
+                          port=port)
+
+
+def rep_outs_loop(port: int = SERIAL_PORT, count: int = STRING_IO_COUNT,
+                  src: int = STRING_IO_BUFFER) -> GuestProgram:
+    """``rep outsb`` of ``count`` bytes from DS:``src`` to ``port`` forever (string I/O,
+    emulated; KVM_EXIT_IO direction out, one exit per element here)."""
+    a = _Asm()
+    a.mov_dx(port)
+    head = a.mov_cx(count)
+    a.mov_si(src)
+    a.rep_outsb()
+    return a.loop_program(f"rep-outs-{port:#x}", head, ("KVM_EXIT_IO",),
+                          f"rep outsb, {count} bytes to port {port:#x} in a loop", "out",
                           port=port)
 
 

@@ -179,14 +179,16 @@ def sanction_rule(rec: MidCompletionIoctl) -> str | None:
 
     - an OUT to port 0x7e with KVM_X86_QUIRK_OUT_7E_INC_RIP on: KVM advanced RIP before
       exiting and the completion does nothing, so saving and restoring are both safe;
-    - a restore after any PIO exit: the fast-PIO completion notices the moved RIP and drops
-      itself (saving is still a violation).
+    - a restore after an OUT exit: an emulated or string OUT was written back before the exit,
+      a fast OUT's completion drops itself when RIP moved or just steps past the OUT, so the
+      restore takes effect (saving is still a violation). After an IN the completion writes
+      into the restored state (tracer.policy's docstring cites KVM).
     """
     acc = rec.pending.access
     if (isinstance(acc, PioExit) and acc.direction == "out" and acc.port == PORT_7E
             and not rec.quirk_7e_disabled):
         return RULE_PORT_7E
-    if rec.kind == "restore" and rec.pending.exit_reason == abi.KVM_EXIT_IO:
+    if rec.kind == "restore" and isinstance(acc, PioExit) and acc.direction == "out":
         return RULE_RESTORE_AFTER_PIO
     return None
 

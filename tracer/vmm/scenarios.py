@@ -558,9 +558,73 @@ def restore_mmio(iterations: int = DEFAULT_ITERATIONS) -> ScenarioReport:
     return _restore_mid("restore-mmio", guest.mmio_read_loop(), iterations)
 
 
+# What a restore mid-port-exit writes: RIP back to the program's start (moved away from the
+# exit's instruction), a marker in RAX, and string registers that differ from the exit's.
+RESTORE_MARK: Final = 0x1111
+RESTORED_STRING_COUNT: Final = 1
+RESTORED_STRING_OFFSET: Final = 0x80  # DI/SI restored this far past the guest's buffer
+_RESTORE_FIELDS: Final = ("rip", "rax", "rcx", "rdi", "rsi")
+
+
+def _restore_effect(name: str, program: GuestProgram, iterations: int,
+                    buggy: bool) -> ScenarioReport:
+    """At each port exit, KVM_SET_REGS of a state that differs from the exit's (RIP moved,
+    RAX, RCX, RDI, RSI changed), complete, and read the registers back (nothing pending then):
+    the facts say whether KVM left the restored state intact or wrote into it, and what."""
+    s = _Session(name, iterations)
+    intact = 0
+    changed: set[str] = set()
+    exits: set[str] = set()
+    try:
+        vcpu = s.vcpu(s.vm(), 0, program, buggy=buggy)
+        for i in range(iterations):
+            restored = vcpu.get_regs()  # nothing pending yet: a clean save
+            _exit(vcpu, program, i)
+            access = vcpu.exit_access()
+            if not isinstance(access, PioExit):
+                raise VmmError(f"{name}: expected a port exit, got {access}")
+            exits.add(f"{access.direction}x{access.count}")
+            restored.rip = program.load_addr
+            restored.rax = RESTORE_MARK
+            restored.rcx = RESTORED_STRING_COUNT
+            restored.rdi = guest.STRING_IO_BUFFER + RESTORED_STRING_OFFSET
+            restored.rsi = guest.STRING_IO_BUFFER + RESTORED_STRING_OFFSET
+            vcpu.set_regs(restored)  # the restore mid-completion
+            _complete(vcpu)
+            after = vcpu.get_regs()  # completed: a clean read
+            diff = {f for f in _RESTORE_FIELDS if getattr(after, f) != getattr(restored, f)}
+            intact += not diff
+            changed |= diff
+        s.facts["restores_intact"] = intact
+        s.facts["fields_written_by_completion"] = ",".join(sorted(changed))
+        s.facts["pio_exits"] = ",".join(sorted(exits))  # direction x kvm_run.io.count
+        return s.report()
+    finally:
+        s.close()
+
+
 def restore_pio(iterations: int = DEFAULT_ITERATIONS) -> ScenarioReport:
-    """SET_REGS while an OUT is pending: tolerated (rule restore-after-pio), not a violation."""
-    return _restore_mid("restore-pio", guest.out_loop(), iterations)
+    """SET_REGS while an OUT is pending: the restore takes effect (rule restore-after-pio)."""
+    return _restore_effect("restore-pio", guest.out_loop(), iterations, buggy=False)
+
+
+def restore_pio_in(iterations: int = DEFAULT_ITERATIONS) -> ScenarioReport:
+    """SET_REGS while an IN is pending: a restore violation, the completion writes into the
+    restored state (emulated IN: RIP; fast IN with RIP unchanged: RAX and RIP)."""
+    return _restore_effect("restore-pio-in", guest.in_loop(), iterations, buggy=True)
+
+
+def restore_pio_rep_ins(iterations: int = DEFAULT_ITERATIONS) -> ScenarioReport:
+    """SET_REGS while a `rep insb` is pending: a restore violation, the emulator finishes the
+    string IN with the restored RCX/RDI and its own RIP."""
+    return _restore_effect("restore-pio-rep-ins", guest.rep_ins_loop(), iterations, buggy=True)
+
+
+def restore_pio_rep_outs(iterations: int = DEFAULT_ITERATIONS) -> ScenarioReport:
+    """SET_REGS while a `rep outsb` is pending: the emulator wrote the OUT back before the
+    exit, the restore takes effect (rule restore-after-pio)."""
+    return _restore_effect("restore-pio-rep-outs", guest.rep_outs_loop(), iterations,
+                           buggy=False)
 
 
 def hlt(iterations: int = DEFAULT_ITERATIONS) -> ScenarioReport:
@@ -959,6 +1023,9 @@ SCENARIOS: Final[dict[str, ScenarioFn]] = {
     "save-while-running-kicked": save_while_running_kicked,
     "restore-mmio": restore_mmio,
     "restore-pio": restore_pio,
+    "restore-pio-in": restore_pio_in,
+    "restore-pio-rep-ins": restore_pio_rep_ins,
+    "restore-pio-rep-outs": restore_pio_rep_outs,
     "hlt": hlt,
     "eintr": eintr,
     "port-7e": port_7e,
