@@ -12,6 +12,11 @@
 // the violation the daemon reports), stamping CLOCK_REALTIME right before the ioctl; then
 // re-enter KVM_RUN.  The stamps (ns) and the vCPU's exit count at that moment (= the daemon's
 // `window`) go to --ts-file, one "ts_ns window" pair a line.
+//   --save-ioctls 2 (default) follows the KVM_GET_REGS with KVM_GET_SREGS: a snapshot, which the
+//   daemon reports at once.  --save-ioctls 1 issues the KVM_GET_REGS alone: a register peek,
+//   which the daemon holds until the window shows what it was (an inspection when re-entry
+//   completes it, so no alert); with --hold-us longer than the daemon's --snapshot-idle the
+//   window stays open and the peek is reported as a violation at the idle time.
 //
 // Prints one JSON object: exits, seconds, ns_per_exit (busy-thread time per exit), ...
 #define _GNU_SOURCE
@@ -39,6 +44,8 @@ static double duration_s = 1.0;
 static uint64_t count_limit; // exits per busy vCPU (0: use duration)
 static long violations;
 static long pace_us = 1000;
+static long save_ioctls = 2; // per violation: KVM_GET_REGS (1), + KVM_GET_SREGS (2)
+static long hold_us;         // sleep after the save(s), before re-entering KVM_RUN
 static const char *ts_file;
 static double start_delay_s; // pause between creating the vCPUs and running them
 
@@ -135,6 +142,15 @@ static void *busy(void *arg)
                 uint64_t stamp = now_ns(CLOCK_REALTIME);
                 if (ioctl(v->fd, KVM_GET_REGS, &regs) < 0)
                     die("KVM_GET_REGS");
+                if (save_ioctls >= 2) {
+                    struct kvm_sregs sregs;
+                    if (ioctl(v->fd, KVM_GET_SREGS, &sregs) < 0)
+                        die("KVM_GET_SREGS");
+                }
+                if (hold_us > 0) {
+                    struct timespec hold = {hold_us / 1000000, (hold_us % 1000000) * 1000};
+                    nanosleep(&hold, NULL);
+                }
                 v->ts[v->violations_done] = stamp;
                 v->windows[v->violations_done] = n;
                 v->violations_done++;
@@ -160,7 +176,8 @@ static void usage(void)
 {
     fprintf(stderr,
             "usage: kvmloop [--vcpus N] [--busy B] [--seconds S | --count C] [--port P]\n"
-            "               [--violations K --ts-file PATH [--pace-us U]] [--start-delay S]\n");
+            "               [--violations K --ts-file PATH [--pace-us U] [--save-ioctls 1|2]\n"
+            "                [--hold-us U]] [--start-delay S]\n");
     exit(2);
 }
 
@@ -188,12 +205,17 @@ int main(int argc, char **argv)
             ts_file = val;
         else if (!strcmp(a, "--pace-us"))
             pace_us = atol(val);
+        else if (!strcmp(a, "--save-ioctls"))
+            save_ioctls = atol(val);
+        else if (!strcmp(a, "--hold-us"))
+            hold_us = atol(val);
         else if (!strcmp(a, "--start-delay"))
             start_delay_s = atof(val);
         else
             usage();
     }
-    if (nvcpus < 1 || nbusy < 0 || nbusy > nvcpus || (violations && (!ts_file || nbusy < 1)))
+    if (nvcpus < 1 || nbusy < 0 || nbusy > nvcpus || (violations && (!ts_file || nbusy < 1)) ||
+        save_ioctls < 1 || save_ioctls > 2 || hold_us < 0)
         usage();
 
     // One fd per vCPU plus a few: raise the soft limit to the hard one.
