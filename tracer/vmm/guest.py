@@ -83,14 +83,18 @@ class _Asm:
         return start
 
     # 16-bit operand size is the default in real mode; 0x66 selects 32 bits.
+    def _mov_r16(self, opcode: int, reg: str, value: int) -> int:
+        # B8+rw iw: mov r16, imm16
+        return self._emit(bytes([opcode]) + struct.pack("<H", value), f"mov {reg}, {value:#x}")
+
     def mov_ax(self, value: int) -> int:
-        return self._emit(b"\xb8" + struct.pack("<H", value), f"mov ax, {value:#x}")
+        return self._mov_r16(0xB8, "ax", value)
 
     def mov_al(self, value: int) -> int:
         return self._emit(bytes([0xB0, value]), f"mov al, {value:#x}")
 
     def mov_dx(self, value: int) -> int:
-        return self._emit(b"\xba" + struct.pack("<H", value), f"mov dx, {value:#x}")
+        return self._mov_r16(0xBA, "dx", value)
 
     def mov_eax(self, value: int) -> int:
         return self._emit(b"\x66\xb8" + struct.pack("<I", value), f"mov eax, {value:#x}")
@@ -102,10 +106,10 @@ class _Asm:
         return self._emit(b"\x66\xba" + struct.pack("<I", value), f"mov edx, {value:#x}")
 
     def mov_di(self, value: int) -> int:
-        return self._emit(b"\xbf" + struct.pack("<H", value), f"mov di, {value:#x}")
+        return self._mov_r16(0xBF, "di", value)
 
     def mov_si(self, value: int) -> int:
-        return self._emit(b"\xbe" + struct.pack("<H", value), f"mov si, {value:#x}")
+        return self._mov_r16(0xBE, "si", value)
 
     def rep_insb(self) -> int:
         # F3 6C: rep insb, ES:DI <- port DX, CX times (16-bit address size in real mode)
@@ -146,10 +150,10 @@ class _Asm:
         return self._emit(b"\xf4", "hlt")
 
     def mov_bx(self, value: int) -> int:
-        return self._emit(b"\xbb" + struct.pack("<H", value), f"mov bx, {value:#x}")
+        return self._mov_r16(0xBB, "bx", value)
 
     def mov_cx(self, value: int) -> int:
-        return self._emit(b"\xb9" + struct.pack("<H", value), f"mov cx, {value:#x}")
+        return self._mov_r16(0xB9, "cx", value)
 
     def inc_dword(self, addr: int) -> int:
         # 66 FF /0 with ModRM 00 000 110: inc dword [disp16] (DS = 0)
@@ -226,32 +230,34 @@ STRING_IO_BUFFER: Final = 0x0E00
 STRING_IO_COUNT: Final = 4
 
 
-def rep_ins_loop(port: int = SERIAL_PORT, count: int = STRING_IO_COUNT,
-                 dest: int = STRING_IO_BUFFER) -> GuestProgram:
-    """``rep insb`` of ``count`` bytes from ``port`` to ES:``dest`` forever: string I/O, which
-    KVM always runs in its instruction emulator (one KVM_EXIT_IO, direction in, count > 1)."""
+def _rep_string_loop(direction: str, port: int, count: int, buffer: int) -> GuestProgram:
+    """``rep insb`` (ES:DI <- port) or ``rep outsb`` (port <- DS:SI) of ``count`` bytes at
+    ``buffer``, forever: string I/O, which KVM always runs in its instruction emulator."""
     a = _Asm()
     a.mov_dx(port)
     head = a.mov_cx(count)
-    a.mov_di(dest)
-    a.rep_insb()
-    return a.loop_program(f"rep-ins-{port:#x}", head, ("KVM_EXIT_IO",),
-                          f"rep insb, {count} bytes from port {port:#x} in a loop", "in",
-                          port=port)
+    if direction == "in":
+        a.mov_di(buffer)
+        a.rep_insb()
+    else:
+        a.mov_si(buffer)
+        a.rep_outsb()
+    mnemonic, prep = ("rep insb", "from") if direction == "in" else ("rep outsb", "to")
+    return a.loop_program(f"{mnemonic.replace(' ', '-')[:-1]}-{port:#x}", head, ("KVM_EXIT_IO",),
+                          f"{mnemonic}, {count} bytes {prep} port {port:#x} in a loop",
+                          direction, port=port)
+
+
+def rep_ins_loop(port: int = SERIAL_PORT, count: int = STRING_IO_COUNT,
+                 dest: int = STRING_IO_BUFFER) -> GuestProgram:
+    """String IN: one KVM_EXIT_IO (direction in) with count > 1 per loop."""
+    return _rep_string_loop("in", port, count, dest)
 
 
 def rep_outs_loop(port: int = SERIAL_PORT, count: int = STRING_IO_COUNT,
                   src: int = STRING_IO_BUFFER) -> GuestProgram:
-    """``rep outsb`` of ``count`` bytes from DS:``src`` to ``port`` forever (string I/O,
-    emulated; KVM_EXIT_IO direction out, one exit per element here)."""
-    a = _Asm()
-    a.mov_dx(port)
-    head = a.mov_cx(count)
-    a.mov_si(src)
-    a.rep_outsb()
-    return a.loop_program(f"rep-outs-{port:#x}", head, ("KVM_EXIT_IO",),
-                          f"rep outsb, {count} bytes to port {port:#x} in a loop", "out",
-                          port=port)
+    """String OUT: KVM_EXIT_IO (direction out), one exit per element here."""
+    return _rep_string_loop("out", port, count, src)
 
 
 # A hypercall-like request: the guest puts a pointer to its request block in DI and reads a

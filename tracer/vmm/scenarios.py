@@ -902,19 +902,26 @@ def peek_mmio(iterations: int = DEFAULT_ITERATIONS) -> ScenarioReport:
         s.close()
 
 
-def peek_then_snapshot(iterations: int = DEFAULT_ITERATIONS) -> ScenarioReport:
-    """The request is decoded (KVM_GET_REGS), then the whole state saved before completing:
-    the peek is part of a snapshot taken mid-completion (violations and a snapshot)."""
-    s, vm, vcpu = _peek_session("peek-then-snapshot", iterations, guest.hypercall_in_loop())
+def _decode_then(name: str, iterations: int,
+                 between: Callable[[Vcpu], object]) -> ScenarioReport:
+    """The request loop: IN exit, decode it (KVM_GET_REGS), then ``between(vcpu)`` before the
+    exit is completed."""
+    s, vm, vcpu = _peek_session(name, iterations, guest.hypercall_in_loop())
     try:
         for i in range(iterations):
             _exit(vcpu, guest.hypercall_in_loop(), i)
             _decode_request(vcpu, vm)
-            snapshot.save(vcpu)
+            between(vcpu)
             _complete(vcpu)
         return s.report()
     finally:
         s.close()
+
+
+def peek_then_snapshot(iterations: int = DEFAULT_ITERATIONS) -> ScenarioReport:
+    """The request is decoded (KVM_GET_REGS), then the whole state saved before completing:
+    the peek is part of a snapshot taken mid-completion (violations and a snapshot)."""
+    return _decode_then("peek-then-snapshot", iterations, snapshot.save)
 
 
 def peek_then_restore(iterations: int = DEFAULT_ITERATIONS) -> ScenarioReport:
@@ -994,17 +1001,9 @@ def peek_idle(iterations: int = 1) -> ScenarioReport:
     longer than the tracer waits for a window to close (--snapshot-idle, default 1 s), so the
     peek is reported as a violation (judged_on "idle") though the VMM completed it in the end.
     The expectations list it as an inspection: the VMM does not know the tracer's idle time."""
-    s, vm, vcpu = _peek_session("peek-idle", iterations, guest.hypercall_in_loop())
-    try:
-        for i in range(iterations):
-            _exit(vcpu, guest.hypercall_in_loop(), i)
-            _decode_request(vcpu, vm)
-            time.sleep(PEEK_HOLD_S)
-            _complete(vcpu)
-        s.facts["held_s"] = PEEK_HOLD_S
-        return s.report()
-    finally:
-        s.close()
+    report = _decode_then("peek-idle", iterations, lambda _vcpu: time.sleep(PEEK_HOLD_S))
+    report.facts["held_s"] = PEEK_HOLD_S
+    return report
 
 
 ScenarioFn = Callable[..., ScenarioReport]
