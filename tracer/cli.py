@@ -253,7 +253,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_watch(args: argparse.Namespace) -> int:
     from tracer.alerts import LogSink
-    from tracer.watch import WatchOptions, watch
+    from tracer.watch import WatchOptions, pid_namespace_error, watch
 
     command = list(args.cmd)
     if command[:1] == ["--"]:
@@ -268,6 +268,9 @@ def cmd_watch(args: argparse.Namespace) -> int:
     settings = load_settings(path, args.config is not None, flags)
     options = settings.daemon_options()
     _require_host()
+    problem = pid_namespace_error()
+    if problem is not None:
+        raise CliError(problem)
     # CMD owns stdout and stderr: our lines go to --log-file, or (errors only) to stderr.
     if args.log_file is not None:
         try:
@@ -279,7 +282,8 @@ def cmd_watch(args: argparse.Namespace) -> int:
         configure_logging("auto", "error", sys.stderr)
     gate = WatchOptions(command=command, fail_on=args.fail_on,
                         error_exitcode=args.error_exitcode, allow_lost=args.allow_lost,
-                        junit=args.junit, json=args.json)
+                        junit=args.junit, json=args.json,
+                        log_alerts=args.log_file is not None)
     return watch(options, gate, LogSink())
 
 

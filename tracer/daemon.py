@@ -66,14 +66,25 @@ class SystemProcView:
 
 class ProbeStacks:
     """The tracker's StackResolver: addresses from the probes' stack map, names from the
-    symbolizer (tracer.symbolize)."""
+    symbolizer (tracer.symbolize).
+
+    Identical user stacks share one bucket of the stack map (its id is the stack's hash), and
+    the first take frees it: a VMM that saves in a loop reports the next save with the same id
+    before Python has read the first, so that save's stack (and its call site) would be
+    missing. A miss on an id taken before is the stack that id held then; a bucket refilled
+    since (the same stack again, or another) is read from the map first."""
 
     def __init__(self, probes: Probes, symbolizer: Symbolizer | None = None) -> None:
         self.probes = probes
         self.symbolizer = symbolizer or Symbolizer()
+        self._taken: dict[int, list[Any]] = {}  # ids are < max_stacks: bounded
 
     def take(self, stack_id: int) -> list[Any] | None:
-        return self.probes.take_stack(stack_id)
+        frames = self.probes.take_stack(stack_id)
+        if frames is None:
+            return self._taken.get(stack_id)
+        self._taken[stack_id] = frames
+        return frames
 
     def symbolize(self, pid: int, frames: list[Any]) -> dict[str, Any]:
         return self.symbolizer.symbolize(pid, frames).to_dict()

@@ -624,17 +624,21 @@ def _stack_lines(stack: Mapping[str, Any] | None) -> list[str]:
 
 
 def _frame(frame: Mapping[str, Any]) -> str:
+    """``0xADDR in function+0xOFF (module, build-id ID)``. A frame the kernel resolved by
+    build-id has no address (0): ``in function+0xOFF (module+0xFILEOFF, build-id ID)``, the
+    file offset being what locates it in the binary of that build-id."""
     address = frame.get("address")
-    text = f"0x{address:x}" if isinstance(address, int) else "0x?"
-    module = frame.get("module")
-    build_id = f", build-id {frame['build_id']}" if frame.get("build_id") else ""
+    module = frame.get("module") or "unknown module"
+    file_offset = frame.get("file_offset")
     function = frame.get("function")
+    tail = f", build-id {frame['build_id']}" if frame.get("build_id") else ""
+    if frame.get("inferred"):
+        tail += ", inferred from the call instruction"
+    head = f"0x{address:x}" if isinstance(address, int) and address else ""
+    # With an address a named frame needs no offset; without one the file offset is the place.
+    if file_offset is not None and not (head and function):
+        module += f"+0x{file_offset:x}"
     if function:
         offset = frame.get("function_offset")
-        text += f" in {function}" + (f"+0x{offset:x}" if offset else "")
-        return f"{text} ({module or 'unknown module'}{build_id})"
-    file_offset = frame.get("file_offset")
-    where = module or "unknown module"
-    if file_offset is not None:
-        where += f"+0x{file_offset:x}"
-    return f"{text} ({where}{build_id})"
+        head += (" in " if head else "in ") + function + (f"+0x{offset:x}" if offset else "")
+    return f"{head or '??'} ({module}{tail})"

@@ -26,6 +26,11 @@ MAX_MODULES: Final = 64  # parsed ELF files (LRU)
 OUTERMOST: Final = frozenset({"_start", "__libc_start_main", "__libc_start_call_main",
                               "start_thread", "clone", "clone3", "thread_start", "main",
                               "__clone", "__clone3", "std::rt::lang_start_internal"})
+# A build-id frame's file offset at or above this is negative: the kernel resolves a frame by
+# the first mapping ending above its address without checking that it starts below it, so an
+# address in no mapping (a walk through a frame that kept no frame pointer) comes out as an
+# offset before the start of the next module's file.
+UNMAPPED_OFFSET: Final = 1 << 63
 # Syscall wrappers that keep no frame: their caller is missing from a frame-pointer walk.
 LEAF_WRAPPERS: Final = frozenset({"ioctl", "__ioctl", "__GI___ioctl", "syscall"})
 NO_FP_HINT: Final = ("binaries built without frame pointers give only the frames the kernel "
@@ -217,6 +222,8 @@ class Symbolizer:
         frames = []
         for i, item in enumerate(raw):
             build_id, value = (None, item) if isinstance(item, int) else item
+            if build_id and value >= UNMAPPED_OFFSET:
+                break  # the walk left the mappings: this frame and the rest are not code
             frames.append(self._frame_by_id(pid, build_id, value, i > 0) if build_id
                           else self._frame(pid, value, i > 0))
         caller = self._wrapper_caller(frames)

@@ -29,8 +29,10 @@ from tracer.policy import describe
 from tracer.probes import bcc_version
 
 FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+INIT_PID_NS_INO = 0xEFFFFFFC  # PROC_PID_INIT_INO (include/linux/proc_ns.h): the host's ns
 WATCH_POLL_MS = 100  # how soon CMD's exit is noticed (SIGCHLD also wakes the poll)
 EXIT_CANNOT_RUN = 127  # like a shell: CMD could not be started
+STACK_COUNTERS = ("stack_map_full", "stack_failed")  # reports that went without their stack
 
 
 @dataclass(frozen=True)
@@ -41,38 +43,61 @@ class WatchOptions:
     allow_lost: bool = False
     junit: Path | None = None
     json: Path | None = None
+    # Alerts also to the log (--log-file); without one only notices reach it (stderr, errors
+    # only), so the report is the one account of the findings there.
+    log_alerts: bool = True
 
 
 class GateSink:
-    """Findings go to the gate's report; every line also to ``log`` (``--log-file``)."""
+    """Findings go to the gate's report; every line also to ``log`` (``--log-file``), or only
+    the notices when ``log_alerts`` is false."""
 
-    def __init__(self, report: GateReport, log: AlertSink | None = None) -> None:
+    def __init__(self, report: GateReport, log: AlertSink | None = None,
+                 log_alerts: bool = True) -> None:
         self.report = report
         self.log = log
+        self.alert_log = log if log_alerts else None
 
     def violation(self, alert: ViolationAlert) -> None:
         self.report.add_violation(alert, alert.stack)
-        if self.log is not None:
-            self.log.violation(alert)
+        if self.alert_log is not None:
+            self.alert_log.violation(alert)
 
     def sanctioned(self, alert: ViolationAlert) -> None:
         self.report.count_sanctioned(alert.rule)
-        if self.log is not None:
-            self.log.sanctioned(alert)
+        if self.alert_log is not None:
+            self.alert_log.sanctioned(alert)
 
     def snapshot(self, alert: SnapshotAlert) -> None:
         self.report.add_snapshot(alert)
-        if self.log is not None:
-            self.log.snapshot(alert)
+        if self.alert_log is not None:
+            self.alert_log.snapshot(alert)
 
     def inspection(self, alert: ViolationAlert) -> None:
         self.report.count_inspection()
-        if self.log is not None:
-            self.log.inspection(alert)
+        if self.alert_log is not None:
+            self.alert_log.inspection(alert)
 
     def notice(self, event: str, level: str, **fields: Any) -> None:
         if self.log is not None:
             self.log.notice(event, level, **fields)
+
+
+def pid_namespace_error(ns_path: Path = Path("/proc/self/ns/pid")) -> str | None:
+    """Why CMD cannot be followed from here, or None. The probes know processes by their pids
+    in the host's PID namespace; from a namespace of our own (a container without
+    ``--pid=host``) the pid we put in the watched tree is not ours there, nothing would be
+    followed, and every run would pass."""
+    try:
+        inode = os.stat(ns_path).st_ino
+    except OSError:
+        return None  # no /proc/self/ns (no /proc): nothing to tell
+    if inode == INIT_PID_NS_INO:
+        return None
+    return ("watch: this process runs in a PID namespace of its own (a container without "
+            "--pid=host?), and the probes know processes only by their host pids: CMD could "
+            "not be followed; run it in the host's PID namespace (docker/podman run "
+            "--pid=host, Kubernetes hostPID: true)")
 
 
 def _in_terminal_foreground() -> bool:
@@ -90,6 +115,7 @@ def watch(options: DaemonOptions, gate: WatchOptions, log: AlertSink | None = No
     report = GateReport(gate.fail_on, gate.allow_lost)
     child: subprocess.Popen[bytes] | None = None
     timings: dict[str, float] = {}
+    stacks_missed: dict[str, int] = {}
     received: list[int] = []
 
     def _forward(signum: int, _frame: FrameType | None) -> None:
@@ -104,7 +130,7 @@ def watch(options: DaemonOptions, gate: WatchOptions, log: AlertSink | None = No
     signal.signal(signal.SIGCHLD, lambda _s, _f: None)  # wakes the ring poll at CMD's exit
     probe_config = replace(options.probe_config, watch=True, guest_exits=False)
     daemon = Daemon(replace(options, probe_config=probe_config, state_dir=None),
-                    sink=GateSink(report, log))
+                    sink=GateSink(report, log, gate.log_alerts))
     try:
         daemon.start(adopt=False)
         attached = time.monotonic()
@@ -129,7 +155,12 @@ def watch(options: DaemonOptions, gate: WatchOptions, log: AlertSink | None = No
         with daemon.lock:
             daemon.tracker.close_all("watch_end")
         counters = daemon.probes.counters()
-        maps_full = {k: v for k, v in counters.items() if k.endswith("_map_full") and v}
+        # A full stack map costs a stack, not an event: the finding is still reported (its
+        # call site unknown), so it does not make the run inconclusive; --max-vcpus, the
+        # remedy for the other maps, would not help it either.
+        maps_full = {k: v for k, v in counters.items()
+                     if k.endswith("_map_full") and v and k not in STACK_COUNTERS}
+        stacks_missed = {k: int(counters.get(k, 0)) for k in STACK_COUNTERS}
         report.set_losses(counters["events_lost"], maps_full,
                           ringbuf_pages=probe_config.ringbuf_pages,
                           max_vcpus=probe_config.max_vcpus)
@@ -155,5 +186,6 @@ def watch(options: DaemonOptions, gate: WatchOptions, log: AlertSink | None = No
     if gate.json is not None:
         result = report.to_json()
         result["timings"] = timings
+        result["stacks_missed"] = stacks_missed
         gate.json.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     return exit_status(status, verdict, gate.error_exitcode)
