@@ -115,6 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--state-dir", metavar="DIR",
                      help="state directory holding the instance lock "
                           "(default /var/lib/kvm-completion-tracer)")
+    run.add_argument("--lock-wait", type=float, default=None, metavar="SECONDS",
+                     help="at start-up, wait this long for a previous instance that is still "
+                          "exiting to release the lock (default 5)")
 
     watch = sub.add_parser(
         "watch", help="run CMD under the probes and fail on a completion race (a CI gate)",
@@ -199,7 +202,8 @@ _FLAG_KEYS = {"log_level": ("--log-level", "log.level"),
               "stacks": ("--no-stacks", "probes.stacks"),
               "metrics_addr": ("--metrics-addr", "metrics.addr"),
               "metrics_per_vcpu": ("--metrics-per-vcpu", "metrics.per_vcpu"),
-              "state_dir": ("--state-dir", "state_dir")}
+              "state_dir": ("--state-dir", "state_dir"),
+              "lock_wait": ("--lock-wait", "lock_wait_seconds")}
 
 
 def _metrics_addr_flag(raw: str) -> str:
@@ -234,6 +238,14 @@ def _require_host() -> None:
                                                           if first.fix else ""))
 
 
+def _say_lock_wait(holder: str, path: Path, wait_s: float) -> None:
+    import structlog
+
+    structlog.get_logger().warning(
+        "waiting_for_lock", holder_pid=holder, lock=str(path), wait_s=wait_s,
+        hint="a previous kvm-completion-tracer is still exiting (or running: then stop it)")
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from tracer.daemon import run
     from tracer.reload import Reloader
@@ -243,9 +255,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     settings = load_settings(path, args.config is not None, flags)
     options = settings.daemon_options()  # builds (and so validates) the merged policy
     _require_host()
-    lock = InstanceLock.acquire(settings.state_dir)  # before the probes load
+    configure_logging(settings.log_format, settings.log_level)
+    # before the probes load; a killed predecessor holds it until its programs are torn down
+    lock = InstanceLock.acquire(settings.state_dir, settings.lock_wait_s, _say_lock_wait)
     try:
-        configure_logging(settings.log_format, settings.log_level)
         return run(options, Reloader(path, args.config is not None, flags, settings))
     finally:
         lock.release()

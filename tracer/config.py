@@ -22,6 +22,7 @@ from typing import Any, Final
 
 from tracer.alerts import LEVELS, SnapshotAlert, ViolationAlert
 from tracer.daemon import DaemonOptions
+from tracer.instance import DEFAULT_LOCK_WAIT_S
 from tracer.metrics import DEFAULT_METRICS_PORT, MetricsConfigError, parse_addr
 from tracer.policy import (
     CompletionPolicy,
@@ -201,6 +202,7 @@ KEYS: Final[dict[str, _Key]] = {
     "metrics.retain_gone_seconds": _Key("retain_gone_s", non_negative_seconds),
     "snapshot_idle_seconds": _Key("snapshot_idle_s", positive_seconds),
     "state_dir": _Key("state_dir", state_dir),
+    "lock_wait_seconds": _Key("lock_wait_s", non_negative_seconds),
 }
 SECTIONS: Final = ("log", "policy", "probes", "metrics", "labels")
 
@@ -227,6 +229,7 @@ class Settings:
     labels: dict[str, str] = field(default_factory=dict)
     snapshot_idle_s: float = 1.0
     state_dir: Path = DEFAULT_STATE_DIR
+    lock_wait_s: float = DEFAULT_LOCK_WAIT_S  # at start-up, for a dying previous instance
 
     def flat(self) -> dict[str, object]:
         """``section.key`` -> value, for diffs (labels one key each, ``labels.NAME``)."""

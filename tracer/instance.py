@@ -2,7 +2,9 @@
 
 The lock is an exclusive ``flock`` taken before the probes load and held for the life of the
 process (the kernel drops it when the process dies, however it dies). The holder writes its pid
-into the file so a second instance can name it.
+into the file so a second instance can name it. A killed instance keeps the lock until its BPF
+programs are torn down (1.5 s measured after a SIGKILL), so a start waits a bounded time
+(``lock_wait_seconds``, ``--lock-wait``) for the holder to go before refusing.
 """
 
 from __future__ import annotations
@@ -10,10 +12,14 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Final
 
 LOCK_NAME: Final = "kvm-completion-tracer.lock"
+DEFAULT_LOCK_WAIT_S: Final = 5.0
+LOCK_POLL_S: Final = 0.05
 
 
 class InstanceError(RuntimeError):
@@ -26,7 +32,11 @@ class InstanceLock:
         self.path = path
 
     @classmethod
-    def acquire(cls, state_dir: Path) -> InstanceLock:
+    def acquire(cls, state_dir: Path, wait_s: float = 0.0,
+                on_wait: Callable[[str, Path, float], None] | None = None) -> InstanceLock:
+        """Take the lock, waiting up to ``wait_s`` for another holder to release it (a dying
+        previous instance); ``on_wait(holder_pid, path, wait_s)`` is called once when the
+        wait starts. Raises InstanceError naming the holder if it still holds the lock."""
         prepare_state_dir(state_dir)
         path = state_dir / LOCK_NAME
         try:
@@ -34,15 +44,26 @@ class InstanceLock:
         except OSError as err:
             raise InstanceError(f"state directory {state_dir} is not writable: cannot create "
                                 f"{path}: {err.strerror} (set state_dir or --state-dir)") from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as err:
-            holder = _holder(fd)
-            os.close(fd)
-            if err.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
-                raise InstanceError(f"another kvm-completion-tracer is already running "
-                                    f"(pid {holder}, holding {path})") from None
-            raise InstanceError(f"cannot lock {path}: {err.strerror}") from None
+        deadline = time.monotonic() + wait_s
+        waited = False
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except OSError as err:
+                if err.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+                    os.close(fd)
+                    raise InstanceError(f"cannot lock {path}: {err.strerror}") from None
+                if time.monotonic() >= deadline:
+                    holder = _holder(fd)
+                    os.close(fd)
+                    after = f"; waited {wait_s:g} s for it to exit" if waited else ""
+                    raise InstanceError(f"another kvm-completion-tracer is already running "
+                                        f"(pid {holder}, holding {path}{after})") from None
+                if not waited and on_wait is not None:
+                    on_wait(_holder(fd), path, wait_s)
+                waited = True
+                time.sleep(LOCK_POLL_S)
         try:
             os.ftruncate(fd, 0)
             os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)

@@ -384,3 +384,43 @@ def test_a_qemu_sync_after_the_restart_is_reported_by_the_second_instance_alone(
     assert sum(got.values()) == len(r.events(r.second, "completion_violation")) == len(saves)
     [snap] = r.events(r.second, "completion_snapshot")  # several saves in one pending window
     assert snap["ioctls"] == [e["ioctl"] for e in saves]
+
+
+def test_a_start_right_after_a_sigkill_waits_for_the_lock_then_runs(state_dir: Path) -> None:
+    """A SIGKILLed daemon holds the lock until its programs are torn down: a new one started at
+    once (the systemd Restart= case) waits for it, says so in one line, and gets ready."""
+    first = Daemon(state_dir)
+    first.proc.kill()  # no wait(): the next start races the dying process
+    second = Daemon(state_dir)
+    try:
+        first.proc.wait(timeout=30)
+        events = [e["event"] for e in second.lines()]
+        assert "ready" in events
+        # Tearing the killed one's programs down takes ~1.5 s here, the new one reaches the
+        # lock in ~0.2 s: it waits, and says so once, naming the holder.
+        waits = [e for e in second.lines() if e["event"] == "waiting_for_lock"]
+        assert len(waits) == 1 and waits[0]["holder_pid"] == str(first.proc.pid)
+        assert events.index("waiting_for_lock") < events.index("ready")
+        assert stop(second)["event"] == "stopped"
+    finally:
+        first.cleanup()
+        second.cleanup()
+
+
+def test_a_start_next_to_a_live_instance_gives_up_after_the_wait(state_dir: Path) -> None:
+    first = Daemon(state_dir)
+    try:
+        done = subprocess.run([sys.executable, "-m", "tracer", "run", "--log-format", "json",
+                               "--state-dir", str(state_dir), "--no-metrics",
+                               "--lock-wait", "0.5"], cwd=REPO, capture_output=True,
+                              text=True, timeout=60)
+        assert done.returncode != 0
+        assert "Traceback" not in done.stderr
+        waits = [json.loads(line) for line in done.stdout.splitlines()
+                 if '"waiting_for_lock"' in line]
+        assert len(waits) == 1 and waits[0]["holder_pid"] == str(first.proc.pid)
+        assert (f"another kvm-completion-tracer is already running (pid {first.proc.pid}"
+                in done.stderr) and "waited 0.5 s for it to exit" in done.stderr
+    finally:
+        stop(first)
+        first.cleanup()

@@ -28,6 +28,7 @@ from tracer.cli import _flag_overrides, build_parser
 from tracer.config import (
     DEFAULT_METRICS_ADDR,
     DEFAULT_STATE_DIR,
+    KEYS,
     ConfigError,
     FlagOverrides,
     Settings,
@@ -159,7 +160,7 @@ def test_metrics_can_be_disabled_in_the_file(tmp_path: Path, value: str) -> None
 @pytest.mark.parametrize(("text", "needles"), [
     ("[log]\nlevel = \"loud\"\n", ["log.level = \"loud\"", "one of"]),
     ("[log]\ncolour = true\n", ["unknown key 'log.colour'", "format, level"]),
-    ("[loggin]\nlevel = \"info\"\n", ["unknown key 'loggin'", "labels, log"]),
+    ("[loggin]\nlevel = \"info\"\n", ["unknown key 'loggin'", "labels, lock_wait_seconds, log"]),
     ("snapshot_idle = 1\n", ["unknown key 'snapshot_idle'", "snapshot_idle_seconds"]),
     ("log = \"info\"\n", ["log: expected a table [log], got a string"]),
     ("[probes]\nringbuf_pages = \"64\"\n", ["probes.ringbuf_pages", "expected an integer",
@@ -647,6 +648,57 @@ def test_second_holder_is_refused_naming_the_first(tmp_path: Path) -> None:
         except InstanceError:
             assert time.monotonic() < deadline
             time.sleep(0.05)
+
+
+def _holder_process(state: Path, hold_s: float) -> subprocess.Popen[str]:
+    """A real process holding the lock for ``hold_s`` seconds, then exiting."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from pathlib import Path; "
+         "from tracer.instance import InstanceLock; "
+         "InstanceLock.acquire(Path(sys.argv[1])); print('locked', flush=True); "
+         "time.sleep(float(sys.argv[2]))", str(state), str(hold_s)],
+        cwd=REPO, stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None and proc.stdout.readline() == "locked\n"
+    return proc
+
+
+def test_start_waits_for_a_holder_that_goes_and_says_so_once(tmp_path: Path) -> None:
+    holder = _holder_process(tmp_path, 1.0)
+    waits: list[tuple[str, Path, float]] = []
+    try:
+        t0 = time.monotonic()
+        lock = InstanceLock.acquire(tmp_path, 5.0, lambda *a: waits.append(a))
+        took = time.monotonic() - t0
+        lock.release()
+    finally:
+        holder.kill()
+        holder.wait()
+    assert waits == [(str(holder.pid), tmp_path / LOCK_NAME, 5.0)]
+    assert 0.5 < took < 4.0, took
+
+
+def test_start_gives_up_after_the_wait_with_the_same_clear_line(tmp_path: Path) -> None:
+    holder = _holder_process(tmp_path, 60)
+    waits: list[object] = []
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(InstanceError) as info:
+            InstanceLock.acquire(tmp_path, 0.5, lambda *a: waits.append(a))
+        took = time.monotonic() - t0
+    finally:
+        holder.kill()
+        holder.wait()
+    assert str(info.value) == (f"another kvm-completion-tracer is already running (pid "
+                               f"{holder.pid}, holding {tmp_path / LOCK_NAME}; waited 0.5 s "
+                               "for it to exit)")
+    assert len(waits) == 1 and 0.5 <= took < 2.0
+
+
+def test_lock_wait_is_a_config_key_and_a_flag() -> None:
+    assert Settings().lock_wait_s == 5.0
+    assert KEYS["lock_wait_seconds"].parse(0) == 0.0
+    with pytest.raises(ValueError):
+        KEYS["lock_wait_seconds"].parse(-1)
 
 
 def test_state_dir_that_is_a_file(tmp_path: Path) -> None:
