@@ -143,6 +143,9 @@ struct vcpu_state {
     u64 pending_hist[HIST_SLOTS];    // completed windows by log2(ns pending)
     u64 pending_ns_sum;
     u64 completions[PATHS];          // by enum completion_path
+    // The creating thread's comm (bpf_get_current_comm), so the VM keeps a name even when
+    // its process is gone before Python read its /proc (ring-buffer loss, a stalled reader).
+    char comm[16];
 };
 
 // One per process that has vCPUs or disabled quirks: only its exit, exec or close_range is
@@ -724,6 +727,7 @@ static __always_inline void on_vcpu_created(u32 tgid, u32 tid, struct inflight *
     // Nothing reaches the entry before this ioctl returns the fd, so these need no ordering.
     st->tgid = tgid;
     st->vcpu_id = inf->vcpu_id;
+    bpf_get_current_comm(&st->comm, sizeof(st->comm));
     emit_simple(EV_VCPU_CREATED, tgid, tid, fd, inf->vcpu_id, uid, inf->fd);
 }
 

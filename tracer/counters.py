@@ -129,3 +129,4 @@ class VcpuEntry:
     state: int  # enum vcpu_run_state; 3 = closed, waiting for Python to read and delete it
     counters: VcpuCounters
     pending_since_ns: int = 0  # CLOCK_MONOTONIC of the exit that opened the window (pending)
+    comm: str = ""  # the creating thread's comm, kept by the kernel ("" for adopted vCPUs)

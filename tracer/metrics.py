@@ -260,8 +260,9 @@ class CompletionCollector(Collector):
 
     def _vm_names(self, entries: list[VcpuEntry],
                   guest: dict[tuple[int, int, int, int], int]) -> dict[int, VmIdentity]:
+        comm = {e.pid: e.comm for e in entries if e.comm}  # kept by the kernel at creation
         pids = {e.pid for e in entries} | {k[0] for k in guest}
-        return {pid: self.tracker.identity(pid) for pid in sorted(pids)}
+        return {pid: self.tracker.identity(pid, comm.get(pid, "")) for pid in sorted(pids)}
 
     def _vm_metrics(self, f: _Families, entries: list[VcpuEntry],
                     names: dict[int, VmIdentity]) -> None:

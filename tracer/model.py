@@ -272,6 +272,11 @@ class ProbeModel:
                  "pending_since_ns": v.pending_since, "run_tid": v.run_tid,
                  "run_addr": 0} for v in self.vcpus.values()]
 
+    def vcpu_comms(self) -> dict[int, str]:
+        """The kernel keeps the creating thread's comm per vCPU; the model runs no threads
+        with names, so there is none to keep (VM names come from the ProcView)."""
+        return {}
+
     def drain(self) -> list[KernelEvent]:
         out, self.out = self.out, []
         return out

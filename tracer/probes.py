@@ -218,6 +218,10 @@ def bcc_version() -> str:
         return "unavailable"
 
 
+def _c_string(raw: Any) -> str:
+    return bytes(raw).split(b"\0", 1)[0].decode("utf-8", "replace")
+
+
 def _release_compile_heap() -> None:
     """Give clang/LLVM's freed compile-time heap back to the kernel. glibc keeps freed memory
     for reuse, and nothing after the one compile reuses it: measured here, the probes alone
@@ -433,10 +437,20 @@ class Probes:
                         "run_addr": st.run_addr})
         return out
 
+    def vcpu_comms(self) -> dict[int, str]:
+        """pid -> the comm the kernel kept at vCPU creation (for VMs gone before Python named
+        them)."""
+        out = {}
+        for _key, st in self._bpf[b"vcpus"].items():
+            comm = _c_string(st.comm)
+            if comm:
+                out[st.tgid] = comm
+        return out
+
     def vcpu_entries(self) -> list[VcpuEntry]:
         """Every vCPU entry with its statistics (what a scrape reads)."""
         return [VcpuEntry(int(key.value), st.tgid, st.vcpu_id, st.state, _counters_of(st),
-                          int(st.pending_since))
+                          int(st.pending_since), _c_string(st.comm))
                 for key, st in self._bpf[b"vcpus"].items()]
 
     # ---- stacks and the watched tree -----------------------------------------------------------

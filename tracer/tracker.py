@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
-from tracer import abi
+from tracer import abi, vmident
 from tracer.alerts import AlertSink, SnapshotAlert, ViolationAlert
 from tracer.counters import RunState, VcpuCounters, VmLedger
 from tracer.events import EventFlag, EventType, KernelEvent, PendingAccess, split_exit_aux
@@ -40,6 +40,8 @@ class ProbeControl(Protocol):
     def tracked_fds(self, pid: int) -> dict[int, int]: ...
 
     def vcpu_states(self) -> list[dict[str, int]]: ...
+
+    def vcpu_comms(self) -> dict[int, str]: ...
 
 
 class StackResolver(Protocol):
@@ -159,12 +161,21 @@ class Tracker:
         self._rescan: set[int] = set()
 
     # ---- naming --------------------------------------------------------------------------------
-    def identity(self, pid: int) -> VmIdentity:
-        ident = self._names.get(pid)
-        if ident is None or ident.source == "unavailable":
-            ident = self.proc.identify(pid)
-            self._names[pid] = ident
-            self.ledger.mark_alive(ident.name)
+    def identity(self, pid: int, comm_hint: str = "") -> VmIdentity:
+        """The VM's name, resolved from /proc once and kept while the process lives. A process
+        already gone is ``<comm>[<pid>]`` with the comm the kernel saw (``comm_hint``: an
+        event's, or the vCPU entry's from its creation), not ``unknown[<pid>]``."""
+        known = self._names.get(pid)
+        if known is not None and known.source != vmident.SOURCE_UNAVAILABLE:
+            return known
+        ident = self.proc.identify(pid)
+        if ident.source == vmident.SOURCE_UNAVAILABLE:
+            if comm_hint:
+                ident = vmident.unavailable_identity(pid, comm_hint)
+            elif known is not None:
+                return known  # the name a probe's comm gave earlier beats unknown[PID]
+        self._names[pid] = ident
+        self.ledger.mark_alive(ident.name)
         return ident
 
     # ---- events --------------------------------------------------------------------------------
@@ -182,7 +193,7 @@ class Tracker:
 
     def _on_created(self, ev: KernelEvent) -> None:
         self._track(ev.vcpu_uid, ev.tgid, ev.vcpu_id).fds.add(ev.fd)
-        ident = self.identity(ev.tgid)
+        ident = self.identity(ev.tgid, ev.comm)
         self.sink.notice("vcpu_created", "debug", pid=ev.tgid, vm=ident.name, vcpu_id=ev.vcpu_id,
                          vcpu_fd=ev.fd, vm_fd=ev.aux)
 
@@ -207,9 +218,9 @@ class Tracker:
         self._close_windows(lambda w: w.uid == uid, closed_by)
         self.vcpus.pop(uid, None)
 
-    def _retire(self, pid: int, released: dict[int, VcpuCounters]) -> None:
+    def _retire(self, pid: int, released: dict[int, VcpuCounters], comm_hint: str = "") -> None:
         if released:
-            vm = self.identity(pid).name
+            vm = self.identity(pid, comm_hint).name
             for counters in released.values():
                 self.ledger.retire(vm, counters)
 
@@ -308,7 +319,7 @@ class Tracker:
         if ruling.verdict is Verdict.NOT_PENDING:
             self.stats.not_pending += 1
             return
-        ident = self.identity(ev.tgid)
+        ident = self.identity(ev.tgid, ev.comm)
         alert = ViolationAlert(
             pid=ev.tgid, tid=ev.tid, comm=ev.comm, vm=ident.name, vmm=ident.vmm,
             vcpu_id=ev.vcpu_id, vcpu_fd=ev.fd, exit_reason=abi.exit_reason_name(ev.exit_reason),
@@ -468,9 +479,9 @@ class Tracker:
             if started is None or not self.proc.alive(pid, started):
                 self._forget_process(pid)
         if self.control is not None:
-            self.sync(self.control.vcpu_states())
+            self.sync(self.control.vcpu_states(), self.control.vcpu_comms())
 
-    def sync(self, states: Iterable[dict[str, int]]) -> None:
+    def sync(self, states: Iterable[dict[str, int]], comms: dict[int, str] | None = None) -> None:
         closed: dict[int, set[int]] = {}  # pid -> uids whose close event was lost
         for st in states:
             if st["state"] == RunState.CLOSED:
@@ -486,7 +497,7 @@ class Tracker:
             rec.pending_since_ns = st["pending_since_ns"] if rec.state == "pending" else None
         for pid, uids in closed.items():
             if self.control is not None:
-                self._retire(pid, self.control.release_vcpus(uids))
+                self._retire(pid, self.control.release_vcpus(uids), (comms or {}).get(pid, ""))
             for uid in uids:
                 if uid in self.vcpus:
                     self._drop_vcpu(uid, "vcpu_closed")

@@ -108,6 +108,12 @@ def _fallback_name(comm: str | None, pid: int) -> str:
     return f"{clean_name(comm or '') or 'unknown'}[{pid}]"
 
 
+def unavailable_identity(pid: int, comm_hint: str | None) -> VmIdentity:
+    """A process whose /proc is gone: ``<comm>[<pid>]`` from the comm a probe saw, if any."""
+    return VmIdentity(name=_fallback_name(comm_hint, pid), vmm=_vmm_kind(None, comm_hint),
+                      uuid=None, source=SOURCE_UNAVAILABLE)
+
+
 def _vmm_kind(argv0: str | None, comm: str | None) -> str:
     for raw in (argv0, comm):
         base = (raw or "").rsplit("/", 1)[-1]
@@ -371,9 +377,7 @@ def identify_vm(pid: int, proc_root: Path = PROC, *, comm_hint: str | None = Non
     argv = _read_argv(base)
     comm = _read_comm(base)
     if argv is None and comm is None:
-        vmm = _vmm_kind(None, comm_hint)
-        name = _fallback_name(comm_hint, pid)
-        return VmIdentity(name=name, vmm=vmm, uuid=None, source=SOURCE_UNAVAILABLE)
+        return unavailable_identity(pid, comm_hint)
     argv = argv or []
     proc = _Proc(pid, argv, comm, _read_cgroup_paths(base), _vmm_kind(next(iter(argv), None), comm))
     for rule in _RULES:

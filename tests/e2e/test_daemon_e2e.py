@@ -284,6 +284,13 @@ def test_every_event_the_ring_cannot_take_is_counted_and_reported() -> None:
         assert delivered + lost["by_type"]["violation"] == len(report.violations)
         assert lost["total"] == lost["lost"] == sum(lost["by_type"].values())
         assert "--ringbuf-pages" in lost["hint"]
+        # The VMM was gone before the daemon read anything: its VM keeps the name of the comm
+        # the kernel saw at vCPU creation, never unknown[PID], in alerts and in every series.
+        names = {e["vm"] for e in d.for_pid(report.pid, "completion_violation")}
+        assert len(names) == 1 and not names.pop().startswith("unknown[")
+        labelled = {dict(labels).get("vm") for (_, labels) in scrape(d.metrics_url)}
+        ours = {vm for vm in labelled if vm and vm.endswith(f"[{report.pid}]")}
+        assert ours and not any(vm.startswith("unknown[") for vm in ours), ours
     finally:
         assert d.stop() == 0
         d.cleanup()

@@ -39,6 +39,9 @@ class FakeProc:
     restarted: set[int] = field(default_factory=set)  # pid reused by a newer process
 
     def identify(self, pid: int) -> VmIdentity:
+        if pid in self.dead:  # /proc/PID is gone, as vmident.identify_vm then says
+            return VmIdentity(name=f"unknown[{pid}]", vmm="other", uuid=None,
+                              source="unavailable")
         return VmIdentity(name=f"guest-{pid}", vmm="qemu", uuid=None, source="test")
 
     def resolve_fd(self, pid: int, fd: int) -> int | None:
@@ -690,3 +693,20 @@ def test_held_peeks_at_shutdown_are_named_not_counted() -> None:
     h.ioctl(5, GET_REGS)
     assert h.tracker.flush_held() == 1
     assert h.violations == [] and h.sink.notices[-1][0] == "inspections_unresolved"
+
+
+# ---- VM names of processes already gone --------------------------------------------------------
+
+def test_a_gone_process_is_named_by_the_comm_the_kernel_saw_not_unknown() -> None:
+    h = Harness()
+    h.proc.dead.add(PID)
+    assert h.tracker.identity(PID, "qemu-system-x86").name == f"qemu-system-x86[{PID}]"
+    # a later lookup without a comm keeps that name instead of falling back to unknown[PID]
+    assert h.tracker.identity(PID).name == f"qemu-system-x86[{PID}]"
+    h.proc.dead.add(PID + 1)
+    assert h.tracker.identity(PID + 1).name == f"unknown[{PID + 1}]"  # nothing ever seen
+
+
+def test_a_live_name_wins_over_a_comm_hint() -> None:
+    h = Harness()
+    assert h.tracker.identity(PID, "CPU 0/KVM").name == f"guest-{PID}"
