@@ -74,6 +74,7 @@ enum counter {
     C_STACK_MAP_FULL,   // the stack's bucket in `stacks` was taken: reported without a stack
     C_STACK_FAILED,     // the user stack could not be read (e.g. no stack pointer to walk)
     C_WATCH_MAP_FULL,   // a fork of a watched process could not be recorded: it is not watched
+    C_MID_MAP_FULL,     // a report could not be counted in mid_counts (its key was new, map full)
     C_COUNTERS,
 };
 
@@ -216,6 +217,17 @@ struct run_cache {
 BPF_PERCPU_ARRAY(run_cache, struct run_cache, 1);
 BPF_ARRAY(map_gen, u64, 1);
 BPF_HASH(guest_exits, struct guest_exit_key, u64, MAX_GUEST_EXIT_KEYS);
+// Every mid-completion state ioctl the probes report, counted here before the event is
+// reserved, by process, ioctl and exit reason: what kvm_completion_violations_total is exact
+// against when the ring buffer drops events (Python adds to its verdicts the reports that never
+// reached it). Python folds a process's keys into its own totals and deletes them at its exit.
+struct mid_key {
+    u32 tgid;
+    u32 cmd;
+    u32 exit_reason;
+    u32 pad;
+};
+BPF_HASH(mid_counts, struct mid_key, u64, MAX_MID_KEYS);
 #ifdef STACKS
 // User stacks of reported ioctls, taken only when reporting (never on the exit path), as
 // (build-id, file offset) per frame (BPF_F_STACK_BUILD_ID): resolved by the kernel while the
@@ -316,6 +328,15 @@ static __always_inline void report_violation(void *ctx, u32 tgid, u32 tid, s32 f
     if (!st->window_reports)
         open_windows_add(tgid, 1);
     __sync_fetch_and_add(&st->window_reports, 1);
+    struct mid_key mk = {.tgid = tgid, .cmd = cmd, .exit_reason = st->exit_reason};
+    u64 one = 1;
+    if (mid_counts.insert(&mk, &one)) {  // BPF_NOEXIST: two CPUs never both insert a 1
+        u64 *n = mid_counts.lookup(&mk);
+        if (n)
+            __sync_fetch_and_add(n, 1);
+        else
+            count(C_MID_MAP_FULL);
+    }
     struct event *ev = new_event(EV_VIOLATION, tgid, tid);
     if (!ev)
         return;

@@ -15,7 +15,7 @@ import re
 import socket
 import threading
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from socketserver import ThreadingMixIn
@@ -31,9 +31,10 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector, CollectorRegistry
 
-from tracer import __version__
+from tracer import __version__, abi
 from tracer.counters import PATHS, RunState, VcpuCounters, VcpuEntry, exit_slot_name, total
 from tracer.guest_exits import guest_exit_name
+from tracer.policy import Kind
 from tracer.tracker import Tracker
 from tracer.vmident import VmIdentity
 
@@ -90,6 +91,8 @@ class ProbeStats(Protocol):
     def counters(self) -> dict[str, int]: ...
 
     def guest_exit_counts(self) -> dict[tuple[int, int, int, int], int]: ...
+
+    def mid_counts(self) -> dict[tuple[int, int, int], int]: ...
 
     def attached(self) -> list[str]: ...
 
@@ -224,6 +227,9 @@ class CompletionCollector(Collector):
         self.options = options
         self._now_ns = now
         self._guest = _GuestExitLedger()
+        # Counters never go down between scrapes, even when a report counted as lost at one
+        # scrape turns out to have been in flight (tracer.tracker.TrackerStats.reported).
+        self._exported: dict[tuple[str, tuple[str, ...]], float] = {}
 
     def describe(self) -> list[Metric]:
         return []  # no families at registration: collect() needs the live maps
@@ -239,6 +245,7 @@ class CompletionCollector(Collector):
         entries: list[VcpuEntry] = []
         counters: dict[str, int] = {}
         guest: dict[tuple[int, int, int, int], int] = {}
+        mid: dict[tuple[int, int, int], int] = {}
         attached: list[str] = []
         read = False
         if not self.health.probes_closed:
@@ -246,22 +253,23 @@ class CompletionCollector(Collector):
                 entries = self.probes.vcpu_entries()
                 counters = self.probes.counters()
                 guest = self.probes.guest_exit_counts()
+                mid = self.probes.mid_counts()
                 attached = self.probes.attached()
                 read = True
             except Exception:  # a map read failing must not cost the whole exposition
                 self.health.scrape_errors += 1
-                entries, counters, guest, attached = [], {}, {}, []
-        names = self._vm_names(entries, guest)
+                entries, counters, guest, mid, attached = [], {}, {}, {}, []
+        names = self._vm_names(entries, guest, {k[0] for k in mid})
         self._vm_metrics(f, entries, names)
-        self._alert_metrics(f)
+        self._alert_metrics(f, self._unseen(mid, counters.get("lost_violation", 0), names))
         self._guest_exits(f, guest if read else None, names)
         self._health(f, counters, attached)
         return f.out
 
-    def _vm_names(self, entries: list[VcpuEntry],
-                  guest: dict[tuple[int, int, int, int], int]) -> dict[int, VmIdentity]:
+    def _vm_names(self, entries: list[VcpuEntry], guest: dict[tuple[int, int, int, int], int],
+                  more: set[int]) -> dict[int, VmIdentity]:
         comm = {e.pid: e.comm for e in entries if e.comm}  # kept by the kernel at creation
-        pids = {e.pid for e in entries} | {k[0] for k in guest}
+        pids = {e.pid for e in entries} | {k[0] for k in guest} | more
         return {pid: self.tracker.identity(pid, comm.get(pid, "")) for pid in sorted(pids)}
 
     def _vm_metrics(self, f: _Families, entries: list[VcpuEntry],
@@ -340,13 +348,60 @@ class CompletionCollector(Collector):
                           "(max_vcpu_series).")
         f.add(dropped, [], max(0, len(rows) - self.options.max_vcpu_series))
 
-    def _alert_metrics(self, f: _Families) -> None:
+    def _unseen(self, mid: dict[tuple[int, int, int], int], lost: int,
+                names: dict[int, VmIdentity]) -> Counter[tuple[str, int, int]]:
+        """Reports the kernel counted (mid_counts) that never reached the tracker, by (vm,
+        cmd, exit reason): the ring buffer dropped them. A report sent but not handled yet at
+        this instant is not lost: in all never more than the kernel counted as lost."""
+        stats = self.tracker.stats
+        missed: Counter[tuple[str, int, int]] = Counter(stats.unseen)
+        for (pid, cmd, reason), n in mid.items():
+            d = n - stats.reported.get((pid, cmd, reason), 0)
+            if d > 0:
+                missed[(names[pid].name, cmd, reason)] += d
+        out: Counter[tuple[str, int, int]] = Counter()
+        budget = lost
+        for key in sorted(missed):
+            take = min(missed[key], budget)
+            if take > 0:
+                out[key] = take
+                budget -= take
+        return out
+
+    def _monotonic(self, family: str, labels: tuple[str, ...], value: float) -> float:
+        key = (family, labels)
+        value = max(value, self._exported.get(key, 0.0))
+        self._exported[key] = value
+        return value
+
+    def _alert_metrics(self, f: _Families, unseen: Counter[tuple[str, int, int]]) -> None:
         stats = self.tracker.stats
         violations = f.counter("violations", "State saves/restores issued while an exit "
-                               "completion was pending.",
+                               "completion was pending (exact: counted in the kernel; those "
+                               "whose alert the ring buffer dropped are in alerts_lost too).",
                                ["vm", "kind", "ioctl", "exit_reason", "severity"])
-        for key, count in sorted(stats.violations.items()):
-            f.add(violations, list(key), count)
+        counts: Counter[tuple[str, str, str, str, str]] = Counter(stats.violations)
+        lost_alerts: Counter[str] = Counter()
+        for (vm, cmd, reason), n in unseen.items():
+            ioctl = abi.IOCTLS.get(cmd)
+            if ioctl is None or ioctl.kind not in (abi.IoctlKind.SAVE, abi.IoctlKind.RESTORE):
+                continue
+            kind = Kind.SAVE if ioctl.kind is abi.IoctlKind.SAVE else Kind.RESTORE
+            # without the event: no access, so no sanction can be proven
+            ruling = self.tracker.policy.judge(kind, reason, None, False, ioctl.name)
+            counts[(vm, kind.value, ioctl.name, abi.exit_reason_name(reason),
+                    ruling.severity.value)] += n
+            lost_alerts[vm] += n
+        exported: dict[tuple[str, tuple[str, ...]], float] = {}
+        for key, count in sorted(counts.items()):
+            exported[("violations", key)] = self._monotonic("violations", key, count)
+            f.add(violations, list(key), exported[("violations", key)])
+        lost_fam = f.counter("alerts_lost", "Violations counted in the kernel whose alert line "
+                             "the ring buffer dropped (no detail: see events_lost).", ["vm"])
+        for vm, n in sorted(lost_alerts.items()):
+            exported[("alerts_lost", (vm,))] = self._monotonic("alerts_lost", (vm,), n)
+            f.add(lost_fam, [vm], exported[("alerts_lost", (vm,))])
+        self._exported = exported  # series of VMs pruned (retain_gone_s) are forgotten
         snapshots = f.counter("snapshots", "Snapshots (two or more state saves) taken inside "
                               "one pending completion window.", ["vm"])
         for vm, count in sorted(stats.snapshots.items()):

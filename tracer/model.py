@@ -56,6 +56,8 @@ class ProbeModel:
     quirks_disabled: dict[int, int] = field(default_factory=dict)  # pid -> mask
     procs: set[int] = field(default_factory=set)
     open_windows: dict[int, int] = field(default_factory=dict)  # pid -> windows with reports
+    # mid_counts: (pid, cmd, exit reason) -> reports, counted before the event is sent
+    mid: dict[tuple[int, int, int], int] = field(default_factory=dict)
     out: list[KernelEvent] = field(default_factory=list)
     _next_uid: int = 0
 
@@ -104,6 +106,8 @@ class ProbeModel:
         if not vcpu.window_reports:
             self._open_windows_add(pid, 1)
         vcpu.window_reports += 1
+        key = (pid, cmd, vcpu.exit_reason)
+        self.mid[key] = self.mid.get(key, 0) + 1
         if self.quirks_disabled.get(pid, 0) & abi.KVM_X86_QUIRK_OUT_7E_INC_RIP:
             extra |= EventFlag.QUIRK_7E_DISABLED
         self._emit(EventType.VIOLATION, pid, tid, fd=fd, cmd=cmd, vcpu=vcpu, flags=extra)
@@ -271,6 +275,15 @@ class ProbeModel:
                  "exit_reason": v.exit_reason, "seq": v.seq,
                  "pending_since_ns": v.pending_since, "run_tid": v.run_tid,
                  "run_addr": 0} for v in self.vcpus.values()]
+
+    def mid_counts(self) -> dict[tuple[int, int, int], int]:
+        return dict(self.mid)
+
+    def take_mid_counts(self, pid: int) -> dict[tuple[int, int], int]:
+        taken = {k: v for k, v in self.mid.items() if k[0] == pid}
+        for key in taken:
+            del self.mid[key]
+        return {(cmd, reason): n for (_, cmd, reason), n in taken.items()}
 
     def vcpu_comms(self) -> dict[int, str]:
         """The kernel keeps the creating thread's comm per vCPU; the model runs no threads

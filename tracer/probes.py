@@ -36,7 +36,7 @@ EVENT_TYPES: Final = 16
 COUNTER_NAMES: Final = (
     "vcpu_map_full", "fd_map_full", "thread_map_full", "inflight_map_full", "proc_map_full",
     "guest_exit_map_full", "guest_entry_map_full", "unknown_fd_map_full", "access_read_failed",
-    "untracked_exits", "stack_map_full", "stack_failed", "watch_map_full",
+    "untracked_exits", "stack_map_full", "stack_failed", "watch_map_full", "mid_map_full",
 )
 # struct bpf_stack_build_id.status (<linux/bpf.h>): a frame's module resolved, or its bare ip.
 BUILD_ID_VALID: Final = 1
@@ -73,6 +73,11 @@ class ProbeConfig:
     @property
     def max_threads(self) -> int:
         return 4 * self.max_vcpus  # vCPU threads plus threads with a vCPU ioctl in flight
+
+    @property
+    def max_mid_keys(self) -> int:
+        # (process, ioctl, exit reason) keys of mid_counts: a process uses a handful
+        return self.max_procs * 8
 
     @property
     def max_procs(self) -> int:
@@ -134,6 +139,7 @@ def cflags(config: ProbeConfig) -> list[str]:
         "MAX_VCPU_FDS": config.max_vcpu_fds,
         "MAX_THREADS": config.max_threads,
         "MAX_PROCS": config.max_procs,
+        "MAX_MID_KEYS": config.max_mid_keys,
         "MAX_GUEST_EXIT_KEYS": config.max_guest_exit_keys,
         "RINGBUF_PAGES": config.ringbuf_pages,
     }
@@ -435,6 +441,22 @@ class Probes:
                         "state": st.state, "exit_reason": st.exit_reason, "seq": st.seq,
                         "pending_since_ns": st.pending_since, "run_tid": st.run_tid,
                         "run_addr": st.run_addr})
+        return out
+
+    def mid_counts(self) -> dict[tuple[int, int, int], int]:
+        """(pid, ioctl cmd, exit reason) -> mid-completion state ioctls the kernel reported."""
+        return {(k.tgid, k.cmd, k.exit_reason): int(v.value)
+                for k, v in self._bpf[b"mid_counts"].items()}
+
+    def take_mid_counts(self, pid: int) -> dict[tuple[int, int], int]:
+        """A gone process's mid_counts, (cmd, exit reason) -> count, deleted from the map."""
+        table = self._bpf[b"mid_counts"]
+        out = {}
+        for key in [k for k in table if k.tgid == pid]:
+            value = table.get(key)
+            if value is not None:
+                out[(key.cmd, key.exit_reason)] = int(value.value)
+            table.pop(key, None)
         return out
 
     def vcpu_comms(self) -> dict[int, str]:

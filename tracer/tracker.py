@@ -43,6 +43,10 @@ class ProbeControl(Protocol):
 
     def vcpu_comms(self) -> dict[int, str]: ...
 
+    def mid_counts(self) -> dict[tuple[int, int, int], int]: ...
+
+    def take_mid_counts(self, pid: int) -> dict[tuple[int, int], int]: ...
+
 
 class StackResolver(Protocol):
     """User stacks of reported ioctls (tracer.daemon.ProbeStacks: the probes' stack map and
@@ -131,6 +135,12 @@ class TrackerStats:
     # (vm, ioctl, exit_reason): register peeks completed before anything else touched the vCPU
     inspections: Counter[tuple[str, str, str]] = field(default_factory=Counter)
     snapshots: Counter[str] = field(default_factory=Counter)  # vm
+    # Reports of live processes that reached the tracker, as the kernel counts them in
+    # mid_counts: (pid, ioctl cmd, exit reason). The kernel's count minus this is what the ring
+    # buffer dropped (tracer.metrics turns it into violations, exactly).
+    reported: Counter[tuple[int, int, int]] = field(default_factory=Counter)
+    # The same difference for processes gone (folded at their exit): (vm, cmd, exit reason).
+    unseen: Counter[tuple[str, int, int]] = field(default_factory=Counter)
     not_pending: int = 0
     malformed_events: int = 0
     internal_errors: int = 0
@@ -224,6 +234,21 @@ class Tracker:
             for counters in released.values():
                 self.ledger.retire(vm, counters)
 
+    def _fold_mid_counts(self, pid: int, counted: dict[tuple[int, int], int]) -> None:
+        """A gone process: what the kernel counted and the tracker never saw stays counted,
+        under the VM's name; its live keys go."""
+        seen = {(cmd, reason): n for (p, cmd, reason), n in self.stats.reported.items()
+                if p == pid}
+        for cmd, reason in seen:
+            del self.stats.reported[(pid, cmd, reason)]
+        if not counted:
+            return
+        vm = self.identity(pid).name
+        for (cmd, reason), n in counted.items():
+            missed = n - seen.get((cmd, reason), 0)
+            if missed > 0:
+                self.stats.unseen[(vm, cmd, reason)] += missed
+
     def _on_process_exit(self, ev: KernelEvent) -> None:
         self._forget_process(ev.tgid)
 
@@ -234,6 +259,7 @@ class Tracker:
             del self.vcpus[uid]
         if self.control is not None:
             self._retire(pid, self.control.forget_process(pid, uids))
+            self._fold_mid_counts(pid, self.control.take_mid_counts(pid))
         if self.stacks is not None:
             self.stacks.forget(pid)
         ident = self._names.pop(pid, None)
@@ -304,6 +330,7 @@ class Tracker:
         self.sink.notice(f"trace_{ev.type.name.lower()}", "debug", **fields)
 
     def _on_violation(self, ev: KernelEvent) -> None:
+        self.stats.reported[(ev.tgid, ev.cmd, ev.exit_reason)] += 1
         rec = self.vcpus.get(ev.vcpu_uid)
         if rec is not None:
             rec.pending(ev.exit_reason, ev.pending_since_ns, ev.seq)
@@ -516,6 +543,8 @@ class Tracker:
                 del self.stats.sanctioned[skey]
             for ikey in [k for k in self.stats.inspections if k[0] == vm]:
                 del self.stats.inspections[ikey]
+            for ukey in [k for k in self.stats.unseen if k[0] == vm]:
+                del self.stats.unseen[ukey]
         return expired
 
     def pending_vcpus(self) -> list[VcpuRecord]:

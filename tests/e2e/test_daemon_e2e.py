@@ -288,9 +288,19 @@ def test_every_event_the_ring_cannot_take_is_counted_and_reported() -> None:
         # the kernel saw at vCPU creation, never unknown[PID], in alerts and in every series.
         names = {e["vm"] for e in d.for_pid(report.pid, "completion_violation")}
         assert len(names) == 1 and not names.pop().startswith("unknown[")
-        labelled = {dict(labels).get("vm") for (_, labels) in scrape(d.metrics_url)}
+        samples = scrape(d.metrics_url)
+        labelled = {dict(labels).get("vm") for (_, labels) in samples}
         ours = {vm for vm in labelled if vm and vm.endswith(f"[{report.pid}]")}
         assert ours and not any(vm.startswith("unknown[") for vm in ours), ours
+        # The counter the alert rules use is exact: counted in the kernel, lost detail or not.
+        (vm,) = ours
+        counted = sum(v for (name, labels), v in samples.items()
+                      if name == "kvm_completion_violations_total" and dict(labels)["vm"] == vm)
+        assert counted == len(report.violations)
+        lost_alerts = sum(v for (name, labels), v in samples.items()
+                          if name == "kvm_completion_alerts_lost_total"
+                          and dict(labels)["vm"] == vm)
+        assert lost_alerts == len(report.violations) - delivered
     finally:
         assert d.stop() == 0
         d.cleanup()
