@@ -331,12 +331,17 @@ def test_second_instance_fails_and_the_first_keeps_running(service: Service,
                                                            service_dir: Path) -> None:
     second = subprocess.run(
         tracer_argv("--config", str(service.config), "--state-dir", str(service.state),
-                    "--no-metrics"), cwd=REPO, capture_output=True, text=True, timeout=60)
+                    "--no-metrics", "--lock-wait", "0.5"), cwd=REPO, capture_output=True,
+        text=True, timeout=60)
     assert second.returncode == 1, second
-    assert second.stdout == "", second  # refused before the probes load: no `starting`
+    # refused before the probes load: no `starting`, one line saying it waits for the holder
+    (waiting,) = [json.loads(line) for line in second.stdout.splitlines()]
+    assert (waiting["event"], waiting["holder_pid"]) == ("waiting_for_lock",
+                                                         str(service.proc.pid)), second
     assert second.stderr.splitlines() == [
         f"{PREFIX} another kvm-completion-tracer is already running (pid {service.proc.pid}, "
-        f"holding {service.state / 'kvm-completion-tracer.lock'})"], second
+        f"holding {service.state / 'kvm-completion-tracer.lock'}; waited 0.5 s for it to "
+        "exit)"], second
     watchdog = service.notify.count("WATCHDOG=1")
     service.wait_for(lambda: service.notify.count("WATCHDOG=1") > watchdog + 2)
     assert service.proc.poll() is None
