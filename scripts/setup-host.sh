@@ -43,6 +43,10 @@ if [[ "$mode" == test ]]; then
         gcc libc6-dev linux-libc-dev make util-linux systemd
         qemu-system-x86 prometheus prometheus-alertmanager bpftrace python3-seccomp
     )
+    # The watch tests build a std-only Rust VMM: a rustup toolchain will do, else Debian's.
+    if ! command -v rustc >/dev/null 2>&1 && [[ ! -x "${HOME:-/root}/.cargo/bin/rustc" ]]; then
+        base_packages+=(rustc)
+    fi
     pip_target="$repo[dev]"
     pip_shown="'.[dev]'"
 elif [[ "$mode" == bench ]]; then
