@@ -24,7 +24,8 @@
 // MAX_EXIT_REASON, EINTR_ERRNO; HIST_SLOTS from tracer/counters.py; F_DUPFD_NR and
 // F_DUPFD_CLOEXEC_NR from Python's fcntl module; NR_*, PT_REGS_R10_OFF, USER64_CS from
 // tracer/syscall_abi.py (RAW_SYSCALLS only); map sizes MAX_VCPUS, MAX_VCPU_FDS, MAX_THREADS,
-// MAX_PROCS, MAX_GUEST_EXIT_KEYS, RINGBUF_PAGES; HAVE_GROUP_DEAD, TRACE_EXITS, RAW_SYSCALLS
+// MAX_PROCS, MAX_GUEST_EXIT_KEYS, MAX_MID_KEYS, MAX_LOST_WINDOWS, RINGBUF_PAGES; KVM_EXIT_IO_NR and
+// KVM_EXIT_HYPERV_NR (the exits whose access head the policy's sanctions look at); HAVE_GROUP_DEAD, TRACE_EXITS, RAW_SYSCALLS
 // optional; STACKS (with MAX_STACKS, STACK_ERR_EXIST): the user stack of every reported ioctl;
 // WATCH (with MAX_WATCHED): only the processes in `watched` (`watch -- CMD`) are followed.
 
@@ -75,6 +76,7 @@ enum counter {
     C_STACK_FAILED,     // the user stack could not be read (e.g. no stack pointer to walk)
     C_WATCH_MAP_FULL,   // a fork of a watched process could not be recorded: it is not watched
     C_MID_MAP_FULL,     // a report could not be counted in mid_counts (its key was new, map full)
+    C_LOST_WINDOW_MAP_FULL,  // a window that lost an event could not be kept in lost_windows
     C_COUNTERS,
 };
 
@@ -136,6 +138,8 @@ struct vcpu_state {
     u32 exit_reason;    // of the last exit to userspace
     u32 run_tid;        // thread in (or last in) KVM_RUN
     u32 window_reports; // violations reported in the current window
+    u32 window_saves;   // of them, save ioctls (IOCTL_SAVE): two or more make a snapshot
+    u32 window_lost;    // 1 once a report of this window found the ring buffer full
     u32 completing;     // entered KVM_RUN with a completion pending; its return tells the path
     // Statistics, read by Python at scrape time (metrics). Written by the thread entering or
     // leaving KVM_RUN on this vCPU; a VMM runs a vCPU from one thread at a time (KVM_RUN holds
@@ -218,16 +222,38 @@ BPF_PERCPU_ARRAY(run_cache, struct run_cache, 1);
 BPF_ARRAY(map_gen, u64, 1);
 BPF_HASH(guest_exits, struct guest_exit_key, u64, MAX_GUEST_EXIT_KEYS);
 // Every mid-completion state ioctl the probes report, counted here before the event is
-// reserved, by process, ioctl and exit reason: what kvm_completion_violations_total is exact
-// against when the ring buffer drops events (Python adds to its verdicts the reports that never
-// reached it). Python folds a process's keys into its own totals and deletes them at its exit.
+// reserved, by process, ioctl, exit reason and what the policy judges it on (the access head:
+// port and direction of an IO exit, the type of a Hyper-V exit; the 0x7e quirk): what the
+// violation and sanctioned counters are exact against when the ring buffer drops events (Python
+// judges the reports that never reached it like the others). Python folds a process's keys into
+// its own totals and deletes them at its exit.
 struct mid_key {
     u32 tgid;
     u32 cmd;
     u32 exit_reason;
+    u32 head;   // exit union bytes 0..3 for KVM_EXIT_IO / KVM_EXIT_HYPERV, else 0
+    u32 flags;  // EV_F_ACCESS_VALID (head read) | EV_F_QUIRK_7E_DISABLED
     u32 pad;
 };
 BPF_HASH(mid_counts, struct mid_key, u64, MAX_MID_KEYS);
+// Windows one of whose reports found the ring buffer full, kept from that report on with the
+// window's save count: Python counts the snapshot from here when the tracker saw too little of
+// the window (or none of it), then deletes the entry.
+struct window_key {
+    u64 vcpu_uid;
+    u64 seq;
+};
+struct lost_window {
+    u32 tgid;
+    u32 vcpu_id;
+    u32 exit_reason;
+    u32 head;     // as in mid_key
+    u32 flags;    // as in mid_key
+    u32 saves;    // save ioctls reported in the window so far
+    u32 reports;  // every report of the window so far
+    u32 pad;
+};
+BPF_HASH(lost_windows, struct window_key, struct lost_window, MAX_LOST_WINDOWS);
 #ifdef STACKS
 // User stacks of reported ioctls, taken only when reporting (never on the exit path), as
 // (build-id, file offset) per frame (BPF_F_STACK_BUILD_ID): resolved by the kernel while the
@@ -321,6 +347,19 @@ static __always_inline void open_windows_add(u32 tgid, s64 delta)
         __sync_fetch_and_add(&p->open_windows, delta);
 }
 
+// The window's entry in lost_windows, rewritten with its counts so far. Two reports racing on
+// one window may leave the smaller save count: it still says two or more once it matters.
+static __always_inline void keep_lost_window(u64 uid, struct vcpu_state *st, struct mid_key *mk)
+{
+    struct window_key wk = {.vcpu_uid = uid, .seq = st->seq};
+    struct lost_window lw = {.tgid = mk->tgid, .vcpu_id = st->vcpu_id,
+                             .exit_reason = mk->exit_reason, .head = mk->head,
+                             .flags = mk->flags, .saves = st->window_saves,
+                             .reports = st->window_reports};
+    if (lost_windows.update(&wk, &lw))
+        count(C_LOST_WINDOW_MAP_FULL);
+}
+
 // ctx: the syscall tracepoint's context, for the user stack of the ioctl being reported.
 static __always_inline void report_violation(void *ctx, u32 tgid, u32 tid, s32 fd, u32 cmd,
                                              u64 uid, struct vcpu_state *st, u32 extra_flags)
@@ -328,7 +367,21 @@ static __always_inline void report_violation(void *ctx, u32 tgid, u32 tid, s32 f
     if (!st->window_reports)
         open_windows_add(tgid, 1);
     __sync_fetch_and_add(&st->window_reports, 1);
-    struct mid_key mk = {.tgid = tgid, .cmd = cmd, .exit_reason = st->exit_reason};
+    u8 *kind = ioctl_kinds.lookup(&cmd);
+    if (kind && *kind == IOCTL_SAVE)
+        __sync_fetch_and_add(&st->window_saves, 1);
+    u32 quirks = quirk_flags(tgid);
+    struct mid_key mk = {.tgid = tgid, .cmd = cmd, .exit_reason = st->exit_reason,
+                         .flags = quirks};
+    if ((mk.exit_reason == KVM_EXIT_IO_NR || mk.exit_reason == KVM_EXIT_HYPERV_NR) &&
+        st->run_addr) {
+        // io: u8 direction, u8 size, u16 port; hyperv: u32 type (struct kvm_run, UAPI)
+        if (bpf_probe_read_user(&mk.head, sizeof(mk.head),
+                                (void *)(st->run_addr + KVM_RUN_UNION_OFF)) == 0)
+            mk.flags |= EV_F_ACCESS_VALID;
+        else
+            mk.head = 0;
+    }
     u64 one = 1;
     if (mid_counts.insert(&mk, &one)) {  // BPF_NOEXIST: two CPUs never both insert a 1
         u64 *n = mid_counts.lookup(&mk);
@@ -339,12 +392,16 @@ static __always_inline void report_violation(void *ctx, u32 tgid, u32 tid, s32 f
     }
     struct event *ev = new_event(EV_VIOLATION, tgid, tid);
     if (!ev)
+        st->window_lost = 1;
+    if (st->window_lost)
+        keep_lost_window(uid, st, &mk);
+    if (!ev)
         return;
     fill_vcpu(ev, uid, st);
     read_access(ev, st);
     ev->fd = fd;
     ev->cmd = cmd;
-    ev->flags |= extra_flags | quirk_flags(tgid);
+    ev->flags |= extra_flags | quirks;
 #ifdef STACKS
     // Frame-pointer walk of the VMM's stack by the kernel; a binary built without frame
     // pointers gives the frames up to the first function that does not keep them.
@@ -549,6 +606,8 @@ RAW_TRACEPOINT_PROBE(kvm_userspace_exit)
         st->seq++;
         st->pending_since = bpf_ktime_get_ns();
         st->window_reports = 0;
+        st->window_saves = 0;
+        st->window_lost = 0;
         barrier();
         st->state = VCPU_PENDING;  // last: other CPUs test state before reading the rest
     } else {

@@ -61,7 +61,9 @@ class SnapshotAlert:
     window: int
     pending_ns: int  # from the exit to the last save of the window
     closed_by: str  # "reentry" | "immediate_exit" | "vcpu_closed" | "process_exit" | "idle"
+    # | "events_lost" (known from the kernel's lost_windows only)
     severity: str = "critical"
+    events_lost: bool = False  # the ring buffer dropped some of the window's events
     reason: str = field(default="")
 
 

@@ -34,7 +34,8 @@ from prometheus_client.registry import Collector, CollectorRegistry
 from tracer import __version__, abi
 from tracer.counters import PATHS, RunState, VcpuCounters, VcpuEntry, exit_slot_name, total
 from tracer.guest_exits import guest_exit_name
-from tracer.policy import Kind
+from tracer.midcounts import MidKey
+from tracer.policy import Kind, Verdict
 from tracer.tracker import Tracker
 from tracer.vmident import VmIdentity
 
@@ -92,7 +93,7 @@ class ProbeStats(Protocol):
 
     def guest_exit_counts(self) -> dict[tuple[int, int, int, int], int]: ...
 
-    def mid_counts(self) -> dict[tuple[int, int, int], int]: ...
+    def mid_counts(self) -> dict[MidKey, int]: ...
 
     def attached(self) -> list[str]: ...
 
@@ -245,7 +246,7 @@ class CompletionCollector(Collector):
         entries: list[VcpuEntry] = []
         counters: dict[str, int] = {}
         guest: dict[tuple[int, int, int, int], int] = {}
-        mid: dict[tuple[int, int, int], int] = {}
+        mid: dict[MidKey, int] = {}
         attached: list[str] = []
         read = False
         if not self.health.probes_closed:
@@ -259,7 +260,7 @@ class CompletionCollector(Collector):
             except Exception:  # a map read failing must not cost the whole exposition
                 self.health.scrape_errors += 1
                 entries, counters, guest, mid, attached = [], {}, {}, {}, []
-        names = self._vm_names(entries, guest, {k[0] for k in mid})
+        names = self._vm_names(entries, guest, {k.pid for k in mid})
         self._vm_metrics(f, entries, names)
         self._alert_metrics(f, self._unseen(mid, counters.get("lost_violation", 0), names))
         self._guest_exits(f, guest if read else None, names)
@@ -348,23 +349,23 @@ class CompletionCollector(Collector):
                           "(max_vcpu_series).")
         f.add(dropped, [], max(0, len(rows) - self.options.max_vcpu_series))
 
-    def _unseen(self, mid: dict[tuple[int, int, int], int], lost: int,
-                names: dict[int, VmIdentity]) -> Counter[tuple[str, int, int]]:
-        """Reports the kernel counted (mid_counts) that never reached the tracker, by (vm,
-        cmd, exit reason): the ring buffer dropped them. A report sent but not handled yet at
-        this instant is not lost: in all never more than the kernel counted as lost."""
+    def _unseen(self, mid: dict[MidKey, int], lost: int,
+                names: dict[int, VmIdentity]) -> Counter[tuple[str, MidKey]]:
+        """Reports the kernel counted (mid_counts) that never reached the tracker, by (vm, key
+        with pid 0): the ring buffer dropped them. A report sent but not handled yet at this
+        instant is not lost: in all never more than the kernel counted as lost."""
         stats = self.tracker.stats
-        missed: Counter[tuple[str, int, int]] = Counter(stats.unseen)
-        for (pid, cmd, reason), n in mid.items():
-            d = n - stats.reported.get((pid, cmd, reason), 0)
+        missed: Counter[tuple[str, MidKey]] = Counter(stats.unseen)
+        for key, n in mid.items():
+            d = n - stats.reported.get(key, 0)
             if d > 0:
-                missed[(names[pid].name, cmd, reason)] += d
-        out: Counter[tuple[str, int, int]] = Counter()
+                missed[(names[key.pid].name, key._replace(pid=0))] += d
+        out: Counter[tuple[str, MidKey]] = Counter()
         budget = lost
-        for key in sorted(missed):
-            take = min(missed[key], budget)
+        for vm_key in sorted(missed):
+            take = min(missed[vm_key], budget)
             if take > 0:
-                out[key] = take
+                out[vm_key] = take
                 budget -= take
         return out
 
@@ -374,22 +375,31 @@ class CompletionCollector(Collector):
         self._exported[key] = value
         return value
 
-    def _alert_metrics(self, f: _Families, unseen: Counter[tuple[str, int, int]]) -> None:
+    def _alert_metrics(self, f: _Families, unseen: Counter[tuple[str, MidKey]]) -> None:
         stats = self.tracker.stats
         violations = f.counter("violations", "State saves/restores issued while an exit "
                                "completion was pending (exact: counted in the kernel; those "
                                "whose alert the ring buffer dropped are in alerts_lost too).",
                                ["vm", "kind", "ioctl", "exit_reason", "severity"])
         counts: Counter[tuple[str, str, str, str, str]] = Counter(stats.violations)
+        sanctioned_counts: Counter[tuple[str, str]] = Counter(stats.sanctioned)
         lost_alerts: Counter[str] = Counter()
-        for (vm, cmd, reason), n in unseen.items():
-            ioctl = abi.IOCTLS.get(cmd)
+        for (vm, mk), n in unseen.items():
+            ioctl = abi.IOCTLS.get(mk.cmd)
             if ioctl is None or ioctl.kind not in (abi.IoctlKind.SAVE, abi.IoctlKind.RESTORE):
                 continue
             kind = Kind.SAVE if ioctl.kind is abi.IoctlKind.SAVE else Kind.RESTORE
-            # without the event: no access, so no sanction can be proven
-            ruling = self.tracker.policy.judge(kind, reason, None, False, ioctl.name)
-            counts[(vm, kind.value, ioctl.name, abi.exit_reason_name(reason),
+            # Judged on what the kernel kept of it: the sanctions' port and direction, the
+            # Hyper-V exit type, the 0x7e quirk. A lost register peek cannot be held: it
+            # counts as the violation it is unless its window completes untouched.
+            ruling = self.tracker.policy.judge(kind, mk.exit_reason, mk.access(),
+                                               mk.quirk_7e_disabled, ioctl.name)
+            if ruling.verdict is Verdict.SANCTIONED:
+                sanctioned_counts[(vm, ruling.rule)] += n
+                continue
+            if ruling.verdict is not Verdict.VIOLATION:
+                continue
+            counts[(vm, kind.value, ioctl.name, abi.exit_reason_name(mk.exit_reason),
                     ruling.severity.value)] += n
             lost_alerts[vm] += n
         exported: dict[tuple[str, tuple[str, ...]], float] = {}
@@ -401,15 +411,19 @@ class CompletionCollector(Collector):
         for vm, n in sorted(lost_alerts.items()):
             exported[("alerts_lost", (vm,))] = self._monotonic("alerts_lost", (vm,), n)
             f.add(lost_fam, [vm], exported[("alerts_lost", (vm,))])
-        self._exported = exported  # series of VMs pruned (retain_gone_s) are forgotten
         snapshots = f.counter("snapshots", "Snapshots (two or more state saves) taken inside "
-                              "one pending completion window.", ["vm"])
+                              "one pending completion window (a window whose events the ring "
+                              "buffer dropped is counted from the kernel's count of its "
+                              "saves).", ["vm"])
         for vm, count in sorted(stats.snapshots.items()):
             f.add(snapshots, [vm], count)
         sanctioned = f.counter("sanctioned", "State ioctls mid-completion that the policy "
-                               "allows (e.g. QEMU's port 0x7e sync).", ["vm", "rule"])
-        for (vm, rule), count in sorted(stats.sanctioned.items()):
-            f.add(sanctioned, [vm, rule], count)
+                               "allows (e.g. QEMU's port 0x7e sync; exact: counted in the "
+                               "kernel).", ["vm", "rule"])
+        for skey, count in sorted(sanctioned_counts.items()):
+            exported[("sanctioned", skey)] = self._monotonic("sanctioned", skey, count)
+            f.add(sanctioned, list(skey), exported[("sanctioned", skey)])
+        self._exported = exported  # series of VMs pruned (retain_gone_s) are forgotten
         inspections = f.counter("inspections", "Register peeks (policy peek_ioctls) whose "
                                 "window then closed by completion with nothing else read or "
                                 "written: correct use of the ABI, not alerted.",

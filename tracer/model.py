@@ -14,6 +14,7 @@ from tracer import abi
 from tracer.counters import EXIT_SLOT_ERROR, EXIT_SLOT_OTHER, RunState, VcpuCounters
 from tracer.events import EventFlag, EventType, KernelEvent, PendingAccess
 from tracer.handover import AdoptState
+from tracer.midcounts import LostWindow, MidKey, key_of_event
 
 NO_FLAGS = EventFlag(0)
 
@@ -56,8 +57,9 @@ class ProbeModel:
     quirks_disabled: dict[int, int] = field(default_factory=dict)  # pid -> mask
     procs: set[int] = field(default_factory=set)
     open_windows: dict[int, int] = field(default_factory=dict)  # pid -> windows with reports
-    # mid_counts: (pid, cmd, exit reason) -> reports, counted before the event is sent
-    mid: dict[tuple[int, int, int], int] = field(default_factory=dict)
+    # mid_counts: reports by tracer.midcounts.MidKey, counted before the event is sent (the
+    # model's ring never drops one, so lost_windows stays empty)
+    mid: dict[MidKey, int] = field(default_factory=dict)
     out: list[KernelEvent] = field(default_factory=list)
     _next_uid: int = 0
 
@@ -106,11 +108,11 @@ class ProbeModel:
         if not vcpu.window_reports:
             self._open_windows_add(pid, 1)
         vcpu.window_reports += 1
-        key = (pid, cmd, vcpu.exit_reason)
-        self.mid[key] = self.mid.get(key, 0) + 1
         if self.quirks_disabled.get(pid, 0) & abi.KVM_X86_QUIRK_OUT_7E_INC_RIP:
             extra |= EventFlag.QUIRK_7E_DISABLED
         self._emit(EventType.VIOLATION, pid, tid, fd=fd, cmd=cmd, vcpu=vcpu, flags=extra)
+        key = key_of_event(self.out[-1])
+        self.mid[key] = self.mid.get(key, 0) + 1
 
     # ---- observations --------------------------------------------------------------------------
     def ioctl_enter(self, pid: int, tid: int, fd: int, cmd: int, arg: int = 0,
@@ -276,14 +278,20 @@ class ProbeModel:
                  "pending_since_ns": v.pending_since, "run_tid": v.run_tid,
                  "run_addr": 0} for v in self.vcpus.values()]
 
-    def mid_counts(self) -> dict[tuple[int, int, int], int]:
+    def mid_counts(self) -> dict[MidKey, int]:
         return dict(self.mid)
 
-    def take_mid_counts(self, pid: int) -> dict[tuple[int, int], int]:
-        taken = {k: v for k, v in self.mid.items() if k[0] == pid}
+    def take_mid_counts(self, pid: int) -> dict[MidKey, int]:
+        taken = {k: v for k, v in self.mid.items() if k.pid == pid}
         for key in taken:
             del self.mid[key]
-        return {(cmd, reason): n for (_, cmd, reason), n in taken.items()}
+        return taken
+
+    def lost_windows(self) -> list[LostWindow]:
+        return []
+
+    def take_lost_window(self, vcpu_uid: int, seq: int) -> LostWindow | None:
+        return None
 
     def vcpu_comms(self) -> dict[int, str]:
         """The kernel keeps the creating thread's comm per vCPU; the model runs no threads

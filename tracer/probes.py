@@ -25,6 +25,7 @@ from tracer import abi, syscall_abi
 from tracer.counters import HIST_SLOTS, RunState, VcpuCounters, VcpuEntry
 from tracer.events import EXEC_PATH_BYTES, MAX_EVENT_SIZE, EventType
 from tracer.handover import AdoptState
+from tracer.midcounts import LostWindow, MidKey
 from tracer.policy import CompletionPolicy
 from tracer.syscall_abi import DEFAULT_SYSCALL_PROBES, raw_syscalls_supported
 from tracer.tracefs import tracefs_root
@@ -37,6 +38,7 @@ COUNTER_NAMES: Final = (
     "vcpu_map_full", "fd_map_full", "thread_map_full", "inflight_map_full", "proc_map_full",
     "guest_exit_map_full", "guest_entry_map_full", "unknown_fd_map_full", "access_read_failed",
     "untracked_exits", "stack_map_full", "stack_failed", "watch_map_full", "mid_map_full",
+    "lost_window_map_full",
 )
 # struct bpf_stack_build_id.status (<linux/bpf.h>): a frame's module resolved, or its bare ip.
 BUILD_ID_VALID: Final = 1
@@ -44,6 +46,16 @@ BUILD_ID_IP: Final = 2
 # Python-adopted vCPUs (found in /proc at start-up) take uids from the top half so they never
 # collide with the kernel's counter.
 ADOPTED_UID_BASE: Final = 1 << 63
+
+
+def _mid_key(k: Any) -> MidKey:
+    return MidKey(int(k.tgid), int(k.cmd), int(k.exit_reason), int(k.head), int(k.flags))
+
+
+def _lost_window(k: Any, v: Any) -> LostWindow:
+    return LostWindow(int(k.vcpu_uid), int(k.seq), int(v.tgid), int(v.vcpu_id),
+                      int(v.exit_reason), int(v.head), int(v.flags), int(v.saves),
+                      int(v.reports))
 
 
 class ProbeError(RuntimeError):
@@ -76,8 +88,15 @@ class ProbeConfig:
 
     @property
     def max_mid_keys(self) -> int:
-        # (process, ioctl, exit reason) keys of mid_counts: a process uses a handful
-        return self.max_procs * 8
+        # (process, ioctl, exit reason, access head) keys of mid_counts: a process uses a
+        # handful (one per port for IO exits)
+        return self.max_procs * 16
+
+    @property
+    def max_lost_windows(self) -> int:
+        # windows that lost a report, until Python counted them (every tick): one per vCPU
+        # holds a stalled reader's worth
+        return self.max_vcpus
 
     @property
     def max_procs(self) -> int:
@@ -140,6 +159,9 @@ def cflags(config: ProbeConfig) -> list[str]:
         "MAX_THREADS": config.max_threads,
         "MAX_PROCS": config.max_procs,
         "MAX_MID_KEYS": config.max_mid_keys,
+        "MAX_LOST_WINDOWS": config.max_lost_windows,
+        "KVM_EXIT_IO_NR": abi.KVM_EXIT_IO,
+        "KVM_EXIT_HYPERV_NR": abi.KVM_EXIT_HYPERV,
         "MAX_GUEST_EXIT_KEYS": config.max_guest_exit_keys,
         "RINGBUF_PAGES": config.ringbuf_pages,
     }
@@ -443,21 +465,34 @@ class Probes:
                         "run_addr": st.run_addr})
         return out
 
-    def mid_counts(self) -> dict[tuple[int, int, int], int]:
-        """(pid, ioctl cmd, exit reason) -> mid-completion state ioctls the kernel reported."""
-        return {(k.tgid, k.cmd, k.exit_reason): int(v.value)
-                for k, v in self._bpf[b"mid_counts"].items()}
+    def mid_counts(self) -> dict[MidKey, int]:
+        """Every mid-completion state ioctl the kernel reported, by tracer.midcounts.MidKey."""
+        return {_mid_key(k): int(v.value) for k, v in self._bpf[b"mid_counts"].items()}
 
-    def take_mid_counts(self, pid: int) -> dict[tuple[int, int], int]:
-        """A gone process's mid_counts, (cmd, exit reason) -> count, deleted from the map."""
+    def take_mid_counts(self, pid: int) -> dict[MidKey, int]:
+        """A gone process's mid_counts, deleted from the map."""
         table = self._bpf[b"mid_counts"]
         out = {}
         for key in [k for k in table if k.tgid == pid]:
             value = table.get(key)
             if value is not None:
-                out[(key.cmd, key.exit_reason)] = int(value.value)
+                out[_mid_key(key)] = int(value.value)
             table.pop(key, None)
         return out
+
+    def lost_windows(self) -> list[LostWindow]:
+        """The windows that lost a report to a full ring buffer, not yet taken."""
+        return [_lost_window(k, v) for k, v in self._bpf[b"lost_windows"].items()]
+
+    def take_lost_window(self, vcpu_uid: int, seq: int) -> LostWindow | None:
+        """One window's lost_windows entry, deleted from the map (None: it lost nothing)."""
+        table = self._bpf[b"lost_windows"]
+        key = table.Key(vcpu_uid, seq)
+        value = table.get(key)
+        if value is None:
+            return None
+        table.pop(key, None)
+        return _lost_window(key, value)
 
     def vcpu_comms(self) -> dict[int, str]:
         """pid -> the comm the kernel kept at vCPU creation (for VMs gone before Python named

@@ -21,6 +21,7 @@ from tracer.alerts import AlertSink, SnapshotAlert, ViolationAlert
 from tracer.counters import RunState, VcpuCounters, VmLedger
 from tracer.events import EventFlag, EventType, KernelEvent, PendingAccess, split_exit_aux
 from tracer.handover import AdoptState, Relearner
+from tracer.midcounts import LostWindow, MidKey, key_of_event
 from tracer.policy import CompletionPolicy, Kind, Verdict
 from tracer.vmident import DiscoveredVcpu, VmIdentity
 
@@ -43,9 +44,13 @@ class ProbeControl(Protocol):
 
     def vcpu_comms(self) -> dict[int, str]: ...
 
-    def mid_counts(self) -> dict[tuple[int, int, int], int]: ...
+    def mid_counts(self) -> dict[MidKey, int]: ...
 
-    def take_mid_counts(self, pid: int) -> dict[tuple[int, int], int]: ...
+    def take_mid_counts(self, pid: int) -> dict[MidKey, int]: ...
+
+    def lost_windows(self) -> list[LostWindow]: ...
+
+    def take_lost_window(self, vcpu_uid: int, seq: int) -> LostWindow | None: ...
 
 
 class StackResolver(Protocol):
@@ -135,18 +140,22 @@ class TrackerStats:
     # (vm, ioctl, exit_reason): register peeks completed before anything else touched the vCPU
     inspections: Counter[tuple[str, str, str]] = field(default_factory=Counter)
     snapshots: Counter[str] = field(default_factory=Counter)  # vm
-    # Reports of live processes that reached the tracker, as the kernel counts them in
-    # mid_counts: (pid, ioctl cmd, exit reason). The kernel's count minus this is what the ring
-    # buffer dropped (tracer.metrics turns it into violations, exactly).
-    reported: Counter[tuple[int, int, int]] = field(default_factory=Counter)
-    # The same difference for processes gone (folded at their exit): (vm, cmd, exit reason).
-    unseen: Counter[tuple[str, int, int]] = field(default_factory=Counter)
+    # Reports of live processes that reached the tracker, under the key the kernel counts them
+    # by in mid_counts. The kernel's count minus this is what the ring buffer dropped
+    # (tracer.metrics judges those like the others: violations and sanctioned stay exact).
+    reported: Counter[MidKey] = field(default_factory=Counter)
+    # The same difference for processes gone (folded at their exit): (vm, key with pid 0).
+    unseen: Counter[tuple[str, MidKey]] = field(default_factory=Counter)
+    # Snapshots counted from the kernel's lost_windows that the tracker alone would have missed
+    snapshots_from_kernel: int = 0
     not_pending: int = 0
     malformed_events: int = 0
     internal_errors: int = 0
 
 
 CLOSED_BY_FLAGS = {True: "immediate_exit", False: "reentry"}
+# Bound of Tracker._counted: far more windows than can be open at once.
+MAX_COUNTED_WINDOWS = 65536
 COMPLETED_BY = frozenset(CLOSED_BY_FLAGS.values())
 
 
@@ -169,6 +178,10 @@ class Tracker:
         self._names: dict[int, VmIdentity] = {}
         self._started: dict[int, int | None] = {}  # pid -> start time when first seen
         self._rescan: set[int] = set()
+        # Windows whose snapshot was counted ((vcpu uid, seq), oldest first): never twice, when
+        # the kernel's lost_windows and the tracker's own window both hold it, or a window
+        # flushed idle gets more saves.
+        self._counted: dict[tuple[int, int], None] = {}
 
     # ---- naming --------------------------------------------------------------------------------
     def identity(self, pid: int, comm_hint: str = "") -> VmIdentity:
@@ -234,20 +247,19 @@ class Tracker:
             for counters in released.values():
                 self.ledger.retire(vm, counters)
 
-    def _fold_mid_counts(self, pid: int, counted: dict[tuple[int, int], int]) -> None:
+    def _fold_mid_counts(self, pid: int, counted: dict[MidKey, int]) -> None:
         """A gone process: what the kernel counted and the tracker never saw stays counted,
         under the VM's name; its live keys go."""
-        seen = {(cmd, reason): n for (p, cmd, reason), n in self.stats.reported.items()
-                if p == pid}
-        for cmd, reason in seen:
-            del self.stats.reported[(pid, cmd, reason)]
+        seen = {k: n for k, n in self.stats.reported.items() if k.pid == pid}
+        for key in seen:
+            del self.stats.reported[key]
         if not counted:
             return
         vm = self.identity(pid).name
-        for (cmd, reason), n in counted.items():
-            missed = n - seen.get((cmd, reason), 0)
+        for key, n in counted.items():
+            missed = n - seen.get(key, 0)
             if missed > 0:
-                self.stats.unseen[(vm, cmd, reason)] += missed
+                self.stats.unseen[(vm, key._replace(pid=0))] += missed
 
     def _on_process_exit(self, ev: KernelEvent) -> None:
         self._forget_process(ev.tgid)
@@ -260,6 +272,9 @@ class Tracker:
         if self.control is not None:
             self._retire(pid, self.control.forget_process(pid, uids))
             self._fold_mid_counts(pid, self.control.take_mid_counts(pid))
+            self._count_lost_windows(lambda lw: lw.pid == pid)
+        for key in [k for k in self._counted if k[0] in uids]:
+            del self._counted[key]
         if self.stacks is not None:
             self.stacks.forget(pid)
         ident = self._names.pop(pid, None)
@@ -330,7 +345,7 @@ class Tracker:
         self.sink.notice(f"trace_{ev.type.name.lower()}", "debug", **fields)
 
     def _on_violation(self, ev: KernelEvent) -> None:
-        self.stats.reported[(ev.tgid, ev.cmd, ev.exit_reason)] += 1
+        self.stats.reported[key_of_event(ev)] += 1
         rec = self.vcpus.get(ev.vcpu_uid)
         if rec is not None:
             rec.pending(ev.exit_reason, ev.pending_since_ns, ev.seq)
@@ -460,7 +475,15 @@ class Tracker:
                     self._inspected(window, closed_by)
                 else:  # abandoned, or pending past the idle time: still a violation
                     self._release(window, closed_by)
-            if len(window.saves) >= 2:
+            lost = (self.control.take_lost_window(window.uid, window.seq)
+                    if self.control is not None else None)
+            saves = len(window.saves)
+            if lost is not None:
+                saves = max(saves, self._lost_saves(lost))
+            if saves >= 2 and key not in self._counted:
+                self._count_snapshot(key)
+                if len(window.saves) < 2:
+                    self.stats.snapshots_from_kernel += 1
                 ident = self.identity(window.pid)
                 exit_name = abi.exit_reason_name(window.exit_reason)
                 self.stats.snapshots[ident.name] += 1
@@ -470,16 +493,58 @@ class Tracker:
                     access=window.access.describe() if window.access else {},
                     ioctls=window.saves, tids=window.tids, window=window.seq,
                     pending_ns=max(0, window.last_ts_ns - window.pending_since_ns),
-                    closed_by=closed_by,
-                    reason=f"{len(window.saves)} state reads while {exit_name} was pending: a "
+                    closed_by=closed_by, events_lost=lost is not None,
+                    reason=f"{saves} state reads while {exit_name} was pending: a "
                            "snapshot taken mid-completion replays or loses that operation when "
                            "restored"))
+
+    def _count_snapshot(self, key: tuple[int, int]) -> None:
+        self._counted[key] = None
+        while len(self._counted) > MAX_COUNTED_WINDOWS:
+            del self._counted[next(iter(self._counted))]
+
+    def _lost_saves(self, lost: LostWindow) -> int:
+        """The saves of a window that lost events, as far as they are violations: none when
+        the policy sanctions a save in that window (port 0x7e) or nothing is pending."""
+        ruling = self.policy.judge(Kind.SAVE, lost.exit_reason, lost.access(),
+                                   lost.quirk_7e_disabled, "KVM_GET_REGS")
+        return lost.saves if ruling.verdict is Verdict.VIOLATION else 0
+
+    def _count_lost_windows(self, match: Callable[[LostWindow], bool]) -> None:
+        """Windows that lost events and that the tracker holds no window for (it never saw
+        them, or only what it does not keep): counted from the kernel's lost_windows."""
+        if self.control is None:
+            return
+        for lw in self.control.lost_windows():
+            if lw.key in self.windows or not match(lw):
+                continue
+            taken = self.control.take_lost_window(lw.vcpu_uid, lw.seq)
+            if taken is None:
+                continue
+            saves = self._lost_saves(taken)
+            if saves < 2 or taken.key in self._counted:
+                continue
+            self._count_snapshot(taken.key)
+            self.stats.snapshots_from_kernel += 1
+            ident = self.identity(taken.pid)
+            exit_name = abi.exit_reason_name(taken.exit_reason)
+            access = taken.access()
+            self.stats.snapshots[ident.name] += 1
+            self.sink.snapshot(SnapshotAlert(
+                pid=taken.pid, vm=ident.name, vmm=ident.vmm, vcpu_id=taken.vcpu_id,
+                exit_reason=exit_name, access=access.describe() if access else {},
+                ioctls=[], tids=[], window=taken.seq, pending_ns=0, closed_by="events_lost",
+                events_lost=True,
+                reason=f"{saves} state reads while {exit_name} was pending (counted in the "
+                       "kernel; the ring buffer dropped their events): a snapshot taken "
+                       "mid-completion replays or loses that operation when restored"))
 
     def close_all(self, closed_by: str) -> None:
         """Every open window, judged now (``watch`` at the end of its command): held peeks of
         processes still alive stay unresolved (see :meth:`flush_held`)."""
         open_keys = {k for k, w in self.windows.items() if not w.held}
         self._close_windows(lambda w: (w.uid, w.seq) in open_keys, closed_by)
+        self._count_lost_windows(lambda lw: True)
 
     def flush_held(self) -> int:
         """At shutdown: peeks whose window is still open cannot be judged; say how many."""
@@ -506,7 +571,13 @@ class Tracker:
             if started is None or not self.proc.alive(pid, started):
                 self._forget_process(pid)
         if self.control is not None:
-            self.sync(self.control.vcpu_states(), self.control.vcpu_comms())
+            states = self.control.vcpu_states()
+            self.sync(states, self.control.vcpu_comms())
+            # A lost window is counted here once the kernel has closed it (a new window, or
+            # the vCPU gone): until then its events may still be on their way.
+            open_now = {(st["uid"], st["seq"]) for st in states
+                        if st["state"] == RunState.PENDING}
+            self._count_lost_windows(lambda lw: lw.key not in open_now)
 
     def sync(self, states: Iterable[dict[str, int]], comms: dict[int, str] | None = None) -> None:
         closed: dict[int, set[int]] = {}  # pid -> uids whose close event was lost

@@ -306,6 +306,48 @@ def test_every_event_the_ring_cannot_take_is_counted_and_reported() -> None:
         d.cleanup()
 
 
+def test_snapshots_and_sanctioned_stay_exact_when_the_ring_drops_their_events() -> None:
+    """The same frozen daemon and one-page ring, with a buggy VMM whose every window is a
+    snapshot and a correct QEMU-style port-0x7e sync whose every state ioctl is sanctioned: the
+    snapshot and sanctioned counters come out exact (the kernel's counts of lost windows and of
+    every report's port), and not one of the sanctioned reports is counted as a violation."""
+    d = DaemonProcess("--ringbuf-pages", "1")
+    try:
+        d.proc.send_signal(signal.SIGSTOP)
+        try:
+            buggy = run_vmm("buggy-io-out", 30)
+            sync = run_vmm("port-7e", 30)
+        finally:
+            d.proc.send_signal(signal.SIGCONT)
+        lost = d.wait_for(lambda e: e["event"] == "events_lost", timeout_s=15)
+        assert lost["by_type"]["violation"] > 0
+        d.settle()
+
+        def counter(name: str, pid: int) -> float:
+            return sum(v for (n, labels), v in scrape(d.metrics_url).items()
+                       if n == name and dict(labels).get("vm", "").endswith(f"[{pid}]"))
+
+        # Windows that lost every event are counted once the daemon's sweep sees them closed.
+        deadline = time.monotonic() + 15
+        while (counter("kvm_completion_snapshots_total", buggy.pid) < buggy.iterations
+               and time.monotonic() < deadline):
+            time.sleep(0.5)
+        d.settle()
+        assert counter("kvm_completion_snapshots_total", buggy.pid) == buggy.iterations
+        assert counter("kvm_completion_violations_total", buggy.pid) == len(buggy.violations)
+        assert counter("kvm_completion_sanctioned_total", sync.pid) == len(sync.sanctioned)
+        assert counter("kvm_completion_violations_total", sync.pid) == 0
+        assert counter("kvm_completion_snapshots_total", sync.pid) == 0
+        # Every snapshot is in the log too, those known from the kernel only marked so.
+        lines = d.for_pid(buggy.pid, "completion_snapshot")
+        assert len(lines) == buggy.iterations
+        assert any(line["events_lost"] for line in lines)
+        assert {line["window"] for line in lines} == set(range(1, buggy.iterations + 1))
+    finally:
+        assert d.stop() == 0
+        d.cleanup()
+
+
 def test_a_full_vcpu_map_is_reported_and_raises_no_false_alert() -> None:
     d = DaemonProcess("--max-vcpus", "1")
     try:
