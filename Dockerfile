@@ -5,8 +5,9 @@
 # and kernel headers mounted.  The exact command (README "Container"; tests/unit/test_container.py
 # checks that it and this file agree):
 #
-#   docker build -t kvm-completion-tracer .
+#   make image        # or: docker build -t kvm-completion-tracer .
 #   docker run -d --name kvm-completion-tracer --pid=host --network=host \
+#       --read-only --tmpfs /tmp \
 #       --cap-drop=ALL --cap-add=BPF --cap-add=PERFMON --cap-add=SYS_PTRACE \
 #       --cap-add=DAC_READ_SEARCH --security-opt apparmor=unconfined \
 #       -v /sys/kernel/tracing:/sys/kernel/tracing -v /sys/kernel/debug:/sys/kernel/debug \
@@ -31,7 +32,9 @@
 # Running as root with everything else dropped (--cap-drop=ALL) is the smaller grant.
 # The host's state directory is mounted so the single-instance lock in it is host-wide.
 # Docker >= 23 lets bpf(2)/perf_event_open(2) through its default seccomp profile with CAP_BPF /
-# CAP_PERFMON; older Docker needs --security-opt seccomp=unconfined.  Kernels < 5.11 charge BPF
+# CAP_PERFMON; older Docker needs --security-opt seccomp=unconfined, and so do podman/buildah with
+# Debian 12's /usr/share/containers/seccomp.json (bpf, perf_event_open only with CAP_SYS_ADMIN),
+# or a profile allowing them with CAP_BPF/CAP_PERFMON (README "Container").  Kernels < 5.11 charge BPF
 # maps to RLIMIT_MEMLOCK: add --ulimit memlock=-1:-1 there.
 #
 # (On hosts without a linux-headers-$(uname -r) package, first run scripts/setup-host.sh run there
@@ -40,46 +43,49 @@
 # The metrics port: must equal tracer.metrics.DEFAULT_METRICS_PORT (tests/unit/test_container.py).
 ARG METRICS_PORT=9110
 
-# --- build: a wheel of the package (the source tree stays out of the final image) --------------
+# --- build: the venv, with the package and its PyPI dependencies (no pip, no source tree) -------
 FROM debian:bookworm-slim AS build
 
 # Versions are not pinned: bookworm's point releases replace them (an exact pin stops building
-# when the archive drops it), and security updates are wanted.
+# when the archive drops it), and security updates are wanted.  python3-venv: its pip is enough;
+# a TLS proxy's CA is lent to pip by scripts/build-image.sh, not installed.
 # hadolint ignore=DL3008
 RUN apt-get update \
-    && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
-        python3-pip python3-venv \
-    && rm -rf /var/lib/apt/lists/*
+    && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends python3-venv \
+    && apt-get clean && rm -rf /var/lib/apt/lists/*
 
 WORKDIR /src
 COPY . .
+# bcc lives in Debian's dist-packages: the venv must see the system site-packages.  The wheel's
+# dependencies (structlog, prometheus-client) come from PyPI at the versions pyproject.toml
+# allows.  The runtime venv gets no pip: /opt/build's pip installs into it.
 RUN /usr/bin/python3 -m venv /opt/build \
-    && /opt/build/bin/pip wheel --no-cache-dir --disable-pip-version-check --no-deps \
-        --wheel-dir /wheels .
+    && /opt/build/bin/pip wheel --no-cache-dir --disable-pip-version-check \
+        --wheel-dir /wheels . \
+    && /usr/bin/python3 -m venv --system-site-packages --without-pip /opt/venv \
+    && PIP_ROOT_USER_ACTION=ignore /opt/build/bin/pip --python /opt/venv/bin/python install \
+        --no-cache-dir --disable-pip-version-check --no-index --no-deps /wheels/*.whl
 
 # --- runtime -------------------------------------------------------------------------------------
 FROM debian:bookworm-slim
 
 ARG METRICS_PORT
 
-# See above for the unpinned versions.
+# See above for the unpinned versions.  python3-bpfcc pulls LLVM 14 and libclang-cpp 14 (bcc
+# compiles the probes in-process): about 250 MB of the image's size, and not optional.
 # hadolint ignore=DL3008
 RUN apt-get update \
-    && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
-        python3-bpfcc python3-venv \
-    && rm -rf /var/lib/apt/lists/*
+    && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends python3-bpfcc \
+    && apt-get clean \
+    && rm -rf /var/lib/apt/lists/* /var/cache/debconf/*-old /var/log/apt/* /var/log/dpkg.log
 
-# bcc lives in Debian's dist-packages: the venv must see the system site-packages.  The wheel's
-# dependencies (structlog, prometheus-client) come from PyPI at the versions pyproject.toml allows.
-COPY --from=build /wheels /wheels
-RUN /usr/bin/python3 -m venv --system-site-packages /opt/venv \
-    && PIP_ROOT_USER_ACTION=ignore /opt/venv/bin/pip install --no-cache-dir \
-        --disable-pip-version-check /wheels/*.whl \
-    && rm -rf /wheels \
-    && /opt/venv/bin/python -c "import bcc, tracer.cli"
+# The venv's interpreter is /usr/bin/python3, the same in both stages.
+COPY --from=build /opt/venv /opt/venv
+RUN /opt/venv/bin/python -c "import bcc, tracer.cli"
 
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
+    PYTHONDONTWRITEBYTECODE=1 \
     KVM_COMPLETION_TRACER_METRICS_PORT=${METRICS_PORT}
 
 EXPOSE ${METRICS_PORT}

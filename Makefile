@@ -35,6 +35,12 @@ test: lint
 	if [ $$rc -eq 5 ]; then echo "make test: error: pytest collected no tests (exit 5)" >&2; fi; \
 	exit $$rc
 
+# The container image from the Dockerfile (docker, podman or buildah; base made locally when no
+# registry is reachable): scripts/build-image.sh.
+.PHONY: image
+image:
+	@bash scripts/build-image.sh
+
 # Overhead benchmark (bench/README.md): one table, JSON in bench/results.json; about 6 minutes.
 # Options with BENCH_ARGS, e.g. `sudo make bench BENCH_ARGS='--quick'`.
 BENCH_ARGS ?=

@@ -42,6 +42,7 @@ if [[ "$mode" == test ]]; then
     base_packages+=(
         gcc libc6-dev linux-libc-dev make util-linux systemd
         qemu-system-x86 prometheus prometheus-alertmanager bpftrace python3-seccomp
+        buildah mmdebstrap
     )
     # The watch tests build a std-only Rust VMM: a rustup toolchain will do, else Debian's.
     if ! command -v rustc >/dev/null 2>&1 && [[ ! -x "${HOME:-/root}/.cargo/bin/rustc" ]]; then

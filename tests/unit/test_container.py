@@ -23,6 +23,10 @@ ROOT = Path(__file__).resolve().parents[2]
 DOCKERFILE = ROOT / "Dockerfile"
 README = ROOT / "README.md"
 
+# The single source of truth for the grant: README's docker run line, the Dockerfile header, the
+# DaemonSet (tests/unit/test_kubernetes_manifests.py) and the image e2e test
+# (tests/e2e/test_image.py, which runs the built image with exactly these) are checked against
+# these two.
 # What the daemon needs from the host (README "Container" explains each).
 REQUIRED_MOUNTS = {
     ("/sys/kernel/tracing", "/sys/kernel/tracing", ""),
@@ -92,9 +96,18 @@ def _readme_container_section() -> str:
 
 
 def _readme_docker_run() -> list[str]:
-    commands = _docker_run_commands(_readme_container_section())
+    """The daemon's run line (detached); the others are one-off commands (--rm)."""
+    commands = [c for c in _docker_run_commands(_readme_container_section()) if "-d" in c]
     assert len(commands) == 1, commands
     return commands[0]
+
+
+def test_readme_one_off_runs_use_the_image_and_remove_themselves() -> None:
+    others = [c for c in _docker_run_commands(_readme_container_section()) if "-d" not in c]
+    assert others, "README shows how to run --help in the image"
+    for command in others:
+        assert command[:3] == ["docker", "run", "--rm"], command
+        assert "kvm-completion-tracer" in command
 
 
 def _parse_run(argv: list[str]) -> dict[str, object]:
@@ -109,7 +122,8 @@ def _parse_run(argv: list[str]) -> dict[str, object]:
     while i < len(argv):
         arg = argv[i]
         value = None
-        if arg in ("-v", "--volume", "--name", "--cap-add", "--cap-drop", "--security-opt"):
+        if arg in ("-v", "--volume", "--name", "--cap-add", "--cap-drop", "--security-opt",
+                   "--tmpfs"):
             value = argv[i + 1]
             i += 1
         elif "=" in arg and arg.startswith("--"):
@@ -189,7 +203,9 @@ def test_base_image_is_bookworm_everywhere() -> None:
 def test_bcc_from_debian_in_a_system_site_packages_venv() -> None:
     runs = " ".join(args for k, args in _final_stage() if k == "RUN")
     assert "python3-bpfcc" in runs
-    assert "-m venv --system-site-packages /opt/venv" in runs
+    all_runs = " ".join(args for k, args in _instructions() if k == "RUN")
+    assert "-m venv --system-site-packages --without-pip /opt/venv" in all_runs
+    assert ("COPY", "--from=build /opt/venv /opt/venv") in _final_stage()
     assert "import bcc" in runs  # the build fails if the venv cannot see bcc
     assert "PATH=/opt/venv/bin:$PATH" in _one("ENV")
 
@@ -256,6 +272,8 @@ def test_readme_run_line_privileges_and_mounts() -> None:
     run = _parse_run(_readme_docker_run())
     assert run["positional"] == ["kvm-completion-tracer"]  # no arguments: the image's CMD
     assert {"--pid=host", "--network=host", "-d"} <= run["flags"]  # type: ignore[operator]
+    # read-only root filesystem; /tmp writable as in the DaemonSet (an emptyDir)
+    assert {"--read-only", "--tmpfs=/tmp"} <= run["flags"]  # type: ignore[operator]
     assert "--privileged" not in run["flags"]  # type: ignore[operator]
     assert run["caps_dropped"] == {"ALL"}
     assert run["caps_added"] == CAPABILITIES
