@@ -8,12 +8,13 @@ import threading
 from typing import Any
 
 import pytest
+from probe_fakes import EXPECTED, ModelProbes, NamedProc
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tracer import abi
 from tracer.alerts import MemorySink
-from tracer.counters import HIST_SLOTS, VcpuCounters, VcpuEntry
+from tracer.counters import HIST_SLOTS, VcpuCounters
 from tracer.events import PioAccess
 from tracer.metrics import (
     CompletionCollector,
@@ -29,7 +30,6 @@ from tracer.metrics import (
 from tracer.model import ProbeModel
 from tracer.policy import PolicyOverrides, build_policy
 from tracer.tracker import Tracker
-from tracer.vmident import VmIdentity
 
 PID, TID, VM_FD = 4242, 4243, 3
 OTHER = 5151  # a second process
@@ -38,56 +38,6 @@ HLT = abi.EXIT_REASON_BY_NAME["KVM_EXIT_HLT"]
 GET_REGS = abi.IOCTL_BY_NAME["KVM_GET_REGS"].number
 GET_SREGS = abi.IOCTL_BY_NAME["KVM_GET_SREGS"].number
 OUT = PioAccess(0x3F8, "out", 1, 1)
-EXPECTED = ("raw:kvm_userspace_exit", "syscalls:sys_enter_ioctl")
-
-
-class NamedProc:
-    def __init__(self, names: dict[int, str]) -> None:
-        self.names = names
-
-    def identify(self, pid: int) -> VmIdentity:
-        return VmIdentity(name=self.names.get(pid, f"vm-{pid}"), vmm="qemu", uuid=None,
-                          source="test")
-
-    def resolve_fd(self, pid: int, fd: int) -> int | None:
-        return None
-
-    def run_addr(self, pid: int, vcpu_id: int) -> int | None:
-        return None
-
-    def start_time(self, pid: int) -> int | None:
-        return 1
-
-    def alive(self, pid: int, start_time: int) -> bool:
-        return True
-
-
-class ModelProbes:
-    """tracer.metrics.ProbeStats over the model; ``fail`` makes every map read raise."""
-
-    def __init__(self, model: ProbeModel) -> None:
-        self.model = model
-        self.fail = False
-        self.guest: dict[tuple[int, int, int, int], int] = {}
-        self.lost = 2  # kernel's lost_violation counter: the budget for reports never seen
-
-    def vcpu_entries(self) -> list[VcpuEntry]:
-        if self.fail:
-            raise OSError("map read failed")
-        return [VcpuEntry(v.uid, v.pid, v.vcpu_id, v.state.value, v.counters, v.pending_since)
-                for v in self.model.vcpus.values()]
-
-    def counters(self) -> dict[str, int]:
-        return {"lost_violation": self.lost, "vcpu_map_full": 0, "untracked_exits": 7}
-
-    def guest_exit_counts(self) -> dict[tuple[int, int, int, int], int]:
-        return self.guest
-
-    def mid_counts(self) -> dict[tuple[int, int, int], int]:
-        return self.model.mid_counts()
-
-    def attached(self) -> list[str]:
-        return list(EXPECTED[:1])
 
 
 class Rig:

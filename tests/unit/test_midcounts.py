@@ -6,12 +6,12 @@ from __future__ import annotations
 import struct
 import threading
 
+from probe_fakes import EXPECTED, ModelProbes, NamedProc
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tracer import abi
 from tracer.alerts import MemorySink
-from tracer.counters import VcpuEntry
 from tracer.events import (
     EventFlag,
     EventType,
@@ -26,7 +26,6 @@ from tracer.midcounts import LostWindow, MidKey, access_of_head, head_of_access,
 from tracer.model import ProbeModel
 from tracer.policy import PolicyOverrides, build_policy
 from tracer.tracker import Tracker
-from tracer.vmident import VmIdentity
 
 PID, VM_FD, FD = 4242, 3, 5
 IO = abi.KVM_EXIT_IO
@@ -79,7 +78,6 @@ class LossyModel(ProbeModel):
     def __init__(self, pending: frozenset[int]) -> None:
         super().__init__(pending)
         self.lost: dict[tuple[int, int], LostWindow] = {}
-        self.lost_count = 0
 
     def lost_windows(self) -> list[LostWindow]:
         return list(self.lost.values())
@@ -88,54 +86,18 @@ class LossyModel(ProbeModel):
         return self.lost.pop((vcpu_uid, seq), None)
 
 
-class Proc:
-    def identify(self, pid: int) -> VmIdentity:
-        return VmIdentity(name="web01", vmm="qemu", uuid=None, source="test")
-
-    def resolve_fd(self, pid: int, fd: int) -> int | None:
-        return None
-
-    def run_addr(self, pid: int, vcpu_id: int) -> int | None:
-        return None
-
-    def start_time(self, pid: int) -> int | None:
-        return 1
-
-    def alive(self, pid: int, start_time: int) -> bool:
-        return True
-
-
-class Stats:
-    def __init__(self, model: LossyModel) -> None:
-        self.model = model
-
-    def vcpu_entries(self) -> list[VcpuEntry]:
-        return [VcpuEntry(v.uid, v.pid, v.vcpu_id, v.state.value, v.counters, v.pending_since)
-                for v in self.model.vcpus.values()]
-
-    def counters(self) -> dict[str, int]:
-        return {"lost_violation": self.model.lost_count}
-
-    def guest_exit_counts(self) -> dict[tuple[int, int, int, int], int]:
-        return {}
-
-    def mid_counts(self) -> dict[MidKey, int]:
-        return self.model.mid_counts()
-
-    def attached(self) -> list[str]:
-        return ["raw:kvm_userspace_exit"]
-
-
 class Rig:
     def __init__(self) -> None:
         policy = build_policy(PolicyOverrides(arch="x86_64", inspection="violation"))
         self.model = LossyModel(policy.pending_exits)
         self.sink = MemorySink()
-        self.tracker = Tracker(policy, self.sink, Proc(), self.model)
+        self.tracker = Tracker(policy, self.sink, NamedProc({PID: "web01"}), self.model)
+        self.probes = ModelProbes(self.model)
+        self.probes.lost = 0
         self.registry = CollectorRegistry()
         self.registry.register(CompletionCollector(
-            self.tracker, Stats(self.model), threading.Lock(),
-            ExporterHealth(expected_probes=("raw:kvm_userspace_exit",), bcc_version="0.26.0"),
+            self.tracker, self.probes, threading.Lock(),
+            ExporterHealth(expected_probes=EXPECTED, bcc_version="0.26.0"),
             MetricsOptions()))
         self.model.ioctl_enter(PID, PID + 1, VM_FD, abi.KVM_CREATE_VCPU, 0)
         self.model.ioctl_exit(PID, PID + 1, FD)
@@ -159,7 +121,7 @@ class Rig:
         self.deliver(reports[:delivered])
         (vcpu,) = self.model.vcpus.values()
         if delivered < len(reports):
-            self.model.lost_count += len(reports) - delivered
+            self.probes.lost += len(reports) - delivered
             key = key_of_event(reports[0])
             saves = sum(abi.IOCTLS[c].kind is abi.IoctlKind.SAVE for c in cmds)
             self.model.lost[(vcpu.uid, vcpu.seq)] = LostWindow(
