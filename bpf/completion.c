@@ -236,9 +236,11 @@ struct mid_key {
     u32 pad;
 };
 BPF_HASH(mid_counts, struct mid_key, u64, MAX_MID_KEYS);
-// Windows one of whose reports found the ring buffer full, kept from that report on with the
-// window's save count: Python counts the snapshot from here when the tracker saw too little of
-// the window (or none of it), then deletes the entry.
+// Windows with two or more reports one of which found the ring buffer full, kept from then on
+// with the window's counts: Python counts the snapshot from here when the tracker saw too little
+// of the window (or none of it), judges a register peek it holds of the window as part of more,
+// then deletes the entry. A window with a single report needs none (mid_counts has it). Not
+// preallocated: it is empty but under loss, and a stalled reader can fill many entries.
 struct window_key {
     u64 vcpu_uid;
     u64 seq;
@@ -253,7 +255,8 @@ struct lost_window {
     u32 reports;  // every report of the window so far
     u32 pad;
 };
-BPF_HASH(lost_windows, struct window_key, struct lost_window, MAX_LOST_WINDOWS);
+BPF_F_TABLE("hash", struct window_key, struct lost_window, lost_windows, MAX_LOST_WINDOWS,
+            BPF_F_NO_PREALLOC);
 #ifdef STACKS
 // User stacks of reported ioctls, taken only when reporting (never on the exit path), as
 // (build-id, file offset) per frame (BPF_F_STACK_BUILD_ID): resolved by the kernel while the
@@ -393,7 +396,7 @@ static __always_inline void report_violation(void *ctx, u32 tgid, u32 tid, s32 f
     struct event *ev = new_event(EV_VIOLATION, tgid, tid);
     if (!ev)
         st->window_lost = 1;
-    if (st->window_lost)
+    if (st->window_lost && st->window_reports >= 2)
         keep_lost_window(uid, st, &mk);
     if (!ev)
         return;

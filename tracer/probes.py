@@ -94,9 +94,10 @@ class ProbeConfig:
 
     @property
     def max_lost_windows(self) -> int:
-        # windows that lost a report, until Python counted them (every tick): one per vCPU
-        # holds a stalled reader's worth
-        return self.max_vcpus
+        # windows with several reports, one lost, until Python's sweep counted them: 65536
+        # (the default) holds a 30 s stalled reader under 2000 snapshots a second; allocated
+        # only as used
+        return 16 * self.max_vcpus
 
     @property
     def max_procs(self) -> int:
@@ -423,6 +424,14 @@ class Probes:
             table = self._bpf[name]
             for key in [k for k in table if k.tgid == pid]:
                 table.pop(key, None)
+        # The kernel drops the process's entry at its exit; one adopted after that (its
+        # UNKNOWN_FD handled once it had exited, e.g. a forked child holding inherited vCPU
+        # fds) would stay. Kept when the pid already runs a new VMM with vCPUs or quirks.
+        procs, pkey = self._bpf[b"procs"], self._bpf[b"procs"].Key(pid)
+        leaf = procs.get(pkey)
+        if (leaf is not None and not leaf.quirks_disabled
+                and not any(k.tgid == pid for k in fds)):
+            procs.pop(pkey, None)
         return self.release_vcpus(uids)
 
     def release_vcpus(self, uids: set[int]) -> dict[int, VcpuCounters]:

@@ -178,9 +178,10 @@ class Tracker:
         self._names: dict[int, VmIdentity] = {}
         self._started: dict[int, int | None] = {}  # pid -> start time when first seen
         self._rescan: set[int] = set()
-        # Windows whose snapshot was counted ((vcpu uid, seq), oldest first): never twice, when
-        # the kernel's lost_windows and the tracker's own window both hold it, or a window
-        # flushed idle gets more saves.
+        # Windows whose snapshot was counted and that may show again ((vcpu uid, seq), oldest
+        # first): never counted twice when the kernel's lost_windows and the tracker's own
+        # window both hold it, or a window flushed idle gets more saves. Only windows that
+        # lost events or went idle are kept, so it stays empty in normal operation.
         self._counted: dict[tuple[int, int], None] = {}
 
     # ---- naming --------------------------------------------------------------------------------
@@ -470,18 +471,24 @@ class Tracker:
     def _close_windows(self, match: Callable[[Window], bool], closed_by: str) -> None:
         for key in [k for k, w in self.windows.items() if match(w)]:
             window = self.windows.pop(key)
+            lost = (self.control.take_lost_window(window.uid, window.seq)
+                    if self.control is not None else None)
             if window.held:
-                if closed_by in COMPLETED_BY:
+                if lost is not None:  # more was read or written in it: the ring dropped it
+                    self._release(window, "events_lost")
+                elif closed_by in COMPLETED_BY:
                     self._inspected(window, closed_by)
                 else:  # abandoned, or pending past the idle time: still a violation
                     self._release(window, closed_by)
-            lost = (self.control.take_lost_window(window.uid, window.seq)
-                    if self.control is not None else None)
             saves = len(window.saves)
             if lost is not None:
                 saves = max(saves, self._lost_saves(lost))
             if saves >= 2 and key not in self._counted:
-                self._count_snapshot(key)
+                if lost is not None or closed_by == "idle":
+                    # Its events may still come (in flight, or the window was only idle):
+                    # remembered so it is never counted twice. A window the kernel closed
+                    # with nothing lost gets no more events.
+                    self._count_snapshot(key)
                 if len(window.saves) < 2:
                     self.stats.snapshots_from_kernel += 1
                 ident = self.identity(window.pid)

@@ -87,8 +87,8 @@ class LossyModel(ProbeModel):
 
 
 class Rig:
-    def __init__(self) -> None:
-        policy = build_policy(PolicyOverrides(arch="x86_64", inspection="violation"))
+    def __init__(self, inspection: str = "violation") -> None:
+        policy = build_policy(PolicyOverrides(arch="x86_64", inspection=inspection))
         self.model = LossyModel(policy.pending_exits)
         self.sink = MemorySink()
         self.tracker = Tracker(policy, self.sink, NamedProc({PID: "web01"}), self.model)
@@ -215,3 +215,24 @@ def test_lost_restores_after_an_out_are_sanctioned_as_such() -> None:
     assert rig.scrape("kvm_completion_sanctioned_total") == {
         (("rule", "restore-after-pio"), ("vm", "web01")): 2.0}
     assert rig.scrape("kvm_completion_violations_total") == {}
+
+
+def test_a_held_peek_in_a_window_that_lost_a_report_is_a_violation() -> None:
+    """A KVM_GET_REGS delivered, the KVM_GET_SREGS after it dropped: the completion closes a
+    window that held more than the peek, so the peek is no benign inspection."""
+    rig = Rig(inspection="benign")
+    rig.window(OUT_3F8, [GET_REGS, GET_SREGS], delivered=1)
+    rig.complete()
+    assert rig.sink.inspections == []
+    (seen,) = rig.sink.violations
+    assert seen.ioctl == "KVM_GET_REGS" and seen.judged_on == "events_lost"
+    assert sum(rig.scrape("kvm_completion_violations_total").values()) == 2
+    assert rig.scrape("kvm_completion_inspections_total") == {}
+    assert rig.scrape("kvm_completion_snapshots_total") == {(("vm", "web01"),): 1.0}
+
+
+def test_a_lone_peek_still_completes_as_an_inspection() -> None:
+    rig = Rig(inspection="benign")
+    rig.window(OUT_3F8, [GET_REGS], delivered=1)
+    rig.complete()
+    assert len(rig.sink.inspections) == 1 and rig.sink.violations == []
