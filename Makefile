@@ -49,6 +49,15 @@ bench:
 	@bash scripts/setup-host.sh bench
 	$(VENV)/bin/python bench/run.py $(BENCH_ARGS)
 
+# Fault campaign (bench/faults.py): churn, overload, stalled reader, crash, soak, scrape storm,
+# hostile names against the real daemon; one table, JSON in bench/faults.json; about 15 minutes
+# (the soak is 10). Options with FAULTS_ARGS, e.g. `sudo make faults FAULTS_ARGS='--short'`.
+FAULTS_ARGS ?=
+.PHONY: faults
+faults:
+	@bash scripts/setup-host.sh bench
+	$(VENV)/bin/python bench/faults.py $(FAULTS_ARGS)
+
 # ---- system install (root): /opt venv, the systemd unit, a default config ----------------------
 # The venv sees Debian's bcc (--system-site-packages from /usr/bin/python3); `pip install .`
 # fetches structlog and prometheus-client from PyPI unless Debian's python3-structlog and
