@@ -69,11 +69,12 @@ RETAIN_GONE_S = 2.0              # metrics.retain_gone_seconds for the churn row
 SWEEP_S = 5.0                    # tracer/daemon.py SWEEP_S: how often gone VMs are pruned
 IDLE_S = 1.0                     # the daemon's --snapshot-idle (default)
 
-# Hash maps keyed by process, thread, vCPU or fd (bpf/completion.c): empty once every process
-# that had a vCPU is gone. How each entry names its owner: ("key"|"value", offset, "tgid"|"tid"|
+# Maps keyed by process, thread, vCPU or fd (bpf/completion.c): empty once every process that
+# had a vCPU is gone. How each entry names its owner: ("key"|"value", offset, "tgid"|"tid"|
 # "uid"): a tgid or tid that no longer exists, or a vCPU uid no longer in `vcpus`, is a leftover.
+# `vcpus` is an array: its slots in use are those with a uid (value offset 0) other than 0.
 OWNED_MAPS: dict[str, tuple[str, int, str]] = {
-    "vcpus": ("value", 24, "tgid"),
+    "vcpus": ("value", 32, "tgid"),
     "vcpu_fds": ("key", 0, "tgid"),
     "vcpu_refs": ("key", 0, "uid"),
     "run_threads": ("key", 0, "tid"),
@@ -223,7 +224,11 @@ def owned_map_report(pid: int) -> dict[str, dict[str, int]]:
     thread or vCPU is gone)."""
     dumps = {d.name: d for d in (dump_map(i) for i in sorted(fd_ids(pid, "map_id")))
              if d is not None}
-    live_uids = {struct.unpack_from("Q", k)[0] for k, _ in dumps["vcpus"].entries} \
+    if "vcpus" in dumps:
+        d = dumps["vcpus"]
+        dumps["vcpus"] = MapDump(d.name, d.map_type, d.max_entries,
+                                 [(k, v) for k, v in d.entries if struct.unpack_from("Q", v)[0]])
+    live_uids = {struct.unpack_from("Q", v)[0] for _, v in dumps["vcpus"].entries} \
         if "vcpus" in dumps else set()
     out: dict[str, dict[str, int]] = {}
     for name, (where, off, what) in OWNED_MAPS.items():

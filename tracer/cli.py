@@ -79,6 +79,10 @@ def _pipeline_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-vcpus", type=int, default=None, metavar="N",
                         help="vCPUs tracked at once (sizes the per-vCPU, fd, thread and "
                              "process maps, default 4096)")
+    parser.add_argument("--pending-time-sample", dest="pending_sample", type=int, default=None,
+                        metavar="N", help="the pending-time histogram times one completed "
+                        "window in N (a power of two, default 16; 1: every window, two clock "
+                        "reads more per exit)")
     parser.add_argument("--no-guest-exits", dest="guest_exits", action="store_const",
                         const=False, default=None, help="do not count guest exits "
                         "(kvm:kvm_exit/kvm_entry: one program run per guest exit on hardware "
@@ -198,6 +202,7 @@ _FLAG_KEYS = {"log_level": ("--log-level", "log.level"),
               "ringbuf_pages": ("--ringbuf-pages", "probes.ringbuf_pages"),
               "syscall_probes": ("--syscall-probes", "probes.syscall_probes"),
               "max_vcpus": ("--max-vcpus", "probes.max_vcpus"),
+              "pending_sample": ("--pending-time-sample", "probes.pending_time_sample"),
               "guest_exits": ("--no-guest-exits", "probes.guest_exits"),
               "stacks": ("--no-stacks", "probes.stacks"),
               "metrics_addr": ("--metrics-addr", "metrics.addr"),

@@ -113,6 +113,13 @@ def ringbuf_pages(value: object) -> int:
     return pages
 
 
+def pending_sample(value: object) -> int:
+    n = _int(value)
+    if n < 1 or n > 1024 or n & (n - 1):
+        raise _Invalid("must be a power of two from 1 to 1024")
+    return n
+
+
 def max_vcpus(value: object) -> int:
     count = _int(value)
     if not 1 <= count <= MAX_VCPUS_LIMIT:
@@ -196,6 +203,7 @@ KEYS: Final[dict[str, _Key]] = {
     "probes.syscall_probes": _Key("syscall_probes", _choice(SYSCALL_PROBE_KINDS)),
     "probes.guest_exits": _Key("guest_exits", _bool),
     "probes.stacks": _Key("stacks", _bool),
+    "probes.pending_time_sample": _Key("pending_sample", pending_sample),
     "metrics.addr": _Key("metrics_addr", metrics_addr),
     "metrics.per_vcpu": _Key("metrics_per_vcpu", _bool),
     "metrics.max_vcpu_series": _Key("max_vcpu_series", vcpu_series),
@@ -222,6 +230,7 @@ class Settings:
     syscall_probes: str = DEFAULT_SYSCALL_PROBES
     guest_exits: bool = True
     stacks: bool = True
+    pending_sample: int = 16
     metrics_addr: str | None = DEFAULT_METRICS_ADDR
     metrics_per_vcpu: bool = False
     max_vcpu_series: int = 256
@@ -258,7 +267,8 @@ class Settings:
             probe_config=ProbeConfig(max_vcpus=self.max_vcpus, ringbuf_pages=self.ringbuf_pages,
                                      trace_exits=self.trace_exits,
                                      syscall_probes=self.syscall_probes,
-                                     guest_exits=self.guest_exits, stacks=self.stacks),
+                                     guest_exits=self.guest_exits, stacks=self.stacks,
+                                     pending_sample=self.pending_sample),
             snapshot_idle_s=self.snapshot_idle_s,
             metrics=MetricsOptions(addr=self.metrics_addr, per_vcpu=self.metrics_per_vcpu,
                                    max_vcpu_series=self.max_vcpu_series,

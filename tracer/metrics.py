@@ -306,7 +306,8 @@ class CompletionCollector(Collector):
                                 "that completes without running the guest.", ["vm", "path"])
         hist = HistogramMetricFamily(
             f"{PREFIX}_pending_seconds", "How long exits stayed pending until KVM_RUN "
-            "completed them (log2 buckets, counted in the kernel).",
+            "completed them, of a sample of the windows (probes.pending_time_sample: 1 in 16 "
+            "by default; log2 buckets, counted in the kernel).",
             labels=["vm", *f.names], unit="")
         f.out.append(hist)
         for vm, c in sorted(sums.items()):

@@ -44,7 +44,7 @@ COUNTER_NAMES: Final = (
 BUILD_ID_VALID: Final = 1
 BUILD_ID_IP: Final = 2
 # Python-adopted vCPUs (found in /proc at start-up) take uids from the top half so they never
-# collide with the kernel's counter.
+# collide with the kernel's counter. Every uid's low ProbeConfig.slot_bits name its `vcpus` slot.
 ADOPTED_UID_BASE: Final = 1 << 63
 
 
@@ -76,8 +76,16 @@ class ProbeConfig:
     # freed as soon as Python has read them
     watch: bool = False  # follow only the processes Python puts in `watched` (and their forks)
     max_watched: int = 65536  # processes and threads of the watched tree at once
+    # The pending-time histogram times one completed window in pending_sample (a power of
+    # two; 1: every window, two clock reads more per exit)
+    pending_sample: int = 16
 
     # The other maps follow max_vcpus, so one key sizes them all.
+    @property
+    def slot_bits(self) -> int:
+        """`vcpus` is an array of 2**slot_bits slots (max_vcpus rounded up to a power of two)."""
+        return max(0, (self.max_vcpus - 1).bit_length())
+
     @property
     def max_vcpu_fds(self) -> int:
         return 4 * self.max_vcpus  # the vCPU fd plus dups a VMM keeps (QEMU: 1, with CPR: 2)
@@ -156,6 +164,10 @@ def cflags(config: ProbeConfig) -> list[str]:
         "EINTR_ERRNO": f"({abi.EINTR_ERRNO})",
         "HIST_SLOTS": HIST_SLOTS,
         "MAX_VCPUS": config.max_vcpus,
+        "VCPU_SLOTS": 1 << config.slot_bits,
+        "VCPU_SLOT_BITS": config.slot_bits,
+        "VCPU_SLOT_MASK": f"{(1 << config.slot_bits) - 1:#x}u",
+        "PENDING_SAMPLE": config.pending_sample,
         "MAX_VCPU_FDS": config.max_vcpu_fds,
         "MAX_THREADS": config.max_threads,
         "MAX_PROCS": config.max_procs,
@@ -213,6 +225,33 @@ CLASSIC_SYSCALL_PROBES: Final = (
     "syscalls:sys_enter_mmap", "syscalls:sys_exit_mmap",
 )
 RAW_SYSCALL_PROBES: Final = ("raw:sys_enter", "raw:sys_exit")
+# syscalls:sys_exit_* tracepoints that run sys_exit_ioctl's program (bpf/completion.c): one
+# program for six hooks, so a sixth of their compile and verification time.
+SHARED_EXIT_PROGRAM: Final = b"tracepoint__syscalls__sys_exit_ioctl"
+SHARED_SYS_EXITS: Final = ("dup", "dup2", "dup3", "fcntl", "mmap")
+
+
+def _ret_field(call: str) -> str | None:
+    """The ``ret`` field line of a syscalls:sys_exit_CALL format (offset, size, sign)."""
+    root = tracefs_root()
+    if root is None:
+        return None
+    try:
+        text = (root / "events" / "syscalls" / f"sys_exit_{call}" / "format").read_text()
+    except OSError:
+        return None
+    return next((line.strip() for line in text.splitlines() if " ret;" in line), None)
+
+
+def _shared_exit_mismatch() -> str | None:
+    """A sys_exit tracepoint whose ``ret`` is not where sys_exit_ioctl's is (the shared
+    program would read garbage there), or None when they all agree."""
+    want = _ret_field("ioctl")
+    for call in SHARED_SYS_EXITS:
+        got = _ret_field(call)
+        if got != want:
+            return f"syscalls:sys_exit_{call} has '{got}', sys_exit_ioctl '{want}'"
+    return None
 
 
 def expected_probes(syscall_probes: str = DEFAULT_SYSCALL_PROBES,
@@ -272,10 +311,17 @@ class Probes:
         from bcc import BPF
         source, self.skipped = _without_guest_exit_probes(
             bpf_source().read_text(), self.config.guest_exits)
+        mismatch = (_shared_exit_mismatch() if self.config.syscall_probes != "raw"
+                    else None)
+        if mismatch is not None:
+            raise ProbeError(f"the syscall exit tracepoints differ on this kernel ({mismatch}): "
+                             "use --syscall-probes raw")
         with _captured_stderr() as diagnostics:
             try:
                 # bcc attaches every TRACEPOINT_PROBE/RAW_TRACEPOINT_PROBE while loading.
                 self._bpf: Any = BPF(text=source.encode(), cflags=cflags(self.config))
+                if self.config.syscall_probes != "raw":
+                    self._attach_shared_exits()
             except Exception as err:  # bcc raises bare Exception for compile/load/attach
                 failure: Exception | None = err
             else:
@@ -285,9 +331,15 @@ class Probes:
         _release_compile_heap()
         self._ring_open = False
         self._closed = False
-        self._next_adopted_uid = ADOPTED_UID_BASE
+        self._adopted = 0  # vCPUs adopted so far: the counter in their uids
+        self._slot_mask = (1 << self.config.slot_bits) - 1
+        self._fill_free_slots()
         self.python_map_full: Counter[str] = Counter()  # inserts from Python that failed
         self.set_policy(policy)
+
+    def _attach_shared_exits(self) -> None:
+        for call in SHARED_SYS_EXITS:
+            self._bpf.attach_tracepoint(tp=f"syscalls:sys_exit_{call}", fn_name=SHARED_EXIT_PROGRAM)
 
     # ---- policy into maps ----------------------------------------------------------------------
     def set_policy(self, policy: CompletionPolicy) -> None:
@@ -344,21 +396,23 @@ class Probes:
         refs = self._bpf[b"vcpu_refs"]
         new = uid is None
         if uid is None:
-            uid = self._next_adopted_uid
-            self._next_adopted_uid += 1
+            slot = self._take_slot()
+            if slot is None:
+                return None
+            self._adopted += 1
+            uid = ADOPTED_UID_BASE | (self._adopted << self.config.slot_bits) | slot
             vcpus = self._bpf[b"vcpus"]
             leaf = vcpus.Leaf()
-            leaf.tgid, leaf.vcpu_id = pid, vcpu_id
+            leaf.uid, leaf.tgid, leaf.vcpu_id = uid, pid, vcpu_id
             leaf.run_addr = run_addr or 0
             if start is not None and start.state:
                 leaf.state, leaf.exit_reason, leaf.run_tid = (start.state, start.exit_reason,
                                                               start.run_tid)
                 leaf.pending_since = start.pending_since_ns
                 leaf.seq = 1 if start.state == RunState.PENDING else 0
-            if not self._put("vcpu", vcpus, ctypes.c_uint64(uid), leaf):
-                return None
+            vcpus[ctypes.c_int(slot)] = leaf  # an array slot: cannot fail
             if not self._put("vcpu", refs, ctypes.c_uint64(uid), ctypes.c_uint32(1)):
-                vcpus.pop(ctypes.c_uint64(uid), None)
+                self.release_vcpus({uid})
                 return None
             # The thread's next exit (RUNNING) must land on this vCPU.
             if start is not None and start.run_tid and not self._put(
@@ -435,17 +489,39 @@ class Probes:
         return self.release_vcpus(uids)
 
     def release_vcpus(self, uids: set[int]) -> dict[int, VcpuCounters]:
-        """Read the statistics of these vCPUs and delete their entries (closed or gone)."""
+        """Read the statistics of these vCPUs and free their slots (closed or gone)."""
         vcpus, refs = self._bpf[b"vcpus"], self._bpf[b"vcpu_refs"]
         out = {}
         for uid in uids:
-            key = ctypes.c_uint64(uid)
-            leaf = vcpus.get(key)
-            if leaf is not None:
+            slot = ctypes.c_int(uid & self._slot_mask)
+            leaf = vcpus[slot]
+            if uid and leaf.uid == uid:  # else already released (and maybe reused)
                 out[uid] = _counters_of(leaf)
-                vcpus.pop(key, None)
-            refs.pop(key, None)
+                vcpus[slot] = vcpus.Leaf()
+                self._bpf[b"free_slots"].push(ctypes.c_uint32(slot.value))
+            refs.pop(ctypes.c_uint64(uid), None)
         return out
+
+    def _fill_free_slots(self) -> None:
+        queue = self._bpf[b"free_slots"]
+        for slot in range(1 << self.config.slot_bits):
+            queue.push(ctypes.c_uint32(slot))
+
+    def _take_slot(self) -> int | None:
+        try:
+            return int(self._bpf[b"free_slots"].pop().value)
+        except KeyError:  # empty: every slot holds a vCPU
+            self.python_map_full["vcpu"] += 1
+            return None
+
+    def _live_vcpus(self) -> list[tuple[int, Any]]:
+        """(uid, state) of every slot in use: the whole array in one batch read."""
+        vcpus = self._bpf[b"vcpus"]
+        try:
+            items = list(vcpus.items_lookup_batch())
+        except Exception:  # bcc raises a bare Exception; the kernel may lack batch ops
+            items = list(vcpus.items())
+        return [(int(st.uid), st) for _key, st in items if st.uid]
 
     def forget_fd(self, pid: int, fd: int) -> VcpuCounters | None:
         """An fd closed behind the probes' back (close_range): drop it like close() would.
@@ -467,8 +543,8 @@ class Probes:
 
     def vcpu_states(self) -> list[dict[str, int]]:
         out = []
-        for key, st in self._bpf[b"vcpus"].items():
-            out.append({"uid": int(key.value), "pid": st.tgid, "vcpu_id": st.vcpu_id,
+        for uid, st in self._live_vcpus():
+            out.append({"uid": uid, "pid": st.tgid, "vcpu_id": st.vcpu_id,
                         "state": st.state, "exit_reason": st.exit_reason, "seq": st.seq,
                         "pending_since_ns": st.pending_since, "run_tid": st.run_tid,
                         "run_addr": st.run_addr})
@@ -507,7 +583,7 @@ class Probes:
         """pid -> the comm the kernel kept at vCPU creation (for VMs gone before Python named
         them)."""
         out = {}
-        for _key, st in self._bpf[b"vcpus"].items():
+        for _uid, st in self._live_vcpus():
             comm = _c_string(st.comm)
             if comm:
                 out[st.tgid] = comm
@@ -515,9 +591,9 @@ class Probes:
 
     def vcpu_entries(self) -> list[VcpuEntry]:
         """Every vCPU entry with its statistics (what a scrape reads)."""
-        return [VcpuEntry(int(key.value), st.tgid, st.vcpu_id, st.state, _counters_of(st),
+        return [VcpuEntry(uid, st.tgid, st.vcpu_id, st.state, _counters_of(st),
                           int(st.pending_since), _c_string(st.comm))
-                for key, st in self._bpf[b"vcpus"].items()]
+                for uid, st in self._live_vcpus()]
 
     # ---- stacks and the watched tree -----------------------------------------------------------
     def take_stack(self, stack_id: int) -> list[tuple[str | None, int]] | None:

@@ -400,8 +400,9 @@ def test_metrics_count_what_the_alerts_said(daemon: DaemonProcess) -> None:
     exits = series(got, "kvm_completion_userspace_exits_total", vm=vm,
                    exit_reason="KVM_EXIT_MMIO")
     assert sum(exits.values()) == report.exits["KVM_EXIT_MMIO"]
+    # The histogram times one window in 16 (probes.pending_time_sample): windows 16, 32, ...
     completed = series(got, "kvm_completion_pending_seconds_count", vm=vm)
-    assert sum(completed.values()) == report.completions
+    assert sum(completed.values()) == report.completions // 16
     assert series(got, "kvm_completion_completions_total", vm=vm, path="immediate_exit") \
         == {(("path", "immediate_exit"), ("vm", vm)): float(report.completions)}
     health = series(got, "kvm_completion_probes_attached")
@@ -486,3 +487,22 @@ def test_selftest_serves_its_counts_while_it_runs() -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+def test_pending_time_histogram_times_one_window_in_n() -> None:
+    d = DaemonProcess("--pending-time-sample", "4")
+    try:
+        report = run_vmm("buggy-mmio-write", 10)
+        d.settle()
+        vm = f"python[{report.pid}]"
+        got = scrape(d.metrics_url)
+        assert report.completions == 10
+        # Windows 4 and 8 of 10 are timed; every completion is still counted.
+        assert sum(series(got, "kvm_completion_pending_seconds_count", vm=vm).values()) == 2
+        buckets = series(got, "kvm_completion_pending_seconds_bucket", vm=vm)
+        assert buckets[(("le", "+Inf"), ("vm", vm))] == 2
+        assert 0 < sum(series(got, "kvm_completion_pending_seconds_sum", vm=vm).values()) < 60
+        assert sum(series(got, "kvm_completion_completions_total", vm=vm).values()) == 10
+    finally:
+        assert d.stop() == 0
+        d.cleanup()

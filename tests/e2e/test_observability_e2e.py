@@ -194,7 +194,10 @@ class Stack:
             sys.executable, "-m", "tracer", "run", "--log-format", "json",
             # debug: vcpu_created and completion_sanctioned lines name every VM
             "--log-level", "debug", "--metrics-addr", f"127.0.0.1:{self.metrics_port}",
-            "--state-dir", str(self.workdir / "state")], self.workdir)
+            "--state-dir", str(self.workdir / "state"),
+            # every window timed: the test VMs complete a handful each, fewer than the default
+            # sample of one in 16 needs to show in the pending-time panels
+            "--pending-time-sample", "1"], self.workdir)
         self.procs.append(daemon)
         self.daemon = daemon
 

@@ -108,6 +108,7 @@ severity = { "save:MMIO" = "critical" }
 ringbuf_pages = 128
 max_vcpus = 512
 trace_exits = true
+pending_time_sample = 4
 [metrics]
 addr = "[::1]:9150"
 per_vcpu = true
@@ -129,6 +130,7 @@ cluster = "blue"
     options = settings.daemon_options()
     assert options.probe_config.ringbuf_pages == 128
     assert options.probe_config.max_vcpus == 512 and options.probe_config.trace_exits
+    assert options.probe_config.pending_sample == 4 and options.probe_config.slot_bits == 9
     assert options.metrics.addr == "[::1]:9150" and options.metrics.per_vcpu
     assert options.metrics.max_vcpu_series == 64 and options.metrics.retain_gone_s == 60.0
     assert options.labels == {"site": "fra1", "cluster": "blue"}
@@ -167,6 +169,9 @@ def test_metrics_can_be_disabled_in_the_file(tmp_path: Path, value: str) -> None
                                            "a string"]),
     ("[probes]\nringbuf_pages = 48\n", ["probes.ringbuf_pages = 48", "power of two"]),
     ("[probes]\nmax_vcpus = 0\n", ["probes.max_vcpus = 0", "between 1 and 65536"]),
+    ("[probes]\npending_time_sample = 12\n", ["probes.pending_time_sample = 12",
+                                             "power of two from 1 to 1024"]),
+    ("[probes]\npending_time_sample = 0\n", ["probes.pending_time_sample = 0", "power of two"]),
     ("[probes]\ntrace_exits = 1\n", ["probes.trace_exits", "expected true or false"]),
     ("[metrics]\naddr = 9110\n", ["metrics.addr = 9110", "HOST:PORT"]),
     ("[metrics]\naddr = true\n", ["metrics.addr = true"]),
