@@ -83,6 +83,10 @@ def _pipeline_args(parser: argparse.ArgumentParser) -> None:
                         metavar="N", help="the pending-time histogram times one completed "
                         "window in N (a power of two, default 16; 1: every window, two clock "
                         "reads more per exit)")
+    parser.add_argument("--probe-cache", dest="cache_dir", default=None, metavar="DIR",
+                        help="keep the compiled probes here and load them at the next start "
+                        "instead of compiling (default /var/cache/kvm-completion-tracer; "
+                        "'' turns it off)")
     parser.add_argument("--no-guest-exits", dest="guest_exits", action="store_const",
                         const=False, default=None, help="do not count guest exits "
                         "(kvm:kvm_exit/kvm_entry: one program run per guest exit on hardware "
@@ -203,6 +207,7 @@ _FLAG_KEYS = {"log_level": ("--log-level", "log.level"),
               "syscall_probes": ("--syscall-probes", "probes.syscall_probes"),
               "max_vcpus": ("--max-vcpus", "probes.max_vcpus"),
               "pending_sample": ("--pending-time-sample", "probes.pending_time_sample"),
+              "cache_dir": ("--probe-cache", "probes.cache_dir"),
               "guest_exits": ("--no-guest-exits", "probes.guest_exits"),
               "stacks": ("--no-stacks", "probes.stacks"),
               "metrics_addr": ("--metrics-addr", "metrics.addr"),

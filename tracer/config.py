@@ -36,6 +36,9 @@ from tracer.syscall_abi import DEFAULT_SYSCALL_PROBES, SYSCALL_PROBE_KINDS
 
 DEFAULT_CONFIG_PATH: Final = Path("/etc/kvm-completion-tracer/config.toml")
 DEFAULT_STATE_DIR: Final = Path("/var/lib/kvm-completion-tracer")
+# Compiled probes (tracer.bpfcache): a start with the same source, flags, bcc and kernel loads
+# them instead of compiling again.
+DEFAULT_CACHE_DIR: Final = Path("/var/cache/kvm-completion-tracer")
 DEFAULT_METRICS_ADDR: Final = f"127.0.0.1:{DEFAULT_METRICS_PORT}"
 LOG_FORMATS: Final = ("auto", "json", "console")
 # KVM allows 4096 vCPUs per VM on x86; 65536 is 16 such VMs on one host, and keeps the maps
@@ -174,6 +177,12 @@ def state_dir(value: object) -> Path:
     return Path(text)
 
 
+def cache_dir(value: object) -> Path | None:
+    if value is False or value == "":
+        return None
+    return state_dir(value)
+
+
 def label(name: object, value: object) -> tuple[str, str]:
     key = _str(name)
     if not _LABEL_NAME.match(key) or key.startswith("__"):
@@ -204,6 +213,7 @@ KEYS: Final[dict[str, _Key]] = {
     "probes.guest_exits": _Key("guest_exits", _bool),
     "probes.stacks": _Key("stacks", _bool),
     "probes.pending_time_sample": _Key("pending_sample", pending_sample),
+    "probes.cache_dir": _Key("cache_dir", cache_dir),
     "metrics.addr": _Key("metrics_addr", metrics_addr),
     "metrics.per_vcpu": _Key("metrics_per_vcpu", _bool),
     "metrics.max_vcpu_series": _Key("max_vcpu_series", vcpu_series),
@@ -231,6 +241,7 @@ class Settings:
     guest_exits: bool = True
     stacks: bool = True
     pending_sample: int = 16
+    cache_dir: Path | None = DEFAULT_CACHE_DIR
     metrics_addr: str | None = DEFAULT_METRICS_ADDR
     metrics_per_vcpu: bool = False
     max_vcpu_series: int = 256
@@ -244,6 +255,7 @@ class Settings:
         """``section.key`` -> value, for diffs (labels one key each, ``labels.NAME``)."""
         out: dict[str, object] = {key: getattr(self, spec.attr) for key, spec in KEYS.items()}
         out["state_dir"] = str(self.state_dir)
+        out["probes.cache_dir"] = str(self.cache_dir) if self.cache_dir else ""
         out["policy.arch"] = self.policy.arch
         out["policy.extra_pending_exits"] = list(self.policy.extra_pending_exits)
         out["policy.ignored_exits"] = list(self.policy.ignored_exits)
@@ -268,7 +280,8 @@ class Settings:
                                      trace_exits=self.trace_exits,
                                      syscall_probes=self.syscall_probes,
                                      guest_exits=self.guest_exits, stacks=self.stacks,
-                                     pending_sample=self.pending_sample),
+                                     pending_sample=self.pending_sample,
+                                     cache_dir=self.cache_dir),
             snapshot_idle_s=self.snapshot_idle_s,
             metrics=MetricsOptions(addr=self.metrics_addr, per_vcpu=self.metrics_per_vcpu,
                                    max_vcpu_series=self.max_vcpu_series,

@@ -220,7 +220,8 @@ class Daemon:
         attached = self.probes.attached()
         self.health.mark_ready(attached, time.monotonic())  # /-/ready from the ready line on
         self.sink.notice("ready", "info", version=__version__, pid=os.getpid(),
-                         probes=attached, vcpus_adopted=adopted,
+                         probes=attached, probes_origin=self.probes.origin,
+                         vcpus_adopted=adopted,
                          processes_unreadable=len(scan.unreadable),
                          vmms_unreadable=len(scan.unreadable_vmms),
                          policy=describe(self.options.policy))

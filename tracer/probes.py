@@ -6,22 +6,24 @@ bytes (decoded by :mod:`tracer.events`) and dicts of counters.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import ctypes
 import errno
 import fcntl
+import json
 import os
 import re
 import sys
 import sysconfig
 import tempfile
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
-from tracer import abi, syscall_abi
+from tracer import abi, bpfcache, syscall_abi
 from tracer.counters import HIST_SLOTS, RunState, VcpuCounters, VcpuEntry
 from tracer.events import EXEC_PATH_BYTES, MAX_EVENT_SIZE, EventType
 from tracer.handover import AdoptState
@@ -76,6 +78,8 @@ class ProbeConfig:
     # freed as soon as Python has read them
     watch: bool = False  # follow only the processes Python puts in `watched` (and their forks)
     max_watched: int = 65536  # processes and threads of the watched tree at once
+    # Where compiled probes are kept (tracer.bpfcache); None: compile at every start
+    cache_dir: Path | None = None
     # The pending-time histogram times one completed window in pending_sample (a power of
     # two; 1: every window, two clock reads more per exit)
     pending_sample: int = 16
@@ -300,6 +304,136 @@ def _release_compile_heap() -> None:
         ctypes.CDLL(None).malloc_trim(0)
 
 
+def _fdinfo(fd: int) -> dict[str, int]:
+    out = {}
+    for line in Path(f"/proc/self/fdinfo/{fd}").read_text().splitlines():
+        name, _, value = line.partition(":")
+        with contextlib.suppress(ValueError):
+            out[name.strip()] = int(value.strip(), 0)
+    return out
+
+
+def _prog_type(name: bytes) -> int:
+    from bcc import BPF
+
+    return int(BPF.RAW_TRACEPOINT if name.startswith(b"raw_tracepoint__") else BPF.TRACEPOINT)
+
+
+def _export(bpf: Any) -> bpfcache.CompiledProbes:
+    """What a compile produced, for the cache: maps (kernel attributes from fdinfo, bcc's type
+    descriptions), every loaded program's instructions and what each is attached to."""
+    from bcc.libbcc import lib
+
+    lib.bpf_num_tables.restype, lib.bpf_num_tables.argtypes = ctypes.c_size_t, [ctypes.c_void_p]
+    lib.bpf_table_name.restype = ctypes.c_char_p
+    lib.bpf_table_name.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    maps = []
+    for i in range(lib.bpf_num_tables(bpf.module)):
+        name = lib.bpf_table_name(bpf.module, i)
+        fd = lib.bpf_table_fd(bpf.module, name)
+        info = _fdinfo(fd)
+        maps.append(bpfcache.MapSpec(
+            name.decode(), info["map_type"], info["key_size"], info["value_size"],
+            info["max_entries"], info["map_flags"],
+            (lib.bpf_table_key_desc(bpf.module, name) or b"").decode(),
+            (lib.bpf_table_leaf_desc(bpf.module, name) or b"").decode(), fd))
+    programs = tuple(bpfcache.ProgramSpec(name.decode(), _prog_type(name), bpf.dump_func(name))
+                     for name in bpf.funcs)
+    attachments = []
+    for tp in bpf.tracepoint_fds:
+        own = b"tracepoint__" + tp.replace(b":", b"__")
+        fn = own if own in bpf.funcs else SHARED_EXIT_PROGRAM
+        attachments.append(bpfcache.Attachment("tracepoint", tp.decode(), fn.decode()))
+    attachments += [bpfcache.Attachment("raw_tracepoint", tp.decode(),
+                                        f"raw_tracepoint__{tp.decode()}")
+                    for tp in bpf.raw_tracepoint_fds]
+    return bpfcache.CompiledProbes(tuple(maps), programs, tuple(attachments),
+                                   lib.bpf_module_license(bpf.module).decode(),
+                                   int(lib.bpf_module_kern_version(bpf.module)))
+
+
+def _table(bpf: Any, map_id: int, spec: bpfcache.MapSpec, fd: int) -> Any:
+    """bcc's table object for a map made from the cache (bcc asks its module, which a cached
+    load has none of, for type, flags and size: set from the spec)."""
+    from bcc import BPF
+    from bcc import table as t
+
+    leaf = BPF._decode_table_type(json.loads(spec.leaf_desc))
+    if spec.map_type == t.BPF_MAP_TYPE_QUEUE:
+        table = t.QueueStack(bpf, map_id, fd, leaf)
+    else:
+        classes = {t.BPF_MAP_TYPE_HASH: t.HashTable, t.BPF_MAP_TYPE_ARRAY: t.Array,
+                   t.BPF_MAP_TYPE_PERCPU_ARRAY: t.PerCpuArray,
+                   t.BPF_MAP_TYPE_LRU_HASH: t.LruHash, t.BPF_MAP_TYPE_STACK_TRACE: t.StackTrace,
+                   t.BPF_MAP_TYPE_RINGBUF: t.RingBuf}
+        if spec.map_type not in classes:
+            raise bpfcache.CacheError(f"map {spec.name}: type {spec.map_type} not supported")
+        key = BPF._decode_table_type(json.loads(spec.key_desc))
+        table = classes[spec.map_type](bpf, map_id, fd, key, leaf, spec.name.encode())
+    table.ttype, table.flags, table.max_entries = spec.map_type, spec.flags, spec.max_entries
+    return table
+
+
+def _load_cached(compiled: bpfcache.CompiledProbes) -> Any:
+    """A bcc BPF object over maps and programs made from the cache, attached like a compile
+    attaches them: the rest of this module cannot tell the two apart."""
+    from bcc import BPF
+
+    bpf = BPF.__new__(BPF)
+    # What BPF.__init__ sets up before it compiles (bcc 0.26); no module.
+    for name in ("kprobe_fds", "uprobe_fds", "tracepoint_fds", "raw_tracepoint_fds",
+                 "kfunc_entry_fds", "kfunc_exit_fds", "lsm_fds", "perf_buffers",
+                 "open_perf_events", "funcs", "tables"):
+        setattr(bpf, name, {})
+    bpf._ringbuf_manager, bpf.tracefile, bpf.debug, bpf.module = None, None, 0, None
+    bpf.cached_map_fds = []
+    try:
+        fds: dict[int, int] = {}
+        for map_id, spec in enumerate(compiled.maps):
+            fd = bpfcache.create_map(spec)
+            bpf.cached_map_fds.append(fd)
+            fds[spec.compiled_fd] = fd
+            bpf.tables[spec.name.encode()] = _table(bpf, map_id, spec, fd)
+        for prog in compiled.programs:
+            fd = bpfcache.load_program(prog, bpfcache.relocate(prog.insns, fds),
+                                       compiled.license, compiled.kern_version)
+            bpf.funcs[prog.name.encode()] = BPF.Function(bpf, prog.name.encode(), fd)
+        for a in compiled.attachments:
+            if a.kind == "tracepoint":
+                bpf.attach_tracepoint(tp=a.target.encode(), fn_name=a.program.encode())
+            else:
+                bpf.attach_raw_tracepoint(tp=a.target.encode(), fn_name=a.program.encode())
+    except BaseException:
+        _close_bpf(bpf)
+        raise
+    atexit.register(bpf.cleanup)
+    return bpf
+
+
+def _close_bpf(bpf: Any) -> None:
+    bpf.cleanup()
+    for fd in getattr(bpf, "cached_map_fds", []):
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    bpf.cached_map_fds = []
+
+
+def _tracepoint_formats(probes: Iterable[str]) -> dict[str, str]:
+    """The format files of the (classic) tracepoints the programs read fields of."""
+    root = tracefs_root()
+    out = {}
+    for probe in probes:
+        if probe.startswith("raw:"):
+            continue
+        category, event = probe.split(":")
+        try:
+            out[probe] = (root / "events" / category / event / "format").read_text() \
+                if root is not None else ""
+        except OSError:
+            out[probe] = ""
+    return out
+
+
 class Probes:
     """Loaded and attached BPF programs; :meth:`close` detaches them."""
 
@@ -316,19 +450,29 @@ class Probes:
         if mismatch is not None:
             raise ProbeError(f"the syscall exit tracepoints differ on this kernel ({mismatch}): "
                              "use --syscall-probes raw")
-        with _captured_stderr() as diagnostics:
-            try:
-                # bcc attaches every TRACEPOINT_PROBE/RAW_TRACEPOINT_PROBE while loading.
-                self._bpf: Any = BPF(text=source.encode(), cflags=cflags(self.config))
-                if self.config.syscall_probes != "raw":
-                    self._attach_shared_exits()
-            except Exception as err:  # bcc raises bare Exception for compile/load/attach
-                failure: Exception | None = err
-            else:
-                failure = None
-        if failure is not None:
-            raise ProbeError(_explain_load_failure(failure, diagnostics.text())) from None
-        _release_compile_heap()
+        flags = cflags(self.config)
+        # How the programs came: "loaded from the cache", "compiled" (and cached, or why not),
+        # "compiled (no cache)"; for the ready line.
+        self.origin = "compiled (no cache)"
+        self._cache_unused = False
+        cache = self._cache_file(source, flags)
+        self._bpf: Any = self._from_cache(cache) if cache is not None else None
+        if self._bpf is None:
+            with _captured_stderr() as diagnostics:
+                try:
+                    # bcc attaches every TRACEPOINT_PROBE/RAW_TRACEPOINT_PROBE while loading.
+                    self._bpf = BPF(text=source.encode(), cflags=flags)
+                    if self.config.syscall_probes != "raw":
+                        self._attach_shared_exits()
+                except Exception as err:  # bcc raises bare Exception for compile/load/attach
+                    failure: Exception | None = err
+                else:
+                    failure = None
+            if failure is not None:
+                raise ProbeError(_explain_load_failure(failure, diagnostics.text())) from None
+            if cache is not None:
+                self._save_cache(cache)
+            _release_compile_heap()
         self._ring_open = False
         self._closed = False
         self._adopted = 0  # vCPUs adopted so far: the counter in their uids
@@ -336,6 +480,37 @@ class Probes:
         self._fill_free_slots()
         self.python_map_full: Counter[str] = Counter()  # inserts from Python that failed
         self.set_policy(policy)
+
+    # ---- the compile cache (tracer.bpfcache) ---------------------------------------------------
+    def _cache_file(self, source: str, flags: list[str]) -> Path | None:
+        if self.config.cache_dir is None:
+            return None
+        probes = expected_probes(self.config.syscall_probes, self.config.guest_exits,
+                                 self.config.watch)
+        key = bpfcache.cache_key(source, flags, bcc_version(), _tracepoint_formats(probes))
+        return bpfcache.cache_path(self.config.cache_dir, key)
+
+    def _from_cache(self, path: Path) -> Any:
+        try:
+            compiled = bpfcache.load(path)
+            if compiled is None:
+                return None
+            bpf = _load_cached(compiled)
+        except Exception as err:  # bcc's attach raises bare Exception; OSError, CacheError
+            self.origin = f"compiled (cache {path} not used: {err})"
+            self._cache_unused = True
+            return None
+        self.origin = "loaded from the cache"
+        return bpf
+
+    def _save_cache(self, path: Path) -> None:
+        try:
+            bpfcache.save(path, _export(self._bpf))
+        except (OSError, KeyError, ValueError) as err:
+            self.origin = f"compiled (not cached: {err})"
+        else:
+            self.origin = (self.origin[:-1] + "; replaced)" if self._cache_unused
+                           else "compiled")
 
     def _attach_shared_exits(self) -> None:
         for call in SHARED_SYS_EXITS:
@@ -655,7 +830,7 @@ class Probes:
     def close(self) -> None:
         if not self._closed:
             self._closed = True
-            self._bpf.cleanup()
+            _close_bpf(self._bpf)
 
 
 def _counters_of(leaf: Any) -> VcpuCounters:
