@@ -39,6 +39,7 @@ BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
 VENV_PY = REPO / ".venv" / "bin" / "python"
 ROWS = ("per_exit", "getppid", "cpu", "latency", "startup", "scale")
+T_STARTUP_S = 0.6  # daemon start to `ready`, probes from the cache (issue 14)
 # *_raw: the daemon and the floor on raw_syscalls sys_enter/sys_exit (--syscall-probes raw)
 # instead of the per-syscall tracepoints: the table shows what that trade costs and buys.
 # watch: `tracer watch -- kvmloop`, the CI gate over the workload (the same probes, with the
@@ -308,6 +309,9 @@ def daemon_cmd(work: Path) -> list[str]:
         cmd += ["--metrics-addr", f"127.0.0.1:{free_port()}"]
     if "--state-dir" in _DAEMON_HELP[0]:
         cmd += ["--state-dir", str(work / "state")]
+    if "--probe-cache" in _DAEMON_HELP[0]:
+        # private: `daemon_cold` empties it each round, so it measures a compile
+        cmd += ["--probe-cache", str(work / "probe-cache")]
     return cmd
 
 
@@ -385,6 +389,19 @@ class Bench:
                 self.add("startup", "watch_s", out.get("watch_startup_s"))
                 self.add("startup", "watch_spawn_s", out.get("watch_spawn_s"))
             return
+        if config == "daemon" and "startup" in rows and "--probe-cache" in _DAEMON_HELP[0]:
+            # A first start (nothing cached: bcc compiles, and saves for the next start), then
+            # this round's daemon below starts from that cache.
+            shutil.rmtree(self.work / "probe-cache", ignore_errors=True)
+            cold = Session("daemon_cold", daemon_cmd(self.work),
+                           lambda line: '"event": "ready"' in line, self.work, cwd=DAEMON_REPO)
+            try:
+                cold.start()
+                self.add("startup", "daemon_cold_s", cold.startup_s)
+                self.add("startup", "daemon_cold_rss_kb", cold.ready_rss_kb)
+                self.add("startup", "daemon_cold_rss_anon_kb", cold.ready_rss_anon_kb)
+            finally:
+                cold.stop()
         sess = session_for(config, self.work)
         try:
             if sess:
@@ -721,11 +738,15 @@ def summarize(b: Bench, configs: list[str]) -> list[dict[str, Any]]:
 
     st = s.get("startup", {})
     if st:
-        for c in ("daemon", "bpftrace"):
+        for c in ("daemon", "daemon_cold", "bpftrace"):
             v = [x for x in st.get(f"{c}_s", []) if x is not None]
             if v:
-                what = "to `ready`" if c == "daemon" else "to 'Attaching N probes'"
-                row("5 start-up", c, v, "s", note=what)
+                what = {"daemon": "to `ready`, probes from the cache (probes.cache_dir)",
+                        "daemon_cold": "to `ready`, first start: bcc compiles (and caches)",
+                        "bpftrace": "to 'Attaching N probes'"}[c]
+                target, ok = ((f"<= {T_STARTUP_S} s", (med(v) or 0) <= T_STARTUP_S)
+                              if c == "daemon" else ("", None))
+                row("5 start-up", c, v, "s", target=target, ok=ok, note=what)
         v = st.get("bpftrace_first_output_s", [])
         if v:
             row("5 start-up", "bpftrace (first alert)", v, "s", note="incl. a probe VM run")
@@ -734,7 +755,7 @@ def summarize(b: Bench, configs: list[str]) -> list[dict[str, Any]]:
             spawn = [x for x in st.get("watch_spawn_s", []) if x is not None]
             row("5 start-up", "watch", v, "s", note="`watch` started -> probes attached; then "
                 f"CMD started in {1000 * (med(spawn) or 0):.1f} ms (probes attached -> exec)")
-        for c in ("daemon", "bpftrace"):
+        for c in ("daemon", "daemon_cold", "bpftrace"):
             v = [x / 1024 for x in st.get(f"{c}_rss_kb", []) if x]
             if v:
                 row("5 RSS after start", c, v, "MiB")

@@ -495,7 +495,8 @@ class Probes:
             compiled = bpfcache.load(path)
             if compiled is None:
                 return None
-            bpf = _load_cached(compiled)
+            with _captured_stderr():  # libbcc's attach complaints: the compile says it again
+                bpf = _load_cached(compiled)
         except Exception as err:  # bcc's attach raises bare Exception; OSError, CacheError
             self.origin = f"compiled (cache {path} not used: {err})"
             self._cache_unused = True

@@ -378,7 +378,9 @@ def test_bpf_compile_failure_is_reported_without_a_traceback(tmp_path: Path) -> 
     fail = assert_check_fails(done, "trial BPF load", "kernel headers")
     assert "fix:" in fail[1]
 
-    done = in_private_mount_ns(setup, "run")
+    # the compile cache off: a cached start needs no compile, and so no headers beyond the
+    # preflight's
+    done = in_private_mount_ns(setup, "run", "--probe-cache", "")
     assert_no_traceback(done)
     assert done.returncode == 1, done
     ours = [line for line in done.stderr.splitlines() if line.startswith(PREFIX)]
@@ -390,7 +392,7 @@ def test_bpf_compile_failure_is_reported_without_a_traceback(tmp_path: Path) -> 
 @needs_tool("unshare")
 @pytest.mark.usefixtures("host_mounts_untouched")
 def test_bpf_compile_failure_is_one_line(tmp_path: Path) -> None:
-    done = in_private_mount_ns(unusable_headers(tmp_path), "run")
+    done = in_private_mount_ns(unusable_headers(tmp_path), "run", "--probe-cache", "")
     assert_one_error_line(done, "kernel headers", exit_code=1)
 
 
