@@ -389,7 +389,8 @@ class Bench:
                 self.add("startup", "watch_s", out.get("watch_startup_s"))
                 self.add("startup", "watch_spawn_s", out.get("watch_spawn_s"))
             return
-        if config == "daemon" and "startup" in rows and "--probe-cache" in _DAEMON_HELP[0]:
+        if config == "daemon" and "startup" in rows and "--probe-cache" in " ".join(
+                daemon_cmd(self.work)):
             # A first start (nothing cached: bcc compiles, and saves for the next start), then
             # this round's daemon below starts from that cache.
             shutil.rmtree(self.work / "probe-cache", ignore_errors=True)

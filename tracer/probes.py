@@ -691,13 +691,22 @@ class Probes:
             return None
 
     def _live_vcpus(self) -> list[tuple[int, Any]]:
-        """(uid, state) of every slot in use: the whole array in one batch read."""
+        """(uid, state) of every slot in use: the whole array in one BPF_MAP_LOOKUP_BATCH
+        into fresh buffers (a scrape and the sweep may read at once), the used slots found by
+        their uid without a Python object per slot (a scrape holds the tracker's lock)."""
+        from bcc.libbcc import lib
+
         vcpus = self._bpf[b"vcpus"]
-        try:
-            items = list(vcpus.items_lookup_batch())
-        except Exception:  # bcc raises a bare Exception; the kernel may lack batch ops
-            items = list(vcpus.items())
-        return [(int(st.uid), st) for _key, st in items if st.uid]
+        n = 1 << self.config.slot_bits
+        keys, values = (ctypes.c_uint32 * n)(), (vcpus.Leaf * n)()
+        count, out_batch = ctypes.c_uint32(n), ctypes.c_uint32(0)
+        res = lib.bpf_lookup_batch(vcpus.map_fd, None, ctypes.byref(out_batch),
+                                   ctypes.byref(keys), ctypes.byref(values), ctypes.byref(count))
+        if (res != 0 and ctypes.get_errno() != errno.ENOENT) or count.value != n:
+            return [(int(st.uid), st) for _key, st in vcpus.items() if st.uid]  # no batch ops
+        # uid is the first u64 of struct vcpu_state
+        uids = memoryview(values).cast("B").cast("Q")[::ctypes.sizeof(vcpus.Leaf) // 8]
+        return [(uid, values[i]) for i, uid in enumerate(uids) if uid]
 
     def forget_fd(self, pid: int, fd: int) -> VcpuCounters | None:
         """An fd closed behind the probes' back (close_range): drop it like close() would.
