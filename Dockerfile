@@ -98,4 +98,4 @@ HEALTHCHECK --interval=30s --timeout=5s --start-period=60s --retries=3 \
     CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:' + os.environ['KVM_COMPLETION_TRACER_METRICS_PORT'] + '/-/healthy', timeout=4).read()"]
 
 ENTRYPOINT ["kvm-completion-tracer", "run"]
-CMD ["--log-format", "json", "--metrics-addr", "0.0.0.0:9110", "--probe-cache", "/var/lib/kvm-completion-tracer/probe-cache"]
+CMD ["--log-format", "json", "--metrics-addr", "0.0.0.0:9110"]

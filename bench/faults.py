@@ -32,7 +32,6 @@ import json
 import os
 import platform
 import queue
-import shutil
 import signal
 import socket
 import statistics
@@ -48,6 +47,11 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from run import BenchError, stop_process_group
+from run import build as bench_build
+from run import log as bench_log
+from run import run_json as bench_run_json
 
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
@@ -88,40 +92,20 @@ OWNED_MAPS: dict[str, tuple[str, int, str]] = {
 }
 
 
-class FaultError(Exception):
-    """Something the operator must fix (missing tool, not root...): one line, exit 1."""
+# The harness's own error, log line and build step are bench/run.py's (a sibling script).
+FaultError = BenchError
 
 
 def log(msg: str) -> None:
-    print(f"[faults {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+    bench_log(msg, "faults")
 
-
-# ---- building --------------------------------------------------------------------------------
 
 def build(build_dir: Path) -> dict[str, Path]:
-    gcc = shutil.which("gcc") or shutil.which("cc")
-    if not gcc:
-        raise FaultError("gcc not found: apt-get install gcc libc6-dev (or `make setup`)")
-    build_dir.mkdir(parents=True, exist_ok=True)
-    out = {}
-    for name in ("kvmloop", "churn"):
-        exe = build_dir / name
-        cmd = [gcc, "-O2", "-Wall", "-Wextra", "-pthread", "-o", str(exe),
-               str(BENCH / f"{name}.c")]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        if proc.returncode:
-            raise FaultError(f"building {name}.c failed:\n{proc.stderr.strip()}")
-        out[name] = exe
-    return out
+    return bench_build(build_dir, ("kvmloop", "churn"))
 
 
 def run_json(cmd: list[str], timeout: float) -> dict[str, Any]:
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-    if proc.returncode:
-        raise FaultError(f"{Path(cmd[0]).name} failed (exit {proc.returncode}): "
-                         f"{proc.stderr.strip()[-500:]}")
-    result: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
-    return result
+    return bench_run_json(cmd, timeout)
 
 
 # ---- bpf(2): the daemon's maps and programs --------------------------------------------------
@@ -498,14 +482,7 @@ class Daemon:
         if not self.proc:
             return None
         if self.proc.poll() is None:
-            try:
-                os.killpg(self.proc.pid, signal.SIGCONT)
-                os.killpg(self.proc.pid, signal.SIGINT)
-                self.proc.wait(timeout=15)
-            except (subprocess.TimeoutExpired, ProcessLookupError):
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(timeout=10)
+            stop_process_group(self.proc, wait_s=15, cont=True)
         if self._reader:
             self._reader.join(timeout=5)
         return self.proc.returncode

@@ -76,19 +76,22 @@ class BenchError(Exception):
     """Something the operator must fix (missing tool, not root...): one line, exit 1."""
 
 
-def log(msg: str) -> None:
-    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+def log(msg: str, tool: str = "bench") -> None:
+    print(f"[{tool} {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
 # ---- building --------------------------------------------------------------------------------
 
-def build(build_dir: Path) -> dict[str, Path]:
+def build(build_dir: Path, programs: tuple[str, ...] = ("kvmloop", "getppid")
+          ) -> dict[str, Path]:
+    """Compile bench/NAME.c for each of ``programs`` (bench/faults.py builds its own set)."""
     gcc = shutil.which("gcc") or shutil.which("cc")
     if not gcc:
         raise BenchError("gcc not found: apt-get install gcc libc6-dev (or `make setup`)")
     build_dir.mkdir(parents=True, exist_ok=True)
     out = {}
-    for name, extra in (("kvmloop", ["-pthread"]), ("getppid", [])):
+    for name in programs:
+        extra = [] if name == "getppid" else ["-pthread"]
         exe = build_dir / name
         cmd = [gcc, "-O2", "-Wall", "-Wextra", *extra, "-o", str(exe), str(BENCH / f"{name}.c")]
         proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -99,6 +102,21 @@ def build(build_dir: Path) -> dict[str, Path]:
 
 
 # ---- small process helpers -------------------------------------------------------------------
+
+def stop_process_group(proc: subprocess.Popen[Any], wait_s: float = 10.0,
+                       cont: bool = False) -> None:
+    """SIGINT the process's group (after SIGCONT for one that may be stopped), SIGKILL if it
+    has not exited within ``wait_s``."""
+    try:
+        if cont:
+            os.killpg(proc.pid, signal.SIGCONT)
+        os.killpg(proc.pid, signal.SIGINT)
+        proc.wait(timeout=wait_s)
+    except (subprocess.TimeoutExpired, ProcessLookupError):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+
 
 def run_json(cmd: list[str], timeout: float, cwd: Path | None = None) -> dict[str, Any]:
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=cwd)
@@ -275,13 +293,7 @@ class Session:
     def stop(self) -> None:
         if not self.proc or self.proc.poll() is not None:
             return
-        try:
-            os.killpg(self.proc.pid, signal.SIGINT)
-            self.proc.wait(timeout=10)
-        except (subprocess.TimeoutExpired, ProcessLookupError):
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(timeout=5)
+        stop_process_group(self.proc)
         if self._reader:
             self._reader.join(timeout=2)
 

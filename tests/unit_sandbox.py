@@ -64,7 +64,6 @@ IGNORED = {
     "Description", "Documentation", "After", "Wants", "WantedBy", "Type", "NotifyAccess",
     "Restart", "RestartSec", "TimeoutStartSec", "ExecReload", "StandardOutput",
     "StandardError", "SyslogIdentifier", "StateDirectory", "StateDirectoryMode",
-    "CacheDirectory", "CacheDirectoryMode",
     "ConfigurationDirectory", "ProtectSystem", "ProtectHome", "PrivateTmp",
     "ProtectControlGroups", "ProtectKernelLogs", "ProtectClock", "ProtectHostname",
     "RestrictSUIDSGID",

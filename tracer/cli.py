@@ -85,8 +85,7 @@ def _pipeline_args(parser: argparse.ArgumentParser) -> None:
                         "reads more per exit)")
     parser.add_argument("--probe-cache", dest="cache_dir", default=None, metavar="DIR",
                         help="keep the compiled probes here and load them at the next start "
-                        "instead of compiling (default /var/cache/kvm-completion-tracer; "
-                        "'' turns it off)")
+                        "instead of compiling (default STATE_DIR/probe-cache; '' turns it off)")
     parser.add_argument("--no-guest-exits", dest="guest_exits", action="store_const",
                         const=False, default=None, help="do not count guest exits "
                         "(kvm:kvm_exit/kvm_entry: one program run per guest exit on hardware "

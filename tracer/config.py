@@ -37,8 +37,9 @@ from tracer.syscall_abi import DEFAULT_SYSCALL_PROBES, SYSCALL_PROBE_KINDS
 DEFAULT_CONFIG_PATH: Final = Path("/etc/kvm-completion-tracer/config.toml")
 DEFAULT_STATE_DIR: Final = Path("/var/lib/kvm-completion-tracer")
 # Compiled probes (tracer.bpfcache): a start with the same source, flags, bcc and kernel loads
-# them instead of compiling again.
-DEFAULT_CACHE_DIR: Final = Path("/var/cache/kvm-completion-tracer")
+# them instead of compiling again. Relative: under state_dir (writable wherever the daemon runs:
+# systemd's StateDirectory=, the container's state volume).
+DEFAULT_CACHE_DIR: Final = Path("probe-cache")
 DEFAULT_METRICS_ADDR: Final = f"127.0.0.1:{DEFAULT_METRICS_PORT}"
 LOG_FORMATS: Final = ("auto", "json", "console")
 # KVM allows 4096 vCPUs per VM on x86; 65536 is 16 such VMs on one host, and keeps the maps
@@ -255,7 +256,8 @@ class Settings:
         """``section.key`` -> value, for diffs (labels one key each, ``labels.NAME``)."""
         out: dict[str, object] = {key: getattr(self, spec.attr) for key, spec in KEYS.items()}
         out["state_dir"] = str(self.state_dir)
-        out["probes.cache_dir"] = str(self.cache_dir) if self.cache_dir else ""
+        cache = self.probe_cache_dir()
+        out["probes.cache_dir"] = str(cache) if cache else ""
         out["policy.arch"] = self.policy.arch
         out["policy.extra_pending_exits"] = list(self.policy.extra_pending_exits)
         out["policy.ignored_exits"] = list(self.policy.ignored_exits)
@@ -266,6 +268,11 @@ class Settings:
                                      else list(self.policy.peek_ioctls))
         out.update({f"labels.{k}": v for k, v in self.labels.items()})
         return out
+
+    def probe_cache_dir(self) -> Path | None:
+        if self.cache_dir is None or self.cache_dir.is_absolute():
+            return self.cache_dir
+        return self.state_dir / self.cache_dir
 
     def completion_policy(self) -> CompletionPolicy:
         return build_policy(self.policy)
@@ -281,7 +288,7 @@ class Settings:
                                      syscall_probes=self.syscall_probes,
                                      guest_exits=self.guest_exits, stacks=self.stacks,
                                      pending_sample=self.pending_sample,
-                                     cache_dir=self.cache_dir),
+                                     cache_dir=self.probe_cache_dir()),
             snapshot_idle_s=self.snapshot_idle_s,
             metrics=MetricsOptions(addr=self.metrics_addr, per_vcpu=self.metrics_per_vcpu,
                                    max_vcpu_series=self.max_vcpu_series,

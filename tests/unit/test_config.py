@@ -325,6 +325,8 @@ def test_reload_plan_keeps_restart_only_keys_at_their_running_value() -> None:
         "probes.ringbuf_pages": "64 -> 256",
         "probes.trace_exits": "false -> true",
         "state_dir": f"{DEFAULT_STATE_DIR} -> /srv",
+        # the compiled probes' cache lives under the state directory
+        "probes.cache_dir": f"{DEFAULT_STATE_DIR}/probe-cache -> /srv/probe-cache",
     }
     after = plan.settings
     assert (after.ringbuf_pages, after.trace_exits, after.metrics_addr) == (64, False,
@@ -713,3 +715,13 @@ def test_state_dir_that_is_a_file(tmp_path: Path) -> None:
         InstanceLock.acquire(afile)
     with pytest.raises(InstanceError, match="cannot be created: Not a directory"):
         InstanceLock.acquire(afile / "sub")
+
+
+def test_the_probe_cache_lives_under_the_state_dir_unless_set(tmp_path: Path) -> None:
+    assert Settings(state_dir=Path("/srv")).daemon_options().probe_config.cache_dir == Path(
+        "/srv/probe-cache")
+    off = load_settings(write(tmp_path, '[probes]\ncache_dir = ""\n'), flags())
+    assert off.daemon_options().probe_config.cache_dir is None
+    there = load_settings(write(tmp_path, '[probes]\ncache_dir = "/var/tmp/c"\n'), flags())
+    assert there.daemon_options().probe_config.cache_dir == Path("/var/tmp/c")
+    assert "probes.cache_dir" in error(tmp_path, '[probes]\ncache_dir = "rel"\n')

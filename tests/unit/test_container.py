@@ -217,9 +217,6 @@ def test_entrypoint_and_default_arguments() -> None:
         "json",
         "--metrics-addr",
         f"0.0.0.0:{DEFAULT_METRICS_PORT}",
-        # the compiled probes on the state volume: the root filesystem is read-only
-        "--probe-cache",
-        "/var/lib/kvm-completion-tracer/probe-cache",
     ]
 
 
