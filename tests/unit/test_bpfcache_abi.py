@@ -5,29 +5,18 @@ from __future__ import annotations
 
 import ctypes
 import os
-import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
+from cprog import CC, run_c
 
 from tracer import bpfcache
 
-CC = shutil.which("cc") or shutil.which("gcc")
 pytestmark = pytest.mark.skipif(CC is None, reason="no C compiler (cc) on this host")
 
 
-def run_c(tmp_path: Path, body: list[str]) -> dict[str, int]:
-    src = tmp_path / "prog.c"
-    src.write_text("\n".join(["#include <stdio.h>", "#include <stddef.h>",
-                              "#include <linux/bpf.h>", "#include <asm/unistd.h>",
-                              "int main(void) {", *body, "    return 0;", "}"]) + "\n")
-    assert CC is not None
-    build = subprocess.run([CC, "-o", str(tmp_path / "prog"), str(src)], capture_output=True,
-                           text=True, check=False)
-    assert build.returncode == 0, build.stderr
-    out = subprocess.run([str(tmp_path / "prog")], capture_output=True, text=True, check=True)
-    return {k: int(v) for k, v in (line.split() for line in out.stdout.splitlines())}
+def run_bpf_c(tmp_path: Path, body: list[str]) -> dict[str, int]:
+    return run_c(tmp_path, body, ["linux/bpf.h", "asm/unistd.h"])
 
 
 def printf(name: str, expr: str) -> str:
@@ -35,7 +24,7 @@ def printf(name: str, expr: str) -> str:
 
 
 def test_commands_and_instruction_encoding_match_bpf_h(tmp_path: Path) -> None:
-    got = run_c(tmp_path, [printf("map_create", "BPF_MAP_CREATE"),
+    got = run_bpf_c(tmp_path, [printf("map_create", "BPF_MAP_CREATE"),
                            printf("prog_load", "BPF_PROG_LOAD"),
                            printf("ld_imm64", "BPF_LD | BPF_IMM | BPF_DW"),
                            printf("pseudo_map_fd", "BPF_PSEUDO_MAP_FD"),
@@ -54,5 +43,5 @@ def test_commands_and_instruction_encoding_match_bpf_h(tmp_path: Path) -> None:
 def test_attr_layouts_match_union_bpf_attr(tmp_path: Path, struct: str,
                                            ours: type[ctypes.Structure]) -> None:
     fields = [name for name, *_ in ours._fields_]
-    got = run_c(tmp_path, [printf(f, f"offsetof(union bpf_attr, {f})") for f in fields])
+    got = run_bpf_c(tmp_path, [printf(f, f"offsetof(union bpf_attr, {f})") for f in fields])
     assert got == {f: getattr(ours, f).offset for f in fields}

@@ -3,32 +3,17 @@
 from __future__ import annotations
 
 import platform
-import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
+from cprog import CC, run_c
 
 from tracer import syscall_abi
 
-CC = shutil.which("cc") or shutil.which("gcc")
 pytestmark = [
     pytest.mark.skipif(CC is None, reason="no C compiler (cc) on this host"),
     pytest.mark.skipif(platform.machine() != "x86_64", reason="the x86-64 syscall ABI"),
 ]
-
-
-def run_c(tmp_path: Path, body: list[str], includes: list[str]) -> dict[str, int]:
-    src = tmp_path / "prog.c"
-    src.write_text("\n".join(["#include <stdio.h>", "#include <stddef.h>",
-                              *[f"#include <{h}>" for h in includes], "int main(void) {",
-                              *body, "    return 0;", "}"]) + "\n")
-    assert CC is not None
-    build = subprocess.run([CC, "-o", str(tmp_path / "prog"), str(src)], capture_output=True,
-                           text=True, check=False)
-    assert build.returncode == 0, build.stderr
-    out = subprocess.run([str(tmp_path / "prog")], capture_output=True, text=True, check=True)
-    return {k: int(v) for k, v in (line.split() for line in out.stdout.splitlines())}
 
 
 def test_syscall_numbers_match_unistd(tmp_path: Path) -> None:
