@@ -14,6 +14,7 @@ import fcntl
 import json
 import os
 import re
+import select
 import sys
 import sysconfig
 import tempfile
@@ -49,6 +50,18 @@ BUILD_ID_IP: Final = 2
 # Python-adopted vCPUs (found in /proc at start-up) take uids from the top half so they never
 # collide with the kernel's counter. Every uid's low ProbeConfig.slot_bits name its `vcpus` slot.
 ADOPTED_UID_BASE: Final = 1 << 63
+
+
+def _consume_holding_gil() -> Callable[[Any], int]:
+    """libbcc's bpf_consume_ringbuf through a ctypes.PyDLL handle of the same library: the
+    call keeps the GIL, so the Python callback it makes per record does not re-acquire it.
+    It never blocks (consume, not poll)."""
+    from bcc.libbcc import lib
+
+    consume = ctypes.PyDLL(lib._name).bpf_consume_ringbuf
+    consume.argtypes = [ctypes.c_void_p]
+    consume.restype = ctypes.c_int
+    return consume
 
 
 def _mid_key(k: Any) -> MidKey:
@@ -474,7 +487,8 @@ class Probes:
             if cache is not None:
                 self._save_cache(cache)
             _release_compile_heap()
-        self._ring_open = False
+        self._ring_poller: select.poll | None = None
+        self._consume: Callable[[Any], int] | None = None
         self._closed = False
         self._adopted = 0  # vCPUs adopted so far: the counter in their uids
         self._slot_mask = (1 << self.config.slot_bits) - 1
@@ -554,12 +568,24 @@ class Probes:
         def _callback(_ctx: Any, data: Any, size: int) -> None:
             handler(ctypes.string_at(data, min(size, MAX_EVENT_SIZE)))
 
-        self._bpf[b"events"].open_ring_buffer(_callback)
-        self._ring_open = True
+        ring = self._bpf[b"events"]
+        ring.open_ring_buffer(_callback)
+        self._ring_poller = select.poll()
+        self._ring_poller.register(ring.map_fd, select.POLLIN)
+        self._consume = _consume_holding_gil()
 
     def poll(self, timeout_ms: int) -> None:
-        if self._ring_open:
-            self._bpf.ring_buffer_poll(timeout_ms)
+        """Wait (GIL released) until the ring buffer has records, then hand them all to the
+        handler under one hold of the GIL. bcc's ring_buffer_poll releases the GIL for the
+        wait and so makes every record's ctypes callback take it again: with another thread
+        busy (a scrape formatting the exposition) each record then waited up to a switch
+        interval, and a flood fell seconds behind. The ring's map fd is pollable (readable
+        while records are unconsumed, <linux/bpf.h> ring buffer maps), so the wait needs no
+        libbpf call."""
+        if self._ring_poller is None or self._consume is None:
+            return
+        if self._ring_poller.poll(timeout_ms) and self._bpf._ringbuf_manager:
+            self._consume(self._bpf._ringbuf_manager)
 
     # ---- map maintenance from Python -----------------------------------------------------------
     def adopt_vcpu(self, pid: int, fd: int, vcpu_id: int, run_addr: int | None,
@@ -850,6 +876,7 @@ class Probes:
     def close(self) -> None:
         if not self._closed:
             self._closed = True
+            self._ring_poller = self._consume = None  # the map fd is closed (and reusable)
             _close_bpf(self._bpf)
 
 
