@@ -33,6 +33,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 BENCH = Path(__file__).resolve().parent
@@ -630,9 +631,17 @@ def summarize(b: Bench, configs: list[str]) -> list[dict[str, Any]]:
             if over_floor is not None and c not in ("floor", "floor_raw"):
                 note += f", {over_floor:+.0f} over floor"
             if c == "daemon" and over_floor is not None:
+                # The wall-time difference swings by +-1 us from round to round on this host;
+                # the programs' in-kernel work above the floor's (bpf_stats, paired) is the
+                # same quantity without that noise, so both must be within the target.
+                body = med(paired("per_exit", "daemon", "floor", "bpf_ns_per_exit",
+                                  lambda x, y: x - y))
+                if body is not None:
+                    note += f"; in-kernel {body:+.0f} over floor"
                 row("1 per-exit", c, v, "ns/exit", ratio,
-                    f"added <= floor's + {T_OVER_FLOOR_NS:.0f} ns",
-                    over_floor <= T_OVER_FLOOR_NS, note)
+                    f"added <= floor's + {T_OVER_FLOOR_NS:.0f} ns (wall and in-kernel)",
+                    over_floor <= T_OVER_FLOOR_NS and (body is None or body <= T_OVER_FLOOR_NS),
+                    note)
             elif c == "watch" and "daemon" in added:
                 row("1 per-exit", c, v, "ns/exit", ratio, "added <= daemon's + 5% of baseline",
                     add <= added["daemon"] + 0.05 * (med(vals("per_exit", "baseline",
@@ -908,6 +917,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--no-bpf-stats", dest="bpf_stats", action="store_false",
                    help="skip the in-kernel BPF run time row (an extra, untimed 1 s loop per "
                    "tracer and round with kernel.bpf_stats_enabled=1)")
+    p.add_argument("--summarize", type=Path, metavar="RESULTS",
+                   help="run nothing: recompute RESULTS' table from its raw samples with this "
+                   "version's targets, print it and write it back into RESULTS")
     p.add_argument("--daemon-repo", type=Path, default=REPO,
                    help="checkout whose tracer/ the daemon runs (default: this one)")
     args = p.parse_args(argv)
@@ -928,9 +940,31 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def resummarize(path: Path) -> int:
+    """The table of a saved run, recomputed from its samples (a target changed since)."""
+    try:
+        result = json.loads(path.read_text())
+        samples, configs = result["samples"], result["configs"]
+        if not isinstance(samples, dict) or not isinstance(configs, list):
+            raise TypeError("'samples' must be an object and 'configs' a list")
+        rows = summarize(SimpleNamespace(samples=samples), configs)  # type: ignore[arg-type]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+        print(f"bench: error: cannot summarize {path}: {type(err).__name__}: {err} "
+              "(expected a results file written by bench/run.py)", file=sys.stderr)
+        return 2
+    text = table(rows)
+    print(text)
+    result["table"], result["table_text"] = rows, text
+    path.write_text(json.dumps(result, indent=1) + "\n")
+    log(f"rewrote the table of {path}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     global DAEMON_REPO
     args = parse_args(argv)
+    if args.summarize is not None:
+        return resummarize(args.summarize)
     DAEMON_REPO = args.daemon_repo.resolve()
     started = time.monotonic()
 
