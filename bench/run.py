@@ -33,7 +33,6 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 BENCH = Path(__file__).resolve().parent
@@ -579,9 +578,9 @@ def pct(xs: list[float], q: float) -> float | None:
     return s[min(len(s) - 1, round(q / 100 * (len(s) - 1)))]
 
 
-def summarize(b: Bench, configs: list[str]) -> list[dict[str, Any]]:
+def summarize(s: dict[str, Any], configs: list[str]) -> list[dict[str, Any]]:
+    """The table's rows from a run's raw samples (Bench.samples, or a saved results file's)."""
     rows: list[dict[str, Any]] = []
-    s = b.samples
 
     def row(name: str, config: str, values: list[float], unit: str, ratio: float | None = None,
             target: str = "", ok: bool | None = None, note: str = "") -> None:
@@ -616,6 +615,8 @@ def summarize(b: Bench, configs: list[str]) -> list[dict[str, Any]]:
 
     if "per_exit" in s:
         added: dict[str, float] = {}
+        # The programs' in-kernel work above the floor's (bpf_stats), paired per round.
+        body = paired("per_exit", "daemon", "floor", "bpf_ns_per_exit", lambda x, y: x - y)
         for c in configs:
             v = vals("per_exit", c, "ns_per_exit")
             if not v:
@@ -634,14 +635,13 @@ def summarize(b: Bench, configs: list[str]) -> list[dict[str, Any]]:
                 # The wall-time difference swings by +-1 us from round to round on this host;
                 # the programs' in-kernel work above the floor's (bpf_stats, paired) is the
                 # same quantity without that noise, so both must be within the target.
-                body = med(paired("per_exit", "daemon", "floor", "bpf_ns_per_exit",
-                                  lambda x, y: x - y))
-                if body is not None:
-                    note += f"; in-kernel {body:+.0f} over floor"
+                in_kernel = med(body)
+                if in_kernel is not None:
+                    note += f"; in-kernel {in_kernel:+.0f} over floor"
                 row("1 per-exit", c, v, "ns/exit", ratio,
                     f"added <= floor's + {T_OVER_FLOOR_NS:.0f} ns (wall and in-kernel)",
-                    over_floor <= T_OVER_FLOOR_NS and (body is None or body <= T_OVER_FLOOR_NS),
-                    note)
+                    over_floor <= T_OVER_FLOOR_NS
+                    and (in_kernel is None or in_kernel <= T_OVER_FLOOR_NS), note)
             elif c == "watch" and "daemon" in added:
                 row("1 per-exit", c, v, "ns/exit", ratio, "added <= daemon's + 5% of baseline",
                     add <= added["daemon"] + 0.05 * (med(vals("per_exit", "baseline",
@@ -668,7 +668,6 @@ def summarize(b: Bench, configs: list[str]) -> list[dict[str, Any]]:
                 row("1 BPF run time", c, v, "ns/exit", note="in-kernel, all programs of the "
                     "tracer during the loop (bpf_stats; includes every other syscall)")
         cmp("1 BPF run time", "ns/exit", bpf.get("daemon"), bpf.get("bpftrace"), "ns/exit")
-        body = paired("per_exit", "daemon", "floor", "bpf_ns_per_exit", lambda x, y: x - y)
         if body:
             row("1 BPF run time", "daemon - floor", body, "ns/exit",
                 note="the programs' own work above empty ones, paired per round: the wall-time "
@@ -947,7 +946,7 @@ def resummarize(path: Path) -> int:
         samples, configs = result["samples"], result["configs"]
         if not isinstance(samples, dict) or not isinstance(configs, list):
             raise TypeError("'samples' must be an object and 'configs' a list")
-        rows = summarize(SimpleNamespace(samples=samples), configs)  # type: ignore[arg-type]
+        rows = summarize(samples, configs)
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
         print(f"bench: error: cannot summarize {path}: {type(err).__name__}: {err} "
               "(expected a results file written by bench/run.py)", file=sys.stderr)
@@ -997,7 +996,7 @@ def main(argv: list[str] | None = None) -> int:
                 for config in order:
                     log(f"round {r + 1}/{args.rounds}: {config}")
                     bench.round(config, args.rows)
-            rows = summarize(bench, order)
+            rows = summarize(bench.samples, order)
             text = table(rows)
             print(text)
             result = {**facts, "args": {k: (str(v) if isinstance(v, Path) else v)

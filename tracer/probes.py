@@ -11,6 +11,7 @@ import contextlib
 import ctypes
 import errno
 import fcntl
+import functools
 import json
 import os
 import re
@@ -52,6 +53,7 @@ BUILD_ID_IP: Final = 2
 ADOPTED_UID_BASE: Final = 1 << 63
 
 
+@functools.cache
 def _consume_holding_gil() -> Callable[[Any], int]:
     """libbcc's bpf_consume_ringbuf through a ctypes.PyDLL handle of the same library: the
     call keeps the GIL, so the Python callback it makes per record does not re-acquire it.
@@ -487,8 +489,7 @@ class Probes:
             if cache is not None:
                 self._save_cache(cache)
             _release_compile_heap()
-        self._ring_poller: select.poll | None = None
-        self._consume: Callable[[Any], int] | None = None
+        self._ring_poller: select.poll | None = None  # set by on_event
         self._closed = False
         self._adopted = 0  # vCPUs adopted so far: the counter in their uids
         self._slot_mask = (1 << self.config.slot_bits) - 1
@@ -572,7 +573,6 @@ class Probes:
         ring.open_ring_buffer(_callback)
         self._ring_poller = select.poll()
         self._ring_poller.register(ring.map_fd, select.POLLIN)
-        self._consume = _consume_holding_gil()
 
     def poll(self, timeout_ms: int) -> None:
         """Wait (GIL released) until the ring buffer has records, then hand them all to the
@@ -582,10 +582,8 @@ class Probes:
         interval, and a flood fell seconds behind. The ring's map fd is pollable (readable
         while records are unconsumed, <linux/bpf.h> ring buffer maps), so the wait needs no
         libbpf call."""
-        if self._ring_poller is None or self._consume is None:
-            return
-        if self._ring_poller.poll(timeout_ms) and self._bpf._ringbuf_manager:
-            self._consume(self._bpf._ringbuf_manager)
+        if self._ring_poller is not None and self._ring_poller.poll(timeout_ms):
+            _consume_holding_gil()(self._bpf._ringbuf_manager)
 
     # ---- map maintenance from Python -----------------------------------------------------------
     def adopt_vcpu(self, pid: int, fd: int, vcpu_id: int, run_addr: int | None,
@@ -876,7 +874,7 @@ class Probes:
     def close(self) -> None:
         if not self._closed:
             self._closed = True
-            self._ring_poller = self._consume = None  # the map fd is closed (and reusable)
+            self._ring_poller = None  # the map fd is closed (and reusable)
             _close_bpf(self._bpf)
 
 

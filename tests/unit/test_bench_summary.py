@@ -4,10 +4,11 @@ them (pure arithmetic on synthetic samples; the harness itself runs in tests/e2e
 from __future__ import annotations
 
 import importlib.util
+import json
 import statistics
 import sys
 from pathlib import Path
-from types import ModuleType, SimpleNamespace
+from types import ModuleType
 from typing import Any
 
 BENCH_RUN = Path(__file__).resolve().parents[2] / "bench" / "run.py"
@@ -26,7 +27,7 @@ run = _load()
 
 
 def rows_for(samples: dict[str, Any], configs: list[str]) -> dict[tuple[str, str], Any]:
-    rows = run.summarize(SimpleNamespace(samples=samples), configs)
+    rows = run.summarize(samples, configs)
     return {(r["row"], r["config"]): r for r in rows}
 
 
@@ -99,3 +100,28 @@ def test_scale_growth_is_on_the_paired_ratio() -> None:
     assert falling[("6 scale", "daemon ratio growth 1..1024")]["result"] == "PASS"
     growing = rows_for({"scale": scale([1.05, 1.08, 1.15])}, [])
     assert growing[("6 scale", "daemon ratio growth 1..1024")]["result"] == "FAIL"
+
+
+def test_summarize_rewrites_a_saved_table(tmp_path: Path, capsys: Any) -> None:
+    samples = {"per_exit": {"baseline": exits(5000), "floor": exits(5300),
+                            "daemon": exits(5500)}}
+    saved = tmp_path / "results.json"
+    saved.write_text(json.dumps({"configs": ["baseline", "daemon", "floor"], "samples": samples,
+                                 "table": [], "table_text": "old", "date": "kept"}))
+    assert run.main(["--summarize", str(saved)]) == 0
+    result = json.loads(saved.read_text())
+    daemon = {r["config"]: r for r in result["table"]}["daemon"]
+    assert daemon["result"] == "FAIL" and "+200 over floor" in daemon["note"]
+    assert result["date"] == "kept" and "daemon" in result["table_text"]
+    assert "daemon" in capsys.readouterr().out
+
+
+def test_summarize_refuses_a_malformed_file_in_one_line(tmp_path: Path, capsys: Any) -> None:
+    for text in ("{", '{"configs": []}', '{"samples": [], "configs": []}'):
+        bad = tmp_path / "bad.json"
+        bad.write_text(text)
+        assert run.main(["--summarize", str(bad)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith(f"bench: error: cannot summarize {bad}")
+        assert bad.read_text() == text  # nothing rewritten
+    assert run.main(["--summarize", str(tmp_path / "missing.json")]) == 2
