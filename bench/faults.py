@@ -643,9 +643,12 @@ class Campaign:
         conf = self.work / "churn.toml"
         conf.write_text(f"[metrics]\nretain_gone_seconds = {RETAIN_GONE_S}\n")
         with daemon(self.work, "churn", "--config", str(conf)) as d:
-            # Warm-up: a smaller churn and a scrape of its series, so what the first VMs and
-            # the first big page allocate once is in the baseline.
-            warm = run_json([str(self.exe["churn"]), "--vms", str(max(300, vms // 10)),
+            # Warm-up: a churn and a scrape of its series, so what the first VMs and the first
+            # big page allocate once is in the baseline. Its page must be as big as the one
+            # after the churn: that one holds the VMs still within retain_gone_seconds, all
+            # of them in the short row (1000 VMs in ~2 s), a few hundred in the full one (the
+            # rest are pruned while it runs).
+            warm = run_json([str(self.exe["churn"]), "--vms", str(min(vms, 1000)),
                              "--workers", str(self.args.workers)], 300)
             d.settle(quiet_s=1.0)
             d.metrics()
