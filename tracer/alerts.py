@@ -9,9 +9,11 @@ from __future__ import annotations
 import logging
 import sys
 from dataclasses import asdict, dataclass, field
-from typing import Any, Protocol, TextIO
+from typing import Any, Final, Protocol, TextIO
 
 import structlog
+
+from tracer.symbolize import stack_lines
 
 
 @dataclass(frozen=True)
@@ -43,7 +45,8 @@ class ViolationAlert:
     # inspection: "reentry" | "immediate_exit" (the window closed by completion).
     judged_on: str = "ioctl"
     # The offending ioctl's user-space stack, symbolized (tracer.symbolize.UserStack.to_dict()).
-    stack: dict[str, Any] | None = None
+    # Not named ``stack``: structlog's renderers reserve that key for a traceback string.
+    user_stack: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -109,12 +112,18 @@ LEVELS = ("debug", "info", "warning", "error", "critical")
 _SEVERITY_LEVEL = {"info": "info", "warning": "warning", "error": "error", "critical": "critical"}
 
 
+# Keys structlog's renderers take for themselves (the console renderer pops ``stack`` and
+# ``exception`` as traceback text, and leads with the first four): no event field may use them.
+RENDERER_RESERVED_KEYS: Final = frozenset({"event", "level", "timestamp", "logger", "logger_name",
+                                           "stack", "exception", "exc_info", "stack_info"})
+
+
 def configure_logging(log_format: str = "auto", level: str = "info",
                       stream: TextIO | None = None) -> None:
     """JSON lines (or the console renderer on a TTY) on ``stream``, filtered at ``level``."""
     out = stream or sys.stdout
     use_console = log_format == "console" or (log_format == "auto" and out.isatty())
-    renderer: Any = (structlog.dev.ConsoleRenderer(colors=out.isatty()) if use_console
+    renderer: Any = (ConsoleLines(colors=out.isatty()) if use_console
                      else structlog.processors.JSONRenderer(sort_keys=False))
     structlog.configure(
         processors=[
@@ -135,6 +144,28 @@ def _event_first(_logger: Any, _method: str, event_dict: Any) -> Any:
     return {**head, **event_dict}
 
 
+class ConsoleLines:
+    """structlog's console renderer, for a person at a terminal: the alert's user stack printed
+    under its line as the gate's report prints it, and an event the renderer cannot format
+    printed as a JSON line instead of lost (an alert is never dropped for its looks)."""
+
+    def __init__(self, colors: bool) -> None:
+        self._console = structlog.dev.ConsoleRenderer(colors=colors)
+        self._json = structlog.processors.JSONRenderer(sort_keys=False)
+
+    def __call__(self, logger: Any, method: str, event_dict: Any) -> str:
+        fallback = dict(event_dict)
+        try:
+            user_stack = event_dict.pop("user_stack", None)
+            line = str(self._console(logger, method, event_dict))
+            if isinstance(user_stack, dict):
+                line += "\n" + "\n".join(stack_lines(user_stack))
+            return line
+        except Exception as err:  # any renderer failure: print the event as JSON
+            fallback["render_error"] = f"{type(err).__name__}: {err}"
+            return str(self._json(logger, method, fallback))
+
+
 class LogSink:
     """Alerts as structlog events: ``completion_violation``, ``completion_snapshot``, ..."""
 
@@ -150,14 +181,14 @@ class LogSink:
     def violation(self, alert: ViolationAlert) -> None:
         fields = asdict(alert)
         fields.pop("sanctioned")
-        if fields["stack"] is None:
-            fields.pop("stack")
+        if fields["user_stack"] is None:
+            fields.pop("user_stack")
         self._emit(_level_for(alert.severity), "completion_violation", **fields)
 
     def sanctioned(self, alert: ViolationAlert) -> None:
         fields = asdict(alert)
         fields.pop("sanctioned")
-        fields.pop("stack")
+        fields.pop("user_stack")
         self._emit("debug", "completion_sanctioned", **fields)
 
     def snapshot(self, alert: SnapshotAlert) -> None:
@@ -167,7 +198,7 @@ class LogSink:
         # A register peek completed before anything else touched the vCPU: correct use of the
         # ABI, counted (kvm_completion_inspections_total) and logged for debugging only.
         fields = asdict(alert)
-        for key in ("sanctioned", "stack"):
+        for key in ("sanctioned", "user_stack"):
             fields.pop(key)
         self._emit("debug", "completion_inspection", **fields)
 

@@ -25,6 +25,7 @@ from typing import Any, Final
 from tracer.alerts import SnapshotAlert, ViolationAlert
 from tracer.gate_junit import JunitCase, junit_tree, write_junit_file
 from tracer.policy import Severity
+from tracer.symbolize import stack_lines
 
 TOOL: Final = "kvm-completion-tracer"
 FAIL_ON_CHOICES: Final = ("warning", "error", "critical", "snapshot")
@@ -75,7 +76,7 @@ def severity_rank(severity: str) -> int:
 
 def alert_stack(alert: ViolationAlert) -> dict[str, Any] | None:
     """The alert's symbolized user stack, if the tracker attached one."""
-    stack = getattr(alert, "stack", None)
+    stack = getattr(alert, "user_stack", None)
     return stack if isinstance(stack, dict) else None
 
 
@@ -368,7 +369,7 @@ class GateReport:
                  f"  fix: {_FIXES.get(finding.kind, _FIXES['save'])}"]
         if finding.kind != "snapshot":
             lines.append(f"  call site: {finding.call_site.describe()}")
-            lines.extend(_stack_lines(finding.stack))
+            lines.extend(stack_lines(finding.stack))
         return lines
 
     def _summary_line(self) -> str:
@@ -611,34 +612,3 @@ def _reason(alert: ViolationAlert | SnapshotAlert) -> str:
                 f"{alert.exit_reason} was pending: the snapshot holds the state from before "
                 "the completion, which a restore would replay or lose")
     return "a state ioctl was issued while a completion was pending"
-
-
-def _stack_lines(stack: Mapping[str, Any] | None) -> list[str]:
-    if not stack or not stack.get("frames"):
-        return ["  stack: not captured"]
-    if stack.get("partial"):
-        header = f"  stack (may be partial: {stack.get('why_partial') or 'reason unknown'}):"
-    else:
-        header = "  stack:"
-    return [header, *(f"    #{i} {_frame(frame)}" for i, frame in enumerate(stack["frames"]))]
-
-
-def _frame(frame: Mapping[str, Any]) -> str:
-    """``0xADDR in function+0xOFF (module, build-id ID)``. A frame the kernel resolved by
-    build-id has no address (0): ``in function+0xOFF (module+0xFILEOFF, build-id ID)``, the
-    file offset being what locates it in the binary of that build-id."""
-    address = frame.get("address")
-    module = frame.get("module") or "unknown module"
-    file_offset = frame.get("file_offset")
-    function = frame.get("function")
-    tail = f", build-id {frame['build_id']}" if frame.get("build_id") else ""
-    if frame.get("inferred"):
-        tail += ", inferred from the call instruction"
-    head = f"0x{address:x}" if isinstance(address, int) and address else ""
-    # With an address a named frame needs no offset; without one the file offset is the place.
-    if file_offset is not None and not (head and function):
-        module += f"+0x{file_offset:x}"
-    if function:
-        offset = frame.get("function_offset")
-        head += (" in " if head else "in ") + function + (f"+0x{offset:x}" if offset else "")
-    return f"{head or '??'} ({module}{tail})"

@@ -315,3 +315,36 @@ class Symbolizer:
         if named in OUTERMOST or named.endswith(("::main", "lang_start_internal")):
             return False, None
         return True, f"the frame-pointer walk ended in {last or 'an unknown frame'}: {NO_FP_HINT}"
+
+
+def stack_lines(stack: dict[str, Any] | None) -> list[str]:
+    """A symbolized stack (``UserStack.to_dict()``) as the indented lines of a report: the
+    gate's report and the console log renderer print it alike."""
+    if not stack or not stack.get("frames"):
+        return ["  stack: not captured"]
+    if stack.get("partial"):
+        header = f"  stack (may be partial: {stack.get('why_partial') or 'reason unknown'}):"
+    else:
+        header = "  stack:"
+    return [header, *(f"    #{i} {frame_text(frame)}" for i, frame in enumerate(stack["frames"]))]
+
+
+def frame_text(frame: dict[str, Any]) -> str:
+    """``0xADDR in function+0xOFF (module, build-id ID)``. A frame the kernel resolved by
+    build-id has no address (0): ``in function+0xOFF (module+0xFILEOFF, build-id ID)``, the
+    file offset being what locates it in the binary of that build-id."""
+    address = frame.get("address")
+    module = frame.get("module") or "unknown module"
+    file_offset = frame.get("file_offset")
+    function = frame.get("function")
+    tail = f", build-id {frame['build_id']}" if frame.get("build_id") else ""
+    if frame.get("inferred"):
+        tail += ", inferred from the call instruction"
+    head = f"0x{address:x}" if isinstance(address, int) and address else ""
+    # With an address a named frame needs no offset; without one the file offset is the place.
+    if file_offset is not None and not (head and function):
+        module += f"+0x{file_offset:x}"
+    if function:
+        offset = frame.get("function_offset")
+        head += (" in " if head else "in ") + function + (f"+0x{offset:x}" if offset else "")
+    return f"{head or '??'} ({module}{tail})"

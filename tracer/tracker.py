@@ -376,7 +376,7 @@ class Tracker:
             self.sink.sanctioned(alert)
             return
         if addresses is not None and self.stacks is not None:
-            alert = replace(alert, stack=self.stacks.symbolize(ev.tgid, addresses))
+            alert = replace(alert, user_stack=self.stacks.symbolize(ev.tgid, addresses))
         if kind is Kind.RESTORE:
             # State written in the process: every peek it holds was read to be restored.
             self._release_held(lambda w: w.pid == ev.tgid, "restore")

@@ -59,7 +59,7 @@ class GateSink:
         self.alert_log = log if log_alerts else None
 
     def violation(self, alert: ViolationAlert) -> None:
-        self.report.add_violation(alert, alert.stack)
+        self.report.add_violation(alert, alert.user_stack)
         if self.alert_log is not None:
             self.alert_log.violation(alert)
 
