@@ -356,6 +356,14 @@ def _toml_string(text: str) -> str:
     return json.dumps(text, ensure_ascii=False).replace("\x7f", "\\u007f")
 
 
+_CONTROL: Final = re.compile("[\x00-\x1f\x7f]")
+
+
+def _comment(text: str) -> str:
+    """A TOML comment line's text: no control character (a newline would end it)."""
+    return _CONTROL.sub("\ufffd", text)
+
+
 def generate(finding: Finding, source_root: str) -> str:
     """The ``[[suppress]]`` entry that matches exactly ``finding``: its rule, ioctl and exit
     reason, and its call site's function with its source file (relative to ``source_root``
@@ -375,15 +383,15 @@ def generate(finding: Finding, source_root: str) -> str:
         elif module:
             keys["module"] = glob_escape(module)
         if not function:
-            note = ("# no symbol at the call site: this entry matches every such race in "
-                    f"{module or 'this module'}\n")
+            note = _comment("# no symbol at the call site: this entry matches every such "
+                            f"race in {module or 'this module'}") + "\n"
     elif finding.kind == "snapshot":
         note = ("# a snapshot has no stack of its own: this entry matches every such snapshot "
                 "(its saves are findings of their own)\n")
     else:
         note = "# no stack was captured: this entry matches every such race of the run\n"
-    header = (f"# {finding.title()} at {finding.call_site.describe()}, seen "
-              f"{'once' if finding.count == 1 else f'{finding.count} times'}\n")
+    header = _comment(f"# {finding.title()} at {finding.call_site.describe()}, seen "
+                      f"{'once' if finding.count == 1 else f'{finding.count} times'}") + "\n"
     body = "".join(f"{key} = {_toml_string(value)}\n" for key, value in keys.items())
     return (f"{header}{note}[[{TABLE}]]\nreason = {_toml_string(GENERATED_REASON)}\n{body}")
 
