@@ -63,9 +63,10 @@ def level(severity: str) -> str:
     return LEVELS.get(severity, "warning")
 
 
-def file_uri(path: str) -> str:
+def directory_uri(path: str) -> str:
+    """A directory as a file URI ending in "/" (SARIF 3.14.14: a base URI ends with a slash)."""
     uri = "file://" + quote(os.path.abspath(path))
-    return uri if uri.endswith("/") or not os.path.isdir(path) else uri + "/"
+    return uri if uri.endswith("/") else uri + "/"
 
 
 def _artifact(path: str, source_root: str) -> dict[str, Any]:
@@ -215,7 +216,7 @@ def sarif_log(report: GateReport, source_root: str | os.PathLike[str]) -> dict[s
     run: dict[str, Any] = {
         "tool": {"driver": {"name": TOOL, "version": __version__,
                             "semanticVersion": __version__, "rules": rules}},
-        "originalUriBaseIds": {SRCROOT: {"uri": file_uri(root),
+        "originalUriBaseIds": {SRCROOT: {"uri": directory_uri(root),
                                          "description": {"text": "the source root "
                                                          "(--source-root)"}}},
         "invocations": [invocation],
