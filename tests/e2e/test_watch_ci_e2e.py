@@ -206,8 +206,9 @@ def test_sarif_is_schema_valid_with_one_result_per_finding_and_stable_fingerprin
             [stack] = result["stacks"]
             names = [f["location"].get("logicalLocations", [{}])[0].get("fullyQualifiedName")
                      for f in stack["frames"]]
-            assert names[1:3] == [logical["fullyQualifiedName"], "vmm"], names
-            assert stack["frames"][1]["module"] == str(vmm)
+            at = names.index(logical["fullyQualifiedName"])
+            assert names[at + 1] == "vmm" and "main" in names[at:], names
+            assert stack["frames"][at]["module"] == str(vmm)
         assert set(by_site) == set(SITES)
         fingerprints.append({site: r["partialFingerprints"] for site, r in by_site.items()})
     assert fingerprints[0] == fingerprints[1]  # the same findings, the same fingerprints
@@ -245,7 +246,7 @@ def test_sarif_and_annotations_point_at_the_call_sites_source_line(tmp_path: Pat
         match = re.match(r"^::error file=([^,]+),line=(\d+)(?:,col=(\d+))?,title=([^:]+)::(.+)$",
                          command)
         assert match, command
-        site = next(s for s in SITES if f" at {s} (buggy_vmm)" in match[5])
+        site = next(s for s in SITES if re.search(rf" at {s}\b", match[5]))
         got[site] = (match[1], int(match[2]))
         assert "KVM_GET_SREGS while KVM_EXIT_IO is pending" in match[4]
         assert "%0AFix: complete the exit first" in match[5]

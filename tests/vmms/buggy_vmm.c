@@ -7,11 +7,8 @@
  * --correct: the exit is completed first (KVM_RUN with immediate_exit=1, -EINTR), then saved.
  * --fork: the VM is created and run in a forked child; the parent waits and passes its status.
  * --exit-now: _exit(0) right after the last save, with the exit still pending.
- * --two-sites: two distinct bugs, one KVM_GET_SREGS per exit alternately from two call sites
- *   (debug_dump_sregs on even iterations, checkpoint_sregs on odd ones), each alone in its
- *   window: two findings of the same ioctl told apart by their call site, and no snapshot.
  *
- * usage: buggy_vmm [--correct] [--fork] [--exit-now] [--two-sites] [ITERATIONS]
+ * usage: buggy_vmm [--correct] [--fork] [--exit-now] [ITERATIONS]
  * Build with frame pointers so the probes' stack walk reaches save_vcpu_state:
  *   gcc -g -O0 -fno-omit-frame-pointer -o buggy_vmm buggy_vmm.c
  */
@@ -125,7 +122,11 @@ __attribute__((noinline)) void save_vcpu_state(struct vm *v, struct kvm_regs *re
         die("KVM_GET_SREGS");
 }
 
-/* A debug dump that reads the segment registers while the OUT is still pending. */
+/* --two-sites: two distinct bugs, one KVM_GET_SREGS per exit alternately from two call sites
+ * (debug_dump_sregs on even iterations, checkpoint_sregs on odd ones), each alone in its window:
+ * two findings of the same ioctl told apart by their call site, and no snapshot.
+ *
+ * A debug dump that reads the segment registers while the OUT is still pending. */
 __attribute__((noinline)) void debug_dump_sregs(struct vm *v, struct kvm_sregs *sregs)
 {
     if (ioctl(v->vcpu, KVM_GET_SREGS, sregs) < 0)
