@@ -2,7 +2,8 @@
 relative to the source root, and a fingerprint that stays the same across runs and builds.
 
 Shared by the suppressions (tracer.suppressions), SARIF (tracer.gate_sarif) and the CI
-annotations (tracer.gate_annotate). Pure: no probes, no file access (paths are only compared).
+annotations (tracer.gate_annotate). Pure but for one look-up: a relative path in a line table
+is under the source root only if that file is there.
 
 A stack frame is a dict (tracer.symbolize): ``address``, ``module``, ``build_id``,
 ``file_offset``, ``function``, ``function_offset``, ``inferred``, and, when the module has
@@ -65,12 +66,15 @@ class SourceLine:
 
 def relative_path(file: str, source_root: str) -> str | None:
     """``file`` relative to ``source_root``, or None when it is outside. A relative ``file``
-    (a line table of a build run from the root) is taken as relative to the root already."""
+    (a line table of a build run from the root, but also glibc's ``./misc/../sysdeps/...``,
+    relative to a build directory elsewhere) is under the root only if the root holds it."""
     if not file:
         return None
     path = PurePosixPath(os.path.normpath(file))
     if not path.is_absolute():
-        return None if path.parts[:1] == ("..",) else path.as_posix()
+        if path.parts[:1] == ("..",) or not os.path.isfile(os.path.join(source_root, path)):
+            return None
+        return path.as_posix()
     root = PurePosixPath(os.path.normpath(source_root))
     try:
         return path.relative_to(root).as_posix()
@@ -86,7 +90,9 @@ def source_line(frame: Frame | None, source_root: str) -> SourceLine | None:
     if not isinstance(file, str) or not file or not isinstance(line, int) or line < 1:
         return None
     col = column if isinstance(column, int) and column >= 1 else None
-    return SourceLine(file, line, col, relative_path(file, source_root))
+    # libc, ld.so and the vDSO are never the project's own source, whatever their paths
+    path = None if is_system_frame(frame) else relative_path(file, source_root)
+    return SourceLine(file, line, col, path)
 
 
 def review_location(stack: Mapping[str, Any] | None,

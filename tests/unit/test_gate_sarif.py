@@ -11,9 +11,9 @@ from typing import Any
 
 import jsonschema
 import pytest
-from gate_fixtures import ROOT, VMM, frame, report_of, site_stack, snapshot, violation
+from gate_fixtures import LIBC, ROOT, VMM, frame, report_of, site_stack, snapshot, violation
 
-from tracer.gate_location import FINGERPRINT_KEY, fingerprint, relative_path
+from tracer.gate_location import FINGERPRINT_KEY, fingerprint, relative_path, source_line
 from tracer.gate_sarif import sarif_log, write_sarif
 
 
@@ -180,8 +180,25 @@ def test_the_fingerprint_ignores_lines_and_addresses_but_not_the_call_site() -> 
     ("/src/vmm/../vmm/src/a.c", "/src/vmm/", "src/a.c"),
     ("/src/vmm2/a.c", "/src/vmm", None),
     ("/usr/include/stdio.h", "/src/vmm", None),
-    ("src/a.c", "/src/vmm", "src/a.c"),  # a relative line-table path: built from the root
     ("../a.c", "/src/vmm", None),
 ])
 def test_relative_path(file: str, root: str, want: str | None) -> None:
     assert relative_path(file, root) == want
+
+
+def test_a_relative_line_table_path_is_under_the_root_only_if_the_root_holds_it(
+        tmp_path: Path) -> None:
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "a.c").write_text("")
+    assert relative_path("src/a.c", str(tmp_path)) == "src/a.c"  # built from the root
+    assert relative_path("./src/../src/a.c", str(tmp_path)) == "src/a.c"
+    # glibc's line table: relative to its own build directory
+    assert relative_path("./misc/../sysdeps/unix/sysv/linux/ioctl.c", str(tmp_path)) is None
+
+
+def test_system_frames_are_never_under_the_root(tmp_path: Path) -> None:
+    (tmp_path / "sysdeps").mkdir()
+    (tmp_path / "sysdeps" / "ioctl.c").write_text("")
+    libc = frame("ioctl", LIBC, file="./sysdeps/ioctl.c", line=36)
+    where = source_line(libc, str(tmp_path))
+    assert where is not None and where.path is None and where.line == 36
