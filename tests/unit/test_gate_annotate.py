@@ -27,9 +27,10 @@ def test_one_workflow_command_per_finding_with_a_line() -> None:
     lines = github_lines(report, ROOT)
     assert len(lines) == 3
     dump, peek, info = lines
+    site = next(f for f in report.findings if f.call_site.function == "vcpu::dump").call_site
     assert dump.startswith("::error file=src/vcpu.rs,line=88,col=9,title=kvm-completion-tracer"
                            "%3A KVM_GET_SREGS while KVM_EXIT_IO is pending::KVM_GET_SREGS "
-                           "while KVM_EXIT_IO is pending at vcpu::dump (vmm), seen once "
+                           f"while KVM_EXIT_IO is pending at {site.describe()}, seen once "
                            "(save-mid-completion, severity error).%0AWhy: ")
     assert "%0AFix: complete the exit first" in dump
     assert peek.startswith("::warning file=src/vcpu.rs,line=90,title=")  # no column known
@@ -43,7 +44,10 @@ def test_workflow_command_escaping() -> None:
     [line] = github_lines(report, ROOT)
     assert line.startswith("::error file=src/we%2Cird%3A%25.rs,line=3,title=")
     message = line.split("::", 2)[2]
-    assert "at a%25b,c:d (vmm)" in message  # data: only %, CR and LF escaped
+    [finding] = report.findings
+    # data: only %, CR and LF escaped
+    assert f"at {finding.call_site.describe().replace('%', '%25')}, seen" in message
+    assert message.startswith("KVM_GET_SREGS while KVM_EXIT_IO is pending at a%25b,c:d")
 
 
 def test_gitlab_code_quality_issues() -> None:

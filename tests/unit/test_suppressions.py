@@ -324,7 +324,8 @@ def test_each_generated_entry_silences_exactly_its_finding() -> None:
 def test_a_generated_entry_names_the_call_site_by_function_and_source() -> None:
     finding = next(f for f in _findings() if f.kind == "restore")
     assert generate(finding, ROOT) == (
-        "# KVM_SET_SREGS while KVM_EXIT_IO is pending at vcpu::dump (vmm), seen once\n"
+        f"# KVM_SET_SREGS while KVM_EXIT_IO is pending at {finding.call_site.describe()}, "
+        "seen once\n"
         "[[suppress]]\n"
         'reason = "FIXME: why this race is accepted, and when it will be fixed"\n'
         'rule = "restore-mid-completion"\n'
