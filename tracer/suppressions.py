@@ -53,6 +53,7 @@ MATCH_KEYS: Final = ("rule", "kind", "ioctl", "exit_reason", "function", "module
                      "process")
 FRAME_KEYS: Final = ("function", "module", "source")
 KNOWN_KEYS: Final = ("reason", *MATCH_KEYS)
+MAX_REMEMBERED_PROCESSES: Final = 4096
 GENERATED_REASON: Final = "FIXME: why this race is accepted, and when it will be fixed"
 _GLOB_CHARS: Final = re.compile(r"[][*?]")
 _TOML_POSITION: Final = re.compile(r"\s*\(at line (\d+), column (\d+)\)$")
@@ -109,11 +110,11 @@ class Occurrence:
         return cls(alert.kind, alert.rule, (alert.ioctl,), alert.exit_reason, alert.comm, stack)
 
     @classmethod
-    def of_snapshot(cls, alert: SnapshotAlert) -> Occurrence:
+    def of_snapshot(cls, alert: SnapshotAlert, comm: str | None = None) -> Occurrence:
         # A snapshot has no stack (its saves have theirs) and no thread name: its process is
-        # the VMM's kind (qemu, firecracker, ...) or its name.
+        # the name its saves' threads had (``comm``), else the VMM's kind (qemu, ...).
         return cls("snapshot", SNAPSHOT_RULE, tuple(alert.ioctls), alert.exit_reason,
-                   alert.vmm, None)
+                   comm or alert.vmm, None)
 
 
 def _matches_field(key: str, globs: Sequence[str], occurrence: Occurrence) -> bool:
@@ -286,6 +287,7 @@ class Ledger:
         self.entries = list(entries)
         self.files = [str(f) for f in files]
         self._used = [_Used() for _ in self.entries]
+        self._comms: dict[int, str] = {}  # pid -> a thread name its saves had (for snapshots)
 
     def suppress(self, occurrence: Occurrence) -> Suppression | None:
         """The first entry matching ``occurrence`` (counted there), or None."""
@@ -298,10 +300,15 @@ class Ledger:
         return None
 
     def violation(self, alert: ViolationAlert) -> bool:
+        self._comms.pop(alert.pid, None)
+        self._comms[alert.pid] = alert.comm
+        while len(self._comms) > MAX_REMEMBERED_PROCESSES:
+            del self._comms[next(iter(self._comms))]
         return self.suppress(Occurrence.of_violation(alert)) is not None
 
     def snapshot(self, alert: SnapshotAlert) -> bool:
-        return self.suppress(Occurrence.of_snapshot(alert)) is not None
+        occurrence = Occurrence.of_snapshot(alert, self._comms.get(alert.pid))
+        return self.suppress(occurrence) is not None
 
     @property
     def suppressed(self) -> int:

@@ -213,6 +213,15 @@ def test_frame_keys_never_match_without_a_stack_but_the_others_do() -> None:
     assert not entry('ioctl = "KVM_GET_XSAVE"\n').matches(snap)
 
 
+def test_a_snapshots_process_is_the_name_its_saves_threads_had() -> None:
+    ledger = Ledger(parse('[[suppress]]\nreason = "r"\nkind = "snapshot"\nprocess = "vmm-t*"\n',
+                          "s.toml"))
+    assert not ledger.snapshot(snapshot())  # no save seen: only the VMM's kind, "qemu"
+    assert not ledger.violation(violation(comm="vmm-test"))
+    assert ledger.snapshot(snapshot())
+    assert ledger.suppressed == 1
+
+
 def test_globs_are_case_sensitive_and_escapable() -> None:
     alert = violation(user_stack=site_stack("Vec<T>::operator[]"))
     assert not entry('function = "vec<*"\n').matches(occ(alert))
