@@ -197,5 +197,8 @@ def watch(options: DaemonOptions, gate: WatchOptions, log: AlertSink | None = No
         result["timings"] = timings
         result["stacks_missed"] = stacks_missed
         gate.json.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-    write_outputs(report, gate.ci)  # after CMD exited: workflow commands go to stdout last
-    return exit_status(status, verdict, gate.error_exitcode)
+    # After CMD exited: workflow commands go to stdout last. A requested file that could not be
+    # written (said on stderr) fails a run that would have passed.
+    written = write_outputs(report, gate.ci)
+    code = exit_status(status, verdict, gate.error_exitcode)
+    return code if written or code else 1

@@ -48,11 +48,11 @@ class Run:
         return f"watch exited {self.status}; stderr:\n{self.stderr[-4000:]}"
 
 
-def watch(tmp: Path, vmm: Path, *args: str) -> Run:
+def watch(tmp: Path, vmm: Path, *args: str, mode: str = "--two-sites") -> Run:
     out = tmp / "watch.json"
     out.unlink(missing_ok=True)
     argv = [sys.executable, "-m", "tracer", "watch", "--json", str(out), *args, "--",
-            str(vmm), "--two-sites", str(ITERATIONS)]
+            str(vmm), mode, str(ITERATIONS)]
     proc = subprocess.Popen(argv, cwd=REPO, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
@@ -256,3 +256,15 @@ def test_sarif_and_annotations_point_at_the_call_sites_source_line(tmp_path: Pat
     assert sorted((i["location"]["path"], i["location"]["lines"]["begin"]) for i in issues) == \
         sorted((rel, line) for line in lines.values())
     assert {i["check_name"] for i in issues} == {"save-mid-completion"}
+
+
+@requires_kvm_bpf
+@pytest.mark.e2e
+def test_an_output_that_cannot_be_written_fails_a_clean_run_in_one_line(tmp_path: Path,
+                                                                        vmm: Path) -> None:
+    missing = tmp_path / "no-such-dir" / "out.sarif"
+    run = watch(tmp_path, vmm, "--sarif", str(missing), mode="--correct")
+    assert run.status == 1, run.explain()
+    assert run.result["verdict"] == "pass"
+    assert run.stderr.splitlines()[-1] == (f"{TOOL}: error: --sarif {missing}: No such file or "
+                                           "directory")
