@@ -6,6 +6,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tracer import __version__
 from tracer.alerts import LEVELS, configure_logging
@@ -22,6 +23,9 @@ from tracer.metrics import DEFAULT_METRICS_PORT, MetricsConfigError
 from tracer.policy import PolicyError, PolicyOverrides, build_policy
 from tracer.preflight import basic_checks, failures, trial_load
 from tracer.syscall_abi import SYSCALL_PROBE_KINDS
+
+if TYPE_CHECKING:
+    from tracer.gate_ci import CiOptions
 
 PROG = "kvm-completion-tracer"
 EXIT_FAILURE = 1
@@ -148,6 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     watch.add_argument("--json", type=Path, metavar="FILE", help="the whole result as JSON")
     watch.add_argument("--log-file", type=Path, metavar="FILE",
                        help="every alert and notice as JSON lines (default: none)")
+    _ci_args(watch)
     # dest "cmd": "command" is the subcommand's own dest
     watch.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD [ARGS...]")
 
@@ -167,6 +172,54 @@ def build_parser() -> argparse.ArgumentParser:
     selftest.add_argument("--scenario", action="append", default=[], metavar="NAME",
                           help="run only these scenarios (default: all)")
     return parser
+
+
+def _ci_args(parser: argparse.ArgumentParser) -> None:
+    """watch's CI adoption flags (tracer.gate_ci; docs/ci-adoption.md)."""
+    group = parser.add_argument_group("CI adoption")
+    group.add_argument("--suppressions", action="append", type=Path, default=[], metavar="FILE",
+                       help="TOML file of [[suppress]] entries: races not reported and not "
+                            "failing the gate (repeatable; also the config file's "
+                            "suppressions list)")
+    group.add_argument("--gen-suppressions", nargs="?", const="-", default=None, metavar="FILE",
+                       help="write a [[suppress]] entry matching exactly each finding to FILE "
+                            "(without FILE: to stderr after the report)")
+    group.add_argument("--sarif", type=Path, metavar="FILE",
+                       help="SARIF 2.1.0 results (GitHub code scanning, GitLab, IDEs)")
+    group.add_argument("--source-root", type=Path, metavar="DIR",
+                       help="paths in --sarif and --annotate are relative to it (default: the "
+                            "working directory)")
+    group.add_argument("--annotate", action="append", default=[], metavar="FORMAT",
+                       help="github: workflow commands on stdout after CMD exited; "
+                            "gitlab=FILE: GitLab Code Quality JSON (repeatable)")
+
+
+def _ci_options(args: argparse.Namespace, config_files: Sequence[Path]) -> CiOptions:
+    from tracer.gate_ci import CiOptions
+    from tracer.suppressions import SuppressionError, load_files
+
+    github, gitlab = False, None
+    for item in args.annotate:
+        name, sep, target = item.partition("=")
+        if name == "github" and not sep:
+            github = True
+        elif name == "gitlab" and target:
+            gitlab = Path(target)
+        elif name == "gitlab":
+            raise UsageError("--annotate gitlab needs a file: --annotate "
+                             "gitlab=gl-code-quality-report.json")
+        else:
+            raise UsageError(f"--annotate {item!r}: expected github or gitlab=FILE")
+    if args.source_root is not None and not args.source_root.is_dir():
+        raise UsageError(f"--source-root {args.source_root}: not a directory")
+    files = (*config_files, *args.suppressions)
+    try:
+        entries = load_files(files)
+    except SuppressionError as err:
+        raise UsageError(str(err)) from None
+    return CiOptions(suppressions=tuple(entries), suppression_files=tuple(files),
+                     gen_suppressions=args.gen_suppressions, sarif=args.sarif,
+                     source_root=args.source_root, annotate_github=github, gitlab=gitlab)
 
 
 def _checked_policy_flag(flag: str, value: str, overrides: PolicyOverrides) -> None:
@@ -289,6 +342,7 @@ def cmd_watch(args: argparse.Namespace) -> int:
     path = args.config or DEFAULT_CONFIG_PATH
     settings = load_settings(path, args.config is not None, flags)
     options = settings.daemon_options()
+    ci = _ci_options(args, settings.suppressions)
     _require_host()
     problem = pid_namespace_error()
     if problem is not None:
@@ -305,7 +359,7 @@ def cmd_watch(args: argparse.Namespace) -> int:
     gate = WatchOptions(command=command, fail_on=args.fail_on,
                         error_exitcode=args.error_exitcode, allow_lost=args.allow_lost,
                         junit=args.junit, json=args.json,
-                        log_alerts=args.log_file is not None)
+                        log_alerts=args.log_file is not None, ci=ci)
     return watch(options, gate, LogSink())
 
 

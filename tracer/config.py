@@ -184,6 +184,14 @@ def cache_dir(value: object) -> Path | None:
     return state_dir(value)
 
 
+def path_list(value: object) -> tuple[Path, ...]:
+    """``suppressions = ["a.toml", ...]``: files, relative ones to the config file's directory
+    (resolved by load_settings)."""
+    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+        raise _Invalid("expected an array of file names")
+    return tuple(Path(v) for v in value)
+
+
 def label(name: object, value: object) -> tuple[str, str]:
     key = _str(name)
     if not _LABEL_NAME.match(key) or key.startswith("__"):
@@ -222,6 +230,8 @@ KEYS: Final[dict[str, _Key]] = {
     "snapshot_idle_seconds": _Key("snapshot_idle_s", positive_seconds),
     "state_dir": _Key("state_dir", state_dir),
     "lock_wait_seconds": _Key("lock_wait_s", non_negative_seconds),
+    # watch only (tracer.suppressions); --suppressions FILE adds to these
+    "suppressions": _Key("suppressions", path_list),
 }
 SECTIONS: Final = ("log", "policy", "probes", "metrics", "labels")
 
@@ -251,11 +261,13 @@ class Settings:
     snapshot_idle_s: float = 1.0
     state_dir: Path = DEFAULT_STATE_DIR
     lock_wait_s: float = DEFAULT_LOCK_WAIT_S  # at start-up, for a dying previous instance
+    suppressions: tuple[Path, ...] = ()  # watch's suppressions files
 
     def flat(self) -> dict[str, object]:
         """``section.key`` -> value, for diffs (labels one key each, ``labels.NAME``)."""
         out: dict[str, object] = {key: getattr(self, spec.attr) for key, spec in KEYS.items()}
         out["state_dir"] = str(self.state_dir)
+        out["suppressions"] = [str(p) for p in self.suppressions]
         cache = self.probe_cache_dir()
         out["probes.cache_dir"] = str(cache) if cache else ""
         out["policy.arch"] = self.policy.arch
@@ -432,6 +444,8 @@ def load_settings(path: Path, explicit: bool, flags: FlagOverrides | None = None
     settings = Settings(policy=policy, labels={**labels, **flags.labels})
     for key, value in {**values, **flags.values}.items():
         setattr(settings, KEYS[key].attr, value)
+    settings.suppressions = tuple(p if p.is_absolute() else path.parent / p
+                                  for p in settings.suppressions)
     return settings
 
 

@@ -159,6 +159,12 @@ class Finding:
     def _what(self) -> str:
         return f"snapshot ({self.ioctl})" if self.kind == "snapshot" else self.ioctl
 
+    def why(self) -> str:
+        return _reason(self.first)
+
+    def fix(self) -> str:
+        return _FIXES.get(self.kind, _FIXES["save"])
+
 
 @dataclass(frozen=True)
 class GateVerdict:
@@ -249,6 +255,11 @@ class GateReport:
         self.exits_traced: int | None = None
         self.pending_exits: int | None = None
         self.meta: GateMeta | None = None
+        # Occurrences a suppressions file silenced (tracer.suppressions): never findings here;
+        # their account is printed after the summary and put in the JSON as given.
+        self.suppressed = 0
+        self.suppression_lines: list[str] = []
+        self.suppressions_json: dict[str, Any] | None = None
 
     # -- collecting
 
@@ -335,6 +346,8 @@ class GateReport:
             reason = f"no finding {threshold} ({_plural(len(self._findings), 'finding')} below)"
         else:
             reason = "no completion race seen" if self.lossy else "no completion race found"
+        if self.suppressed:
+            reason += f"; {_plural(self.suppressed, 'occurrence')} suppressed"
         if self.lossy:
             reason += f"; {self._losses_text()}"
             reason += ", allowed by --allow-lost" if allow_lost else ": cannot claim \"no race\""
@@ -349,6 +362,7 @@ class GateReport:
             lines.extend(self._finding_lines(finding, color))
             lines.append("")
         lines.append(self._summary_line())
+        lines.extend(self.suppression_lines)
         if self.lossy:
             lines.append(_paint(self._losses_line(), _YELLOW_BOLD, color))
         verdict = self.verdict()
@@ -365,8 +379,8 @@ class GateReport:
                  f"{_plural(len(finding.threads), 'thread')}, "
                  f"{_plural(len(finding.vcpus), 'vCPU')}",
                  f"  first: {_describe_first(first)}",
-                 f"  why: {_reason(first)}",
-                 f"  fix: {_FIXES.get(finding.kind, _FIXES['save'])}"]
+                 f"  why: {finding.why()}",
+                 f"  fix: {finding.fix()}"]
         if finding.kind != "snapshot":
             lines.append(f"  call site: {finding.call_site.describe()}")
             lines.extend(stack_lines(finding.stack))
@@ -375,7 +389,9 @@ class GateReport:
     def _summary_line(self) -> str:
         sanctioned = sum(self.sanctioned.values())
         tail = (f"{_plural(self.inspections, 'register peek')} judged benign; "
-                f"{sanctioned} sanctioned; {_plural(self.events_lost, 'event')} lost")
+                f"{sanctioned} sanctioned; "
+                + (f"{self.suppressed} suppressed; " if self.suppressed else "")
+                + f"{_plural(self.events_lost, 'event')} lost")
         if not self._findings:
             traced = ""
             if self.exits_traced is not None:
@@ -424,7 +440,7 @@ class GateReport:
         """The whole result, JSON-ready (lists and dicts of plain values only)."""
         verdict = self.verdict()
         meta = self.meta
-        return {
+        out = {
             "schema": REPORT_SCHEMA,
             "verdict": verdict.status,
             "verdict_reason": verdict.reason,
@@ -438,6 +454,7 @@ class GateReport:
                 "snapshots": self.occurrences.get("snapshot", 0),
                 "inspections": self.inspections,
                 "sanctioned": dict(sorted(self.sanctioned.items())),
+                "suppressed": self.suppressed,
                 "exits_traced": self.exits_traced,
                 "pending_exits": self.pending_exits,
             },
@@ -449,6 +466,9 @@ class GateReport:
                 "command_exit_status": command_exit_status(meta.exit_status_of_command),
             },
         }
+        if self.suppressions_json is not None:
+            out["suppressions"] = self.suppressions_json
+        return out
 
     def _finding_json(self, finding: Finding) -> dict[str, Any]:
         return {
@@ -463,6 +483,8 @@ class GateReport:
             "pids": sorted(finding.pids),
             "threads": [{"pid": pid, "tid": tid} for pid, tid in sorted(finding.threads)],
             "vcpus": [{"pid": pid, "vcpu_id": vcpu} for pid, vcpu in sorted(finding.vcpus)],
+            "why": finding.why(),
+            "fix": finding.fix(),
             "first": asdict(finding.first),
             "stack": finding.stack,
         }

@@ -16,7 +16,7 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -25,8 +25,10 @@ from tracer import __version__
 from tracer.alerts import AlertSink, SnapshotAlert, ViolationAlert
 from tracer.daemon import Daemon, DaemonOptions
 from tracer.gate import GateReport, exit_status
+from tracer.gate_ci import CiOptions, account, write_outputs
 from tracer.policy import describe
 from tracer.probes import bcc_version
+from tracer.suppressions import Ledger
 
 FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 INIT_PID_NS_INO = 0xEFFFFFFC  # PROC_PID_INIT_INO (include/linux/proc_ns.h): the host's ns
@@ -46,6 +48,8 @@ class WatchOptions:
     # Alerts also to the log (--log-file); without one only notices reach it (stderr, errors
     # only), so the report is the one account of the findings there.
     log_alerts: bool = True
+    # suppressions, --gen-suppressions, --sarif, --annotate (tracer.gate_ci)
+    ci: CiOptions = field(default_factory=CiOptions)
 
 
 class GateSink:
@@ -53,13 +57,15 @@ class GateSink:
     the notices when ``log_alerts`` is false."""
 
     def __init__(self, report: GateReport, log: AlertSink | None = None,
-                 log_alerts: bool = True) -> None:
+                 log_alerts: bool = True, suppressions: Ledger | None = None) -> None:
         self.report = report
         self.log = log
         self.alert_log = log if log_alerts else None
+        self.suppressions = suppressions  # a suppressed occurrence is counted, not reported
 
     def violation(self, alert: ViolationAlert) -> None:
-        self.report.add_violation(alert, alert.user_stack)
+        if self.suppressions is None or not self.suppressions.violation(alert):
+            self.report.add_violation(alert, alert.user_stack)
         if self.alert_log is not None:
             self.alert_log.violation(alert)
 
@@ -69,7 +75,8 @@ class GateSink:
             self.alert_log.sanctioned(alert)
 
     def snapshot(self, alert: SnapshotAlert) -> None:
-        self.report.add_snapshot(alert)
+        if self.suppressions is None or not self.suppressions.snapshot(alert):
+            self.report.add_snapshot(alert)
         if self.alert_log is not None:
             self.alert_log.snapshot(alert)
 
@@ -113,6 +120,7 @@ def watch(options: DaemonOptions, gate: WatchOptions, log: AlertSink | None = No
     started = time.monotonic()
     started_unix = time.time()
     report = GateReport(gate.fail_on, gate.allow_lost)
+    suppressions = gate.ci.ledger()
     child: subprocess.Popen[bytes] | None = None
     timings: dict[str, float] = {}
     stacks_missed: dict[str, int] = {}
@@ -130,7 +138,7 @@ def watch(options: DaemonOptions, gate: WatchOptions, log: AlertSink | None = No
     signal.signal(signal.SIGCHLD, lambda _s, _f: None)  # wakes the ring poll at CMD's exit
     probe_config = replace(options.probe_config, watch=True, guest_exits=False)
     daemon = Daemon(replace(options, probe_config=probe_config, state_dir=None),
-                    sink=GateSink(report, log, gate.log_alerts))
+                    sink=GateSink(report, log, gate.log_alerts, suppressions))
     try:
         daemon.start(adopt=False)
         attached = time.monotonic()
@@ -178,6 +186,7 @@ def watch(options: DaemonOptions, gate: WatchOptions, log: AlertSink | None = No
                    "command_s": round(time.monotonic() - spawned, 3)}
     finally:
         daemon.close()
+    account(report, suppressions)
     verdict = report.verdict()
     sys.stderr.write(report.render_text(color=sys.stderr.isatty()))
     sys.stderr.flush()
@@ -188,4 +197,8 @@ def watch(options: DaemonOptions, gate: WatchOptions, log: AlertSink | None = No
         result["timings"] = timings
         result["stacks_missed"] = stacks_missed
         gate.json.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-    return exit_status(status, verdict, gate.error_exitcode)
+    # After CMD exited: workflow commands go to stdout last. A requested file that could not be
+    # written (said on stderr) fails a run that would have passed.
+    written = write_outputs(report, gate.ci)
+    code = exit_status(status, verdict, gate.error_exitcode)
+    return code if written or code else 1

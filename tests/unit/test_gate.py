@@ -264,7 +264,8 @@ def test_json_round_trips_and_holds_the_whole_result(tmp_path: Path) -> None:
     assert data["verdict"] == "fail"
     assert data["counts"] | {"sanctioned": None} == {
         "findings": 3, "occurrences": 7, "violations": 5, "restores": 1, "snapshots": 1,
-        "inspections": 3, "sanctioned": None, "exits_traced": None, "pending_exits": None}
+        "inspections": 3, "sanctioned": None, "exits_traced": None, "pending_exits": None,
+        "suppressed": 0}
     assert data["counts"]["sanctioned"] == {"port-0x7e": 17}
     assert data["events_lost"] == 0 and data["maps_full"] == {}
     assert data["meta"]["command"] == ["./testvmm", "--bug"]

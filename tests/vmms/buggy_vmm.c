@@ -122,15 +122,42 @@ __attribute__((noinline)) void save_vcpu_state(struct vm *v, struct kvm_regs *re
         die("KVM_GET_SREGS");
 }
 
+/* --two-sites: two distinct bugs, one KVM_GET_SREGS per exit alternately from two call sites
+ * (debug_dump_sregs on even iterations, checkpoint_sregs on odd ones), each alone in its window:
+ * two findings of the same ioctl told apart by their call site, and no snapshot.
+ *
+ * A debug dump that reads the segment registers while the OUT is still pending. */
+__attribute__((noinline)) void debug_dump_sregs(struct vm *v, struct kvm_sregs *sregs)
+{
+    if (ioctl(v->vcpu, KVM_GET_SREGS, sregs) < 0)
+        die("KVM_GET_SREGS (debug dump)");
+}
+
+/* A checkpoint of the segment registers, also taken while the OUT is still pending. */
+__attribute__((noinline)) void checkpoint_sregs(struct vm *v, struct kvm_sregs *sregs)
+{
+    if (ioctl(v->vcpu, KVM_GET_SREGS, sregs) < 0)
+        die("KVM_GET_SREGS (checkpoint)");
+}
+
+static int two_sites;
+
 static int vmm(int iterations, int correct, int exit_now)
 {
     struct vm v;
     struct kvm_regs regs;
     struct kvm_sregs sregs;
     setup(&v);
+    memset(&regs, 0, sizeof(regs));
     for (int i = 0; i < iterations; i++) {
         run_to_io(&v);
-        if (correct) {
+        if (two_sites) {
+            if (i % 2 == 0)
+                debug_dump_sregs(&v, &sregs);  /* bug 1 */
+            else
+                checkpoint_sregs(&v, &sregs);  /* bug 2 */
+            complete_exit(&v);
+        } else if (correct) {
             complete_exit(&v);
             save_vcpu_state(&v, &regs, &sregs);
         } else {
@@ -141,7 +168,7 @@ static int vmm(int iterations, int correct, int exit_now)
         }
     }
     printf("buggy_vmm: pid %d, %d iterations, %s, rip %#llx\n", (int)getpid(), iterations,
-           correct ? "correct" : "buggy", (unsigned long long)regs.rip);
+           two_sites ? "two-sites" : correct ? "correct" : "buggy", (unsigned long long)regs.rip);
     fflush(stdout);
     return 0;
 }
@@ -156,11 +183,13 @@ int main(int argc, char **argv)
             fork_child = 1;
         else if (!strcmp(argv[i], "--exit-now"))
             exit_now = 1;
+        else if (!strcmp(argv[i], "--two-sites"))
+            two_sites = 1;
         else if (argv[i][0] != '-' && atoi(argv[i]) > 0)
             iterations = atoi(argv[i]);
         else {
-            fprintf(stderr, "usage: %s [--correct] [--fork] [--exit-now] [ITERATIONS]\n",
-                    argv[0]);
+            fprintf(stderr, "usage: %s [--correct] [--fork] [--exit-now] [--two-sites] "
+                    "[ITERATIONS]\n", argv[0]);
             return 2;
         }
     }
