@@ -598,8 +598,18 @@ class Campaign:
             first.setdefault(a.window, a)
         lat = [(first[w].arrival_ns - ts) / 1e6
                for w, ts in zip(f.windows, f.stamps, strict=True) if w in first]
+        # Every name the flood's process got: in each metric family and in its alerts (one
+        # name per process, also for what only the kernel counted while the reader stalled).
+        names: dict[str, list[str]] = {}
+        for n, lab, _ in m:
+            name = lab.get("vm", "")
+            if name.endswith(f"[{f.pid}]") or (name and lab.get("pid") == str(f.pid)):
+                names.setdefault(name, []).append(n)
+        for a in delivered:
+            names.setdefault(a.vm or "", []).append(a.event)
         return {
-            "generated": f.generated, "snapshots_generated": len(f.windows),
+            "vm_names": {k: sorted(set(v)) for k, v in names.items()},
+            "pid": f.pid, "generated": f.generated, "snapshots_generated": len(f.windows),
             "delivered": len(delivered), "lost_violation": lost,
             "violations_total": metric_sum(m, "kvm_completion_violations_total", vm=vm),
             "snapshots_total": metric_sum(m, "kvm_completion_snapshots_total", vm=vm),
@@ -631,6 +641,8 @@ class Campaign:
             "no save of a snapshot judged a benign inspection": fig["inspections_total"] == 0,
             "no internal or scrape error": fig["internal_errors"] == 0 and
             fig["scrape_errors"] == 0,
+            "one name for the process in every family and alert":
+                list(fig["vm_names"]) == [f"kvmloop[{fig['pid']}]"],
         }
         if expect_loss:
             checks["the ring buffer overflowed (lost > 0)"] = fig["lost_violation"] > 0
