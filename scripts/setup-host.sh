@@ -14,7 +14,8 @@
 #      linux-headers-<abi>-amd64 depends on its linux-image: then only its -common part is
 #      installed with apt, and the -amd64 package (generated headers, .config, ~10 MB) is
 #      fetched with `apt-get download` (hash-checked by apt) and unpacked, not installed, under
-#      /usr/local/src/kvm-completion-tracer/: a monitoring tool never puts a kernel into /boot.
+#      /usr/src/kvm-completion-tracer/ (under /usr/src, which the container's grant mounts): a
+#      monitoring tool never puts a kernel into /boot.
 #   3. tracefs and debugfs mounted
 #   4. .venv from Debian's /usr/bin/python3 with --system-site-packages (bcc is only there)
 #   5. pip install -e '.[dev]' into .venv (skipped while a stamp is newer than pyproject.toml)
@@ -102,7 +103,7 @@ apt_plan() {
 
 # Debian 13's linux-headers-<abi>-amd64 depends on linux-image-<abi>-amd64: its generated
 # headers are unpacked here instead (see the header comment), next to a stamp naming the .deb.
-local_headers=/usr/local/src/kvm-completion-tracer
+local_headers=/usr/src/kvm-completion-tracer
 unpack_headers=""
 
 # --- 1. packages ---------------------------------------------------------------------------------
@@ -116,11 +117,12 @@ if [[ "${SETUP_HOST_SKIP_APT:-0}" != "1" ]]; then
     # container-network-stack), as Debian 12's does.
     if [[ " ${missing[*]} " == *" buildah "* ]] || is_installed buildah; then
         if ! is_installed netavark; then
-            apt_update
-            common_ver="$(apt-cache policy golang-github-containers-common 2>/dev/null \
-                | awk '$1 == "Candidate:" { print $2 }')"
             if is_installed golang-github-containers-common; then
                 common_ver="$(dpkg-query -W -f='${Version}' golang-github-containers-common)"
+            else
+                apt_update
+                common_ver="$(apt-cache policy golang-github-containers-common 2>/dev/null \
+                    | awk '$1 == "Candidate:" { print $2 }')"
             fi
             if [[ -n "$common_ver" && "$common_ver" != "(none)" ]] \
                 && dpkg --compare-versions "$common_ver" ge 0.58; then
