@@ -19,7 +19,7 @@
 #                    buggy-io-out) run, its completion_violation alert seen, the daemon stopped
 #                    (SIGTERM, exit 0)
 #        watch       kvm-completion-tracer watch -- the buggy VMM: exit 66
-#      With --full, then `make test` (the whole suite, test-mode set-up; about 30 minutes).
+#      With --full, then `make test` (the whole suite, test-mode set-up; about 15 minutes here).
 #
 # Exit 0 when every step passed, 1 otherwise.  Downloaded .deb files are kept in the cache
 # directory too (bound as the root's /var/cache/apt/archives), so a second run downloads nothing;
