@@ -162,6 +162,16 @@ for tag in "${tags[@]}"; do
 done
 if [[ "$engine" != docker ]]; then
     build_args+=(--format docker --pull=never --isolation "${BUILDAH_ISOLATION:-chroot}" --layers)
+    # buildah newer than Debian 12's 1.28 (Debian 13: 1.39) raises a RUN step's process and
+    # file limits to 1048576 for root, which a builder without CAP_SYS_RESOURCE (a sandbox, a
+    # CI container) is refused ("setting RLIMIT_NPROC limit ... operation not permitted"): there,
+    # RUN steps keep the builder's own limits.  (1.28 lowers them first and must not get these.)
+    if ! (ulimit -Hu 1048576 && ulimit -Hn 1048576) 2>/dev/null \
+        && [[ "$(printf '%s\n' "$(buildah --version 2>/dev/null | awk '{ print $3 }')" 1.29 \
+            | sort -V | head -n1)" == 1.29 ]]; then
+        build_args+=(--ulimit "nproc=$(ulimit -Su):$(ulimit -Hu)"
+                     --ulimit "nofile=$(ulimit -Sn):$(ulimit -Hn)")
+    fi
     # pip's CA bundle: the host's (a TLS-intercepting proxy's CA may be only there), mounted at
     # /mnt/host-ca, not at /etc/ssl/certs: python3-venv pulls ca-certificates, whose postinst
     # writes there.  pip reads it through a copy of the host's pip.conf whose `cert` points there.

@@ -1,16 +1,28 @@
 #!/usr/bin/env bash
-# Idempotent host set-up for kvm-completion-tracer on Debian 12 (used by `make run`/`make test`
-# and CI).  Safe to run again: a second run on a set-up host does no apt work and no pip work.
+# Idempotent host set-up for kvm-completion-tracer on Debian 12 (bookworm) and Debian 13 (trixie)
+# (used by `make run`/`make test` and CI).  Safe to run again: a second run on a set-up host does
+# no apt work and no pip work.
 #
-#   1. Debian packages (apt only when one is missing, checked with dpkg-query)
-#   2. kernel headers for bcc: /lib/modules/$(uname -r)/{build,source}, falling back (with a
-#      warning) to Debian's generic linux-headers-amd64 when no linux-headers-$(uname -r) exists
+#   1. Debian packages (apt only when one is missing, checked with dpkg-query), with
+#      --no-install-recommends; before installing, apt's plan is checked: nothing that boots
+#      (a linux-image, initramfs-tools, dracut, systemd-sysv, udev; in `run` mode no systemd
+#      either) may come with it, else the script stops without installing anything.  It prints
+#      every package it installed.
+#   2. kernel headers for bcc: /lib/modules/$(uname -r)/{build,source}.  The running kernel's
+#      linux-headers-$(uname -r) when Debian has it, else Debian's generic headers (with a
+#      warning).  Debian 12's generic headers install without a kernel; Debian 13's
+#      linux-headers-<abi>-amd64 depends on its linux-image: then only its -common part is
+#      installed with apt, and the -amd64 package (generated headers, .config, ~10 MB) is
+#      fetched with `apt-get download` (hash-checked by apt) and unpacked, not installed, under
+#      /usr/src/kvm-completion-tracer/ (under /usr/src, which the container's grant mounts): a
+#      monitoring tool never puts a kernel into /boot.
 #   3. tracefs and debugfs mounted
 #   4. .venv from Debian's /usr/bin/python3 with --system-site-packages (bcc is only there)
 #   5. pip install -e '.[dev]' into .venv (skipped while a stamp is newer than pyproject.toml)
 #
-# Usage: setup-host.sh [run|test]  (default test). `run` sets up only what the daemon needs on a
-# hypervisor host; `test` adds the compiler, QEMU, Prometheus, bpftrace and the dev tools.
+# Usage: setup-host.sh [run|test|bench]  (default test). `run` sets up only what the daemon needs
+# on a hypervisor host; `test` adds the compilers, QEMU, Prometheus, bpftrace, buildah and the dev
+# tools; `bench` the C compiler and bpftrace.
 # Environment: SETUP_HOST_SKIP_APT=1 skips step 1 (for hosts managed otherwise).
 set -euo pipefail
 
@@ -26,7 +38,7 @@ warn() { echo "$me: warning: $*" >&2; }
 info() { echo "$me: $*"; }
 
 [[ "$(id -u)" -eq 0 ]] || die "must run as root (bcc, tracefs and apt need it): try 'sudo make ...'"
-[[ -r /etc/debian_version ]] || warn "not a Debian host; package names assume Debian 12"
+[[ -r /etc/debian_version ]] || warn "not a Debian host; package names assume Debian 12 or 13"
 
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$repo"
@@ -40,10 +52,12 @@ stamp="$venv/.kvm-completion-tracer-installed-$mode"
 base_packages=(python3-bpfcc python3-venv)
 if [[ "$mode" == test ]]; then
     base_packages+=(
-        gcc libc6-dev linux-libc-dev make util-linux systemd
+        gcc g++ libc6-dev linux-libc-dev make util-linux procps systemd git
         qemu-system-x86 prometheus prometheus-alertmanager bpftrace python3-seccomp
         buildah mmdebstrap
     )
+    # g++: the C++ demangling fixtures; procps: /bin/kill, which `systemd-analyze verify` wants
+    # for the unit's ExecReload; git: make distro-check clones the checkout.
     # The watch tests build a std-only Rust VMM: a rustup toolchain will do, else Debian's.
     if ! command -v rustc >/dev/null 2>&1 && [[ ! -x "${HOME:-/root}/.cargo/bin/rustc" ]]; then
         base_packages+=(rustc)
@@ -63,6 +77,9 @@ fi
 is_installed() {
     [[ "$(dpkg-query -W -f='${db:Status-Status}' "$1" 2>/dev/null || true)" == "installed" ]]
 }
+installed_list() {
+    dpkg-query -W -f='${db:Status-Status} ${Package}\n' 2>/dev/null | awk '$1 == "installed" { print $2 }' | sort
+}
 
 apt_updated=0
 apt_update() {
@@ -73,28 +90,101 @@ apt_update() {
     fi
 }
 
+# What must never come with the tool's packages: anything that boots (a kernel in /boot, an
+# initramfs generator, an init system, udev); in `run` mode (a production hypervisor) no systemd
+# package either (`test` asks for it: systemd-analyze checks the unit).
+forbidden='^(linux-image-.*|initramfs-tools.*|dracut.*|systemd-sysv|udev)$'
+[[ "$mode" == run ]] && forbidden='^(linux-image-.*|initramfs-tools.*|dracut.*|systemd-sysv|udev|systemd)$'
+# apt_plan PKG...: the packages `apt-get install` would install (a dry run; nothing changes).
+apt_plan() {
+    DEBIAN_FRONTEND=noninteractive apt-get install -s -qq --no-install-recommends "$@" 2>/dev/null \
+        | awk '$1 == "Inst" { print $2 }'
+}
+
+# Debian 13's linux-headers-<abi>-amd64 depends on linux-image-<abi>-amd64: its generated
+# headers are unpacked here instead (see the header comment), next to a stamp naming the .deb.
+local_headers=/usr/src/kvm-completion-tracer
+unpack_headers=""
+
 # --- 1. packages ---------------------------------------------------------------------------------
 if [[ "${SETUP_HOST_SKIP_APT:-0}" != "1" ]]; then
     missing=()
     for p in "${base_packages[@]}"; do
         is_installed "$p" || missing+=("$p")
     done
+    # buildah >= 1.35 (containers-common >= 0.58) has no CNI backend left: it needs netavark,
+    # which containers-common only recommends.  Older ones run on CNI (the first provider of
+    # container-network-stack), as Debian 12's does.
+    if [[ " ${missing[*]} " == *" buildah "* ]] || is_installed buildah; then
+        if ! is_installed netavark; then
+            if is_installed golang-github-containers-common; then
+                common_ver="$(dpkg-query -W -f='${Version}' golang-github-containers-common)"
+            else
+                apt_update
+                common_ver="$(apt-cache policy golang-github-containers-common 2>/dev/null \
+                    | awk '$1 == "Candidate:" { print $2 }')"
+            fi
+            if [[ -n "$common_ver" && "$common_ver" != "(none)" ]] \
+                && dpkg --compare-versions "$common_ver" ge 0.58; then
+                missing+=(netavark)
+            fi
+        fi
+    fi
     # Headers: the running kernel's own package when it is installed or can be had, else
-    # Debian's generic metapackage (only looked up in apt when neither is installed).
-    if ! is_installed "$kpkg" && ! is_installed linux-headers-amd64; then
+    # Debian's generic headers (only looked up in apt when none is installed).
+    if ! is_installed "$kpkg" && ! is_installed linux-headers-amd64 \
+        && ! compgen -G "$local_headers/linux-headers-*/.unpacked-from" >/dev/null; then
         apt_update
         if apt-cache show "$kpkg" >/dev/null 2>&1; then
             missing+=("$kpkg")
         else
-            missing+=(linux-headers-amd64)
+            # linux-headers-amd64 -> linux-headers-<abi>-amd64 (the versioned one).
+            vpkg="$(apt-cache depends linux-headers-amd64 2>/dev/null \
+                | awk '$1 == "Depends:" && $2 ~ /^linux-headers-.*-amd64$/ { print $2; exit }')"
+            [[ -n "$vpkg" ]] || die "apt knows no linux-headers-amd64 (is deb.debian.org main in the apt sources?)"
+            if apt_plan "$vpkg" | grep -Eq "$forbidden"; then
+                # Its -common part (arch-independent headers) has no kernel dependency.
+                common_pkg="$(apt-cache depends "$vpkg" 2>/dev/null \
+                    | awk '$1 == "Depends:" && $2 ~ /^linux-headers-.*-common$/ { print $2; exit }')"
+                [[ -n "$common_pkg" ]] || die "$vpkg depends on a kernel image and names no -common headers package"
+                is_installed "$common_pkg" || missing+=("$common_pkg")
+                unpack_headers="$vpkg"
+            else
+                missing+=("$vpkg")
+            fi
         fi
     fi
     if [[ ${#missing[@]} -gt 0 ]]; then
         apt_update
-        info "apt-get install ${missing[*]}"
+        bad="$(apt_plan "${missing[@]}" | grep -E "$forbidden" || true)"
+        if [[ -n "$bad" ]]; then
+            die "installing ${missing[*]} would also install $(echo $bad) ($mode mode never installs a kernel, initramfs, init system or udev); install the packages yourself or set SETUP_HOST_SKIP_APT=1"
+        fi
+        before="$(installed_list)"
+        info "apt-get install --no-install-recommends ${missing[*]}"
         DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
             -o Dpkg::Use-Pty=0 "${missing[@]}" >/dev/null \
             || die "apt-get install ${missing[*]} failed"
+        added="$(comm -13 <(echo "$before") <(installed_list) | tr '\n' ' ')"
+        info "installed $(wc -w <<<"$added") packages: $added"
+    fi
+    if [[ -n "$unpack_headers" ]]; then
+        apt_update
+        tmp="$(mktemp -d)"
+        ( cd "$tmp" && apt-get download -qq "$unpack_headers" >/dev/null 2>&1 ) \
+            || { rm -rf "$tmp"; die "apt-get download $unpack_headers failed"; }
+        deb="$(ls "$tmp"/*.deb)"
+        version="$(dpkg-deb -f "$deb" Version)"
+        dpkg-deb -x "$deb" "$tmp/x" || { rm -rf "$tmp"; die "cannot unpack $deb"; }
+        [[ -r "$tmp/x/usr/src/$unpack_headers/include/generated/autoconf.h" ]] \
+            || { rm -rf "$tmp"; die "$deb has no usr/src/$unpack_headers/include/generated/autoconf.h"; }
+        mkdir -p "$local_headers"
+        rm -rf "${local_headers:?}/$unpack_headers"
+        mv "$tmp/x/usr/src/$unpack_headers" "$local_headers/$unpack_headers"
+        printf '%s %s %s\n' "$unpack_headers" "$version" "$(sha256sum "$deb" | cut -d' ' -f1)" \
+            >"$local_headers/$unpack_headers/.unpacked-from"
+        rm -rf "$tmp"
+        info "unpacked $unpack_headers $version into $local_headers/$unpack_headers (not installed: the package depends on a kernel image; remove with rm -rf $local_headers)"
     fi
 fi
 
@@ -110,16 +200,18 @@ else
         common="/usr/src/${kpkg%-amd64}-common"
         [[ -d "$common" ]] && source_dir="$common"
     else
-        # The generic package linux-headers-amd64 depends on linux-headers-<abi>-amd64.
+        # The generic package linux-headers-amd64 depends on linux-headers-<abi>-amd64
+        # (installed, Debian 12), or that package unpacked by step 1 (Debian 13).
         generic="$(dpkg-query -W -f='${Depends}' linux-headers-amd64 2>/dev/null \
             | grep -o 'linux-headers-[^ ,]*-amd64' | head -n1 || true)"
-        if [[ -z "$generic" || ! -d "/usr/src/$generic" ]]; then
-            generic="$(find /usr/src -maxdepth 1 -name 'linux-headers-*-amd64' -printf '%f\n' \
-                | sort -V | tail -n1)"
-        fi
-        [[ -n "$generic" && -d "/usr/src/$generic" ]] \
-            || die "no kernel headers under /usr/src (install linux-headers-amd64)"
         build_dir="/usr/src/$generic"
+        if [[ -z "$generic" || ! -d "$build_dir" ]]; then
+            build_dir="$(find /usr/src "$local_headers" -maxdepth 1 -name 'linux-headers-*-amd64' \
+                -printf '%f %p\n' 2>/dev/null | sort -V | tail -n1 | cut -d' ' -f2)"
+            generic="${build_dir##*/}"
+        fi
+        [[ -n "$generic" && -d "$build_dir" ]] \
+            || die "no kernel headers under /usr/src or $local_headers (run without SETUP_HOST_SKIP_APT, or install linux-headers-$kver)"
         source_dir="/usr/src/${generic%-amd64}-common"
         [[ -d "$source_dir" ]] || source_dir="$build_dir"
     fi

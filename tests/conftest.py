@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import Mapping
+import sys
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -226,3 +227,51 @@ def isolated_daemon_args() -> tuple[list[str], str]:
     state = tempfile.mkdtemp(prefix="kct-state-")
     return (["--state-dir", state, "--metrics-addr", f"127.0.0.1:{port}"],
             f"http://127.0.0.1:{port}/metrics")
+
+
+# --- the tracer as another user ------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class AnyUserTracer:
+    """``python -m tracer`` that any user can run, wherever the checkout and its venv live (a
+    checkout under /root is mode 0700: an unprivileged user can neither exec the venv's python
+    nor import the package from there)."""
+
+    argv: tuple[str, ...]  # the interpreter and ``-m tracer``
+    cwd: Path
+    env: Mapping[str, str]
+
+
+@pytest.fixture(scope="session")
+def tracer_for_any_user() -> Iterator[AnyUserTracer]:
+    """A world-readable copy (mode 0755 temporary directory) of the ``tracer`` package and of the
+    runtime dependencies the venv installed (Debian's are already readable by everyone), run by
+    the venv's base interpreter with the copy on PYTHONPATH."""
+    import importlib.metadata as metadata
+    import re
+    import tempfile
+
+    repo = Path(__file__).resolve().parents[1]
+    top = Path(tempfile.mkdtemp(prefix="kct-any-user-"))
+    try:
+        shutil.copytree(repo / "tracer", top / "tracer",
+                        ignore=shutil.ignore_patterns("__pycache__"))
+        for requirement in metadata.requires("kvm-completion-tracer") or []:
+            if "extra ==" in requirement:
+                continue
+            dist = metadata.distribution(re.split(r"[ ;<>=!~\[]", requirement, maxsplit=1)[0])
+            for file in dist.files or []:
+                source = Path(str(dist.locate_file(file)))
+                if file.parts[0].endswith(".dist-info") or "__pycache__" in file.parts:
+                    continue
+                if not source.is_relative_to(sys.prefix) or not source.is_file():
+                    continue  # outside the venv (Debian's): readable by everyone already
+                (top / file).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(source, top / file)
+        for path in [top, *top.rglob("*")]:
+            path.chmod(0o755 if path.is_dir() else 0o644)
+        env = {k: v for k, v in os.environ.items() if not k.startswith("VIRTUAL_ENV")}
+        env.update(PYTHONPATH=str(top), PYTHONDONTWRITEBYTECODE="1")
+        yield AnyUserTracer((os.path.realpath(sys.executable), "-m", "tracer"), top, env)
+    finally:
+        shutil.rmtree(top, ignore_errors=True)

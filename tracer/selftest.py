@@ -146,6 +146,13 @@ def run_vmm(scenario: str, iterations: int, daemon: Daemon | None = None,
     return report
 
 
+def _say(line: str) -> None:
+    """One progress line, written out at once: on a pipe (a CI log, ``| tee``, a test reading
+    the lines while the selftest runs) stdout is block-buffered, and the "serving metrics" line
+    would arrive only when the selftest ends."""
+    print(line, flush=True)
+
+
 def _serve_metrics(addr: str | None) -> tuple[CollectorRegistry | None, Callable[[], None]]:
     """The selftest's exporter (to watch the counters rise with curl); a taken port costs the
     metrics, not the selftest."""
@@ -155,9 +162,9 @@ def _serve_metrics(addr: str | None) -> tuple[CollectorRegistry | None, Callable
     try:
         stop = start_server(addr, registry)
     except MetricsConfigError as err:
-        print(f"selftest: no metrics ({err})")
+        _say(f"selftest: no metrics ({err})")
         return None, lambda: None
-    print(f"selftest: metrics on http://{addr}/metrics")
+    _say(f"selftest: metrics on http://{addr}/metrics")
     return registry, stop
 
 
@@ -184,7 +191,7 @@ def run_selftest(iterations: int, only: Iterable[str] = (), metrics_addr: str | 
             try:
                 report = run_vmm(name, iterations, daemon)
             except RuntimeError as err:
-                print(f"FAIL {name}: {err}")
+                _say(f"FAIL {name}: {err}")
                 failed += 1
                 continue
             problems = compare(report, *alerts_for(sink, report.pid))
@@ -194,16 +201,16 @@ def run_selftest(iterations: int, only: Iterable[str] = (), metrics_addr: str | 
                        f"snapshots, {sum(report.exits.values())} exits")
             if problems:
                 failed += 1
-                print(f"FAIL {name}: {summary}")
+                _say(f"FAIL {name}: {summary}")
                 for problem in problems[:10]:
-                    print(f"     {problem}")
+                    _say(f"     {problem}")
             else:
                 passed += 1
-                print(f"ok   {name}: {summary}")
+                _say(f"ok   {name}: {summary}")
         lost = daemon.probes.counters()["events_lost"]
         failed += 1 if lost else 0
         if linger_s > 0 and registry is not None:
-            print(f"selftest: serving metrics for {linger_s:g} s more")
+            _say(f"selftest: serving metrics for {linger_s:g} s more")
             deadline = time.monotonic() + linger_s
             while time.monotonic() < deadline:
                 daemon.poll_once(100)

@@ -156,6 +156,9 @@ class TrackerStats:
 CLOSED_BY_FLAGS = {True: "immediate_exit", False: "reentry"}
 # Bound of Tracker._counted: far more windows than can be open at once.
 MAX_COUNTED_WINDOWS = 65536
+# Names of processes already forgotten, for their events still in the ring buffer (a stalled
+# reader): the same name, not a second one from a thread's comm. Oldest dropped first.
+MAX_GONE_NAMES = 4096
 COMPLETED_BY = frozenset(CLOSED_BY_FLAGS.values())
 
 
@@ -176,6 +179,7 @@ class Tracker:
         self.stats = TrackerStats()
         self.ledger = VmLedger()  # statistics of vCPUs that are gone, per VM name
         self._names: dict[int, VmIdentity] = {}
+        self._gone_names: dict[int, VmIdentity] = {}  # pid -> name, oldest first
         self._started: dict[int, int | None] = {}  # pid -> start time when first seen
         self._rescan: set[int] = set()
         # Windows whose snapshot was counted and that may show again ((vcpu uid, seq), oldest
@@ -186,21 +190,34 @@ class Tracker:
 
     # ---- naming --------------------------------------------------------------------------------
     def identity(self, pid: int, comm_hint: str = "") -> VmIdentity:
-        """The VM's name, resolved from /proc once and kept while the process lives. A process
-        already gone is ``<comm>[<pid>]`` with the comm the kernel saw (``comm_hint``: an
-        event's, or the vCPU entry's from its creation), not ``unknown[<pid>]``."""
+        """The VM's name: the one naming function of alerts and of every metric family.
+
+        Resolved from /proc once and kept while the process lives. A process already gone is
+        ``<comm>[<pid>]``: the comm the kernel kept in its vCPU entry at creation, else
+        ``comm_hint`` (an event's comm), else ``unknown[<pid>]``. Once given, a name is not
+        changed by a later comm (one name per process in every family, whichever path named
+        it first), nor after the process is forgotten (its late events keep it); a pid that
+        is alive again is a new process and gets its own name."""
         known = self._names.get(pid)
         if known is not None and known.source != vmident.SOURCE_UNAVAILABLE:
             return known
         ident = self.proc.identify(pid)
         if ident.source == vmident.SOURCE_UNAVAILABLE:
-            if comm_hint:
-                ident = vmident.unavailable_identity(pid, comm_hint)
-            elif known is not None:
-                return known  # the name a probe's comm gave earlier beats unknown[PID]
+            if known is not None:
+                return known
+            gone = self._gone_names.get(pid)
+            if gone is not None:
+                return gone
+            ident = vmident.unavailable_identity(pid, self._kernel_comm(pid) or comm_hint)
         self._names[pid] = ident
+        self._gone_names.pop(pid, None)
         self.ledger.mark_alive(ident.name)
         return ident
+
+    def _kernel_comm(self, pid: int) -> str:
+        """The comm the kernel kept at the creation of one of ``pid``'s vCPUs (a map read: only
+        when a gone process is named for the first time)."""
+        return self.control.vcpu_comms().get(pid, "") if self.control is not None else ""
 
     # ---- events --------------------------------------------------------------------------------
     def handle(self, ev: KernelEvent) -> None:
@@ -263,9 +280,12 @@ class Tracker:
                 self.stats.unseen[(vm, key._replace(pid=0))] += missed
 
     def _on_process_exit(self, ev: KernelEvent) -> None:
-        self._forget_process(ev.tgid)
+        self._forget_process(ev.tgid, ev.comm)
 
-    def _forget_process(self, pid: int) -> None:
+    def _forget_process(self, pid: int, comm_hint: str = "") -> None:
+        # Named before its vCPU entries (and the comm the kernel kept in them) are released:
+        # the snapshots, retired counters and lost counts below all go under this name.
+        self.identity(pid, comm_hint)
         self._close_windows(lambda w: w.pid == pid, "process_exit")
         uids = {uid for uid, rec in self.vcpus.items() if rec.pid == pid}
         for uid in uids:
@@ -279,6 +299,10 @@ class Tracker:
         if self.stacks is not None:
             self.stacks.forget(pid)
         ident = self._names.pop(pid, None)
+        if ident is not None:
+            self._gone_names[pid] = ident
+            while len(self._gone_names) > MAX_GONE_NAMES:
+                del self._gone_names[next(iter(self._gone_names))]
         if ident is not None and not any(i.name == ident.name for i in self._names.values()):
             self.ledger.mark_gone(ident.name, self.clock())
         self._started.pop(pid, None)

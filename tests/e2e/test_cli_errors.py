@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import requires_kvm_bpf
+from conftest import AnyUserTracer, requires_kvm_bpf
 
 from tracer.instance import LOCK_NAME, InstanceLock
 
@@ -56,11 +56,15 @@ def tracer_argv(*args: str) -> list[str]:
     return [sys.executable, "-m", "tracer", *args]
 
 
-def run(argv: Sequence[str]) -> Done:
+def run(argv: Sequence[str], any_user: AnyUserTracer | None = None) -> Done:
+    """``any_user``: run from its world-readable copy (a user other than root)."""
     env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}
     env.pop("PYTHONPATH", None)
+    cwd = REPO
+    if any_user is not None:
+        env, cwd = dict(any_user.env), any_user.cwd
     try:
-        done = subprocess.run(list(argv), cwd=REPO, env=env, capture_output=True, text=True,
+        done = subprocess.run(list(argv), cwd=cwd, env=env, capture_output=True, text=True,
                               timeout=TIMEOUT_S, check=False)
     except subprocess.TimeoutExpired as err:
         pytest.fail(f"{shlex.join(argv)} still running after {TIMEOUT_S}s (started the daemon?)"
@@ -257,16 +261,16 @@ AS_NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
 
 @needs_root
 @needs_tool("setpriv")
-def test_run_as_nobody() -> None:
-    assert_one_error_line(run([*AS_NOBODY, *tracer_argv("run")]), "privileges:",
-                          "CAP_BPF", "fix: run as root", exit_code=1)
+def test_run_as_nobody(tracer_for_any_user: AnyUserTracer) -> None:
+    done = run([*AS_NOBODY, *tracer_for_any_user.argv, "run"], tracer_for_any_user)
+    assert_one_error_line(done, "privileges:", "CAP_BPF", "fix: run as root", exit_code=1)
 
 
 @needs_root
 @needs_tool("setpriv")
-def test_check_as_nobody() -> None:
-    fail = assert_check_fails(run([*AS_NOBODY, *tracer_argv("check")]), "privileges",
-                              "CAP_BPF+CAP_PERFMON")
+def test_check_as_nobody(tracer_for_any_user: AnyUserTracer) -> None:
+    done = run([*AS_NOBODY, *tracer_for_any_user.argv, "check"], tracer_for_any_user)
+    fail = assert_check_fails(done, "privileges", "CAP_BPF+CAP_PERFMON")
     assert "run as root" in fail[1]
 
 

@@ -11,8 +11,9 @@ test machine: crun's setrlimit is refused in some VMs).  What it can and cannot 
 - seccomp: the Docker >= 23 rule (``bpf`` with CAP_BPF, ``perf_event_open`` with CAP_PERFMON),
   through ``buildah from --security-opt seccomp=FILE`` (``buildah run`` has no --security-opt,
   and containers.conf's ``seccomp_profile`` is ignored by it).  The profile is
-  /usr/share/containers/seccomp.json with only that rule changed: its own rule lets both
-  syscalls through only with CAP_SYS_ADMIN (docs/deploy.md "Container").
+  /usr/share/containers/seccomp.json with only those two syscalls changed: its own rules let
+  them through only with CAP_SYS_ADMIN (docs/deploy.md "Container"); Debian 12's in one rule naming
+  both, Debian 13's in rules naming either with other syscalls, and with the Docker rule too.
 - ``--pid host``, ``--network host``: applied.  AppArmor: buildah's chroot isolation applies no
   profile (docs/deploy.md's apparmor=unconfined).
 - read-only root filesystem (``--read-only --tmpfs /tmp``): ``buildah run`` cannot apply it
@@ -34,6 +35,7 @@ import copy
 import importlib.util
 import json
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -80,11 +82,18 @@ def _engine() -> str | None:
 
 def _seccomp_profile(dest: Path) -> Path:
     profile = json.loads(Path("/usr/share/containers/seccomp.json").read_text())
+    ours = ("bpf", "perf_event_open")
     rules = []
     for rule in profile["syscalls"]:
-        if "bpf" in rule["names"] and rule["action"] == "SCMP_ACT_ERRNO":
+        if rule["action"] == "SCMP_ACT_ERRNO" and set(ours) & set(rule["names"]):
+            # Every refusal of the two, whatever else the rule names (errno rules only refuse).
             rule = copy.deepcopy(rule)
-            rule["names"] = [n for n in rule["names"] if n not in ("bpf", "perf_event_open")]
+            rule["names"] = [n for n in rule["names"] if n not in ours]
+            if not rule["names"]:
+                continue
+        elif rule["action"] == "SCMP_ACT_ALLOW" and rule["names"] in (["bpf"],
+                                                                        ["perf_event_open"]):
+            continue  # the Docker rule, already there (Debian 13): added once below
         rules.append(rule)
     rules.append({"names": ["bpf"], "action": "SCMP_ACT_ALLOW", "includes": {"caps": ["CAP_BPF"]}})
     rules.append({"names": ["perf_event_open"], "action": "SCMP_ACT_ALLOW",
@@ -94,6 +103,17 @@ def _seccomp_profile(dest: Path) -> Path:
     return dest
 
 
+def _buildah_raises_limits_it_may_not() -> bool:
+    status = Path("/proc/self/status").read_text()
+    (caps,) = [int(line.split()[1], 16) for line in status.splitlines()
+               if line.startswith("CapEff:")]
+    cap_sys_resource = 24
+    out = subprocess.run(["buildah", "--version"], capture_output=True, text=True,
+                         check=False).stdout.split()
+    version = tuple(int(p) for p in out[2].split(".")[:2]) if len(out) > 2 else (0, 0)
+    return not caps >> cap_sys_resource & 1 and version > (1, 28)
+
+
 class Container:
     def __init__(self, work: Path) -> None:
         self.state = work / "state"
@@ -101,9 +121,15 @@ class Container:
         self.tmp = work / "tmp"  # the --tmpfs /tmp of docs/deploy.md's run line
         self.tmp.mkdir()
         seccomp = _seccomp_profile(work / "seccomp.json")
+        # This process's limits where buildah would raise them and may not (the rule of
+        # scripts/build-image.sh: buildah newer than 1.28, no CAP_SYS_RESOURCE).
+        limits = [f"--ulimit={name}={':'.join(map(str, resource.getrlimit(which)))}"
+                  for name, which in (("nproc", resource.RLIMIT_NPROC),
+                                      ("nofile", resource.RLIMIT_NOFILE))
+                  ] if _buildah_raises_limits_it_may_not() else []
         self.id = subprocess.run(
-            ["buildah", "from", "--pull=never", "--security-opt", f"seccomp={seccomp}", IMAGE],
-            capture_output=True, text=True, check=True).stdout.strip()
+            ["buildah", "from", "--pull=never", "--security-opt", f"seccomp={seccomp}", *limits,
+             IMAGE], capture_output=True, text=True, check=True).stdout.strip()
 
     def argv(self, *cmd: str, kvm: bool = False, env: tuple[str, ...] = ()) -> list[str]:
         argv = ["buildah", "run", *(f"--env={e}" for e in env), "--isolation", "chroot",

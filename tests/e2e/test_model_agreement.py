@@ -7,6 +7,7 @@ exactly the verdicts (violations, windows closed) the kernel gave.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 
 import pytest
@@ -74,8 +75,10 @@ def verdicts(events: list[KernelEvent]) -> list[VerdictKey]:
 @pytest.fixture(scope="module")
 def traced() -> Iterator[tuple[Daemon, list[KernelEvent]]]:
     policy = build_policy()
-    # 4 MiB of ring: every exit of every VM on the host is an event in this mode.
-    config = ProbeConfig(trace_exits=True, ringbuf_pages=1024)
+    # Every exit is an event in this mode: only the VMMs this test forks are followed (the
+    # `watch` probes, this process watched), so no other VMM on the host (another test run, a
+    # benchmark) can fill the ring and drop the events the replay needs.
+    config = ProbeConfig(trace_exits=True, ringbuf_pages=1024, watch=True)
     daemon = Daemon(DaemonOptions(policy=policy, probe_config=config), sink=MemorySink())
     seen: list[KernelEvent] = []
     handle = daemon.tracker.handle
@@ -85,9 +88,13 @@ def traced() -> Iterator[tuple[Daemon, list[KernelEvent]]]:
         handle(ev)
 
     daemon.tracker.handle = record  # type: ignore[method-assign]
-    daemon.start()
-    yield daemon, seen
-    daemon.close()
+    daemon.start(adopt=False)
+    daemon.probes.watch(os.getpid(), True)  # the scenarios' VMMs are forked from here
+    try:
+        yield daemon, seen
+    finally:
+        daemon.probes.watch(os.getpid(), False)
+        daemon.close()
 
 
 @pytest.mark.parametrize("scenario", SELFTEST_SCENARIOS)
@@ -97,7 +104,7 @@ def test_kernel_and_model_agree(traced: tuple[Daemon, list[KernelEvent]],
     seen.clear()
     lost_before = daemon.probes.counters()["events_lost"]
     report = run_vmm(scenario, 3, daemon)
-    # A lost event would make the replay meaningless (another VMM flooding the host?).
+    # A lost event would make the replay meaningless (only this test's VMMs are traced).
     assert daemon.probes.counters()["events_lost"] == lost_before
     mine = [ev for ev in seen if ev.tgid == report.pid]
     assert any(ev.type is EventType.USERSPACE_EXIT for ev in mine), "no trace events"

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import free_port, requires_kvm_bpf
+from conftest import AnyUserTracer, free_port, requires_kvm_bpf
 from daemon_proc import run_vmm
 from metrics_scrape import scrape
 
@@ -350,8 +350,12 @@ def test_second_instance_fails_and_the_first_keeps_running(service: Service,
 
 # ---- one line and a non-zero exit for every bad start -------------------------------------------
 
-def one_line(argv: list[str], *needles: str) -> str:
-    done = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=60)
+def one_line(argv: list[str], *needles: str, any_user: AnyUserTracer | None = None) -> str:
+    """``any_user``: run from its world-readable copy (a user other than root)."""
+    where: dict[str, Any] = {"cwd": REPO}
+    if any_user is not None:
+        where = {"cwd": any_user.cwd, "env": dict(any_user.env)}
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=60, **where)
     assert done.returncode != 0, done
     assert "Traceback" not in done.stdout + done.stderr, done
     lines = done.stderr.splitlines()
@@ -381,13 +385,14 @@ def test_missing_given_config(service_dir: Path) -> None:
 
 
 @pytest.mark.skipif(shutil.which("setpriv") is None, reason="setpriv (util-linux) missing")
-def test_unreadable_config(service_dir: Path) -> None:
+def test_unreadable_config(service_dir: Path, tracer_for_any_user: AnyUserTracer) -> None:
     config = service_dir / "c.toml"
     config.write_text(CONFIG)
     config.chmod(0o600)
     service_dir.chmod(0o755)
     one_line(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
-              *tracer_argv("--config", str(config))], str(config), "Permission denied")
+              *tracer_for_any_user.argv, "run", "--log-format", "json", "--config", str(config)],
+             str(config), "Permission denied", any_user=tracer_for_any_user)
 
 
 @pytest.mark.skipif(shutil.which("unshare") is None, reason="unshare (util-linux) missing")

@@ -152,8 +152,13 @@ def test_v0_real_symbols_match_cxxfilt(tmp_path: Path) -> None:
                         "-C", "symbol-mangling-version=v0")
     # ".0"-suffixed statics: libiberty drops the suffix, rustc-demangle (and we) keep it.
     names = [s for s in symbols(binary) if s.startswith("_R") and "." not in s]
-    assert len(names) > 300
-    assert [demangle(s) for s in names] == [libiberty_alternate(t) for t in cxxfilt(names)]
+    ours = [demangle(s) for s in names]
+    # How many v0 symbols std brings depends on how the toolchain built std (Debian 13's rustc
+    # 1.85: ~50, a rustup one: hundreds); the fixture's own generic functions are always there.
+    assert {"<bt::vmm::Vcpu<4> as bt::vmm::Save>::save",
+            "bt::vmm::save_vcpu_state::<bt::vmm::Vcpu<4>>",
+            "bt::vmm::save_vcpu_state::<dyn bt::vmm::Save>"} <= set(ours), ours
+    assert ours == [libiberty_alternate(t) for t in cxxfilt(names)]
 
 
 def test_v0_matches_rust_backtrace(tmp_path: Path) -> None:

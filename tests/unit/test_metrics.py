@@ -30,6 +30,7 @@ from tracer.metrics import (
 from tracer.model import ProbeModel
 from tracer.policy import PolicyOverrides, build_policy
 from tracer.tracker import Tracker
+from tracer.vmident import VmIdentity, unavailable_identity
 
 PID, TID, VM_FD = 4242, 4243, 3
 OTHER = 5151  # a second process
@@ -536,3 +537,77 @@ def test_reports_in_flight_are_not_counted_as_lost() -> None:
     got = rig.scrape()
     assert value(got, "kvm_completion_violations_total", vm="web01", kind="save",
                  ioctl="KVM_GET_REGS", exit_reason="KVM_EXIT_IO", severity="error") == 2
+
+
+class GoneProc(NamedProc):
+    """NamedProc whose ``gone`` pids have no /proc any more (as vmident then says)."""
+
+    def __init__(self) -> None:
+        super().__init__({})
+        self.gone: set[int] = set()
+
+    def identify(self, pid: int) -> VmIdentity:
+        if pid in self.gone:
+            return unavailable_identity(pid, None)
+        return super().identify(pid)
+
+    def alive(self, pid: int, start_time: int) -> bool:
+        return pid not in self.gone
+
+
+def _vm_labels(got: dict[tuple[str, tuple[tuple[str, str], ...]], float]) -> dict[str, set[str]]:
+    """vm label values by family."""
+    out: dict[str, set[str]] = {}
+    for name, labels in got:
+        for key, val in labels:
+            if key == "vm":
+                out.setdefault(name, set()).add(val)
+    return out
+
+
+def test_a_process_gone_before_its_events_arrive_has_one_name_in_every_family() -> None:
+    """A stalled reader: the VMM made a vCPU, snapshotted mid-completion and exited before the
+    daemon read any of it. A scrape names it from the kernel's counts first; its events (with a
+    thread's comm) come later. Every family and every alert must use one name, the comm the
+    kernel kept at vCPU creation, not unknown[PID] in one family and <comm>[PID] in another."""
+    rig = Rig()
+    proc = GoneProc()
+    rig.tracker.proc = proc
+    kernel_comms = {PID: "c_vmm"}
+    rig.model.vcpu_comms = lambda: dict(kernel_comms)  # type: ignore[method-assign]
+    rig.model.ioctl_enter(PID, PID + 1, VM_FD, abi.KVM_CREATE_VCPU, 0)
+    rig.model.ioctl_exit(PID, PID + 1, 5)
+    rig.model.ioctl_enter(PID, PID + 1, 5, abi.KVM_RUN)
+    rig.model.userspace_exit(PID + 1, IO, 0, OUT)
+    for cmd in (GET_REGS, GET_SREGS, GET_REGS):
+        rig.model.ioctl_enter(PID, PID + 1, 5, cmd)
+        rig.model.ioctl_exit(PID, PID + 1, 0)
+    rig.model.process_exit(PID)
+    stalled = rig.model.drain()
+    proc.gone.add(PID)
+    rig.probes.lost = len(stalled)
+
+    first = _vm_labels(rig.scrape())  # named from mid_counts only: nothing handled yet
+    assert first["kvm_completion_violations_total"] == {f"c_vmm[{PID}]"}, first
+    for ev in stalled:  # the ring buffer drains at last (its events' comm is "vmm")
+        rig.tracker.handle(ev)
+    rig.tracker.sweep()
+    kernel_comms.clear()  # the vCPU entries were released with the process
+    rig.tracker.handle(stalled[-1])  # a late duplicate exit, as a second reader pass sees it
+    got = rig.scrape()
+    names = set().union(*_vm_labels(got).values())
+    assert names == {f"c_vmm[{PID}]"}, _vm_labels(got)
+    assert value(got, "kvm_completion_snapshots_total", vm=f"c_vmm[{PID}]") == 1
+    alerts = [*rig.sink.violations, *rig.sink.snapshots]
+    assert alerts and {a.vm for a in alerts} == {f"c_vmm[{PID}]"}
+
+
+def test_a_pid_alive_again_is_a_new_process_with_its_own_name() -> None:
+    rig = Rig()
+    proc = GoneProc()
+    rig.tracker.proc = proc
+    proc.gone.add(PID)
+    assert rig.tracker.identity(PID, "old").name == f"old[{PID}]"
+    assert rig.tracker.identity(PID, "other").name == f"old[{PID}]"  # not renamed
+    proc.gone.discard(PID)  # the pid now runs a new, live process
+    assert rig.tracker.identity(PID).name == f"vm-{PID}"

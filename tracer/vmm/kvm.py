@@ -35,6 +35,7 @@ import struct
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final, NamedTuple, TypeVar
 
@@ -166,6 +167,7 @@ class RunEnd:
     returned_ns: int  # time.monotonic_ns() right after the ioctl returned
     outcome: str  # as RunRecord.outcome
     pending: PendingExit | None  # the exit it left to complete, if any
+    progress: int | None = None  # Vcpu.progress() once it returned (the guest stopped)
 
 
 QUEUE_AFTER_RUN: Final = "after-run"
@@ -185,9 +187,13 @@ class QueuedIoctl:
     - ``after-run``: it returned after the KVM_RUN returned (to within the slack below) and
       no later KVM_RUN was issued before it returned; if the run left a completion pending,
       the ioctl is also recorded in :attr:`Kvm.mid_completion` against that exit;
-    - ``before-run``: it returned before the KVM_RUN did, by more than :func:`clock_slack_ns`,
-      so it slipped in before KVM_RUN took the mutex (nothing recorded: a scenario relying on
-      the blocking must fail);
+    - ``before-run``: it slipped in before KVM_RUN took the mutex (nothing recorded: a
+      scenario relying on the blocking must fail). With a guest progress counter
+      (:attr:`Vcpu.progress`): the counter read right after the ioctl returned is not the one
+      the guest stopped at when that KVM_RUN returned (the guest was still to run). Without
+      one, from the clocks: it returned before the KVM_RUN did by more than
+      :func:`clock_slack_ns`, which a loaded host can exceed (the vCPU thread waits for a CPU
+      after KVM_RUN returned), so scenarios that queue ioctls give the counter;
     - ``ambiguous``: another KVM_RUN was issued before it returned, which may have completed
       the exit first (nothing recorded).
 
@@ -210,6 +216,8 @@ class QueuedIoctl:
     run_returned_ns: int
     run_outcome: str
     order: str  # QUEUE_AFTER_RUN | QUEUE_BEFORE_RUN | QUEUE_AMBIGUOUS
+    progress_seen: int | None = None  # Vcpu.progress() right after it returned
+    progress_at_run_end: int | None = None  # Vcpu.progress() once the KVM_RUN returned
 
     @property
     def blocked_ns(self) -> int:
@@ -470,6 +478,9 @@ class Vcpu:
         self._run_cond = threading.Condition()
         self._queued_behind: dict[int, int] = {}  # run ts_ns -> queued ioctls not settled yet
         self._run_ends: dict[int, RunEnd] = {}
+        # A counter the guest moves while it runs (its heartbeat in guest memory), if the
+        # scenario has one: orders queued state ioctls by the guest's state, not by clocks.
+        self.progress: Callable[[], int] | None = None
 
     # --- raw ioctl plumbing --------------------------------------------------------------
     def _issue(self, fd: int, name: str, arg: int | ctypes.Structure, ts: int, tid: int) -> int:
@@ -508,6 +519,7 @@ class Vcpu:
         fd = self.state_fd
         try:
             result = self._issue(fd, name, arg, ts, tid)
+            seen = self.progress() if self.progress is not None else None
         except BaseException:
             with self._run_cond:
                 self._unqueue(run_ts)
@@ -520,7 +532,11 @@ class Vcpu:
                     raise VmmError(f"{name} issued during KVM_RUN on vCPU {self.vcpu_id}: that "
                                    f"KVM_RUN did not return within {QUEUE_TIMEOUT_S:.0f} s")
                 end = self._run_ends[run_ts]
-                if returned < end.returned_ns - clock_slack_ns():
+                if seen is not None and end.progress is not None:
+                    slipped = seen != end.progress  # the guest had yet to run to its exit
+                else:
+                    slipped = returned < end.returned_ns - clock_slack_ns()
+                if slipped:
                     order = QUEUE_BEFORE_RUN
                 elif run_ts < self._last_run_ns < returned:
                     order = QUEUE_AMBIGUOUS
@@ -530,7 +546,8 @@ class Vcpu:
                 self._unqueue(run_ts)
         kvm = self.vm.kvm
         kvm.queued_ioctls.append(QueuedIoctl(ts, returned, tid, fd, self.vcpu_id, name, kind,
-                                             run_ts, end.returned_ns, end.outcome, order))
+                                             run_ts, end.returned_ns, end.outcome, order, seen,
+                                             end.progress))
         if order == QUEUE_AFTER_RUN and end.pending is not None:
             self._record_mid_completion(ts, tid, fd, name, kind, end.pending)
         return result
@@ -552,7 +569,8 @@ class Vcpu:
             if self.run_in_flight == ts:
                 self.run_in_flight = None
             if ts in self._queued_behind:
-                self._run_ends[ts] = RunEnd(ts, returned, outcome, pending)
+                progress = self.progress() if self.progress is not None else None
+                self._run_ends[ts] = RunEnd(ts, returned, outcome, pending, progress)
                 self._run_cond.notify_all()
 
     def _get(self, name: str, buf: _Buf) -> _Buf:

@@ -391,6 +391,8 @@ def _save_while_running(name: str, iterations: int, kicked: bool) -> ScenarioRep
             value: int = struct.unpack("<I", vcpu.vm.memory[0].read(heartbeat_gpa, 4))[0]
             return value
 
+        vcpu.progress = beat  # queued saves ordered by the guest's heartbeat, not by clocks
+
         def vcpu_thread() -> None:
             for i in range(iterations):
                 beat_before[0] = beat()  # the guest is not running: the count is stable
@@ -478,10 +480,11 @@ def _save_while_running(name: str, iterations: int, kicked: bool) -> ScenarioRep
 
 
 def _check_saves_behind_runs(s: _Session, vcpu: Vcpu, kicked: bool, iterations: int) -> None:
-    """From the VMM's own clocks: every iteration's snapshot started while its KVM_RUN was in
-    flight, and every ioctl issued then returned after that KVM_RUN returned (to within
-    kvm.clock_slack_ns(): the heartbeat already rules out a slip, the clocks double-check it);
-    else the expectations would be wrong, so the scenario fails. Timings go to the facts."""
+    """Every iteration's snapshot started while its KVM_RUN was in flight, and every ioctl
+    issued then ran after that KVM_RUN returned (the heartbeat the saver waits for already rules
+    out a slip; the guest's heartbeat read right after each ioctl, the one it stopped at,
+    double-checks it: no clock, so a loaded host cannot fail it); else the expectations would
+    be wrong, so the scenario fails. Timings go to the facts."""
     kvm = s.kvm
     runs = [r for r in kvm.run_log if r.fd == vcpu.fd and not r.immediate_exit]
     want = "KVM_EXIT_INTR" if kicked else "KVM_EXIT_IO"
@@ -493,7 +496,8 @@ def _check_saves_behind_runs(s: _Session, vcpu: Vcpu, kicked: bool, iterations: 
         q = wrong[0]
         raise VmmError(f"{s.name}: {len(wrong)} state ioctl(s) issued during KVM_RUN did not run "
                        f"after it (first: {q.name}, {q.order}, returned "
-                       f"{-q.after_run_ns / 1e3:.0f} us before the run)")
+                       f"{-q.after_run_ns / 1e3:.0f} us before the run; guest heartbeat "
+                       f"{q.progress_seen} after it, {q.progress_at_run_end} at the run's end)")
     firsts: list[QueuedIoctl] = []
     for i, run in enumerate(runs):
         behind = [q for q in kvm.queued_ioctls if q.run_ts_ns == run.ts_ns]
