@@ -281,6 +281,9 @@ class Daemon:
             self.poll_once(self.loop_poll_ms())
             now = time.monotonic()
             if now >= next_sweep:
+                # Every event already submitted first: a process the sweep finds gone sent its
+                # exit event before it was gone, so only a lost one leaves its reads unjudged.
+                self.probes.poll(0)
                 with self.lock:
                     self.tracker.sweep()
                     self.tracker.prune_gone(self.options.metrics.retain_gone_s)
@@ -296,7 +299,7 @@ class Daemon:
         with self.lock:
             self.tracker.tick()
             self.check_losses()
-            self.tracker.flush_held()
+            self.tracker.unresolved_held()
 
     def drain(self) -> None:
         """Hand every event already in the ring to the tracker (a violation of the last
@@ -358,7 +361,8 @@ class Daemon:
             "guest_entries": sum(self.probes.guest_entry_counts().values()),
             "violations": sum(stats.violations.values()),
             "sanctioned": sum(stats.sanctioned.values()),
-            "inspections": sum(stats.inspections.values()),
+            "inspections": sum(self.tracker.inspection_counts().values()),
+            "unverified": sum(self.tracker.unverified().values()),
             "snapshots": sum(stats.snapshots.values()),
             "events_lost": counters["events_lost"],
         }

@@ -20,6 +20,7 @@ from tracer.model import ProbeModel
 from tracer.policy import build_policy
 from tracer.probes import ProbeConfig
 from tracer.selftest import SELFTEST_SCENARIOS, run_vmm
+from tracer.windows import kind_values
 
 pytestmark = [pytest.mark.e2e, requires_kvm_bpf]
 
@@ -101,6 +102,6 @@ def test_kernel_and_model_agree(traced: tuple[Daemon, list[KernelEvent]],
     assert daemon.probes.counters()["events_lost"] == lost_before
     mine = [ev for ev in seen if ev.tgid == report.pid]
     assert any(ev.type is EventType.USERSPACE_EXIT for ev in mine), "no trace events"
-    model = ProbeModel(daemon.options.policy.pending_exits)
+    model = ProbeModel(daemon.options.policy.pending_exits, kind_values(daemon.options.policy))
     replay(mine, model)
     assert verdicts(model.drain()) == verdicts(mine)
