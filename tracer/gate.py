@@ -8,9 +8,12 @@ Exit status of ``watch`` (:func:`exit_status`):
 
 - a finding that fails the gate (see :meth:`GateReport.verdict`): ``error_exitcode``
   (default 66, distinct from the command's own codes, like a sanitizer's ``exitcode``);
-- otherwise, events lost or maps full without ``--allow-lost``: 65 (the gate cannot claim
-  "no race"), unless the command itself failed: then the command's status, which is the
-  first thing to fix;
+- otherwise, unverified findings (counted by the kernel, their reports dropped by a full ring
+  buffer, or reads held in a window whose process's exit event was lost) or maps full, without
+  ``--allow-lost``: 65 (a race happened or may have, but the gate cannot say where), unless the
+  command itself failed: then the command's status, which is the first thing to fix. Events
+  lost that carried no finding do not count: the kernel judges every window itself, so a lost
+  lifecycle event cannot turn a correct window into a finding nor hide one;
 - otherwise the command's own status (128 + S for a command killed by signal S).
 """
 
@@ -32,6 +35,7 @@ FAIL_ON_CHOICES: Final = ("warning", "error", "critical", "snapshot")
 DEFAULT_FAIL_ON: Final = "warning"
 DEFAULT_ERROR_EXITCODE: Final = 66
 INCONCLUSIVE_EXITCODE: Final = 65
+DEFAULT_RERUN_PAGES: Final = 65536  # 256 MiB: the rerun hint when the ring size is not known
 SNAPSHOT_RULE: Final = "snapshot-mid-completion"
 REPORT_SCHEMA: Final = "kvm-completion-tracer/watch-report/1"
 
@@ -163,7 +167,7 @@ class Finding:
 @dataclass(frozen=True)
 class GateVerdict:
     failed: bool  # a finding at or above the --fail-on threshold
-    inconclusive: bool  # events lost or maps full, and --allow-lost not given
+    inconclusive: bool  # unverified findings or maps full, and --allow-lost not given
     reason: str
 
     @property
@@ -243,6 +247,9 @@ class GateReport:
         self.inspections = 0
         self.sanctioned: dict[str, int] = {}
         self.events_lost = 0
+        # VM (comm[pid] for a test VMM) -> findings the kernel counted whose report never
+        # reached us: no call site, only that they happened (tracer.tracker.unverified)
+        self.unverified: dict[str, int] = {}
         self.maps_full: dict[str, int] = {}
         self.ringbuf_pages: int | None = None
         self.max_vcpus: int | None = None
@@ -282,9 +289,13 @@ class GateReport:
         self.occurrences[kind] = self.occurrences.get(kind, 0) + 1
         return finding
 
-    def count_inspection(self, count: int = 1) -> None:
-        """A register peek the window then completed: correct use of the ABI, not a finding."""
-        self.inspections += count
+    def set_inspections(self, count: int) -> None:
+        """Lone reads of one kind of state, judged inspections by the kernel: correct use of
+        the ABI, not findings."""
+        self.inspections = count
+
+    def set_unverified(self, by_process: Mapping[str, int]) -> None:
+        self.unverified = {name: n for name, n in by_process.items() if n}
 
     def count_sanctioned(self, rule: str, count: int = 1) -> None:
         self.sanctioned[rule] = self.sanctioned.get(rule, 0) + count
@@ -318,7 +329,9 @@ class GateReport:
 
     @property
     def lossy(self) -> bool:
-        return self.events_lost > 0 or bool(self.maps_full)
+        """What the verdict cannot vouch for: unverified findings, or maps full (vCPUs or
+        windows the kernel could not follow). Events lost alone are not: see the module doc."""
+        return bool(self.unverified) or bool(self.maps_full)
 
     def verdict(self, fail_on: str | None = None, allow_lost: bool | None = None) -> GateVerdict:
         """Failed: a finding fails the gate under ``fail_on`` (see :func:`fails_gate`).
@@ -376,6 +389,8 @@ class GateReport:
         sanctioned = sum(self.sanctioned.values())
         tail = (f"{_plural(self.inspections, 'register peek')} judged benign; "
                 f"{sanctioned} sanctioned; {_plural(self.events_lost, 'event')} lost")
+        if self.events_lost and not self.unverified:
+            tail += " (none of them a finding)"
         if not self._findings:
             traced = ""
             if self.exits_traced is not None:
@@ -396,8 +411,10 @@ class GateReport:
 
     def _losses_text(self) -> str:
         parts = []
-        if self.events_lost:
-            parts.append(f"{_plural(self.events_lost, 'event')} lost (ring buffer full)")
+        if self.unverified:
+            procs = ", ".join(f"{name} ({n})" for name, n in sorted(self.unverified.items()))
+            total = _plural(sum(self.unverified.values()), "finding")
+            parts.append(f"unverified (events lost): {total} in {procs}")
         if self.maps_full:
             full = ", ".join(f"{name} {n}" for name, n in sorted(self.maps_full.items()))
             parts.append(f"maps full: {full}")
@@ -407,16 +424,18 @@ class GateReport:
         claim = ("the findings above may be incomplete" if self._findings
                  else "cannot claim \"no race\"")
         hints = []
-        if self.events_lost:
-            pages = max(256, 4 * self.ringbuf_pages) if self.ringbuf_pages else 256
+        if self.unverified:
+            pages = 4 * self.ringbuf_pages if self.ringbuf_pages else DEFAULT_RERUN_PAGES
             hints.append(f"--ringbuf-pages {pages}")
         if self.maps_full:
             hints.append(f"--max-vcpus {2 * self.max_vcpus}" if self.max_vcpus
                          else "--max-vcpus N (more than the vCPUs traced at once)")
         rerun = " (or ".join(hints) + (")" if len(hints) > 1 else "")
         allowed = " (--allow-lost given: not failing the gate)" if self.allow_lost else ""
-        return (f"{TOOL}: {claim}: {self._losses_text()}; rerun with {rerun}, "
-                f"or pass --allow-lost{allowed}")
+        what = ("the kernel counted them, the ring buffer dropped their reports: no call site"
+                if self.unverified else "")
+        return (f"{TOOL}: {claim}: {self._losses_text()}{'; ' + what if what else ''}; "
+                f"rerun with {rerun}, or pass --allow-lost{allowed}")
 
     # -- JSON
 
@@ -442,6 +461,8 @@ class GateReport:
                 "pending_exits": self.pending_exits,
             },
             "events_lost": self.events_lost,
+            "unverified": {"findings": sum(self.unverified.values()),
+                           "processes": dict(sorted(self.unverified.items()))},
             "maps_full": dict(sorted(self.maps_full.items())),
             "meta": None if meta is None else {
                 **asdict(meta),
@@ -533,9 +554,6 @@ class GateSink:
 
     def snapshot(self, alert: SnapshotAlert) -> None:
         self.report.add_snapshot(alert)
-
-    def inspection(self, alert: ViolationAlert) -> None:
-        self.report.count_inspection()
 
     def notice(self, event: str, level: str, **fields: Any) -> None:
         pass  # losses come in once, from the probes' final counters (set_losses)

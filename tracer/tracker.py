@@ -281,12 +281,13 @@ class Tracker:
         for uid in uids:
             del self.vcpus[uid]
         if self.control is not None:
+            inspected: Counter[tuple[str, str]] = Counter()
             if judge_held:
                 for held in self.control.held_reads(pid):
-                    self._judge_held(held, final_gen)
+                    self._judge_held(held, final_gen, inspected)
             self._retire(pid, self.control.forget_process(pid, uids))
             self._fold_mid_counts(pid, self.control.take_mid_counts(pid))
-            self._fold_inspections(pid, self.control.take_inspections(pid))
+            self._fold_inspections(pid, self.control.take_inspections(pid), inspected)
             self._count_lost_windows(lambda lw: lw.pid == pid)
         for key in [k for k in self._counted if k[0] in uids]:
             del self._counted[key]
@@ -427,7 +428,8 @@ class Tracker:
         window.last_ts_ns = max(window.last_ts_ns, window.pending_since_ns + alert.pending_ns,
                                 ts_ns)
 
-    def _judge_held(self, held: HeldRead, final_gen: int | None) -> None:
+    def _judge_held(self, held: HeldRead, final_gen: int | None,
+                    inspected: Counter[tuple[str, str]]) -> None:
         """A window still holding a read when its process ended (tracer.windows): an
         inspection, a restore finding (reported without a stack: the kernel takes none for a
         held read), or unverified when the exit event that tells was lost."""
@@ -436,7 +438,7 @@ class Tracker:
         exit_name = abi.exit_reason_name(held.exit_reason)
         verdict = judge_at_exit(held, final_gen)
         if verdict == "inspection":
-            self.stats.inspections[(ident.name, ioctl, exit_name)] += held.reads
+            inspected[(ioctl, exit_name)] += held.reads
             return
         if verdict == "unverified":
             self.stats.unverified_held[ident.name] += held.reads
@@ -455,12 +457,20 @@ class Tracker:
         for _ in range(held.reads):
             self._report(alert)
 
-    def _fold_inspections(self, pid: int, counted: dict[InspectionKey, int]) -> None:
-        if counted:
-            vm = self.identity(pid).name
-            for key, n in counted.items():
-                self.stats.inspections[(vm, abi.ioctl_name(key.cmd),
-                                        abi.exit_reason_name(key.exit_reason))] += n
+    def _fold_inspections(self, pid: int, counted: dict[InspectionKey, int],
+                          inspected: Counter[tuple[str, str]]) -> None:
+        """A gone process's inspections (the kernel's, and those judged at its exit) into
+        the VM's totals, and one debug notice with them (selftest compares it per process)."""
+        for key, n in counted.items():
+            inspected[(abi.ioctl_name(key.cmd), abi.exit_reason_name(key.exit_reason))] += n
+        if not inspected:
+            return
+        vm = self.identity(pid).name
+        for (ioctl, exit_name), n in inspected.items():
+            self.stats.inspections[(vm, ioctl, exit_name)] += n
+        self.sink.notice("inspections", "debug", pid=pid, vm=vm, counts=[
+            {"ioctl": ioctl, "exit_reason": exit_name, "count": n}
+            for (ioctl, exit_name), n in sorted(inspected.items())])
 
     def inspection_counts(self) -> Counter[tuple[str, str, str]]:
         """kvm_completion_inspections_total: gone processes' and the kernel's live counts."""

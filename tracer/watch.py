@@ -73,11 +73,6 @@ class GateSink:
         if self.alert_log is not None:
             self.alert_log.snapshot(alert)
 
-    def inspection(self, alert: ViolationAlert) -> None:
-        self.report.count_inspection()
-        if self.alert_log is not None:
-            self.alert_log.inspection(alert)
-
     def notice(self, event: str, level: str, **fields: Any) -> None:
         if self.log is not None:
             self.log.notice(event, level, **fields)
@@ -154,6 +149,8 @@ def watch(options: DaemonOptions, gate: WatchOptions, log: AlertSink | None = No
         status = child.wait()
         with daemon.lock:
             daemon.tracker.close_all("watch_end")
+            report.set_inspections(sum(daemon.tracker.inspection_counts().values()))
+            report.set_unverified(daemon.tracker.unverified())
         counters = daemon.probes.counters()
         # A full stack map costs a stack, not an event: the finding is still reported (its
         # call site unknown), so it does not make the run inconclusive; --max-vcpus, the
