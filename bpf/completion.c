@@ -507,6 +507,23 @@ static __always_inline void report_held(u32 tgid, u64 uid, struct vcpu_state *st
     events.ringbuf_submit(ev, 0);
 }
 
+// --trace-exits: a held read is an EV_STATE_IOCTL (EV_F_HELD), so a replay sees every ioctl.
+static __always_inline void trace_held(u32 tgid, u32 tid, s32 fd, u32 cmd, u64 uid,
+                                       struct vcpu_state *st, u32 extra_flags)
+{
+#ifdef TRACE_EXITS
+    struct event *ev = new_event(EV_STATE_IOCTL, tgid, tid);
+    if (ev) {
+        fill_vcpu(ev, uid, st);
+        ev->fd = fd;
+        ev->cmd = cmd;
+        ev->aux = VCPU_PENDING;
+        ev->flags = EV_F_HELD | extra_flags;
+        events.ringbuf_submit(ev, 0);
+    }
+#endif
+}
+
 // A save or restore on a vCPU with a completion pending (kv: its ioctl_kinds value). The first
 // read of a holdable kind is held; the same kind again adds to it; anything else makes the
 // window a finding (the held read reported first). Two threads reading one vCPU's state at the
@@ -535,10 +552,12 @@ static __always_inline void state_ioctl_mid(void *ctx, u32 tgid, u32 tid, s32 fd
                 st->held_ts = bpf_ktime_get_ns();
                 st->held_cmd = cmd;
                 held_windows_add(tgid, 1);
+                trace_held(tgid, tid, fd, cmd, uid, st, extra_flags);
                 return;
             }
             if (st->held_cmd == cmd) {
                 __sync_fetch_and_add(&st->held_n, 1);
+                trace_held(tgid, tid, fd, cmd, uid, st, extra_flags);
                 return;
             }
         }

@@ -43,6 +43,7 @@ class ModelVcpu:
     window_kinds: int = 0
     window_finding: bool = False
     held: HeldRead | None = None
+    held_flags: EventFlag = NO_FLAGS  # AT_RETURN of the held read
     run_tid: int = 0
     counters: VcpuCounters = field(default_factory=VcpuCounters)
     completing: bool = False
@@ -143,8 +144,8 @@ class ProbeModel:
         if held is None:
             return
         self._held_add(pid, -1)
-        self._report(pid, held.tid, held.fd, held.cmd, vcpu, EventFlag.HELD, held.reads,
-                     int(why) | held.reads << 8)
+        self._report(pid, held.tid, held.fd, held.cmd, vcpu, EventFlag.HELD | vcpu.held_flags,
+                     held.reads, int(why) | held.reads << 8)
 
     def _state_ioctl_mid(self, pid: int, tid: int, fd: int, cmd: int, vcpu: ModelVcpu,
                          extra: EventFlag = NO_FLAGS) -> None:
@@ -159,6 +160,7 @@ class ProbeModel:
                     vcpu.held = HeldRead(vcpu.uid, pid, vcpu.vcpu_id, tid, fd, cmd, 1,
                                          vcpu.exit_reason, vcpu.seq, vcpu.pending_since,
                                          self._tick(), self.restore_gen.get(pid, 0))
+                    vcpu.held_flags = extra
                     self._held_add(pid, 1)
                     return
                 if vcpu.held.cmd == cmd:

@@ -207,18 +207,20 @@ def _window(rec: MidCompletionIoctl) -> WindowKey:
     return (rec.vm_fd, rec.vcpu_id, rec.pending.since_ns)
 
 
+VcpuLife = tuple[int, int, int, int | None]  # (vm fd, vCPU id, created ns, closed ns or None)
+
+
 def inspections(records: list[MidCompletionIoctl], ioctl_log: list[LoggedIoctl],
-                completed: dict[WindowKey, int], fd_vcpu: dict[int, tuple[int, int]]
+                completed: dict[WindowKey, int], lives: list[VcpuLife]
                 ) -> set[MidCompletionIoctl]:
     """The mid-completion reads that were inspections: the tracer's default rule
     (tracer.windows), restated as the VMM reads it, not the tracer's code.
 
     A window qualifies when every state ioctl in it is a read of one and the same save ioctl
     (one kind of state), and no restore was issued in the process between its first read and
-    its end: the KVM_RUN that completed it, else the end of the process (or of the vCPU).
-    ``fd_vcpu`` is unused by the rule (kept for the callers' signature).
+    its end: the KVM_RUN that completed it, else the vCPU's close (``lives``), else the end of
+    the process.
     """
-    del fd_vcpu
     windows: dict[WindowKey, list[MidCompletionIoctl]] = {}
     for rec in records:
         windows.setdefault(_window(rec), []).append(rec)
@@ -226,8 +228,12 @@ def inspections(records: list[MidCompletionIoctl], ioctl_log: list[LoggedIoctl],
     for key, recs in windows.items():
         if any(r.kind != "save" for r in recs) or len({r.name for r in recs}) != 1:
             continue
-        end = completed.get(key)
         first = min(r.ts_ns for r in recs)
+        end = completed.get(key)
+        if end is None:
+            end = next((closed for vm_fd, vcpu_id, created, closed in lives
+                        if (vm_fd, vcpu_id) == key[:2] and created <= first
+                        and (closed is None or first <= closed)), None)
         if any(first < e.ts_ns and (end is None or e.ts_ns < end) and e.name in _RESTORES
                for e in ioctl_log):
             continue
