@@ -80,8 +80,9 @@ def verdicts(events: list[KernelEvent]) -> list[VerdictKey]:
 @pytest.fixture(scope="module")
 def traced() -> Iterator[tuple[Daemon, list[KernelEvent]]]:
     policy = build_policy()
-    # 4 MiB of ring: every exit is an event in this mode. Only the scenarios' processes (run_vmm puts them in the watched map): other VMs on a busy
-    # host neither flood the ring nor reach the replay.
+    # 4 MiB of ring: every exit is an event in this mode. Only the scenarios' processes
+    # (run_vmm puts them in the watched map): other VMs on a busy host neither flood the ring
+    # nor reach the replay.
     config = ProbeConfig(trace_exits=True, ringbuf_pages=1024, watch=True)
     daemon = Daemon(DaemonOptions(policy=policy, probe_config=config), sink=MemorySink())
     seen: list[KernelEvent] = []
