@@ -75,7 +75,8 @@ def _pipeline_args(parser: argparse.ArgumentParser) -> None:
                              "raw_syscalls sys_enter/sys_exit (x86-64; cheaper per exit, "
                              "dearer for every other syscall)")
     parser.add_argument("--ringbuf-pages", type=int, default=None, metavar="N",
-                        help="ring buffer size in pages, a power of two (default 64)")
+                        help="ring buffer size in pages, a power of two (default 64; watch: "
+                             "16384, 64 MiB)")
     parser.add_argument("--max-vcpus", type=int, default=None, metavar="N",
                         help="vCPUs tracked at once (sizes the per-vCPU, fd, thread and "
                              "process maps, default 4096)")
@@ -305,7 +306,9 @@ def cmd_watch(args: argparse.Namespace) -> int:
     gate = WatchOptions(command=command, fail_on=args.fail_on,
                         error_exitcode=args.error_exitcode, allow_lost=args.allow_lost,
                         junit=args.junit, json=args.json,
-                        log_alerts=args.log_file is not None)
+                        log_alerts=args.log_file is not None,
+                        ringbuf_pages=(None if args.ringbuf_pages is None
+                                       else options.probe_config.ringbuf_pages))
     return watch(options, gate, LogSink())
 
 

@@ -253,6 +253,7 @@ class GateReport:
         self.maps_full: dict[str, int] = {}
         self.ringbuf_pages: int | None = None
         self.max_vcpus: int | None = None
+        self.reader_nice: int | None = None  # the ring reader's nice value (None: unchanged)
         self.exits_traced: int | None = None
         self.pending_exits: int | None = None
         self.meta: GateMeta | None = None
@@ -461,6 +462,8 @@ class GateReport:
                 "pending_exits": self.pending_exits,
             },
             "events_lost": self.events_lost,
+            "ringbuf_pages": self.ringbuf_pages,
+            "reader_nice": self.reader_nice,
             "unverified": {"findings": sum(self.unverified.values()),
                            "processes": dict(sorted(self.unverified.items()))},
             "maps_full": dict(sorted(self.maps_full.items())),
