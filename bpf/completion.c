@@ -481,9 +481,12 @@ static __always_inline void report_violation(void *ctx, u32 tgid, u32 tid, s32 f
 }
 
 // The window's held read turned out part of a finding: reported now, as the held_n reads it
-// stands for (mid_counts counts them all), with the thread, fd and time of the first; its
-// stack is gone (only the current ioctl's could be taken).
-static __always_inline void report_held(u32 tgid, u64 uid, struct vcpu_state *st, u32 why)
+// stands for (mid_counts counts them all), with the thread, fd and time of the first. Its own
+// stack was not kept (taking one per peek would cost every correct VMM): ctx, when the finding
+// is made by an ioctl (0 at a window's close), gives that ioctl's stack instead, flagged
+// EV_F_HELD, so the report still points at the code that saved.
+static __always_inline void report_held(void *ctx, u32 tgid, u64 uid, struct vcpu_state *st,
+                                        u32 why)
 {
     u32 cmd = st->held_cmd;
     u32 n = st->held_n;
@@ -504,6 +507,14 @@ static __always_inline void report_held(u32 tgid, u64 uid, struct vcpu_state *st
     ev->ts_ns = st->held_ts;
     ev->aux = why | ((s64)n << 8);
     ev->flags |= st->held_flags | EV_F_HELD | (mk.flags & EV_F_QUIRK_7E_DISABLED);
+#ifdef STACKS
+    if (ctx) {
+        int stack_id = stacks.get_stackid(ctx, BPF_F_USER_STACK);
+        if (stack_id < 0)
+            count(stack_id == STACK_ERR_EXIST ? C_STACK_MAP_FULL : C_STACK_FAILED);
+        ev->stack_id = stack_id;
+    }
+#endif
     events.ringbuf_submit(ev, 0);
 }
 
@@ -562,7 +573,7 @@ static __always_inline void state_ioctl_mid(void *ctx, u32 tgid, u32 tid, s32 fd
             }
         }
         st->window_finding = 1;
-        report_held(tgid, uid, st, save ? HELD_BY_SNAPSHOT : HELD_BY_RESTORE);
+        report_held(ctx, tgid, uid, st, save ? HELD_BY_SNAPSHOT : HELD_BY_RESTORE);
     }
     report_violation(ctx, tgid, tid, fd, cmd, uid, st, extra_flags);
 }
@@ -574,7 +585,7 @@ static __always_inline void close_held(u32 tgid, u64 uid, struct vcpu_state *st)
     struct proc_state *p = procs.lookup(&tgid);
     if (p && p->restore_gen != st->held_gen) {
         st->window_finding = 1;
-        report_held(tgid, uid, st, HELD_BY_RESTORE);
+        report_held(0, tgid, uid, st, HELD_BY_RESTORE);
         return;
     }
     struct insp_key k = {.tgid = tgid, .cmd = st->held_cmd, .exit_reason = st->exit_reason};

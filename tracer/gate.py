@@ -383,6 +383,10 @@ class GateReport:
                  f"  fix: {_FIXES.get(finding.kind, _FIXES['save'])}"]
         if finding.kind != "snapshot":
             lines.append(f"  call site: {finding.call_site.describe()}")
+            if getattr(first, "judged_on", "ioctl") != "ioctl":
+                lines.append("  note: held in the kernel as a lone read until its window "
+                             "became a finding: the stack is that of the ioctl that made it "
+                             "one (none when the window's end did)")
             lines.extend(stack_lines(finding.stack))
         return lines
 

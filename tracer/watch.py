@@ -136,6 +136,7 @@ def watch(options: DaemonOptions, gate: WatchOptions, log: AlertSink | None = No
     timings: dict[str, float] = {}
     stacks_missed: dict[str, int] = {}
     received: list[int] = []
+    events_handled = 0
 
     def _forward(signum: int, _frame: FrameType | None) -> None:
         received.append(signum)
@@ -199,6 +200,7 @@ def watch(options: DaemonOptions, gate: WatchOptions, log: AlertSink | None = No
             policy=describe(options.policy), started_unix=started_unix,
             finished_unix=time.time(), exit_status_of_command=status)
         report.reader_nice = reader_nice
+        events_handled = daemon.events_handled
         timings = {"startup_s": round(attached - started, 3),
                    "spawn_s": round(spawned - attached, 3),
                    "command_s": round(time.monotonic() - spawned, 3)}
@@ -213,5 +215,6 @@ def watch(options: DaemonOptions, gate: WatchOptions, log: AlertSink | None = No
         result = report.to_json()
         result["timings"] = timings
         result["stacks_missed"] = stacks_missed
+        result["events_handled"] = events_handled
         gate.json.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     return exit_status(status, verdict, gate.error_exitcode)
