@@ -144,6 +144,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help=f"exit status when a finding fails the gate (default {EXIT_FINDINGS})")
     watch.add_argument("--allow-lost", action="store_true",
                        help="pass the gate even when events were lost or maps were full")
+    watch.add_argument("--reader-nice", type=int, default=None, metavar="N",
+                       help="nice value of the thread reading the ring buffer once CMD runs "
+                            "(default -10: keeps up when a test suite saturates every core; "
+                            "0 leaves it alone)")
     watch.add_argument("--junit", type=Path, metavar="FILE",
                        help="JUnit XML report: one testcase per finding")
     watch.add_argument("--json", type=Path, metavar="FILE", help="the whole result as JSON")
@@ -274,6 +278,12 @@ def cmd_run(args: argparse.Namespace) -> int:
         lock.release()
 
 
+def _reader_nice(value: int) -> int:
+    if not -20 <= value <= 19:
+        raise UsageError(f"--reader-nice {value}: expected -20..19")
+    return value
+
+
 def cmd_watch(args: argparse.Namespace) -> int:
     from tracer.alerts import LogSink
     from tracer.watch import WatchOptions, pid_namespace_error, watch
@@ -308,7 +318,9 @@ def cmd_watch(args: argparse.Namespace) -> int:
                         junit=args.junit, json=args.json,
                         log_alerts=args.log_file is not None,
                         ringbuf_pages=(None if args.ringbuf_pages is None
-                                       else options.probe_config.ringbuf_pages))
+                                       else options.probe_config.ringbuf_pages),
+                        **({} if args.reader_nice is None
+                           else {"reader_nice": _reader_nice(args.reader_nice)}))
     return watch(options, gate, LogSink())
 
 

@@ -65,6 +65,9 @@ class SystemProcView:
         return vmident.process_alive(pid, start_time, self.proc_root)
 
 
+MAX_SYMBOLIZED_STACKS = 4096
+
+
 class ProbeStacks:
     """The tracker's StackResolver: addresses from the probes' stack map, names from the
     symbolizer (tracer.symbolize).
@@ -79,6 +82,10 @@ class ProbeStacks:
         self.probes = probes
         self.symbolizer = symbolizer or Symbolizer()
         self._taken: dict[int, list[Any]] = {}  # ids are < max_stacks: bounded
+        # (pid, frames) -> the symbolized stack: a VMM that races in a loop reports the same
+        # stack thousands of times, and building its dict was most of the reader's time per
+        # event in a flood. Shared by the alerts (read-only); bounded, dropped with the pid.
+        self._symbolized: dict[tuple[int, tuple[Any, ...]], dict[str, Any]] = {}
 
     def take(self, stack_id: int) -> list[Any] | None:
         frames = self.probes.take_stack(stack_id)
@@ -88,7 +95,14 @@ class ProbeStacks:
         return frames
 
     def symbolize(self, pid: int, frames: list[Any]) -> dict[str, Any]:
-        return self.symbolizer.symbolize(pid, frames).to_dict()
+        key = (pid, tuple(frames))
+        known = self._symbolized.get(key)
+        if known is None:
+            known = self.symbolizer.symbolize(pid, frames).to_dict()
+            if len(self._symbolized) >= MAX_SYMBOLIZED_STACKS:
+                del self._symbolized[next(iter(self._symbolized))]
+            self._symbolized[key] = known
+        return known
 
     def remember(self, pid: int) -> None:
         self.symbolizer.remember(pid)
@@ -98,6 +112,8 @@ class ProbeStacks:
 
     def forget(self, pid: int) -> None:
         self.symbolizer.forget(pid)
+        for key in [k for k in self._symbolized if k[0] == pid]:
+            del self._symbolized[key]
 
 
 class ReloadHook(Protocol):

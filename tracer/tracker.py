@@ -13,7 +13,7 @@ from __future__ import annotations
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from tracer import abi, vmident
@@ -379,6 +379,11 @@ class Tracker:
             self.stats.not_pending += reads
             return
         ident = self.identity(ev.tgid, ev.comm)
+        sanctioned = ruling.verdict is Verdict.SANCTIONED
+        # Symbolized once per distinct stack (tracer.daemon.ProbeStacks caches it).
+        user_stack = (self.stacks.symbolize(ev.tgid, addresses)
+                      if addresses is not None and self.stacks is not None and not sanctioned
+                      else None)
         alert = ViolationAlert(
             pid=ev.tgid, tid=ev.tid, comm=ev.comm, vm=ident.name, vmm=ident.vmm,
             vcpu_id=ev.vcpu_id, vcpu_fd=ev.fd, exit_reason=abi.exit_reason_name(ev.exit_reason),
@@ -386,15 +391,13 @@ class Tracker:
             pending_ns=ev.pending_ns, rule=ruling.rule, severity=ruling.severity.value,
             reason=ruling.reason,
             detected_at="ioctl_return" if ev.flags & EventFlag.AT_RETURN else "ioctl_entry",
-            window=ev.seq, sanctioned=ruling.verdict is Verdict.SANCTIONED,
-            judged_on=why.judged_on if why is not None else "ioctl")
-        if alert.sanctioned:
+            window=ev.seq, sanctioned=sanctioned,
+            judged_on=why.judged_on if why is not None else "ioctl", user_stack=user_stack)
+        if sanctioned:
             self.stats.sanctioned[(ident.name, ruling.rule)] += reads
             for _ in range(reads):
                 self.sink.sanctioned(alert)
             return
-        if addresses is not None and self.stacks is not None:
-            alert = replace(alert, user_stack=self.stacks.symbolize(ev.tgid, addresses))
         for _ in range(reads):
             self._report(alert)
         if kind is Kind.SAVE:

@@ -59,6 +59,7 @@ class WatchOptions:
     # --ringbuf-pages as given on the command line (None: the larger of the configured size
     # and WATCH_RINGBUF_PAGES)
     ringbuf_pages: int | None = None
+    reader_nice: int = READER_NICE  # --reader-nice; 0 leaves the reader's priority alone
 
 
 class GateSink:
@@ -171,10 +172,11 @@ def watch(options: DaemonOptions, gate: WatchOptions, log: AlertSink | None = No
         finally:
             daemon.probes.watch(os.getpid(), False)
         spawned = time.monotonic()
-        reader_nice = raise_reader_priority()
+        reader_nice = raise_reader_priority(gate.reader_nice) if gate.reader_nice else None
         daemon.poll_cap_ms = WATCH_POLL_MS
         running = child
         daemon.run_forever(until=lambda: running.poll() is not None)
+        run_end = time.monotonic()  # CMD gone and the ring drained (CLOCK_MONOTONIC)
         status = child.wait()
         with daemon.lock:
             daemon.tracker.close_all("watch_end")
@@ -203,7 +205,8 @@ def watch(options: DaemonOptions, gate: WatchOptions, log: AlertSink | None = No
         events_handled = daemon.events_handled
         timings = {"startup_s": round(attached - started, 3),
                    "spawn_s": round(spawned - attached, 3),
-                   "command_s": round(time.monotonic() - spawned, 3)}
+                   "command_s": round(time.monotonic() - spawned, 3),
+                   "run_end_monotonic": run_end}
     finally:
         daemon.close()
     verdict = report.verdict()
