@@ -96,6 +96,8 @@ def test_a_suite_of_correct_peeking_vmms_on_saturated_cores_passes_with_nothing_
     assert len(loops) == 2 * CORES and all(loop["violations"] == PEEKS for loop in loops)
     assert result["verdict"] == "pass" and result["findings"] == []
     assert result["events_lost"] == 0 and result["unverified"]["findings"] == 0
+    # watch's defaults for a test run: a 64 MiB ring, the reader above the hogs
+    assert result["ringbuf_pages"] == 16384 and result["reader_nice"] == -10
     # Every peek judged in the kernel: the last of each process at its exit, the others at
     # their completion.
     assert result["counts"]["inspections"] == 2 * CORES * PEEKS
@@ -110,7 +112,7 @@ def test_one_buggy_process_among_them_gives_exactly_its_findings(
     assert status == 66, err[-3000:]
     assert result["events_lost"] == 0 and result["unverified"]["findings"] == 0
     [bug] = [loop for loop in loops if loop["violations"] == snapshots]
-    by_kind = Counter()
+    by_kind: Counter[tuple[str, str, str | None]] = Counter()
     for f in result["findings"]:
         assert f["pids"] == [bug["pid"]], f
         by_kind[(f["kind"], f["ioctl"], f["first"].get("judged_on"))] += f["count"]
