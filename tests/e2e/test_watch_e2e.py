@@ -302,7 +302,7 @@ def test_buggy_vmm_fails_with_one_block_per_finding_and_full_json_and_junit(tmp:
     assert meta["command"] == cmd and meta["command_exit_status"] == 0
     assert "KVM_EXIT_IO" in meta["policy"]["pending_exits"]
     assert meta["finished_unix"] >= meta["started_unix"]
-    assert set(result["timings"]) == {"startup_s", "spawn_s", "command_s"}
+    assert set(result["timings"]) == {"startup_s", "spawn_s", "command_s", "run_end_monotonic"}
     assert set(result["stacks_missed"]) == {"stack_map_full", "stack_failed"}
 
     # --junit: one failed testcase per finding.
