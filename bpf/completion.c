@@ -2,8 +2,10 @@
 // kvm-completion-tracer probes (loaded by tracer/probes.py through bcc).
 //
 // Per vCPU, in the kernel:  IDLE --KVM_RUN--> RUNNING --kvm_userspace_exit--> PENDING | IDLE
-// A save or restore ioctl on a vCPU fd while its vCPU is PENDING is reported at the ioctl's entry,
-// so the verdict follows the real interleaving of threads however late Python reads the ring.
+// A save or restore ioctl on a vCPU fd while its vCPU is PENDING is judged at the ioctl's entry,
+// so the verdict follows the real interleaving of threads however late Python reads the ring:
+// a lone read of one kind is held until the window shows what it was (state_ioctl_mid), anything
+// else is reported at once.
 // One that entered while the vCPU was RUNNING waits on the vCPU mutex in KVM; it is judged when
 // it returns: if a completion-needing exit happened meanwhile, it ran mid-completion.
 //
@@ -157,7 +159,8 @@ struct vcpu_state {
     // save kind is held, reported to nobody: if the window closes with only that kind read and
     // no restore in the process meanwhile, it was an inspection (counted in `inspections`). A
     // second kind or a restore makes the window a finding: the held read is reported then
-    // (EV_F_HELD, without a stack) and every later state ioctl of the window at once.
+    // (EV_F_HELD; see report_held for its stack) and every later state ioctl of the window at
+    // once.
     u32 window_kinds;   // bits (ioctl_kinds) of the save kinds read in the window
     u32 window_finding; // 1: the window is a finding
     u32 held_cmd;       // the held read's ioctl; 0: none held
@@ -281,8 +284,7 @@ struct insp_key {
 BPF_HASH(inspections, struct insp_key, u64, MAX_MID_KEYS);
 // Windows with two or more reports one of which found the ring buffer full, kept from then on
 // with the window's counts: Python counts the snapshot from here when the tracker saw too little
-// of the window (or none of it), judges a register peek it holds of the window as part of more,
-// then deletes the entry. A window with a single report needs none (mid_counts has it). Not
+// of the window (or none of it), then deletes the entry. A window with a single report needs none (mid_counts has it). Not
 // preallocated: it is empty but under loss, and a stalled reader can fill many entries.
 struct window_key {
     u64 vcpu_uid;
@@ -294,7 +296,7 @@ struct lost_window {
     u32 exit_reason;
     u32 head;     // as in mid_key
     u32 flags;    // as in mid_key
-    u32 saves;    // save ioctls reported in the window so far
+    u32 saves;    // save kinds read in the window so far (vcpu_state.window_saves)
     u32 reports;  // every report of the window so far
     u32 pad;
 };

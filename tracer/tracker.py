@@ -162,7 +162,6 @@ class TrackerStats:
 CLOSED_BY_FLAGS = {True: "immediate_exit", False: "reentry"}
 # Bound of Tracker._counted: far more windows than can be open at once.
 MAX_COUNTED_WINDOWS = 65536
-COMPLETED_BY = frozenset(CLOSED_BY_FLAGS.values())
 
 
 class Tracker:
