@@ -420,7 +420,8 @@ def test_stdin_and_stdout_belong_to_the_command(tmp: Path) -> None:
 
 
 @pytest.mark.parametrize("args", [[], ["--error-exitcode", "0", "--", "true"],
-                                  ["--fail-on", "sometimes", "--", "true"]])
+                                  ["--fail-on", "sometimes", "--", "true"],
+                                  ["--reader-nice", "40", "--", "true"]])
 def test_usage_errors_are_2(args: list[str]) -> None:
     proc = subprocess.run([sys.executable, "-m", "tracer", "watch", *args], cwd=REPO,
                           capture_output=True, text=True, timeout=60)
