@@ -37,7 +37,7 @@ SELFTEST_SCENARIOS = (
     "restore-pio-rep-outs", "hlt", "eintr", "port-7e", "port-7e-quirk-disabled",
     "dup-fd", "dup2-fd", "dup3-fd", "fd-reuse", "multi", "process-exit",
     "peek-io", "peek-mmio", "peek-then-snapshot", "peek-then-restore", "peek-then-close",
-    "peek-two-vcpus", "peek-then-exit",
+    "peek-two-vcpus", "peek-then-exit", "peek-events",
 )
 SETTLE_S = 0.3  # after the VMM exits: ring buffer drained, idle windows flushed
 

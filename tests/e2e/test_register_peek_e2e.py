@@ -52,13 +52,15 @@ def _exact(d: DaemonProcess, scenario: str, iterations: int = 3
     ("peek-then-close", "KVM_EXIT_IO"),  # the window ends with the vCPU
     ("peek-two-vcpus", "KVM_EXIT_IO"),  # one kind per window, whoever reads it
     ("peek-then-exit", "KVM_EXIT_IO"),  # the last window ends with the process
+    ("peek-events", "KVM_EXIT_IO"),  # one kind other than the registers
 ])
 def test_a_lone_read_of_one_kind_is_an_inspection(daemon: DaemonProcess, scenario: str,
                                                   exit_reason: str) -> None:
     violations, inspections = _exact(daemon, scenario)
     assert violations == []
     per_window = 2 if scenario == "peek-two-vcpus" else 1
-    assert inspections == {("KVM_GET_REGS", exit_reason): 3 * per_window}
+    ioctl = "KVM_GET_VCPU_EVENTS" if scenario == "peek-events" else "KVM_GET_REGS"
+    assert inspections == {(ioctl, exit_reason): 3 * per_window}
 
 
 def test_a_window_left_open_past_the_idle_time_is_still_an_inspection(

@@ -902,6 +902,24 @@ def peek_mmio(iterations: int = DEFAULT_ITERATIONS) -> ScenarioReport:
         s.close()
 
 
+def peek_events(iterations: int = DEFAULT_ITERATIONS) -> ScenarioReport:
+    """IN exit, KVM_GET_VCPU_EVENTS alone (a VMM checking for a pending interrupt or NMI
+    before injecting one), answer, complete: one kind of state other than the registers, never
+    restored: inspections (the rule is one kind, whichever)."""
+    program = guest.in_loop()
+    s = _Session("peek-events", iterations)
+    try:
+        vcpu = s.vcpu(s.vm(), 0, program)
+        for i in range(iterations):
+            _exit(vcpu, program, i)
+            vcpu.get_vcpu_events()
+            _complete(vcpu)
+            _check_read_completed(vcpu, snapshot.save(vcpu), i, program)
+        return s.report()
+    finally:
+        s.close()
+
+
 def _decode_then(name: str, iterations: int,
                  between: Callable[[Vcpu], object]) -> ScenarioReport:
     """The request loop: IN exit, decode it (KVM_GET_REGS), then ``between(vcpu)`` before the
@@ -1038,6 +1056,7 @@ SCENARIOS: Final[dict[str, ScenarioFn]] = {
     "process-exit": process_exit,
     "peek-io": peek_io,
     "peek-mmio": peek_mmio,
+    "peek-events": peek_events,
     "peek-then-snapshot": peek_then_snapshot,
     "peek-then-restore": peek_then_restore,
     "peek-then-close": peek_then_close,
