@@ -134,7 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "forks; at its end print a report of every completion race to stderr. "
                     f"Exit status: CMD's own when nothing failed the gate, {EXIT_FINDINGS} "
                     "(--error-exitcode) when a finding did, "
-                    f"{EXIT_INCONCLUSIVE} when events were lost (no 'no race' claim without "
+                    f"{EXIT_INCONCLUSIVE} when findings are unverified (counted by the kernel, "
+                    "their reports lost) or a map was full (no 'no race' claim without "
                     f"--allow-lost), {EXIT_CANNOT_RUN} when CMD could not be started.")
     _pipeline_args(watch)
     watch.add_argument("--fail-on", choices=("warning", "error", "critical", "snapshot"),
@@ -143,7 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
     watch.add_argument("--error-exitcode", type=int, default=EXIT_FINDINGS, metavar="N",
                        help=f"exit status when a finding fails the gate (default {EXIT_FINDINGS})")
     watch.add_argument("--allow-lost", action="store_true",
-                       help="pass the gate even when events were lost or maps were full")
+                       help="pass the gate even with unverified findings (their events "
+                            "lost) or maps full")
     watch.add_argument("--reader-nice", type=int, default=None, metavar="N",
                        help="nice value of the thread reading the ring buffer once CMD runs "
                             "(default -10: keeps up when a test suite saturates every core; "
