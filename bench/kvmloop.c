@@ -17,6 +17,12 @@
 //   which the daemon holds until the window shows what it was (an inspection when re-entry
 //   completes it, so no alert); with --hold-us longer than the daemon's --snapshot-idle the
 //   window stays open and the peek is reported as a violation at the idle time.
+//   --peek LIST replaces --save-ioctls with the state ioctls to issue, in order, comma-separated:
+//   regs (KVM_GET_REGS), sregs (KVM_GET_SREGS), lapic (KVM_GET_LAPIC: needs --irqchip 1, an
+//   in-kernel irqchip created before the vCPUs), setregs (KVM_SET_REGS of what regs read; regs
+//   must come first). One kind alone (regs, lapic, regs,regs) is an inspection; two kinds a
+//   snapshot; regs,setregs a restore. --pace-us 0 issues them at every exit. After the last
+//   one the thread stops with that exit still pending: the process exits mid-completion.
 //
 // Prints one JSON object: exits, seconds, ns_per_exit (busy-thread time per exit), ...
 #define _GNU_SOURCE
@@ -48,6 +54,33 @@ static long save_ioctls = 2; // per violation: KVM_GET_REGS (1), + KVM_GET_SREGS
 static long hold_us;         // sleep after the save(s), before re-entering KVM_RUN
 static const char *ts_file;
 static double start_delay_s; // pause between creating the vCPUs and running them
+static long irqchip;         // KVM_CREATE_IRQCHIP before the vCPUs (KVM_GET_LAPIC needs it)
+enum peek_op { OP_REGS, OP_SREGS, OP_LAPIC, OP_SETREGS };
+#define MAX_PEEK_OPS 8
+static int peek_ops[MAX_PEEK_OPS] = {OP_REGS, OP_SREGS};
+static int npeek = 2;
+
+// "regs,lapic" into peek_ops; -1 on an unknown name, too many, or setregs before regs.
+static int parse_peek(const char *list)
+{
+    static const char *names[] = {"regs", "sregs", "lapic", "setregs"};
+    char buf[256];
+    snprintf(buf, sizeof(buf), "%s", list);
+    npeek = 0;
+    int have_regs = 0;
+    for (char *save = NULL, *tok = strtok_r(buf, ",", &save); tok;
+         tok = strtok_r(NULL, ",", &save)) {
+        int op = -1;
+        for (int k = 0; k < 4; k++)
+            if (!strcmp(tok, names[k]))
+                op = k;
+        if (op < 0 || npeek >= MAX_PEEK_OPS || (op == OP_SETREGS && !have_regs))
+            return -1;
+        have_regs |= op == OP_REGS;
+        peek_ops[npeek++] = op;
+    }
+    return npeek ? 0 : -1;
+}
 
 struct vcpu {
     int fd;
@@ -103,6 +136,24 @@ static void init_regs(struct vcpu *v)
         die("KVM_SET_REGS");
 }
 
+static void peek(struct vcpu *v)
+{
+    struct kvm_regs regs;
+    struct kvm_sregs sregs;
+    struct kvm_lapic_state lapic;
+    for (int k = 0; k < npeek; k++) {
+        int op = peek_ops[k];
+        if (op == OP_REGS && ioctl(v->fd, KVM_GET_REGS, &regs) < 0)
+            die("KVM_GET_REGS");
+        if (op == OP_SREGS && ioctl(v->fd, KVM_GET_SREGS, &sregs) < 0)
+            die("KVM_GET_SREGS");
+        if (op == OP_LAPIC && ioctl(v->fd, KVM_GET_LAPIC, &lapic) < 0)
+            die("KVM_GET_LAPIC");
+        if (op == OP_SETREGS && ioctl(v->fd, KVM_SET_REGS, &regs) < 0)
+            die("KVM_SET_REGS");
+    }
+}
+
 static int check_exit(struct vcpu *v)
 {
     struct kvm_run *r = v->run;
@@ -138,15 +189,8 @@ static void *busy(void *arg)
         if (violating) {
             uint64_t t = now_ns(CLOCK_MONOTONIC);
             if (t >= next_violation) {
-                struct kvm_regs regs;
                 uint64_t stamp = now_ns(CLOCK_REALTIME);
-                if (ioctl(v->fd, KVM_GET_REGS, &regs) < 0)
-                    die("KVM_GET_REGS");
-                if (save_ioctls >= 2) {
-                    struct kvm_sregs sregs;
-                    if (ioctl(v->fd, KVM_GET_SREGS, &sregs) < 0)
-                        die("KVM_GET_SREGS");
-                }
+                peek(v);
                 if (hold_us > 0) {
                     struct timespec hold = {hold_us / 1000000, (hold_us % 1000000) * 1000};
                     nanosleep(&hold, NULL);
@@ -177,7 +221,8 @@ static void usage(void)
     fprintf(stderr,
             "usage: kvmloop [--vcpus N] [--busy B] [--seconds S | --count C] [--port P]\n"
             "               [--violations K --ts-file PATH [--pace-us U] [--save-ioctls 1|2]\n"
-            "                [--hold-us U]] [--start-delay S]\n");
+            "                [--peek regs,sregs,lapic,setregs] [--hold-us U]] [--irqchip 1]\n"
+            "               [--start-delay S]\n");
     exit(2);
 }
 
@@ -205,8 +250,14 @@ int main(int argc, char **argv)
             ts_file = val;
         else if (!strcmp(a, "--pace-us"))
             pace_us = atol(val);
-        else if (!strcmp(a, "--save-ioctls"))
+        else if (!strcmp(a, "--save-ioctls")) {
             save_ioctls = atol(val);
+            npeek = save_ioctls == 1 ? 1 : 2;
+        } else if (!strcmp(a, "--peek")) {
+            if (parse_peek(val))
+                usage();
+        } else if (!strcmp(a, "--irqchip"))
+            irqchip = atol(val);
         else if (!strcmp(a, "--hold-us"))
             hold_us = atol(val);
         else if (!strcmp(a, "--start-delay"))
@@ -247,6 +298,8 @@ int main(int argc, char **argv)
                 max_vcpus);
         return 1;
     }
+    if (irqchip && ioctl(vm_fd, KVM_CREATE_IRQCHIP, 0) < 0)
+        die("KVM_CREATE_IRQCHIP");
     run_size = ioctl(kvm_fd, KVM_GET_VCPU_MMAP_SIZE, 0);
     if (run_size <= 0)
         die("KVM_GET_VCPU_MMAP_SIZE");

@@ -2,8 +2,10 @@
 // kvm-completion-tracer probes (loaded by tracer/probes.py through bcc).
 //
 // Per vCPU, in the kernel:  IDLE --KVM_RUN--> RUNNING --kvm_userspace_exit--> PENDING | IDLE
-// A save or restore ioctl on a vCPU fd while its vCPU is PENDING is reported at the ioctl's entry,
-// so the verdict follows the real interleaving of threads however late Python reads the ring.
+// A save or restore ioctl on a vCPU fd while its vCPU is PENDING is judged at the ioctl's entry,
+// so the verdict follows the real interleaving of threads however late Python reads the ring:
+// a lone read of one kind is held until the window shows what it was (state_ioctl_mid), anything
+// else is reported at once.
 // One that entered while the vCPU was RUNNING waits on the vCPU mutex in KVM; it is judged when
 // it returns: if a completion-needing exit happened meanwhile, it ran mid-completion.
 //
@@ -56,8 +58,12 @@ enum event_flag {
     EV_F_QUIRK_7E_DISABLED = 2,
     EV_F_AT_RETURN = 4,
     EV_F_IMMEDIATE_EXIT = 8,
-    EV_F_WINDOW_OPEN = 16,  // EV_STATE_IOCTL sent because proc_state.open_windows > 0
+    EV_F_HELD = 32,  // EV_VIOLATION of a read held in its window (aux: enum held_why | n << 8)
+                     // or EV_PROCESS_EXIT of a process with held reads (aux: restore_gen)
 };
+
+// Why a held read (see vcpu_state.held_cmd) was reported after all.
+enum held_why { HELD_BY_SNAPSHOT = 1, HELD_BY_RESTORE = 2 };
 
 // Indexes of the per-CPU `counters` array; tracer/probes.py names them (COUNTER_NAMES).
 enum counter {
@@ -77,6 +83,7 @@ enum counter {
     C_WATCH_MAP_FULL,   // a fork of a watched process could not be recorded: it is not watched
     C_MID_MAP_FULL,     // a report could not be counted in mid_counts (its key was new, map full)
     C_LOST_WINDOW_MAP_FULL,  // a window that lost an event could not be kept in lost_windows
+    C_INSPECTION_MAP_FULL,   // an inspection could not be counted in `inspections` (map full)
     C_COUNTERS,
 };
 
@@ -92,7 +99,13 @@ enum exit_slot {
 
 enum completion_path { PATH_REENTRY = 0, PATH_IMMEDIATE = 1, PATHS };
 
+// ioctl_kinds values (tracer/windows.py kind_values): the kind in the low byte; for a save, its
+// bit in vcpu_state.window_kinds at KIND_BIT_SHIFT, and KIND_HOLD when a lone read of it is an
+// inspection (unset for every save in strict mode, inspection = "violation").
 enum ioctl_kind { IOCTL_SAVE = 1, IOCTL_RESTORE = 2 };
+#define KIND_MASK 0xff
+#define KIND_BIT_SHIFT 8
+#define KIND_HOLD (1u << 16)
 
 enum inflight_op { OP_CREATE_VCPU = 1, OP_STATE_WHILE_RUNNING = 2, OP_DUP = 3, OP_MMAP = 4 };
 
@@ -139,9 +152,25 @@ struct vcpu_state {
     u32 exit_reason;    // of the last exit to userspace
     u32 run_tid;        // thread in (or last in) KVM_RUN
     u32 window_reports; // violations reported in the current window
-    u32 window_saves;   // of them, save ioctls (IOCTL_SAVE): two or more make a snapshot
+    u32 window_saves;   // save kinds read in the window (held or reported): two make a snapshot
     u32 window_lost;    // 1 once a report of this window found the ring buffer full
     u32 completing;     // entered KVM_RUN with a completion pending; its return tells the path
+    // The window's verdict, decided here (reset when a window with reads closes). A read of one
+    // save kind is held, reported to nobody: if the window closes with only that kind read and
+    // no restore in the process meanwhile, it was an inspection (counted in `inspections`). A
+    // second kind or a restore makes the window a finding: the held read is reported then
+    // (EV_F_HELD; see report_held for its stack) and every later state ioctl of the window at
+    // once.
+    u32 window_kinds;   // bits (ioctl_kinds) of the save kinds read in the window
+    u32 window_finding; // 1: the window is a finding
+    u32 held_cmd;       // the held read's ioctl; 0: none held
+    u32 held_tid;
+    s32 held_fd;
+    u32 held_n;         // reads of that one kind held (the same kind again is still one kind)
+    u32 held_flags;     // EV_F_AT_RETURN of the first
+    u32 held_pad;
+    u64 held_ts;
+    u64 held_gen;       // proc_state.restore_gen at the held read
     // Statistics, read by Python at scrape time (metrics). Written by the thread entering or
     // leaving KVM_RUN on this vCPU; a VMM runs a vCPU from one thread at a time (KVM_RUN holds
     // the vCPU mutex), so plain increments are exact.
@@ -158,11 +187,12 @@ struct vcpu_state {
 // worth an event; its bits are the quirks the VMM turned off.
 struct proc_state {
     u64 quirks_disabled;  // KVM_X86_QUIRK_* bits the process disabled on a VM fd
-    // Windows of its vCPUs that have a report and are not closed yet. While there is one, a
-    // state ioctl on any of its vCPUs is sent too (EV_STATE_IOCTL): a restore, or a thread
-    // reading a second vCPU, decides what an earlier register peek was part of. Two reports
-    // racing on one window may count it twice: that costs extra events, never a verdict.
-    s64 open_windows;
+    // Restore ioctls on any of its vCPUs so far: a held read whose window closes with another
+    // value than at the read shared its window with a restore (restored what it read).
+    u64 restore_gen;
+    // Windows of its vCPUs holding a read: at its exit Python judges them from `vcpus` (a map
+    // cannot be walked here). Two holds racing may miscount: at worst a needless walk.
+    s64 held_windows;
 };
 
 struct inflight {
@@ -207,7 +237,7 @@ BPF_ARRAY(inflight_count, u64, 1);
 BPF_HASH(procs, u32, struct proc_state, MAX_PROCS);
 BPF_TABLE("lru_hash", struct fd_key, u8, unknown_fds, 1024);  // UNKNOWN_FD sent once per fd
 BPF_ARRAY(pending_exits, u8, MAX_EXIT_REASON);      // policy: 1 = exit leaves a completion
-BPF_HASH(ioctl_kinds, u32, u8, 128);                // policy: enum ioctl_kind by full cmd
+BPF_HASH(ioctl_kinds, u32, u32, 128);               // policy: see KIND_MASK, by full cmd
 BPF_ARRAY(next_uid, u64, 1);
 // All zeros, never written: a new vCPU's entry starts as a copy (too big for the BPF stack).
 BPF_ARRAY(vcpu_template, struct vcpu_state, 1);
@@ -242,10 +272,19 @@ struct mid_key {
     u32 pad;
 };
 BPF_HASH(mid_counts, struct mid_key, u64, MAX_MID_KEYS);
+// Held reads whose window closed (completion, or the vCPU's last fd closed) with that one kind
+// read and no restore: inspections, counted here and never sent. Python folds a process's keys
+// into kvm_completion_inspections_total and deletes them at its exit.
+struct insp_key {
+    u32 tgid;
+    u32 cmd;
+    u32 exit_reason;
+    u32 pad;
+};
+BPF_HASH(inspections, struct insp_key, u64, MAX_MID_KEYS);
 // Windows with two or more reports one of which found the ring buffer full, kept from then on
 // with the window's counts: Python counts the snapshot from here when the tracker saw too little
-// of the window (or none of it), judges a register peek it holds of the window as part of more,
-// then deletes the entry. A window with a single report needs none (mid_counts has it). Not
+// of the window (or none of it), then deletes the entry. A window with a single report needs none (mid_counts has it). Not
 // preallocated: it is empty but under loss, and a stalled reader can fill many entries.
 struct window_key {
     u64 vcpu_uid;
@@ -257,7 +296,7 @@ struct lost_window {
     u32 exit_reason;
     u32 head;     // as in mid_key
     u32 flags;    // as in mid_key
-    u32 saves;    // save ioctls reported in the window so far
+    u32 saves;    // save kinds read in the window so far (vcpu_state.window_saves)
     u32 reports;  // every report of the window so far
     u32 pad;
 };
@@ -357,11 +396,11 @@ static __always_inline u32 quirk_flags(u32 tgid)
     return (p && (p->quirks_disabled & QUIRK_OUT_7E_INC_RIP)) ? EV_F_QUIRK_7E_DISABLED : 0;
 }
 
-static __always_inline void open_windows_add(u32 tgid, s64 delta)
+static __always_inline void held_windows_add(u32 tgid, s64 delta)
 {
     struct proc_state *p = procs.lookup(&tgid);
-    if (p && (delta > 0 || p->open_windows > 0))
-        __sync_fetch_and_add(&p->open_windows, delta);
+    if (p && (delta > 0 || p->held_windows > 0))
+        __sync_fetch_and_add(&p->held_windows, delta);
 }
 
 // The window's entry in lost_windows, rewritten with its counts so far. Two reports racing on
@@ -377,48 +416,61 @@ static __always_inline void keep_lost_window(u64 uid, struct vcpu_state *st, str
         count(C_LOST_WINDOW_MAP_FULL);
 }
 
+// n reports in the window whose event was just reserved (lost: it was not): window_reports
+// and, once the window lost an event, lost_windows.
+static __always_inline void count_reports(u64 uid, struct vcpu_state *st, u32 n,
+                                          struct mid_key *mk, int lost)
+{
+    __sync_fetch_and_add(&st->window_reports, n);
+    if (lost)
+        st->window_lost = 1;
+    if (st->window_lost && st->window_reports >= 2)
+        keep_lost_window(uid, st, mk);
+}
+
+// The mid_counts key of n reports of cmd (what the policy judges them on), counted there
+// before their event is reserved: what the violation and sanctioned counters are exact against.
+static __always_inline void count_mid(u32 tgid, u32 cmd, struct vcpu_state *st, u32 n,
+                                      struct mid_key *mk)
+{
+    mk->tgid = tgid;
+    mk->cmd = cmd;
+    mk->exit_reason = st->exit_reason;
+    mk->flags = quirk_flags(tgid);
+    if ((mk->exit_reason == KVM_EXIT_IO_NR || mk->exit_reason == KVM_EXIT_HYPERV_NR) &&
+        st->run_addr) {
+        // io: u8 direction, u8 size, u16 port; hyperv: u32 type (struct kvm_run, UAPI)
+        if (bpf_probe_read_user(&mk->head, sizeof(mk->head),
+                                (void *)(st->run_addr + KVM_RUN_UNION_OFF)) == 0)
+            mk->flags |= EV_F_ACCESS_VALID;
+        else
+            mk->head = 0;
+    }
+    u64 add = n;
+    if (mid_counts.insert(mk, &add)) {  // BPF_NOEXIST: two CPUs never both insert
+        u64 *c = mid_counts.lookup(mk);
+        if (c)
+            __sync_fetch_and_add(c, add);
+        else
+            count(C_MID_MAP_FULL);
+    }
+}
+
 // ctx: the syscall tracepoint's context, for the user stack of the ioctl being reported.
 static __always_inline void report_violation(void *ctx, u32 tgid, u32 tid, s32 fd, u32 cmd,
                                              u64 uid, struct vcpu_state *st, u32 extra_flags)
 {
-    if (!st->window_reports)
-        open_windows_add(tgid, 1);
-    __sync_fetch_and_add(&st->window_reports, 1);
-    u8 *kind = ioctl_kinds.lookup(&cmd);
-    if (kind && *kind == IOCTL_SAVE)
-        __sync_fetch_and_add(&st->window_saves, 1);
-    u32 quirks = quirk_flags(tgid);
-    struct mid_key mk = {.tgid = tgid, .cmd = cmd, .exit_reason = st->exit_reason,
-                         .flags = quirks};
-    if ((mk.exit_reason == KVM_EXIT_IO_NR || mk.exit_reason == KVM_EXIT_HYPERV_NR) &&
-        st->run_addr) {
-        // io: u8 direction, u8 size, u16 port; hyperv: u32 type (struct kvm_run, UAPI)
-        if (bpf_probe_read_user(&mk.head, sizeof(mk.head),
-                                (void *)(st->run_addr + KVM_RUN_UNION_OFF)) == 0)
-            mk.flags |= EV_F_ACCESS_VALID;
-        else
-            mk.head = 0;
-    }
-    u64 one = 1;
-    if (mid_counts.insert(&mk, &one)) {  // BPF_NOEXIST: two CPUs never both insert a 1
-        u64 *n = mid_counts.lookup(&mk);
-        if (n)
-            __sync_fetch_and_add(n, 1);
-        else
-            count(C_MID_MAP_FULL);
-    }
+    struct mid_key mk = {};
+    count_mid(tgid, cmd, st, 1, &mk);
     struct event *ev = new_event(EV_VIOLATION, tgid, tid);
-    if (!ev)
-        st->window_lost = 1;
-    if (st->window_lost && st->window_reports >= 2)
-        keep_lost_window(uid, st, &mk);
+    count_reports(uid, st, 1, &mk, !ev);
     if (!ev)
         return;
     fill_vcpu(ev, uid, st);
     read_access(ev, st);
     ev->fd = fd;
     ev->cmd = cmd;
-    ev->flags |= extra_flags | quirks;
+    ev->flags |= extra_flags | (mk.flags & EV_F_QUIRK_7E_DISABLED);
 #ifdef STACKS
     // Frame-pointer walk of the VMM's stack by the kernel; a binary built without frame
     // pointers gives the frames up to the first function that does not keep them.
@@ -428,6 +480,127 @@ static __always_inline void report_violation(void *ctx, u32 tgid, u32 tid, s32 f
     ev->stack_id = stack_id;
 #endif
     events.ringbuf_submit(ev, 0);
+}
+
+// The window's held read turned out part of a finding: reported now, as the held_n reads it
+// stands for (mid_counts counts them all), with the thread, fd and time of the first. Its own
+// stack was not kept (taking one per peek would cost every correct VMM): ctx, when the finding
+// is made by an ioctl (0 at a window's close), gives that ioctl's stack instead, flagged
+// EV_F_HELD, so the report still points at the code that saved.
+static __always_inline void report_held(void *ctx, u32 tgid, u64 uid, struct vcpu_state *st,
+                                        u32 why)
+{
+    u32 cmd = st->held_cmd;
+    u32 n = st->held_n;
+    if (!cmd)
+        return;
+    st->held_cmd = 0;
+    held_windows_add(tgid, -1);
+    struct mid_key mk = {};
+    count_mid(tgid, cmd, st, n, &mk);
+    struct event *ev = new_event(EV_VIOLATION, tgid, st->held_tid);
+    count_reports(uid, st, n, &mk, !ev);
+    if (!ev)
+        return;
+    fill_vcpu(ev, uid, st);
+    read_access(ev, st);
+    ev->fd = st->held_fd;
+    ev->cmd = cmd;
+    ev->ts_ns = st->held_ts;
+    ev->aux = why | ((s64)n << 8);
+    ev->flags |= st->held_flags | EV_F_HELD | (mk.flags & EV_F_QUIRK_7E_DISABLED);
+#ifdef STACKS
+    if (ctx) {
+        int stack_id = stacks.get_stackid(ctx, BPF_F_USER_STACK);
+        if (stack_id < 0)
+            count(stack_id == STACK_ERR_EXIST ? C_STACK_MAP_FULL : C_STACK_FAILED);
+        ev->stack_id = stack_id;
+    }
+#endif
+    events.ringbuf_submit(ev, 0);
+}
+
+// --trace-exits: a held read is an EV_STATE_IOCTL (EV_F_HELD), so a replay sees every ioctl.
+static __always_inline void trace_held(u32 tgid, u32 tid, s32 fd, u32 cmd, u64 uid,
+                                       struct vcpu_state *st, u32 extra_flags)
+{
+#ifdef TRACE_EXITS
+    struct event *ev = new_event(EV_STATE_IOCTL, tgid, tid);
+    if (ev) {
+        fill_vcpu(ev, uid, st);
+        ev->fd = fd;
+        ev->cmd = cmd;
+        ev->aux = VCPU_PENDING;
+        ev->flags = EV_F_HELD | extra_flags;
+        events.ringbuf_submit(ev, 0);
+    }
+#endif
+}
+
+// A save or restore on a vCPU with a completion pending (kv: its ioctl_kinds value). The first
+// read of a holdable kind is held; the same kind again adds to it; anything else makes the
+// window a finding (the held read reported first). Two threads reading one vCPU's state at the
+// same instant may both see nothing held: one read is then held in place of the other.
+static __always_inline void state_ioctl_mid(void *ctx, u32 tgid, u32 tid, s32 fd, u32 cmd,
+                                            u32 kv, u64 uid, struct vcpu_state *st,
+                                            u32 extra_flags)
+{
+    u32 save = (kv & KIND_MASK) == IOCTL_SAVE;
+    if (save) {
+        u32 bit = 1u << ((kv >> KIND_BIT_SHIFT) & 31);
+        if (!(st->window_kinds & bit)) {
+            st->window_kinds |= bit;
+            st->window_saves++;
+        }
+    }
+    if (!st->window_finding) {
+        if (save && (kv & KIND_HOLD)) {
+            if (!st->held_cmd) {
+                struct proc_state *p = procs.lookup(&tgid);
+                st->held_gen = p ? p->restore_gen : 0;
+                st->held_tid = tid;
+                st->held_fd = fd;
+                st->held_n = 1;
+                st->held_flags = extra_flags;
+                st->held_ts = bpf_ktime_get_ns();
+                st->held_cmd = cmd;
+                held_windows_add(tgid, 1);
+                trace_held(tgid, tid, fd, cmd, uid, st, extra_flags);
+                return;
+            }
+            if (st->held_cmd == cmd) {
+                __sync_fetch_and_add(&st->held_n, 1);
+                trace_held(tgid, tid, fd, cmd, uid, st, extra_flags);
+                return;
+            }
+        }
+        st->window_finding = 1;
+        report_held(ctx, tgid, uid, st, save ? HELD_BY_SNAPSHOT : HELD_BY_RESTORE);
+    }
+    report_violation(ctx, tgid, tid, fd, cmd, uid, st, extra_flags);
+}
+
+// The window of a vCPU holding a read closes (its completion, or its last fd closed): an
+// inspection unless the process restored state since the read.
+static __always_inline void close_held(u32 tgid, u64 uid, struct vcpu_state *st)
+{
+    struct proc_state *p = procs.lookup(&tgid);
+    if (p && p->restore_gen != st->held_gen) {
+        st->window_finding = 1;
+        report_held(0, tgid, uid, st, HELD_BY_RESTORE);
+        return;
+    }
+    struct insp_key k = {.tgid = tgid, .cmd = st->held_cmd, .exit_reason = st->exit_reason};
+    u64 add = st->held_n;
+    if (inspections.insert(&k, &add)) {  // BPF_NOEXIST, as mid_counts
+        u64 *c = inspections.lookup(&k);
+        if (c)
+            __sync_fetch_and_add(c, add);
+        else
+            count(C_INSPECTION_MAP_FULL);
+    }
+    st->held_cmd = 0;
+    held_windows_add(tgid, -1);
 }
 
 static __always_inline void emit_simple(u32 type, u32 tgid, u32 tid, s32 fd, u32 vcpu_id,
@@ -481,8 +654,8 @@ static __always_inline void forget_fd(u32 tgid, u32 tid, struct fd_key *key)
         // Python reads its statistics then deletes it (on this event, or its sweep).
         struct vcpu_state *st = vcpu_get(uid);
         if (st) {
-            if (st->state == VCPU_PENDING && st->window_reports)
-                open_windows_add(tgid, -1);
+            if (st->state == VCPU_PENDING && st->held_cmd)
+                close_held(tgid, uid, st);  // its window ends with it
             st->state = VCPU_CLOSED;
         }
     }
@@ -517,6 +690,14 @@ static __always_inline void on_run_enter(u32 tgid, u32 tid, s32 fd, u64 uid,
             st->pending_hist[slot]++;
             st->pending_ns_sum += pending_ns;
         }
+        // A window with a state read is judged here (every read is held or a finding; a window
+        // without one costs these two loads of the line the exit path just wrote).
+        if (st->held_cmd || st->window_finding) {
+            if (st->held_cmd)
+                close_held(tgid, uid, st);
+            st->window_kinds = 0;  // the exit path resets only what every window needs
+            st->window_finding = 0;
+        }
 #ifndef TRACE_EXITS
         if (st->window_reports) {
 #endif
@@ -528,7 +709,6 @@ static __always_inline void on_run_enter(u32 tgid, u32 tid, s32 fd, u64 uid,
         }
 #endif
         if (st->window_reports) {
-            open_windows_add(tgid, -1);
             struct event *ev = new_event(EV_WINDOW_CLOSED, tgid, tid);
             if (ev) {
                 fill_vcpu(ev, uid, st);
@@ -725,7 +905,7 @@ static __always_inline void ioctl_enter(void *ctx, s32 fd, u32 cmd, u64 arg)
             stash(tid, &inf);
             return;
         }
-        u8 *kind = ioctl_kinds.lookup(&cmd);
+        u32 *kind = ioctl_kinds.lookup(&cmd);
         if (cmd == KVM_RUN_NR || kind) {
             if (cmd == KVM_RUN_NR && run_threads.delete(&tid) == 0)
                 maps_changed();  // its exits must not land on an older vCPU
@@ -747,12 +927,20 @@ static __always_inline void ioctl_enter(void *ctx, s32 fd, u32 cmd, u64 arg)
         on_run_enter(tgid, tid, fk.fd, uid, st, gen_before);
         return;
     }
-    u8 *kind = ioctl_kinds.lookup(&cmd);
+    u32 *kind = ioctl_kinds.lookup(&cmd);
     if (!kind)
         return;
+    u32 kv = *kind;
+    if ((kv & KIND_MASK) == IOCTL_RESTORE) {
+        // Any restore in the process, pending or not: a held read of another vCPU's window
+        // open meanwhile was read to be restored (close_held). Restores are rare.
+        struct proc_state *rp = procs.lookup(&tgid);
+        if (rp)
+            __sync_fetch_and_add(&rp->restore_gen, 1);
+    }
     u32 state = st->state;
     if (state == VCPU_PENDING) {
-        report_violation(ctx, tgid, tid, fk.fd, cmd, uid, st, 0);
+        state_ioctl_mid(ctx, tgid, tid, fk.fd, cmd, kv, uid, st, 0);
         return;
     }
     if (state == VCPU_RUNNING) {
@@ -761,23 +949,16 @@ static __always_inline void ioctl_enter(void *ctx, s32 fd, u32 cmd, u64 arg)
                                .vcpu_id = st->vcpu_id};
         stash(tid, &inf);
     }
-    u32 flags = 0;
-#ifndef TRACE_EXITS
-    // Only while a window of this process has reports: the rare path (see proc_state).
-    struct proc_state *p = procs.lookup(&tgid);
-    if (!p || p->open_windows <= 0)
-        return;
-    flags = EV_F_WINDOW_OPEN;
-#endif
+#ifdef TRACE_EXITS
     struct event *ev = new_event(EV_STATE_IOCTL, tgid, tid);
     if (ev) {
         fill_vcpu(ev, uid, st);
         ev->fd = fk.fd;
         ev->cmd = cmd;
         ev->aux = state;
-        ev->flags = flags;
         events.ringbuf_submit(ev, 0);
     }
+#endif
 }
 
 static __always_inline void on_vcpu_created(u32 tgid, u32 tid, struct inflight *inf, s32 fd)
@@ -875,8 +1056,10 @@ static __always_inline void syscall_exit(void *ctx, long ret)
         struct vcpu_state *st = vcpu_get(uid);
         // The ioctl waited for the running KVM_RUN to drop the vCPU mutex; if that run ended
         // in a completion-needing exit (a new window), the ioctl ran inside it.
-        if (st && st->state == VCPU_PENDING && st->seq != inf->seq)
-            report_violation(ctx, tgid, tid, inf->fd, inf->cmd, uid, st, EV_F_AT_RETURN);
+        u32 cmd = inf->cmd;
+        u32 *kind = ioctl_kinds.lookup(&cmd);
+        if (st && kind && st->state == VCPU_PENDING && st->seq != inf->seq)
+            state_ioctl_mid(ctx, tgid, tid, inf->fd, cmd, *kind, uid, st, EV_F_AT_RETURN);
     } else if (inf->op == OP_DUP) {
         dup_done(tgid, tid, inf, ret);
     } else if (inf->op == OP_MMAP && ret >= 0) {
@@ -1048,13 +1231,26 @@ TRACEPOINT_PROBE(syscalls, sys_enter_mmap)
 
 static __always_inline void process_gone(u32 tgid, u32 tid)
 {
-    if (!procs.lookup(&tgid))
+    struct proc_state *p = procs.lookup(&tgid);
+    if (!p)
         return;
+    // Windows holding a read end here too: Python judges them from their vcpus entries against
+    // the final restore_gen this event carries (the map cannot be walked here).
+    int held = p->held_windows > 0;
+    u64 gen = p->restore_gen;
     procs.delete(&tgid);
     // The fd and vCPU entries of this process are removed by Python on this event (a hash map
     // cannot be walked here); until then nothing can reach them: the fds are gone with the
     // process, and a new process reusing the pid gets new vCPU uids from KVM_CREATE_VCPU.
-    emit_simple(EV_PROCESS_EXIT, tgid, tid, -1, 0, 0, 0);
+    struct event *ev = new_event(EV_PROCESS_EXIT, tgid, tid);
+    if (!ev)
+        return;
+    ev->fd = -1;
+    if (held) {
+        ev->flags = EV_F_HELD;
+        ev->aux = (s64)gen;
+    }
+    events.ringbuf_submit(ev, 0);
 }
 
 TRACEPOINT_PROBE(sched, sched_process_exit)

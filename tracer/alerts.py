@@ -38,11 +38,10 @@ class ViolationAlert:
     detected_at: str  # "ioctl_entry" | "ioctl_return"
     window: int  # per-vCPU id of the pending window (count of completion-needing exits)
     sanctioned: bool = False
-    # What decided the verdict: "ioctl" (the ioctl alone: alerted at once), or for a register
-    # peek held until its window showed what it was part of: "snapshot" (more state read in
-    # the window), "second_vcpu" (the same thread read another vCPU), "restore" (state written
-    # in the process), "vcpu_closed", "process_exit", "idle" (never completed in time); for an
-    # inspection: "reentry" | "immediate_exit" (the window closed by completion).
+    # What decided the verdict: "ioctl" (the ioctl alone: alerted at once), or for a read the
+    # kernel held in its window (tracer.windows) until the window showed what it was part of:
+    # "snapshot" (another kind of state read in the window), "restore" (state restored in the
+    # window, or elsewhere in the process while it was open). A held read has no stack.
     judged_on: str = "ioctl"
     # The offending ioctl's user-space stack, symbolized (tracer.symbolize.UserStack.to_dict()).
     # Not named ``stack``: structlog's renderers reserve that key for a traceback string.
@@ -77,7 +76,6 @@ class AlertSink(Protocol):
 
     def snapshot(self, alert: SnapshotAlert) -> None: ...
 
-    def inspection(self, alert: ViolationAlert) -> None: ...
 
     def notice(self, event: str, level: str, **fields: Any) -> None: ...
 
@@ -89,7 +87,6 @@ class MemorySink:
     violations: list[ViolationAlert] = field(default_factory=list)
     sanctions: list[ViolationAlert] = field(default_factory=list)
     snapshots: list[SnapshotAlert] = field(default_factory=list)
-    inspections: list[ViolationAlert] = field(default_factory=list)
     notices: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
 
     def violation(self, alert: ViolationAlert) -> None:
@@ -101,8 +98,6 @@ class MemorySink:
     def snapshot(self, alert: SnapshotAlert) -> None:
         self.snapshots.append(alert)
 
-    def inspection(self, alert: ViolationAlert) -> None:
-        self.inspections.append(alert)
 
     def notice(self, event: str, level: str, **fields: Any) -> None:
         self.notices.append((event, fields))
@@ -193,14 +188,6 @@ class LogSink:
 
     def snapshot(self, alert: SnapshotAlert) -> None:
         self._emit(_level_for(alert.severity), "completion_snapshot", **asdict(alert))
-
-    def inspection(self, alert: ViolationAlert) -> None:
-        # A register peek completed before anything else touched the vCPU: correct use of the
-        # ABI, counted (kvm_completion_inspections_total) and logged for debugging only.
-        fields = asdict(alert)
-        for key in ("sanctioned", "user_stack"):
-            fields.pop(key)
-        self._emit("debug", "completion_inspection", **fields)
 
     def notice(self, event: str, level: str, **fields: Any) -> None:
         self._emit(level, event, **fields)

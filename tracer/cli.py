@@ -79,7 +79,8 @@ def _pipeline_args(parser: argparse.ArgumentParser) -> None:
                              "raw_syscalls sys_enter/sys_exit (x86-64; cheaper per exit, "
                              "dearer for every other syscall)")
     parser.add_argument("--ringbuf-pages", type=int, default=None, metavar="N",
-                        help="ring buffer size in pages, a power of two (default 64)")
+                        help="ring buffer size in pages, a power of two (default 64; watch: "
+                             "16384, 64 MiB)")
     parser.add_argument("--max-vcpus", type=int, default=None, metavar="N",
                         help="vCPUs tracked at once (sizes the per-vCPU, fd, thread and "
                              "process maps, default 4096)")
@@ -137,7 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "forks; at its end print a report of every completion race to stderr. "
                     f"Exit status: CMD's own when nothing failed the gate, {EXIT_FINDINGS} "
                     "(--error-exitcode) when a finding did, "
-                    f"{EXIT_INCONCLUSIVE} when events were lost (no 'no race' claim without "
+                    f"{EXIT_INCONCLUSIVE} when findings are unverified (counted by the kernel, "
+                    "their reports lost) or a map was full (no 'no race' claim without "
                     f"--allow-lost), {EXIT_CANNOT_RUN} when CMD could not be started.")
     _pipeline_args(watch)
     watch.add_argument("--fail-on", choices=("warning", "error", "critical", "snapshot"),
@@ -146,7 +148,12 @@ def build_parser() -> argparse.ArgumentParser:
     watch.add_argument("--error-exitcode", type=int, default=EXIT_FINDINGS, metavar="N",
                        help=f"exit status when a finding fails the gate (default {EXIT_FINDINGS})")
     watch.add_argument("--allow-lost", action="store_true",
-                       help="pass the gate even when events were lost or maps were full")
+                       help="pass the gate even with unverified findings (their events "
+                            "lost) or maps full")
+    watch.add_argument("--reader-nice", type=int, default=None, metavar="N",
+                       help="nice value of the thread reading the ring buffer once CMD runs "
+                            "(default -10: keeps up when a test suite saturates every core; "
+                            "0 leaves it alone)")
     watch.add_argument("--junit", type=Path, metavar="FILE",
                        help="JUnit XML report: one testcase per finding")
     watch.add_argument("--json", type=Path, metavar="FILE", help="the whole result as JSON")
@@ -326,6 +333,12 @@ def cmd_run(args: argparse.Namespace) -> int:
         lock.release()
 
 
+def _reader_nice(value: int) -> int:
+    if not -20 <= value <= 19:
+        raise UsageError(f"--reader-nice {value}: expected -20..19")
+    return value
+
+
 def cmd_watch(args: argparse.Namespace) -> int:
     from tracer.alerts import LogSink
     from tracer.watch import WatchOptions, pid_namespace_error, watch
@@ -359,7 +372,11 @@ def cmd_watch(args: argparse.Namespace) -> int:
     gate = WatchOptions(command=command, fail_on=args.fail_on,
                         error_exitcode=args.error_exitcode, allow_lost=args.allow_lost,
                         junit=args.junit, json=args.json,
-                        log_alerts=args.log_file is not None, ci=ci)
+                        log_alerts=args.log_file is not None, ci=ci,
+                        ringbuf_pages=(None if args.ringbuf_pages is None
+                                       else options.probe_config.ringbuf_pages),
+                        **({} if args.reader_nice is None
+                           else {"reader_nice": _reader_nice(args.reader_nice)}))
     return watch(options, gate, LogSink())
 
 

@@ -65,6 +65,9 @@ class SystemProcView:
         return vmident.process_alive(pid, start_time, self.proc_root)
 
 
+MAX_SYMBOLIZED_STACKS = 4096
+
+
 class ProbeStacks:
     """The tracker's StackResolver: addresses from the probes' stack map, names from the
     symbolizer (tracer.symbolize).
@@ -79,6 +82,10 @@ class ProbeStacks:
         self.probes = probes
         self.symbolizer = symbolizer or Symbolizer()
         self._taken: dict[int, list[Any]] = {}  # ids are < max_stacks: bounded
+        # (pid, frames) -> the symbolized stack: a VMM that races in a loop reports the same
+        # stack thousands of times, and building its dict was most of the reader's time per
+        # event in a flood. Shared by the alerts (read-only); bounded, dropped with the pid.
+        self._symbolized: dict[tuple[int, tuple[Any, ...]], dict[str, Any]] = {}
 
     def take(self, stack_id: int) -> list[Any] | None:
         frames = self.probes.take_stack(stack_id)
@@ -88,7 +95,14 @@ class ProbeStacks:
         return frames
 
     def symbolize(self, pid: int, frames: list[Any]) -> dict[str, Any]:
-        return self.symbolizer.symbolize(pid, frames).to_dict()
+        key = (pid, tuple(frames))
+        known = self._symbolized.get(key)
+        if known is None:
+            known = self.symbolizer.symbolize(pid, frames).to_dict()
+            if len(self._symbolized) >= MAX_SYMBOLIZED_STACKS:
+                del self._symbolized[next(iter(self._symbolized))]
+            self._symbolized[key] = known
+        return known
 
     def remember(self, pid: int) -> None:
         self.symbolizer.remember(pid)
@@ -98,6 +112,8 @@ class ProbeStacks:
 
     def forget(self, pid: int) -> None:
         self.symbolizer.forget(pid)
+        for key in [k for k in self._symbolized if k[0] == pid]:
+            del self._symbolized[key]
 
 
 class ReloadHook(Protocol):
@@ -281,6 +297,9 @@ class Daemon:
             self.poll_once(self.loop_poll_ms())
             now = time.monotonic()
             if now >= next_sweep:
+                # Every event already submitted first: a process the sweep finds gone sent its
+                # exit event before it was gone, so only a lost one leaves its reads unjudged.
+                self.probes.poll(0)
                 with self.lock:
                     self.tracker.sweep()
                     self.tracker.prune_gone(self.options.metrics.retain_gone_s)
@@ -296,7 +315,7 @@ class Daemon:
         with self.lock:
             self.tracker.tick()
             self.check_losses()
-            self.tracker.flush_held()
+            self.tracker.unresolved_held()
 
     def drain(self) -> None:
         """Hand every event already in the ring to the tracker (a violation of the last
@@ -358,7 +377,8 @@ class Daemon:
             "guest_entries": sum(self.probes.guest_entry_counts().values()),
             "violations": sum(stats.violations.values()),
             "sanctioned": sum(stats.sanctioned.values()),
-            "inspections": sum(stats.inspections.values()),
+            "inspections": sum(self.tracker.inspection_counts().values()),
+            "unverified": sum(self.tracker.unverified().values()),
             "snapshots": sum(stats.snapshots.values()),
             "events_lost": counters["events_lost"],
         }

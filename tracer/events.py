@@ -28,8 +28,7 @@ class EventType(enum.IntEnum):
     # Only with --trace-exits (debugging / differential testing): one per exit.
     RUN_ENTER = 10
     USERSPACE_EXIT = 11  # exit_reason, aux = errno
-    # a save/restore with nothing pending on its vCPU: with --trace-exits, or (flag WINDOW_OPEN)
-    # while its process has a window with reports open
+    # a save/restore with nothing pending on its vCPU: only with --trace-exits
     STATE_IOCTL = 12
     EXEC = 13  # watch: a watched process exec'd; ``path`` is the file it runs
 
@@ -41,7 +40,10 @@ class EventFlag(enum.IntFlag):
     QUIRK_7E_DISABLED = 2  # the process disabled KVM_X86_QUIRK_OUT_7E_INC_RIP
     AT_RETURN = 4  # detected when the ioctl returned (it waited on a running KVM_RUN)
     IMMEDIATE_EXIT = 8  # the re-entry had kvm_run->immediate_exit set
-    WINDOW_OPEN = 16  # STATE_IOCTL sent because the process has a window with reports open
+    # VIOLATION: a read held in its window, reported once the window became a finding (aux:
+    # tracer.windows.HeldWhy | reads << 8; no stack). PROCESS_EXIT: the process had windows
+    # holding a read (aux: its final restore generation; tracer.windows judges them).
+    HELD = 32
 
 
 # struct event: u32 type, tgid, tid, vcpu_id; s32 fd; u32 cmd, exit_reason, flags;

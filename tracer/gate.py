@@ -8,9 +8,12 @@ Exit status of ``watch`` (:func:`exit_status`):
 
 - a finding that fails the gate (see :meth:`GateReport.verdict`): ``error_exitcode``
   (default 66, distinct from the command's own codes, like a sanitizer's ``exitcode``);
-- otherwise, events lost or maps full without ``--allow-lost``: 65 (the gate cannot claim
-  "no race"), unless the command itself failed: then the command's status, which is the
-  first thing to fix;
+- otherwise, unverified findings (counted by the kernel, their reports dropped by a full ring
+  buffer, or reads held in a window whose process's exit event was lost) or maps full, without
+  ``--allow-lost``: 65 (a race happened or may have, but the gate cannot say where), unless the
+  command itself failed: then the command's status, which is the first thing to fix. Events
+  lost that carried no finding do not count: the kernel judges every window itself, so a lost
+  lifecycle event cannot turn a correct window into a finding nor hide one;
 - otherwise the command's own status (128 + S for a command killed by signal S).
 """
 
@@ -32,6 +35,7 @@ FAIL_ON_CHOICES: Final = ("warning", "error", "critical", "snapshot")
 DEFAULT_FAIL_ON: Final = "warning"
 DEFAULT_ERROR_EXITCODE: Final = 66
 INCONCLUSIVE_EXITCODE: Final = 65
+DEFAULT_RERUN_PAGES: Final = 65536  # 256 MiB: the rerun hint when the ring size is not known
 SNAPSHOT_RULE: Final = "snapshot-mid-completion"
 REPORT_SCHEMA: Final = "kvm-completion-tracer/watch-report/1"
 
@@ -169,7 +173,7 @@ class Finding:
 @dataclass(frozen=True)
 class GateVerdict:
     failed: bool  # a finding at or above the --fail-on threshold
-    inconclusive: bool  # events lost or maps full, and --allow-lost not given
+    inconclusive: bool  # unverified findings or maps full, and --allow-lost not given
     reason: str
 
     @property
@@ -249,9 +253,13 @@ class GateReport:
         self.inspections = 0
         self.sanctioned: dict[str, int] = {}
         self.events_lost = 0
+        # VM (comm[pid] for a test VMM) -> findings the kernel counted whose report never
+        # reached us: no call site, only that they happened (tracer.tracker.unverified)
+        self.unverified: dict[str, int] = {}
         self.maps_full: dict[str, int] = {}
         self.ringbuf_pages: int | None = None
         self.max_vcpus: int | None = None
+        self.reader_nice: int | None = None  # the ring reader's nice value (None: unchanged)
         self.exits_traced: int | None = None
         self.pending_exits: int | None = None
         self.meta: GateMeta | None = None
@@ -293,9 +301,13 @@ class GateReport:
         self.occurrences[kind] = self.occurrences.get(kind, 0) + 1
         return finding
 
-    def count_inspection(self, count: int = 1) -> None:
-        """A register peek the window then completed: correct use of the ABI, not a finding."""
-        self.inspections += count
+    def set_inspections(self, count: int) -> None:
+        """Lone reads of one kind of state, judged inspections by the kernel: correct use of
+        the ABI, not findings."""
+        self.inspections = count
+
+    def set_unverified(self, by_process: Mapping[str, int]) -> None:
+        self.unverified = {name: n for name, n in by_process.items() if n}
 
     def count_sanctioned(self, rule: str, count: int = 1) -> None:
         self.sanctioned[rule] = self.sanctioned.get(rule, 0) + count
@@ -329,7 +341,9 @@ class GateReport:
 
     @property
     def lossy(self) -> bool:
-        return self.events_lost > 0 or bool(self.maps_full)
+        """What the verdict cannot vouch for: unverified findings, or maps full (vCPUs or
+        windows the kernel could not follow). Events lost alone are not: see the module doc."""
+        return bool(self.unverified) or bool(self.maps_full)
 
     def verdict(self, fail_on: str | None = None, allow_lost: bool | None = None) -> GateVerdict:
         """Failed: a finding fails the gate under ``fail_on`` (see :func:`fails_gate`).
@@ -383,6 +397,10 @@ class GateReport:
                  f"  fix: {finding.fix()}"]
         if finding.kind != "snapshot":
             lines.append(f"  call site: {finding.call_site.describe()}")
+            if getattr(first, "judged_on", "ioctl") != "ioctl":
+                lines.append("  note: held in the kernel as a lone read until its window "
+                             "became a finding: the stack is that of the ioctl that made it "
+                             "one (none when the window's end did)")
             lines.extend(stack_lines(finding.stack))
         return lines
 
@@ -392,6 +410,8 @@ class GateReport:
                 f"{sanctioned} sanctioned; "
                 + (f"{self.suppressed} suppressed; " if self.suppressed else "")
                 + f"{_plural(self.events_lost, 'event')} lost")
+        if self.events_lost and not self.unverified:
+            tail += " (none of them a finding)"
         if not self._findings:
             traced = ""
             if self.exits_traced is not None:
@@ -412,8 +432,10 @@ class GateReport:
 
     def _losses_text(self) -> str:
         parts = []
-        if self.events_lost:
-            parts.append(f"{_plural(self.events_lost, 'event')} lost (ring buffer full)")
+        if self.unverified:
+            procs = ", ".join(f"{name} ({n})" for name, n in sorted(self.unverified.items()))
+            total = _plural(sum(self.unverified.values()), "finding")
+            parts.append(f"unverified (events lost): {total} in {procs}")
         if self.maps_full:
             full = ", ".join(f"{name} {n}" for name, n in sorted(self.maps_full.items()))
             parts.append(f"maps full: {full}")
@@ -423,16 +445,18 @@ class GateReport:
         claim = ("the findings above may be incomplete" if self._findings
                  else "cannot claim \"no race\"")
         hints = []
-        if self.events_lost:
-            pages = max(256, 4 * self.ringbuf_pages) if self.ringbuf_pages else 256
+        if self.unverified:
+            pages = 4 * self.ringbuf_pages if self.ringbuf_pages else DEFAULT_RERUN_PAGES
             hints.append(f"--ringbuf-pages {pages}")
         if self.maps_full:
             hints.append(f"--max-vcpus {2 * self.max_vcpus}" if self.max_vcpus
                          else "--max-vcpus N (more than the vCPUs traced at once)")
         rerun = " (or ".join(hints) + (")" if len(hints) > 1 else "")
         allowed = " (--allow-lost given: not failing the gate)" if self.allow_lost else ""
-        return (f"{TOOL}: {claim}: {self._losses_text()}; rerun with {rerun}, "
-                f"or pass --allow-lost{allowed}")
+        what = ("the kernel counted them, the ring buffer dropped their reports: no call site"
+                if self.unverified else "")
+        return (f"{TOOL}: {claim}: {self._losses_text()}{'; ' + what if what else ''}; "
+                f"rerun with {rerun}, or pass --allow-lost{allowed}")
 
     # -- JSON
 
@@ -459,6 +483,10 @@ class GateReport:
                 "pending_exits": self.pending_exits,
             },
             "events_lost": self.events_lost,
+            "ringbuf_pages": self.ringbuf_pages,
+            "reader_nice": self.reader_nice,
+            "unverified": {"findings": sum(self.unverified.values()),
+                           "processes": dict(sorted(self.unverified.items()))},
             "maps_full": dict(sorted(self.maps_full.items())),
             "meta": None if meta is None else {
                 **asdict(meta),
@@ -555,9 +583,6 @@ class GateSink:
 
     def snapshot(self, alert: SnapshotAlert) -> None:
         self.report.add_snapshot(alert)
-
-    def inspection(self, alert: ViolationAlert) -> None:
-        self.report.count_inspection()
 
     def notice(self, event: str, level: str, **fields: Any) -> None:
         pass  # losses come in once, from the probes' final counters (set_losses)

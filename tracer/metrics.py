@@ -425,11 +425,12 @@ class CompletionCollector(Collector):
             exported[("sanctioned", skey)] = self._monotonic("sanctioned", skey, count)
             f.add(sanctioned, list(skey), exported[("sanctioned", skey)])
         self._exported = exported  # series of VMs pruned (retain_gone_s) are forgotten
-        inspections = f.counter("inspections", "Register peeks (policy peek_ioctls) whose "
-                                "window then closed by completion with nothing else read or "
-                                "written: correct use of the ABI, not alerted.",
-                                ["vm", "ioctl", "exit_reason"])
-        for ikey, count in sorted(stats.inspections.items()):
+        inspections = f.counter("inspections", "Lone reads of one kind of vCPU state (one "
+                                "save ioctl, policy peek_ioctls) in a pending window that then "
+                                "closed with nothing else read and nothing restored in the "
+                                "process: correct use of the ABI, judged and counted in the "
+                                "kernel, never alerted.", ["vm", "ioctl", "exit_reason"])
+        for ikey, count in sorted(self.tracker.inspection_counts().items()):
             f.add(inspections, list(ikey), count)
 
     def _guest_exits(self, f: _Families, guest: dict[tuple[int, int, int, int], int] | None,

@@ -92,7 +92,7 @@ class LostWindow:
     exit_reason: int
     head: int
     flags: int
-    saves: int  # save ioctls reported in the window (up to its last report)
+    saves: int  # save kinds read in the window (up to its last report): 2+ is a snapshot
     reports: int  # every report in the window
 
     @property

@@ -8,13 +8,22 @@ real probes with ``--trace-exits`` and checks they reach the same verdicts as th
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from tracer import abi
 from tracer.counters import EXIT_SLOT_ERROR, EXIT_SLOT_OTHER, RunState, VcpuCounters
 from tracer.events import EventFlag, EventType, KernelEvent, PendingAccess
 from tracer.handover import AdoptState
 from tracer.midcounts import LostWindow, MidKey, key_of_event
+from tracer.windows import (
+    KIND_BIT_SHIFT,
+    KIND_HOLD,
+    KIND_RESTORE,
+    KIND_SAVE,
+    HeldRead,
+    HeldWhy,
+    InspectionKey,
+)
 
 NO_FLAGS = EventFlag(0)
 
@@ -31,6 +40,10 @@ class ModelVcpu:
     exit_reason: int = 0
     access: PendingAccess | None = None
     window_reports: int = 0
+    window_kinds: int = 0
+    window_finding: bool = False
+    held: HeldRead | None = None
+    held_flags: EventFlag = NO_FLAGS  # AT_RETURN of the held read
     run_tid: int = 0
     counters: VcpuCounters = field(default_factory=VcpuCounters)
     completing: bool = False
@@ -49,6 +62,8 @@ class _Inflight:
 @dataclass
 class ProbeModel:
     pending_exits: frozenset[int]
+    # ioctl_kinds (tracer.windows.kind_values); None: every save held, as the default policy
+    kinds: dict[int, int] | None = None
     now: int = 0
     fds: dict[tuple[int, int], int] = field(default_factory=dict)  # (pid, fd) -> uid
     vcpus: dict[int, ModelVcpu] = field(default_factory=dict)
@@ -56,7 +71,9 @@ class ProbeModel:
     inflight: dict[int, _Inflight] = field(default_factory=dict)
     quirks_disabled: dict[int, int] = field(default_factory=dict)  # pid -> mask
     procs: set[int] = field(default_factory=set)
-    open_windows: dict[int, int] = field(default_factory=dict)  # pid -> windows with reports
+    restore_gen: dict[int, int] = field(default_factory=dict)  # pid -> restores so far
+    held_windows: dict[int, int] = field(default_factory=dict)  # pid -> windows holding a read
+    inspected: dict[InspectionKey, int] = field(default_factory=dict)  # `inspections`
     # mid_counts: reports by tracer.midcounts.MidKey, counted before the event is sent (the
     # model's ring never drops one, so lost_windows stays empty)
     mid: dict[MidKey, int] = field(default_factory=dict)
@@ -93,26 +110,78 @@ class ProbeModel:
                 vcpu.fd_refs -= 1
                 left = vcpu.fd_refs
             else:
-                if vcpu.state is RunState.PENDING and vcpu.window_reports:
-                    self._open_windows_add(pid, -1)
+                if vcpu.state is RunState.PENDING and vcpu.held is not None:
+                    self._close_held(pid, vcpu)
                 vcpu.fd_refs, vcpu.state = 0, RunState.CLOSED
         self._emit(EventType.VCPU_FD_CLOSED, pid, tid, fd=fd, aux=left, vcpu_id=vcpu_id,
                    uid=uid)
 
-    def _open_windows_add(self, pid: int, delta: int) -> None:
-        if pid in self.procs and (delta > 0 or self.open_windows.get(pid, 0) > 0):
-            self.open_windows[pid] = self.open_windows.get(pid, 0) + delta
+    def _held_add(self, pid: int, delta: int) -> None:
+        if pid in self.procs and (delta > 0 or self.held_windows.get(pid, 0) > 0):
+            self.held_windows[pid] = self.held_windows.get(pid, 0) + delta
+
+    def _kind(self, cmd: int) -> int:
+        if self.kinds is not None:
+            return self.kinds.get(cmd, 0)
+        if cmd in abi.RESTORE_IOCTLS:
+            return KIND_RESTORE
+        if cmd in abi.SAVE_IOCTLS:
+            return KIND_SAVE | sorted(abi.SAVE_IOCTLS).index(cmd) << KIND_BIT_SHIFT | KIND_HOLD
+        return 0
 
     def _report(self, pid: int, tid: int, fd: int, cmd: int, vcpu: ModelVcpu,
-                extra: EventFlag = NO_FLAGS) -> None:
-        if not vcpu.window_reports:
-            self._open_windows_add(pid, 1)
-        vcpu.window_reports += 1
+                extra: EventFlag = NO_FLAGS, reads: int = 1, aux: int = 0) -> None:
+        vcpu.window_reports += reads
         if self.quirks_disabled.get(pid, 0) & abi.KVM_X86_QUIRK_OUT_7E_INC_RIP:
             extra |= EventFlag.QUIRK_7E_DISABLED
-        self._emit(EventType.VIOLATION, pid, tid, fd=fd, cmd=cmd, vcpu=vcpu, flags=extra)
+        self._emit(EventType.VIOLATION, pid, tid, fd=fd, cmd=cmd, vcpu=vcpu, flags=extra,
+                   aux=aux)
         key = key_of_event(self.out[-1])
-        self.mid[key] = self.mid.get(key, 0) + 1
+        self.mid[key] = self.mid.get(key, 0) + reads
+
+    def _report_held(self, pid: int, vcpu: ModelVcpu, why: HeldWhy) -> None:
+        held, vcpu.held = vcpu.held, None
+        if held is None:
+            return
+        self._held_add(pid, -1)
+        self._report(pid, held.tid, held.fd, held.cmd, vcpu, EventFlag.HELD | vcpu.held_flags,
+                     held.reads, int(why) | held.reads << 8)
+
+    def _state_ioctl_mid(self, pid: int, tid: int, fd: int, cmd: int, vcpu: ModelVcpu,
+                         extra: EventFlag = NO_FLAGS) -> None:
+        """bpf/completion.c state_ioctl_mid: hold a lone read of one kind, else a finding."""
+        kv = self._kind(cmd)
+        save = kv & 0xFF == KIND_SAVE
+        if save:
+            vcpu.window_kinds |= 1 << ((kv >> KIND_BIT_SHIFT) & 31)
+        if not vcpu.window_finding:
+            if save and kv & KIND_HOLD:
+                if vcpu.held is None:
+                    vcpu.held = HeldRead(vcpu.uid, pid, vcpu.vcpu_id, tid, fd, cmd, 1,
+                                         vcpu.exit_reason, vcpu.seq, vcpu.pending_since,
+                                         self._tick(), self.restore_gen.get(pid, 0))
+                    vcpu.held_flags = extra
+                    self._held_add(pid, 1)
+                    return
+                if vcpu.held.cmd == cmd:
+                    vcpu.held = replace(vcpu.held, reads=vcpu.held.reads + 1)
+                    return
+            vcpu.window_finding = True
+            self._report_held(pid, vcpu, HeldWhy.SNAPSHOT if save else HeldWhy.RESTORE)
+        self._report(pid, tid, fd, cmd, vcpu, extra)
+
+    def _close_held(self, pid: int, vcpu: ModelVcpu) -> None:
+        held = vcpu.held
+        if held is None:
+            return
+        if pid in self.procs and self.restore_gen.get(pid, 0) != held.restore_gen:
+            vcpu.window_finding = True
+            self._report_held(pid, vcpu, HeldWhy.RESTORE)
+            return
+        key = InspectionKey(pid, held.cmd, vcpu.exit_reason)
+        self.inspected[key] = self.inspected.get(key, 0) + held.reads
+        vcpu.held = None
+        self._held_add(pid, -1)
 
     # ---- observations --------------------------------------------------------------------------
     def ioctl_enter(self, pid: int, tid: int, fd: int, cmd: int, arg: int = 0,
@@ -131,8 +200,10 @@ class ProbeModel:
         if cmd == abi.KVM_RUN:
             if vcpu.state is RunState.PENDING:
                 vcpu.completing = True  # the path is counted when this KVM_RUN returns
+            if vcpu.state is RunState.PENDING and (vcpu.held or vcpu.window_finding):
+                self._close_held(pid, vcpu)
+                vcpu.window_kinds, vcpu.window_finding = 0, False
             if vcpu.state is RunState.PENDING and vcpu.window_reports:
-                self._open_windows_add(pid, -1)
                 self._emit(EventType.WINDOW_CLOSED, pid, tid, vcpu=vcpu,
                            aux=vcpu.window_reports,
                            flags=EventFlag.IMMEDIATE_EXIT if immediate_exit else NO_FLAGS)
@@ -142,14 +213,13 @@ class ProbeModel:
             return
         if cmd not in abi.SAVE_IOCTLS and cmd not in abi.RESTORE_IOCTLS:
             return
+        if cmd in abi.RESTORE_IOCTLS and pid in self.procs:
+            self.restore_gen[pid] = self.restore_gen.get(pid, 0) + 1
         if vcpu.state is RunState.PENDING:
-            self._report(pid, tid, fd, cmd, vcpu)
+            self._state_ioctl_mid(pid, tid, fd, cmd, vcpu)
             return
         if vcpu.state is RunState.RUNNING:
             self.inflight[tid] = _Inflight("state_while_running", fd, cmd, uid, vcpu.seq)
-        if self.open_windows.get(pid, 0) > 0:  # what a held register peek was part of
-            self._emit(EventType.STATE_IOCTL, pid, tid, fd=fd, cmd=cmd, vcpu=vcpu,
-                       aux=int(vcpu.state), flags=EventFlag.WINDOW_OPEN)
 
     def ioctl_exit(self, pid: int, tid: int, ret: int) -> None:
         inf = self.inflight.pop(tid, None)
@@ -167,7 +237,7 @@ class ProbeModel:
         elif inf.op == "state_while_running":
             vcpu = self.vcpus.get(inf.uid)
             if vcpu and vcpu.state is RunState.PENDING and vcpu.seq != inf.seq:
-                self._report(pid, tid, inf.fd, inf.cmd, vcpu, EventFlag.AT_RETURN)
+                self._state_ioctl_mid(pid, tid, inf.fd, inf.cmd, vcpu, EventFlag.AT_RETURN)
 
     def userspace_exit(self, tid: int, reason: int, errno: int = 0,
                        access: PendingAccess | None = None) -> None:
@@ -226,8 +296,10 @@ class ProbeModel:
         if pid in self.procs:
             self.procs.discard(pid)
             self.quirks_disabled.pop(pid, None)
-            self.open_windows.pop(pid, None)
-            self._emit(EventType.PROCESS_EXIT, pid, pid)
+            gen = self.restore_gen.pop(pid, 0)
+            held = self.held_windows.pop(pid, 0) > 0
+            self._emit(EventType.PROCESS_EXIT, pid, pid,
+                       flags=EventFlag.HELD if held else NO_FLAGS, aux=gen if held else 0)
 
     # ---- what the tracker asks of the probes (ProbeControl) ------------------------------------
     def adopt_vcpu(self, pid: int, fd: int, vcpu_id: int, run_addr: int | None,
@@ -286,6 +358,19 @@ class ProbeModel:
         for key in taken:
             del self.mid[key]
         return taken
+
+    def inspections(self) -> dict[InspectionKey, int]:
+        return dict(self.inspected)
+
+    def take_inspections(self, pid: int) -> dict[InspectionKey, int]:
+        taken = {k: v for k, v in self.inspected.items() if k.pid == pid}
+        for key in taken:
+            del self.inspected[key]
+        return taken
+
+    def held_reads(self, pid: int) -> list[HeldRead]:
+        return [v.held for v in self.vcpus.values()
+                if v.pid == pid and v.held is not None and v.state is RunState.PENDING]
 
     def lost_windows(self) -> list[LostWindow]:
         return []

@@ -93,10 +93,11 @@ class Inspection(enum.Enum):
     VIOLATION = "violation"  # strict: every save mid-completion is a violation at once
 
 
-# Save ioctls a VMM issues to decode a request (read RDI, RAX, ...): one of these alone in a
-# window that then closes by completion is an inspection. Every other save ioctl is more than the
-# general registers, and so part of a snapshot (KVM_GET_SREGS, _XSAVE, _MSRS, _VCPU_EVENTS, ...).
-DEFAULT_PEEK_IOCTLS: Final = ("KVM_GET_REGS", "KVM_GET_ONE_REG")
+# Save ioctls whose lone read in a window (that one kind, no restore) is an inspection
+# (tracer.windows): every one. One kind of state alone cannot be restored into a VM; a VMM that
+# saves to restore reads several kinds (KVM_GET_REGS to decode a request, KVM_GET_LAPIC before
+# injecting an NMI are each one kind). ``peek_ioctls`` narrows it.
+DEFAULT_PEEK_IOCTLS: Final = tuple(sorted(abi.IOCTLS[n].name for n in abi.SAVE_IOCTLS))
 
 
 class Sanction(enum.Enum):
@@ -125,8 +126,9 @@ class CompletionPolicy:
     peek_ioctls: frozenset[str] = frozenset(DEFAULT_PEEK_IOCTLS)
 
     def is_peek(self, ioctl: str) -> bool:
-        """Whether a save through ``ioctl`` mid-completion waits for the window's outcome
-        (an inspection if it then closes by completion) instead of being a violation at once."""
+        """Whether a lone read through ``ioctl`` mid-completion is held by the kernel until the
+        window shows what it was (an inspection if that kind alone was read and nothing
+        restored) instead of being a violation at once."""
         return self.inspection is Inspection.BENIGN and ioctl in self.peek_ioctls
 
     def leaves_pending(self, exit_reason: int) -> bool:

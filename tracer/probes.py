@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
-from tracer import abi, bpfcache, syscall_abi
+from tracer import abi, bpfcache, syscall_abi, windows
 from tracer.counters import HIST_SLOTS, RunState, VcpuCounters, VcpuEntry
 from tracer.events import EXEC_PATH_BYTES, MAX_EVENT_SIZE, EventType
 from tracer.handover import AdoptState
@@ -34,6 +34,7 @@ from tracer.midcounts import LostWindow, MidKey
 from tracer.policy import CompletionPolicy
 from tracer.syscall_abi import DEFAULT_SYSCALL_PROBES, raw_syscalls_supported
 from tracer.tracefs import tracefs_root
+from tracer.windows import HeldRead, InspectionKey
 
 BPF_SOURCE_NAME: Final = "completion.c"
 
@@ -43,7 +44,7 @@ COUNTER_NAMES: Final = (
     "vcpu_map_full", "fd_map_full", "thread_map_full", "inflight_map_full", "proc_map_full",
     "guest_exit_map_full", "guest_entry_map_full", "unknown_fd_map_full", "access_read_failed",
     "untracked_exits", "stack_map_full", "stack_failed", "watch_map_full", "mid_map_full",
-    "lost_window_map_full",
+    "lost_window_map_full", "inspection_map_full",
 )
 # struct bpf_stack_build_id.status (<linux/bpf.h>): a frame's module resolved, or its bare ip.
 BUILD_ID_VALID: Final = 1
@@ -542,10 +543,8 @@ class Probes:
             pending[ctypes.c_int(reason)] = ctypes.c_uint8(1 if policy.leaves_pending(reason)
                                                            else 0)
         kinds = self._bpf[b"ioctl_kinds"]
-        for number in abi.SAVE_IOCTLS:
-            kinds[ctypes.c_uint32(number)] = ctypes.c_uint8(1)
-        for number in abi.RESTORE_IOCTLS:
-            kinds[ctypes.c_uint32(number)] = ctypes.c_uint8(2)
+        for number, value in windows.kind_values(policy).items():
+            kinds[ctypes.c_uint32(number)] = ctypes.c_uint32(value)
 
     # ---- attach state --------------------------------------------------------------------------
     def attached(self) -> list[str]:
@@ -783,6 +782,31 @@ class Probes:
                 out[_mid_key(key)] = int(value.value)
             table.pop(key, None)
         return out
+
+    def inspections(self) -> dict[InspectionKey, int]:
+        """Inspections the kernel counted (tracer.windows), by (pid, ioctl, exit reason)."""
+        return {InspectionKey(int(k.tgid), int(k.cmd), int(k.exit_reason)): int(v.value)
+                for k, v in self._bpf[b"inspections"].items()}
+
+    def take_inspections(self, pid: int) -> dict[InspectionKey, int]:
+        """A gone process's inspections, deleted from the map."""
+        table = self._bpf[b"inspections"]
+        out = {}
+        for key in [k for k in table if k.tgid == pid]:
+            value = table.get(key)
+            if value is not None:
+                out[InspectionKey(pid, int(key.cmd), int(key.exit_reason))] = int(value.value)
+            table.pop(key, None)
+        return out
+
+    def held_reads(self, pid: int) -> list[HeldRead]:
+        """The windows of ``pid``'s vCPUs still holding a read (read before they are released
+        at its exit)."""
+        return [HeldRead(uid, int(st.tgid), int(st.vcpu_id), int(st.held_tid), int(st.held_fd),
+                         int(st.held_cmd), int(st.held_n), int(st.exit_reason), int(st.seq),
+                         int(st.pending_since), int(st.held_ts), int(st.held_gen))
+                for uid, st in self._live_vcpus()
+                if st.tgid == pid and st.held_cmd and st.state == RunState.PENDING]
 
     def lost_windows(self) -> list[LostWindow]:
         """The windows that lost a report to a full ring buffer, not yet taken."""

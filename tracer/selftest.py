@@ -8,6 +8,7 @@ access, nothing more and nothing less.
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import tempfile
@@ -24,6 +25,7 @@ from tracer.alerts import MemorySink
 from tracer.daemon import Daemon, DaemonOptions
 from tracer.metrics import MetricsConfigError, start_server
 from tracer.policy import build_policy
+from tracer.probes import ProbeConfig
 from tracer.vmm.report import ExpectedViolation, ScenarioReport
 
 # Scenarios that need no extra process around them, in the order selftest runs them.
@@ -35,7 +37,7 @@ SELFTEST_SCENARIOS = (
     "restore-pio-rep-outs", "hlt", "eintr", "port-7e", "port-7e-quirk-disabled",
     "dup-fd", "dup2-fd", "dup3-fd", "fd-reuse", "multi", "process-exit",
     "peek-io", "peek-mmio", "peek-then-snapshot", "peek-then-restore", "peek-then-close",
-    "peek-two-vcpus", "peek-then-exit",
+    "peek-two-vcpus", "peek-then-exit", "peek-events",
 )
 SETTLE_S = 0.3  # after the VMM exits: ring buffer drained, idle windows flushed
 
@@ -72,23 +74,26 @@ def alert_key(a: Mapping[str, Any]) -> AlertKey:
 
 
 def expected_snapshots(report: ScenarioReport) -> int:
-    """Windows in which the VMM issued two or more unsanctioned saves."""
-    per_window = Counter((e.vm_fd, e.vcpu_id, e.pending_since_ns)
-                         for e in report.violations if e.kind == "save")
-    return sum(1 for n in per_window.values() if n >= 2)
+    """Windows in which the VMM read two or more kinds of state (save ioctls), unsanctioned."""
+    per_window: dict[tuple[int, int, int], set[str]] = {}
+    for e in report.violations:
+        if e.kind == "save":
+            per_window.setdefault((e.vm_fd, e.vcpu_id, e.pending_since_ns), set()).add(e.ioctl)
+    return sum(1 for kinds in per_window.values() if len(kinds) >= 2)
 
 
 def compare(report: ScenarioReport, violations: Iterable[Mapping[str, Any]],
             sanctioned: Iterable[Mapping[str, Any]], snapshots: int,
-            inspections: Iterable[Mapping[str, Any]] = ()) -> list[str]:
-    """Every difference between what the VMM did and what the tracer said, as text."""
+            inspections: Mapping[tuple[str, str], int] | None = None) -> list[str]:
+    """Every difference between what the VMM did and what the tracer said, as text.
+    ``inspections``: the kernel's count by (ioctl, exit reason): it keeps no more of them."""
     problems = []
-    want_i = Counter(map(expected_key, report.inspections))
-    got_i = Counter(map(alert_key, inspections))
-    for key in sorted((want_i - got_i).elements()):
-        problems.append(f"missed inspection {key}")
-    for key in sorted((got_i - want_i).elements()):
-        problems.append(f"unexpected inspection {key}")
+    want_i = Counter((e.ioctl, e.exit_reason) for e in report.inspections)
+    got_i = Counter(inspections or {})
+    for ikey in sorted((want_i - got_i).elements()):
+        problems.append(f"missed inspection {ikey}")
+    for ikey in sorted((got_i - want_i).elements()):
+        problems.append(f"unexpected inspection {ikey}")
     want, got = Counter(map(expected_key, report.violations)), Counter(map(alert_key, violations))
     for key in sorted((want - got).elements()):
         problems.append(f"missed violation {key}")
@@ -107,13 +112,17 @@ def compare(report: ScenarioReport, violations: Iterable[Mapping[str, Any]],
 
 def alerts_for(sink: MemorySink, pid: int) -> tuple[list[dict[str, Any]],
                                                   list[dict[str, Any]], int,
-                                                  list[dict[str, Any]]]:
+                                                  Counter[tuple[str, str]]]:
     """(violations, sanctioned, snapshot count, inspections) of one process, in compare()'s
-    shape."""
+    shape; its inspections from the notice the tracker gives at its exit."""
+    inspected: Counter[tuple[str, str]] = Counter()
+    for event, fields in sink.notices:
+        if event == "inspections" and fields.get("pid") == pid:
+            for row in fields["counts"]:
+                inspected[(str(row["ioctl"]), str(row["exit_reason"]))] += int(row["count"])
     return ([asdict(a) for a in sink.violations if a.pid == pid],
             [asdict(a) for a in sink.sanctions if a.pid == pid],
-            sum(1 for s in sink.snapshots if s.pid == pid),
-            [asdict(a) for a in sink.inspections if a.pid == pid])
+            sum(1 for s in sink.snapshots if s.pid == pid), inspected)
 
 
 def run_vmm(scenario: str, iterations: int, daemon: Daemon | None = None,
@@ -123,8 +132,17 @@ def run_vmm(scenario: str, iterations: int, daemon: Daemon | None = None,
         report_path = Path(tmp) / "report.json"
         cmd = [sys.executable, "-m", "tracer.vmm", scenario, "--iterations", str(iterations),
                "--report", str(report_path), *extra]
-        child = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                 text=True)
+        # Probes built with the process filter (ProbeConfig.watch) follow only the processes
+        # in their watched map: our pid is there while we fork, so the child is from its start.
+        watching = daemon is not None and daemon.probes.config.watch
+        if watching and daemon is not None:
+            daemon.probes.watch(os.getpid(), True)
+        try:
+            child = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                     text=True)
+        finally:
+            if watching and daemon is not None:
+                daemon.probes.watch(os.getpid(), False)
         deadline = time.monotonic() + timeout_s
         while child.poll() is None:
             if time.monotonic() > deadline:
@@ -179,14 +197,17 @@ def run_selftest(iterations: int, only: Iterable[str] = (), metrics_addr: str | 
     sink = MemorySink()
     registry, stop_metrics = _serve_metrics(metrics_addr)
     try:
-        daemon = Daemon(DaemonOptions(policy=build_policy(), snapshot_idle_s=0.2), sink=sink,
-                        registry=registry)
+        # Only its own scenarios' processes (the in-kernel filter `watch` uses): the other VMs
+        # of the host are neither judged nor sent, so a busy host cannot fill the ring.
+        daemon = Daemon(DaemonOptions(policy=build_policy(), snapshot_idle_s=0.2,
+                                      probe_config=ProbeConfig(watch=True, guest_exits=False)),
+                        sink=sink, registry=registry)
     except BaseException:
         stop_metrics()
         raise
     passed = failed = lost = 0
     try:
-        daemon.start()
+        daemon.start(adopt=False)
         for name in names:
             try:
                 report = run_vmm(name, iterations, daemon)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from tracer import abi, vmident
@@ -24,6 +24,7 @@ from tracer.handover import AdoptState, Relearner
 from tracer.midcounts import LostWindow, MidKey, key_of_event
 from tracer.policy import CompletionPolicy, Kind, Verdict
 from tracer.vmident import DiscoveredVcpu, VmIdentity
+from tracer.windows import HeldRead, InspectionKey, judge_at_exit, split_held_aux
 
 
 class ProbeControl(Protocol):
@@ -51,6 +52,12 @@ class ProbeControl(Protocol):
     def lost_windows(self) -> list[LostWindow]: ...
 
     def take_lost_window(self, vcpu_uid: int, seq: int) -> LostWindow | None: ...
+
+    def inspections(self) -> dict[InspectionKey, int]: ...
+
+    def take_inspections(self, pid: int) -> dict[InspectionKey, int]: ...
+
+    def held_reads(self, pid: int) -> list[HeldRead]: ...
 
 
 class StackResolver(Protocol):
@@ -126,10 +133,6 @@ class Window:
     tids: list[int] = field(default_factory=list)
     last_ts_ns: int = 0
     touched_at: float = 0.0  # tracker clock, for the idle flush
-    # Register peeks (policy.peek_ioctls) held until the window shows what they were part of.
-    held: list[ViolationAlert] = field(default_factory=list)
-    peek_tids: set[int] = field(default_factory=set)
-    tainted: str | None = None  # why later peeks of this window are violations at once
 
 
 @dataclass
@@ -137,8 +140,11 @@ class TrackerStats:
     # (vm, kind, ioctl, exit_reason, severity)
     violations: Counter[tuple[str, str, str, str, str]] = field(default_factory=Counter)
     sanctioned: Counter[tuple[str, str]] = field(default_factory=Counter)  # (vm, rule)
-    # (vm, ioctl, exit_reason): register peeks completed before anything else touched the vCPU
+    # (vm, ioctl, exit_reason): lone reads of one kind, no restore (tracer.windows), of gone
+    # processes and judged at their exit; the live ones are in the kernel's `inspections` map
     inspections: Counter[tuple[str, str, str]] = field(default_factory=Counter)
+    # vm -> reads held in windows whose process's exit event was lost: not judged
+    unverified_held: Counter[str] = field(default_factory=Counter)
     snapshots: Counter[str] = field(default_factory=Counter)  # vm
     # Reports of live processes that reached the tracker, under the key the kernel counts them
     # by in mid_counts. The kernel's count minus this is what the ring buffer dropped
@@ -159,7 +165,6 @@ MAX_COUNTED_WINDOWS = 65536
 # Names of processes already forgotten, for their events still in the ring buffer (a stalled
 # reader): the same name, not a second one from a thread's comm. Oldest dropped first.
 MAX_GONE_NAMES = 4096
-COMPLETED_BY = frozenset(CLOSED_BY_FLAGS.values())
 
 
 class Tracker:
@@ -280,9 +285,14 @@ class Tracker:
                 self.stats.unseen[(vm, key._replace(pid=0))] += missed
 
     def _on_process_exit(self, ev: KernelEvent) -> None:
-        self._forget_process(ev.tgid, ev.comm)
+        held = bool(ev.flags & EventFlag.HELD)
+        self._forget_process(ev.tgid, ev.aux if held else None, judge_held=held,
+                             comm_hint=ev.comm)
 
-    def _forget_process(self, pid: int, comm_hint: str = "") -> None:
+    def _forget_process(self, pid: int, final_gen: int | None = None,
+                        judge_held: bool = True, comm_hint: str = "") -> None:
+        """``final_gen``: the process's restore generation at its exit (its exit event's), None
+        when that event was lost; ``judge_held``: whether its windows may hold reads."""
         # Named before its vCPU entries (and the comm the kernel kept in them) are released:
         # the snapshots, retired counters and lost counts below all go under this name.
         self.identity(pid, comm_hint)
@@ -291,8 +301,13 @@ class Tracker:
         for uid in uids:
             del self.vcpus[uid]
         if self.control is not None:
+            inspected: Counter[tuple[str, str]] = Counter()
+            if judge_held:
+                for held in self.control.held_reads(pid):
+                    self._judge_held(held, final_gen, inspected)
             self._retire(pid, self.control.forget_process(pid, uids))
             self._fold_mid_counts(pid, self.control.take_mid_counts(pid))
+            self._fold_inspections(pid, self.control.take_inspections(pid), inspected)
             self._count_lost_windows(lambda lw: lw.pid == pid)
         for key in [k for k in self._counted if k[0] in uids]:
             del self._counted[key]
@@ -370,7 +385,8 @@ class Tracker:
         self.sink.notice(f"trace_{ev.type.name.lower()}", "debug", **fields)
 
     def _on_violation(self, ev: KernelEvent) -> None:
-        self.stats.reported[key_of_event(ev)] += 1
+        why, reads = (split_held_aux(ev.aux) if ev.flags & EventFlag.HELD else (None, 1))
+        self.stats.reported[key_of_event(ev)] += reads
         rec = self.vcpus.get(ev.vcpu_uid)
         if rec is not None:
             rec.pending(ev.exit_reason, ev.pending_since_ns, ev.seq)
@@ -384,9 +400,14 @@ class Tracker:
         ruling = self.policy.judge(kind, ev.exit_reason, ev.access,
                                    bool(ev.flags & EventFlag.QUIRK_7E_DISABLED), ioctl.name)
         if ruling.verdict is Verdict.NOT_PENDING:
-            self.stats.not_pending += 1
+            self.stats.not_pending += reads
             return
         ident = self.identity(ev.tgid, ev.comm)
+        sanctioned = ruling.verdict is Verdict.SANCTIONED
+        # Symbolized once per distinct stack (tracer.daemon.ProbeStacks caches it).
+        user_stack = (self.stacks.symbolize(ev.tgid, addresses)
+                      if addresses is not None and self.stacks is not None and not sanctioned
+                      else None)
         alert = ViolationAlert(
             pid=ev.tgid, tid=ev.tid, comm=ev.comm, vm=ident.name, vmm=ident.vmm,
             vcpu_id=ev.vcpu_id, vcpu_fd=ev.fd, exit_reason=abi.exit_reason_name(ev.exit_reason),
@@ -394,53 +415,23 @@ class Tracker:
             pending_ns=ev.pending_ns, rule=ruling.rule, severity=ruling.severity.value,
             reason=ruling.reason,
             detected_at="ioctl_return" if ev.flags & EventFlag.AT_RETURN else "ioctl_entry",
-            window=ev.seq, sanctioned=ruling.verdict is Verdict.SANCTIONED)
-        if alert.sanctioned:
-            self.stats.sanctioned[(ident.name, ruling.rule)] += 1
-            self.sink.sanctioned(alert)
+            window=ev.seq, sanctioned=sanctioned,
+            judged_on=why.judged_on if why is not None else "ioctl", user_stack=user_stack)
+        if sanctioned:
+            self.stats.sanctioned[(ident.name, ruling.rule)] += reads
+            for _ in range(reads):
+                self.sink.sanctioned(alert)
             return
-        if addresses is not None and self.stacks is not None:
-            alert = replace(alert, user_stack=self.stacks.symbolize(ev.tgid, addresses))
-        if kind is Kind.RESTORE:
-            # State written in the process: every peek it holds was read to be restored.
-            self._release_held(lambda w: w.pid == ev.tgid, "restore")
+        for _ in range(reads):
             self._report(alert)
-            return
-        window = self._window(ev)
-        # One thread reading several vCPUs' state is saving the VM, not decoding a request.
-        crossed = [w for w in self.windows.values()
-                   if w.pid == ev.tgid and w.uid != ev.vcpu_uid and ev.tid in w.peek_tids]
-        for other in crossed:
-            self._release(other, "second_vcpu")
-        if crossed:
-            window.tainted = window.tainted or "second_vcpu"
-        if self.policy.is_peek(ioctl.name):
-            if window.tainted is None:
-                window.held.append(alert)  # judged when the window shows what it was
-                window.peek_tids.add(ev.tid)
-                window.touched_at = self.clock()
-                return
-            alert = replace(alert, judged_on=window.tainted)
-        else:
-            self._release(window, "snapshot")  # more than the registers: a snapshot
-            window.tainted = window.tainted or "snapshot"
-        self._report(alert)
-        self._add_save(window, alert, ev.ts_ns)
+        if kind is Kind.SAVE:
+            window = self._window(ev)
+            for _ in range(reads):
+                self._add_save(window, alert, ev.ts_ns)
 
     def _on_state_ioctl(self, ev: KernelEvent) -> None:
-        """A save or restore with nothing pending on its vCPU, sent while the process has a
-        window with reports open (and for every state ioctl with --trace-exits): it may tell
-        what a held register peek was part of."""
-        ioctl = abi.IOCTLS.get(ev.cmd)
-        if ioctl is not None and any(w.held for w in self.windows.values()
-                                     if w.pid == ev.tgid):
-            if ioctl.kind is abi.IoctlKind.RESTORE:
-                self._release_held(lambda w: w.pid == ev.tgid, "restore")
-            elif ioctl.kind is abi.IoctlKind.SAVE:
-                self._release_held(lambda w: w.pid == ev.tgid and w.uid != ev.vcpu_uid
-                                   and ev.tid in w.peek_tids, "second_vcpu")
-        if not ev.flags & EventFlag.WINDOW_OPEN:  # sent for --trace-exits
-            self._on_trace(ev)
+        """--trace-exits: a save or restore with nothing pending on its vCPU."""
+        self._on_trace(ev)
 
     def _window(self, ev: KernelEvent) -> Window:
         key = (ev.vcpu_uid, ev.seq)
@@ -464,32 +455,80 @@ class Tracker:
         window.last_ts_ns = max(window.last_ts_ns, window.pending_since_ns + alert.pending_ns,
                                 ts_ns)
 
-    def _release_held(self, match: Callable[[Window], bool], judged_on: str) -> None:
-        """The held peeks of the matching open windows turn out to be part of a snapshot, a
-        restore or a VM-wide save: report them now, as violations."""
-        for window in [w for w in self.windows.values() if w.held and match(w)]:
-            self._release(window, judged_on)
+    def _judge_held(self, held: HeldRead, final_gen: int | None,
+                    inspected: Counter[tuple[str, str]]) -> None:
+        """A window still holding a read when its process ended (tracer.windows): an
+        inspection, a restore finding (reported without a stack: the kernel takes none for a
+        held read), or unverified when the exit event that tells was lost."""
+        ident = self.identity(held.pid)
+        ioctl = abi.ioctl_name(held.cmd)
+        exit_name = abi.exit_reason_name(held.exit_reason)
+        verdict = judge_at_exit(held, final_gen)
+        if verdict == "inspection":
+            inspected[(ioctl, exit_name)] += held.reads
+            return
+        if verdict == "unverified":
+            self.stats.unverified_held[ident.name] += held.reads
+            return
+        # The access is gone with the process; the quirk too: judged as a plain save.
+        ruling = self.policy.judge(Kind.SAVE, held.exit_reason, None, False, ioctl)
+        if ruling.verdict is not Verdict.VIOLATION:
+            return
+        alert = ViolationAlert(
+            pid=held.pid, tid=held.tid, comm="", vm=ident.name, vmm=ident.vmm,
+            vcpu_id=held.vcpu_id, vcpu_fd=held.fd, exit_reason=exit_name, access={},
+            ioctl=ioctl, kind=Kind.SAVE.value,
+            pending_ns=max(0, held.ts_ns - held.pending_since_ns), rule=ruling.rule,
+            severity=ruling.severity.value, reason=ruling.reason, detected_at="ioctl_entry",
+            window=held.seq, judged_on="restore")
+        for _ in range(held.reads):
+            self._report(alert)
 
-    def _release(self, window: Window, judged_on: str) -> None:
-        if window.held:
-            held, window.held = window.held, []
-            window.tainted = window.tainted or judged_on
-            for alert in held:
-                alert = replace(alert, judged_on=judged_on)
-                self._report(alert)
-                self._add_save(window, alert, 0)
+    def _fold_inspections(self, pid: int, counted: dict[InspectionKey, int],
+                          inspected: Counter[tuple[str, str]]) -> None:
+        """A gone process's inspections (the kernel's, and those judged at its exit) into
+        the VM's totals, and one debug notice with them (selftest compares it per process)."""
+        for key, n in counted.items():
+            inspected[(abi.ioctl_name(key.cmd), abi.exit_reason_name(key.exit_reason))] += n
+        if not inspected:
+            return
+        vm = self.identity(pid).name
+        for (ioctl, exit_name), n in inspected.items():
+            self.stats.inspections[(vm, ioctl, exit_name)] += n
+        self.sink.notice("inspections", "debug", pid=pid, vm=vm, counts=[
+            {"ioctl": ioctl, "exit_reason": exit_name, "count": n}
+            for (ioctl, exit_name), n in sorted(inspected.items())])
 
-    def _inspected(self, window: Window, closed_by: str) -> None:
-        """The window closed by completion with only register peeks in it: inspections."""
-        for alert in window.held:
-            self.stats.inspections[(alert.vm, alert.ioctl, alert.exit_reason)] += 1
-            self.sink.inspection(replace(
-                alert, rule="register-peek", severity="info", judged_on=closed_by,
-                reason=f"{alert.ioctl} read vCPU state while {alert.exit_reason} was pending, "
-                       f"then the exit was completed ({closed_by}) with no other state read "
-                       "or written in between: the state read was not kept, so nothing is "
-                       "replayed or lost"))
-        window.held = []
+    def inspection_counts(self) -> Counter[tuple[str, str, str]]:
+        """kvm_completion_inspections_total: gone processes' and the kernel's live counts."""
+        out = Counter(self.stats.inspections)
+        if self.control is not None:
+            for key, n in self.control.inspections().items():
+                out[(self.identity(key.pid).name, abi.ioctl_name(key.cmd),
+                     abi.exit_reason_name(key.exit_reason))] += n
+        return out
+
+    def unverified(self) -> Counter[str]:
+        """Findings the kernel counted whose report never reached the tracker (the ring buffer
+        dropped it), and reads whose window could not be judged, by VM name (a test VMM's is
+        comm[pid]): no call site, no detail, only that they happened."""
+        missed: Counter[tuple[str, MidKey]] = Counter(self.stats.unseen)
+        if self.control is not None:
+            for key, n in self.control.mid_counts().items():
+                d = n - self.stats.reported.get(key, 0)
+                if d > 0:
+                    missed[(self.identity(key.pid).name, key._replace(pid=0))] += d
+        out = Counter(self.stats.unverified_held)
+        for (vm, key), n in missed.items():
+            ioctl = abi.IOCTLS.get(key.cmd)
+            if ioctl is None or ioctl.kind not in (abi.IoctlKind.SAVE, abi.IoctlKind.RESTORE):
+                continue
+            kind = Kind.SAVE if ioctl.kind is abi.IoctlKind.SAVE else Kind.RESTORE
+            ruling = self.policy.judge(kind, key.exit_reason, key.access(),
+                                       key.quirk_7e_disabled, ioctl.name)
+            if ruling.verdict is Verdict.VIOLATION:
+                out[vm] += n
+        return out
 
     # ---- windows -------------------------------------------------------------------------------
     def _close_windows(self, match: Callable[[Window], bool], closed_by: str) -> None:
@@ -497,14 +536,7 @@ class Tracker:
             window = self.windows.pop(key)
             lost = (self.control.take_lost_window(window.uid, window.seq)
                     if self.control is not None else None)
-            if window.held:
-                if lost is not None:  # more was read or written in it: the ring dropped it
-                    self._release(window, "events_lost")
-                elif closed_by in COMPLETED_BY:
-                    self._inspected(window, closed_by)
-                else:  # abandoned, or pending past the idle time: still a violation
-                    self._release(window, closed_by)
-            saves = len(window.saves)
+            saves = len(set(window.saves))  # kinds: the same one read again is still one
             if lost is not None:
                 saves = max(saves, self._lost_saves(lost))
             if saves >= 2 and key not in self._counted:
@@ -513,7 +545,7 @@ class Tracker:
                     # remembered so it is never counted twice. A window the kernel closed
                     # with nothing lost gets no more events.
                     self._count_snapshot(key)
-                if len(window.saves) < 2:
+                if len(set(window.saves)) < 2:
                     self.stats.snapshots_from_kernel += 1
                 ident = self.identity(window.pid)
                 exit_name = abi.exit_reason_name(window.exit_reason)
@@ -525,7 +557,7 @@ class Tracker:
                     ioctls=window.saves, tids=window.tids, window=window.seq,
                     pending_ns=max(0, window.last_ts_ns - window.pending_since_ns),
                     closed_by=closed_by, events_lost=lost is not None,
-                    reason=f"{saves} state reads while {exit_name} was pending: a "
+                    reason=f"{saves} kinds of state read while {exit_name} was pending: a "
                            "snapshot taken mid-completion replays or loses that operation when "
                            "restored"))
 
@@ -571,15 +603,17 @@ class Tracker:
                        "mid-completion replays or loses that operation when restored"))
 
     def close_all(self, closed_by: str) -> None:
-        """Every open window, judged now (``watch`` at the end of its command): held peeks of
-        processes still alive stay unresolved (see :meth:`flush_held`)."""
-        open_keys = {k for k, w in self.windows.items() if not w.held}
-        self._close_windows(lambda w: (w.uid, w.seq) in open_keys, closed_by)
+        """Every open window, judged now (``watch`` at the end of its command)."""
+        self._close_windows(lambda w: True, closed_by)
         self._count_lost_windows(lambda lw: True)
 
-    def flush_held(self) -> int:
-        """At shutdown: peeks whose window is still open cannot be judged; say how many."""
-        held = sum(len(w.held) for w in self.windows.values())
+    def unresolved_held(self) -> int:
+        """At shutdown: reads still held in windows of live processes (their window never
+        closed while we watched: neither inspections nor findings); said in a notice."""
+        if self.control is None:
+            return 0
+        pids = {rec.pid for rec in self.vcpus.values()}
+        held = sum(h.reads for pid in pids for h in self.control.held_reads(pid))
         if held:
             self.sink.notice("inspections_unresolved", "info", peeks=held,
                              why="their windows were still open when the tracer stopped")
@@ -600,7 +634,7 @@ class Tracker:
         for pid in {rec.pid for rec in self.vcpus.values()}:
             started = self._started.get(pid)
             if started is None or not self.proc.alive(pid, started):
-                self._forget_process(pid)
+                self._forget_process(pid)  # its exit event was lost: held reads unverified
         if self.control is not None:
             states = self.control.vcpu_states()
             self.sync(states, self.control.vcpu_comms())

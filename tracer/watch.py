@@ -15,6 +15,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -35,6 +36,15 @@ INIT_PID_NS_INO = 0xEFFFFFFC  # PROC_PID_INIT_INO (include/linux/proc_ns.h): the
 WATCH_POLL_MS = 100  # how soon CMD's exit is noticed (SIGCHLD also wakes the poll)
 EXIT_CANNOT_RUN = 127  # like a shell: CMD could not be started
 STACK_COUNTERS = ("stack_map_full", "stack_failed")  # reports that went without their stack
+# The gate's ring buffer unless --ringbuf-pages says otherwise: 64 MiB of pages (4 KiB), the
+# kernel's memory for as long as the gate runs. A correct VMM sends no event per exit (the
+# kernel judges its peeks); this is for a buggy one's flood of findings, and the lifecycle
+# events of a test suite's thousands of short VMM processes, while every core is busy.
+WATCH_RINGBUF_PAGES = 16384
+# The reader thread's nice value once CMD runs (CMD keeps ours: it is forked before): on a
+# runner whose cores a parallel test suite saturates, the default weight gets the reader a
+# share of a core too small to drain a flood of findings.
+READER_NICE = -10
 
 
 @dataclass(frozen=True)
@@ -50,6 +60,10 @@ class WatchOptions:
     log_alerts: bool = True
     # suppressions, --gen-suppressions, --sarif, --annotate (tracer.gate_ci)
     ci: CiOptions = field(default_factory=CiOptions)
+    # --ringbuf-pages as given on the command line (None: the larger of the configured size
+    # and WATCH_RINGBUF_PAGES)
+    ringbuf_pages: int | None = None
+    reader_nice: int = READER_NICE  # --reader-nice; 0 leaves the reader's priority alone
 
 
 class GateSink:
@@ -79,11 +93,6 @@ class GateSink:
             self.report.add_snapshot(alert)
         if self.alert_log is not None:
             self.alert_log.snapshot(alert)
-
-    def inspection(self, alert: ViolationAlert) -> None:
-        self.report.count_inspection()
-        if self.alert_log is not None:
-            self.alert_log.inspection(alert)
 
     def notice(self, event: str, level: str, **fields: Any) -> None:
         if self.log is not None:
@@ -116,6 +125,17 @@ def _in_terminal_foreground() -> bool:
         return False
 
 
+def raise_reader_priority(nice: int = READER_NICE) -> int | None:
+    """This thread (the ring's reader) at ``nice`` (per thread on Linux: setpriority on its
+    tid). Returns the nice value it runs at, None when not permitted (no CAP_SYS_NICE)."""
+    tid = threading.get_native_id()
+    try:
+        os.setpriority(os.PRIO_PROCESS, tid, nice)
+    except OSError:
+        return None
+    return os.getpriority(os.PRIO_PROCESS, tid)
+
+
 def watch(options: DaemonOptions, gate: WatchOptions, log: AlertSink | None = None) -> int:
     started = time.monotonic()
     started_unix = time.time()
@@ -125,6 +145,7 @@ def watch(options: DaemonOptions, gate: WatchOptions, log: AlertSink | None = No
     timings: dict[str, float] = {}
     stacks_missed: dict[str, int] = {}
     received: list[int] = []
+    events_handled = 0
 
     def _forward(signum: int, _frame: FrameType | None) -> None:
         received.append(signum)
@@ -136,7 +157,10 @@ def watch(options: DaemonOptions, gate: WatchOptions, log: AlertSink | None = No
     for sig in FORWARDED_SIGNALS:
         signal.signal(sig, _forward)
     signal.signal(signal.SIGCHLD, lambda _s, _f: None)  # wakes the ring poll at CMD's exit
-    probe_config = replace(options.probe_config, watch=True, guest_exits=False)
+    pages = (gate.ringbuf_pages if gate.ringbuf_pages is not None
+             else max(options.probe_config.ringbuf_pages, WATCH_RINGBUF_PAGES))
+    probe_config = replace(options.probe_config, watch=True, guest_exits=False,
+                           ringbuf_pages=pages)
     daemon = Daemon(replace(options, probe_config=probe_config, state_dir=None),
                     sink=GateSink(report, log, gate.log_alerts, suppressions))
     try:
@@ -156,12 +180,16 @@ def watch(options: DaemonOptions, gate: WatchOptions, log: AlertSink | None = No
         finally:
             daemon.probes.watch(os.getpid(), False)
         spawned = time.monotonic()
+        reader_nice = raise_reader_priority(gate.reader_nice) if gate.reader_nice else None
         daemon.poll_cap_ms = WATCH_POLL_MS
         running = child
         daemon.run_forever(until=lambda: running.poll() is not None)
+        run_end = time.monotonic()  # CMD gone and the ring drained (CLOCK_MONOTONIC)
         status = child.wait()
         with daemon.lock:
             daemon.tracker.close_all("watch_end")
+            report.set_inspections(sum(daemon.tracker.inspection_counts().values()))
+            report.set_unverified(daemon.tracker.unverified())
         counters = daemon.probes.counters()
         # A full stack map costs a stack, not an event: the finding is still reported (its
         # call site unknown), so it does not make the run inconclusive; --max-vcpus, the
@@ -181,9 +209,12 @@ def watch(options: DaemonOptions, gate: WatchOptions, log: AlertSink | None = No
             bcc_version=bcc_version(), command=list(gate.command),
             policy=describe(options.policy), started_unix=started_unix,
             finished_unix=time.time(), exit_status_of_command=status)
+        report.reader_nice = reader_nice
+        events_handled = daemon.events_handled
         timings = {"startup_s": round(attached - started, 3),
                    "spawn_s": round(spawned - attached, 3),
-                   "command_s": round(time.monotonic() - spawned, 3)}
+                   "command_s": round(time.monotonic() - spawned, 3),
+                   "run_end_monotonic": run_end}
     finally:
         daemon.close()
     account(report, suppressions)
@@ -196,6 +227,7 @@ def watch(options: DaemonOptions, gate: WatchOptions, log: AlertSink | None = No
         result = report.to_json()
         result["timings"] = timings
         result["stacks_missed"] = stacks_missed
+        result["events_handled"] = events_handled
         gate.json.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     # After CMD exited: workflow commands go to stdout last. A requested file that could not be
     # written (said on stderr) fails a run that would have passed.

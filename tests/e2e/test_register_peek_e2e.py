@@ -1,15 +1,18 @@
-"""Register peeks on real KVM under the daemon: read one register set to decode an exit, then
-complete it, is correct use of the ABI (an inspection); the same read followed by a snapshot, a
-restore, a second vCPU's state, the vCPU's close or the process's exit, or left pending past the
-idle time, is the race (a violation). Each VMM's own record is the expectation."""
+"""Register peeks on real KVM under the daemon. The kernel judges each pending window
+(tracer.windows): a read of one kind of state with nothing restored is an inspection, counted
+in the kernel and never sent, whatever ends the window (completion, the vCPU closed, the
+process exiting, however long it stayed open); a second kind read in the window is a snapshot,
+a restore is a restore, and the held read is then reported with the window. Each VMM's own
+record is the expectation."""
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterator
 
 import pytest
 from conftest import requires_kvm_bpf
-from daemon_proc import SNAPSHOT_IDLE_S, DaemonProcess, run_vmm
+from daemon_proc import DaemonProcess, run_vmm
 
 from tracer.selftest import compare
 
@@ -24,55 +27,63 @@ def daemon() -> Iterator[DaemonProcess]:
     d.cleanup()
 
 
-def _exact(d: DaemonProcess, scenario: str, iterations: int = 3) -> tuple[list[dict[str, object]],
-                                                                         list[dict[str, object]]]:
+def _inspections(d: DaemonProcess, pid: int) -> Counter[tuple[str, str]]:
+    out: Counter[tuple[str, str]] = Counter()
+    for line in d.for_pid(pid, "inspections"):
+        assert line["level"] == "debug"
+        for row in line["counts"]:
+            out[(row["ioctl"], row["exit_reason"])] += row["count"]
+    return out
+
+
+def _exact(d: DaemonProcess, scenario: str, iterations: int = 3
+           ) -> tuple[list[dict[str, object]], Counter[tuple[str, str]]]:
     report = run_vmm(scenario, iterations)
     d.settle()
     violations = d.for_pid(report.pid, "completion_violation")
-    inspections = d.for_pid(report.pid, "completion_inspection")
+    inspections = _inspections(d, report.pid)
     assert compare(report, violations, d.for_pid(report.pid, "completion_sanctioned"),
                    len(d.for_pid(report.pid, "completion_snapshot")), inspections) == []
     return violations, inspections
 
 
-@pytest.mark.parametrize("scenario", ["peek-io", "peek-mmio"])
-def test_peek_then_complete_is_an_inspection(daemon: DaemonProcess, scenario: str) -> None:
+@pytest.mark.parametrize(("scenario", "exit_reason"), [
+    ("peek-io", "KVM_EXIT_IO"), ("peek-mmio", "KVM_EXIT_MMIO"),
+    ("peek-then-close", "KVM_EXIT_IO"),  # the window ends with the vCPU
+    ("peek-two-vcpus", "KVM_EXIT_IO"),  # one kind per window, whoever reads it
+    ("peek-then-exit", "KVM_EXIT_IO"),  # the last window ends with the process
+    ("peek-events", "KVM_EXIT_IO"),  # one kind other than the registers
+])
+def test_a_lone_read_of_one_kind_is_an_inspection(daemon: DaemonProcess, scenario: str,
+                                                  exit_reason: str) -> None:
     violations, inspections = _exact(daemon, scenario)
     assert violations == []
-    assert len(inspections) == 3
-    for line in inspections:
-        assert line["level"] == "debug" and line["rule"] == "register-peek"
-        assert line["ioctl"] == "KVM_GET_REGS" and line["judged_on"] == "immediate_exit"
+    per_window = 2 if scenario == "peek-two-vcpus" else 1
+    ioctl = "KVM_GET_VCPU_EVENTS" if scenario == "peek-events" else "KVM_GET_REGS"
+    assert inspections == {(ioctl, exit_reason): 3 * per_window}
+
+
+def test_a_window_left_open_past_the_idle_time_is_still_an_inspection(
+        daemon: DaemonProcess) -> None:
+    report = run_vmm("peek-idle", 1)
+    daemon.settle()
+    assert daemon.for_pid(report.pid, "completion_violation") == []
+    assert _inspections(daemon, report.pid) == {("KVM_GET_REGS", "KVM_EXIT_IO"): 1}
 
 
 @pytest.mark.parametrize(("scenario", "judged_on"), [
     ("peek-then-snapshot", {"snapshot", "ioctl"}),
     ("peek-then-restore", {"restore", "ioctl"}),
-    ("peek-then-close", {"vcpu_closed"}),
-    ("peek-two-vcpus", {"second_vcpu"}),
 ])
-def test_peek_that_is_part_of_the_race_is_a_violation(daemon: DaemonProcess, scenario: str,
-                                                      judged_on: set[str]) -> None:
+def test_a_read_that_is_part_of_the_race_is_reported_with_its_window(
+        daemon: DaemonProcess, scenario: str, judged_on: set[str]) -> None:
     violations, inspections = _exact(daemon, scenario)
-    assert violations and inspections == []
+    assert violations and inspections == {}
     peeks = [v for v in violations if v["ioctl"] == "KVM_GET_REGS"]
     assert peeks and {v["judged_on"] for v in violations} == judged_on
+    # the held read carries the stack of the ioctl that made its window a finding
+    assert all("user_stack" in v for v in violations)
     assert all(v["level"] in ("error", "critical") for v in violations)
-
-
-def test_peek_then_process_exit_is_a_violation(daemon: DaemonProcess) -> None:
-    violations, inspections = _exact(daemon, "peek-then-exit")
-    assert [v["judged_on"] for v in violations] == ["process_exit"]
-    assert len(inspections) == 2  # the earlier iterations completed their peeks
-
-
-def test_peek_left_pending_past_the_idle_time_is_a_violation(daemon: DaemonProcess) -> None:
-    report = run_vmm("peek-idle", 1)
-    daemon.settle()
-    [violation] = daemon.for_pid(report.pid, "completion_violation")
-    assert violation["judged_on"] == "idle" and violation["ioctl"] == "KVM_GET_REGS"
-    assert daemon.for_pid(report.pid, "completion_inspection") == []
-    assert float(report.facts["held_s"]) > SNAPSHOT_IDLE_S
 
 
 def test_strict_policy_alerts_every_peek() -> None:
@@ -83,7 +94,7 @@ def test_strict_policy_alerts_every_peek() -> None:
         violations = d.for_pid(report.pid, "completion_violation")
         assert [(v["ioctl"], v["judged_on"]) for v in violations] == [
             ("KVM_GET_REGS", "ioctl")] * 2
-        assert d.for_pid(report.pid, "completion_inspection") == []
+        assert _inspections(d, report.pid) == {}
         ready = next(e for e in d.lines() if e["event"] == "ready")
         assert ready["policy"]["inspection"] == "violation"
     finally:

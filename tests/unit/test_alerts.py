@@ -129,12 +129,11 @@ def _emit_every_kind(sink: LogSink) -> None:
     sink.violation(VIOLATION)  # without a stack
     sink.sanctioned(replace(VIOLATION, user_stack=STACK, sanctioned=True))
     sink.snapshot(SNAPSHOT)
-    sink.inspection(replace(VIOLATION, user_stack=STACK, judged_on="reentry"))
     sink.notice("ready", "info", probes=["raw:kvm_userspace_exit"])
 
 
 KINDS = ["completion_violation", "completion_violation", "completion_sanctioned",
-         "completion_snapshot", "completion_inspection", "ready"]
+         "completion_snapshot", "ready"]
 
 
 @pytest.mark.parametrize("colors", [True, False], ids=["colour", "plain"])

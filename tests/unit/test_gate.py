@@ -155,11 +155,10 @@ def test_sink_feeds_the_report() -> None:
     sink = GateSink(report)
     sink.violation(violation())
     sink.snapshot(snapshot())
-    sink.inspection(violation())
     sink.sanctioned(violation(rule="port-0x7e"))
     sink.notice("events_lost", "warning", lost=3)
     assert len(report.findings) == 2
-    assert report.inspections == 1 and report.sanctioned == {"port-0x7e": 1}
+    assert report.inspections == 0 and report.sanctioned == {"port-0x7e": 1}
 
 
 # ---- text ---------------------------------------------------------------------------------------
@@ -170,8 +169,7 @@ def busy_report(**kwargs: Any) -> GateReport:
         report.add_violation(violation(), c_stack("save_vcpu_state"))
     report.add_violation(restore(), c_stack("restore_vcpu_state"))
     report.add_snapshot(snapshot())
-    for _ in range(3):
-        report.count_inspection()
+    report.set_inspections(3)
     report.count_sanctioned("port-0x7e", 17)
     report.set_meta("0.1.0", "6.1.0-test", "0.26.0", ["./testvmm", "--bug"],
                     {"arch": "x86_64"}, 1000.0, 1002.5, 0)
@@ -231,7 +229,7 @@ def test_color_only_when_asked() -> None:
 def test_clean_run_says_no_race_with_the_coverage() -> None:
     report = GateReport()
     report.set_exit_totals(1200, 40)
-    report.count_inspection()
+    report.set_inspections(1)
     text = report.render_text()
     assert text.startswith("kvm-completion-tracer: no completion race found (1200 exits traced, "
                            "40 left a completion pending; 1 register peek judged benign; "
@@ -239,13 +237,15 @@ def test_clean_run_says_no_race_with_the_coverage() -> None:
     assert "ERROR" not in text and "verdict: pass" in text
 
 
-def test_lost_events_refuse_to_claim_no_race() -> None:
+def test_unverified_findings_refuse_to_claim_no_race() -> None:
     report = GateReport()
-    report.set_losses(12, {"vcpus": 3, "fds": 0}, ringbuf_pages=64, max_vcpus=4096)
+    report.set_losses(12, {"vcpus": 3, "fds": 0}, ringbuf_pages=16384, max_vcpus=4096)
+    report.set_unverified({"vmm[41]": 2, "vmm[40]": 1, "ok[7]": 0})
     text = report.render_text()
-    assert ('kvm-completion-tracer: cannot claim "no race": 12 events lost (ring buffer full) / '
-            "maps full: vcpus 3; rerun with --ringbuf-pages 256 (or --max-vcpus 8192), "
-            "or pass --allow-lost") in text
+    assert ('kvm-completion-tracer: cannot claim "no race": unverified (events lost): 3 findings '
+            "in vmm[40] (1), vmm[41] (2) / maps full: vcpus 3; the kernel counted them, the "
+            "ring buffer dropped their reports: no call site; rerun with --ringbuf-pages 65536 "
+            "(or --max-vcpus 8192), or pass --allow-lost") in text
     assert "verdict: inconclusive" in text
     assert "no completion race found" not in text
     assert "kvm-completion-tracer: no completion race seen in what was traced (" in text
@@ -320,12 +320,14 @@ def test_junit_clean_run_has_one_passing_testcase(tmp_path: Path) -> None:
 def test_junit_lost_events_is_an_error_unless_allowed(tmp_path: Path) -> None:
     report = GateReport()
     report.set_losses(5, {})
+    report.set_unverified({"vmm[9]": 1})
     suite = junit(report, tmp_path)
     assert (suite.get("tests"), suite.get("errors")) == ("2", "1")
     lost = next(c for c in suite.findall("testcase") if c.get("name") == "events lost")
     assert lost.find("error") is not None
     allowed = GateReport(allow_lost=True)
     allowed.set_losses(5, {})
+    allowed.set_unverified({"vmm[9]": 1})
     assert junit(allowed, tmp_path).get("errors") == "0"
 
 
@@ -383,11 +385,21 @@ def test_verdict_rejects_unknown_fail_on() -> None:
         GateReport(fail_on="bogus")
 
 
-@pytest.mark.parametrize("losses", [(3, {}), (0, {"vcpus": 1})])
-def test_lost_events_make_a_clean_run_inconclusive_unless_allowed(
-        losses: tuple[int, dict[str, int]]) -> None:
+def test_lost_events_that_carried_no_finding_keep_a_clean_verdict() -> None:
+    """The kernel judges every window: a lost lifecycle event neither makes nor hides one."""
     report = GateReport()
-    report.set_losses(*losses)
+    report.set_losses(40, {})
+    verdict = report.verdict()
+    assert not verdict.inconclusive and verdict.status == "pass"
+    assert "40 events lost (none of them a finding)" in report.render_text()
+
+
+@pytest.mark.parametrize("losses", [(3, {}, {"vmm[3]": 1}), (0, {"vcpus": 1}, {})])
+def test_unverified_or_maps_full_make_a_clean_run_inconclusive_unless_allowed(
+        losses: tuple[int, dict[str, int], dict[str, int]]) -> None:
+    report = GateReport()
+    report.set_losses(losses[0], losses[1])
+    report.set_unverified(losses[2])
     verdict = report.verdict("warning", allow_lost=False)
     assert verdict.inconclusive and not verdict.failed and "cannot claim" in verdict.reason
     assert report.to_json()["verdict"] == "inconclusive"
@@ -399,6 +411,7 @@ def test_lost_events_with_findings_still_fail() -> None:
     report = GateReport()
     report.add_violation(violation(), c_stack("f"))
     report.set_losses(3, {})
+    report.set_unverified({"vmm[1]": 2})
     verdict = report.verdict()
     assert verdict.failed and verdict.inconclusive and verdict.status == "fail"
     assert "may be incomplete" in report.render_text()

@@ -31,6 +31,7 @@ from tracer.model import ProbeModel
 from tracer.policy import PolicyOverrides, build_policy
 from tracer.tracker import Tracker
 from tracer.vmident import VmIdentity, unavailable_identity
+from tracer.windows import kind_values
 
 PID, TID, VM_FD = 4242, 4243, 3
 OTHER = 5151  # a second process
@@ -46,7 +47,7 @@ class Rig:
                  **options: Any) -> None:
         # Strict by default: a lone KVM_GET_REGS is the violation these tests count.
         policy = build_policy(PolicyOverrides(arch="x86_64", inspection=inspection))
-        self.model = ProbeModel(policy.pending_exits)
+        self.model = ProbeModel(policy.pending_exits, kind_values(policy))
         self.sink = MemorySink()
         self.tracker = Tracker(policy, self.sink, NamedProc(names or {}), self.model)
         self.probes = ModelProbes(self.model)

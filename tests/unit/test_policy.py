@@ -581,13 +581,15 @@ def test_shipped_example_policy_loads_and_matches_the_defaults() -> None:
 
 
 # ---- register peeks ----------------------------------------------------------------------------
-def test_peeks_are_benign_by_default_and_only_the_general_registers() -> None:
+def test_a_lone_read_of_any_save_kind_is_a_peek_by_default() -> None:
     from tracer.policy import DEFAULT_PEEK_IOCTLS, Inspection
 
     policy = build_policy(PolicyOverrides(arch="x86_64"))
     assert policy.inspection is Inspection.BENIGN
     assert policy.peek_ioctls == frozenset(DEFAULT_PEEK_IOCTLS)
-    assert policy.is_peek("KVM_GET_REGS") and not policy.is_peek("KVM_GET_SREGS")
+    saves = {abi.IOCTLS[n].name for n in abi.SAVE_IOCTLS}
+    assert all(policy.is_peek(name) for name in saves)
+    assert not policy.is_peek("KVM_SET_REGS")
     assert describe(policy)["inspection"] == "benign"
 
 

@@ -17,6 +17,7 @@ from tracer.model import ProbeModel
 from tracer.policy import build_policy
 from tracer.tracker import Tracker
 from tracer.vmident import VmIdentity
+from tracer.windows import kind_values
 
 IO, MMIO, HLT = abi.KVM_EXIT_IO, abi.KVM_EXIT_MMIO, 5
 RDMSR, WRMSR = abi.KVM_EXIT_X86_RDMSR, abi.KVM_EXIT_X86_WRMSR
@@ -24,6 +25,8 @@ GET_REGS = abi.IOCTL_BY_NAME["KVM_GET_REGS"].number
 GET_SREGS = abi.IOCTL_BY_NAME["KVM_GET_SREGS"].number
 GET_MSRS = abi.IOCTL_BY_NAME["KVM_GET_MSRS"].number
 SET_REGS = abi.IOCTL_BY_NAME["KVM_SET_REGS"].number
+GET_LAPIC = abi.IOCTL_BY_NAME["KVM_GET_LAPIC"].number
+KVM_NMI = abi.IOCTL_BY_NAME["KVM_NMI"].number
 SET_SREGS = abi.IOCTL_BY_NAME["KVM_SET_SREGS"].number
 KVM_INTERRUPT = abi.IOCTL_BY_NAME["KVM_INTERRUPT"].number
 PID, VCPU_TID, OTHER_TID, VM_FD = 100, 101, 102, 4
@@ -77,7 +80,7 @@ class Harness:
         # mid-completion"; the register-peek tests below pass inspection="benign".
         policy.setdefault("inspection", "violation")
         self.policy = build_policy(PolicyOverrides(arch="x86_64", **policy))
-        self.model = ProbeModel(self.policy.pending_exits)
+        self.model = ProbeModel(self.policy.pending_exits, kind_values(self.policy))
         self.sink = MemorySink()
         self.proc = FakeProc()
         self.clock = Clock()
@@ -547,38 +550,82 @@ def peek_harness() -> Harness:
     return h
 
 
+def _inspections(h: Harness) -> dict[tuple[str, str, str], int]:
+    return dict(h.tracker.inspection_counts())
+
+
 @pytest.mark.parametrize("immediate", [True, False])
 def test_peek_then_completion_is_an_inspection_not_a_violation(immediate: bool) -> None:
     h = peek_harness()
     h.run(5, IO, IN_60)
     h.ioctl(5, GET_REGS)
-    h.ioctl(5, GET_REGS)  # reading twice is still only the general registers
-    assert h.violations == [] and h.sink.inspections == []  # held: the window decides
+    h.ioctl(5, GET_REGS)  # reading the same kind twice is still one kind
+    assert h.model.out == [] and h.violations == []  # held in the kernel: no event at all
     if immediate:
         h.complete(5)
     else:
         h.run(5, HLT)  # a plain re-entry completes it too
     assert h.violations == [] and h.sink.snapshots == []
-    closed_by = "immediate_exit" if immediate else "reentry"
-    assert [(i.ioctl, i.rule, i.severity, i.judged_on) for i in h.sink.inspections] == [
-        ("KVM_GET_REGS", "register-peek", "info", closed_by)] * 2
-    assert h.tracker.stats.inspections == {(f"guest-{PID}", "KVM_GET_REGS", "KVM_EXIT_IO"): 2}
+    assert _inspections(h) == {(f"guest-{PID}", "KVM_GET_REGS", "KVM_EXIT_IO"): 2}
     assert h.tracker.stats.violations == {}
+    assert h.tracker.unverified() == {}
 
 
-def test_peek_followed_by_more_state_is_part_of_a_snapshot() -> None:
+def test_lone_lapic_read_then_completion_is_an_inspection() -> None:
+    # kvmtool's NMI injection: KVM_GET_LAPIC, KVM_NMI, re-entry.
+    h = peek_harness()
+    h.run(5, IO, IN_60)
+    h.ioctl(5, GET_LAPIC)
+    h.ioctl(5, KVM_NMI)
+    h.complete(5)
+    assert h.violations == []
+    assert _inspections(h) == {(f"guest-{PID}", "KVM_GET_LAPIC", "KVM_EXIT_IO"): 1}
+
+
+def test_lone_read_then_process_exit_is_an_inspection() -> None:
     h = peek_harness()
     h.run(5, IO, IN_60)
     h.ioctl(5, GET_REGS)
-    h.ioctl(5, GET_SREGS)  # more than the general registers: a snapshot, reported at once
+    h.model.process_exit(PID)
+    h.flush()
+    assert h.violations == []
+    assert h.tracker.stats.inspections == {(f"guest-{PID}", "KVM_GET_REGS", "KVM_EXIT_IO"): 1}
+
+
+def test_lone_read_then_vcpu_closed_is_an_inspection() -> None:
+    h = peek_harness()
+    h.run(5, IO, IN_60)
+    h.ioctl(5, GET_REGS)
+    h.model.close(PID, VCPU_TID, 5)
+    h.flush()
+    assert h.violations == []
+    assert _inspections(h) == {(f"guest-{PID}", "KVM_GET_REGS", "KVM_EXIT_IO"): 1}
+
+
+def test_two_kinds_are_a_snapshot_the_held_read_reported_without_a_stack() -> None:
+    h = peek_harness()
+    h.run(5, IO, IN_60)
+    h.ioctl(5, GET_LAPIC)
+    h.ioctl(5, GET_REGS)  # a second kind: the window is a finding, the held read reported
     assert [(v.ioctl, v.judged_on) for v in h.violations] == [
-        ("KVM_GET_REGS", "snapshot"), ("KVM_GET_SREGS", "ioctl")]
-    h.ioctl(5, GET_REGS)  # later peeks of a snapshot window are violations at once
-    assert h.violations[-1].judged_on == "snapshot"
+        ("KVM_GET_LAPIC", "snapshot"), ("KVM_GET_REGS", "ioctl")]
+    h.ioctl(5, GET_LAPIC)  # later reads of a finding window are reported at once
+    assert h.violations[-1].judged_on == "ioctl"
     h.complete(5)
     [snap] = h.sink.snapshots
-    assert snap.ioctls == ["KVM_GET_REGS", "KVM_GET_SREGS", "KVM_GET_REGS"]
-    assert h.sink.inspections == []
+    assert snap.ioctls == ["KVM_GET_LAPIC", "KVM_GET_REGS", "KVM_GET_LAPIC"]
+    assert _inspections(h) == {}
+
+
+def test_held_reads_of_one_kind_are_reported_as_many() -> None:
+    h = peek_harness()
+    h.run(5, IO, IN_60)
+    h.ioctl(5, GET_REGS)
+    h.ioctl(5, GET_REGS)
+    h.ioctl(5, GET_SREGS)
+    assert [v.ioctl for v in h.violations] == ["KVM_GET_REGS", "KVM_GET_REGS", "KVM_GET_SREGS"]
+    # exact against the kernel's count: every read reached the tracker
+    assert h.tracker.unverified() == {}
 
 
 @pytest.mark.parametrize("restore_vcpu", ["same", "other"])
@@ -588,13 +635,28 @@ def test_peek_followed_by_a_restore_in_the_process_is_a_violation(restore_vcpu: 
     h.run(5, MMIO, MMIO_W)
     h.ioctl(5, GET_REGS)
     h.ioctl(5 if restore_vcpu == "same" else 6, SET_REGS)
+    if restore_vcpu == "other":
+        assert h.violations == []  # judged when the window closes
+    h.complete(5)
     peeks = [v for v in h.violations if v.kind == "save"]
     assert [(v.ioctl, v.judged_on) for v in peeks] == [("KVM_GET_REGS", "restore")]
     restores = [v for v in h.violations if v.kind == "restore"]
     # On the pending vCPU the restore is one itself; on an idle one it is fine by itself.
     assert len(restores) == (1 if restore_vcpu == "same" else 0)
-    h.complete(5)
-    assert h.sink.inspections == []
+    assert _inspections(h) == {}
+
+
+def test_restore_elsewhere_then_process_exit_is_a_finding() -> None:
+    h = peek_harness()
+    h.create_vcpu(fd=6, vcpu_id=1)
+    h.run(5, MMIO, MMIO_W)
+    h.ioctl(5, GET_REGS)
+    h.ioctl(6, SET_REGS)
+    h.model.process_exit(PID)
+    h.flush()
+    [v] = h.violations
+    assert (v.ioctl, v.judged_on, v.user_stack) == ("KVM_GET_REGS", "restore", None)
+    assert h.tracker.stats.inspections == {}
 
 
 def test_restore_before_the_peek_does_not_count() -> None:
@@ -603,55 +665,19 @@ def test_restore_before_the_peek_does_not_count() -> None:
     h.run(5, IO, IN_60)
     h.ioctl(5, GET_REGS)
     h.complete(5)
-    assert h.violations == [] and len(h.sink.inspections) == 1
+    assert h.violations == [] and sum(_inspections(h).values()) == 1
 
 
-@pytest.mark.parametrize("how", ["close", "process_exit", "idle"])
-def test_peek_never_completed_is_a_violation(how: str) -> None:
+def test_a_lost_exit_event_leaves_held_reads_unverified_not_findings() -> None:
     h = peek_harness()
     h.run(5, IO, IN_60)
     h.ioctl(5, GET_REGS)
-    if how == "close":
-        h.model.close(PID, VCPU_TID, 5)
-        h.flush()
-    elif how == "process_exit":
-        h.model.process_exit(PID)
-        h.flush()
-    else:
-        h.clock.now = 0.9
-        h.tracker.tick()
-        assert h.violations == []  # within the idle time: still waiting
-        h.clock.now = 1.1
-        h.tracker.tick()
-    judged = {"close": "vcpu_closed", "process_exit": "process_exit", "idle": "idle"}[how]
-    [v] = h.violations
-    assert (v.ioctl, v.rule, v.severity, v.judged_on) == (
-        "KVM_GET_REGS", "save-mid-completion", "error", judged)
-    assert h.sink.inspections == []
-
-
-def test_one_thread_reading_two_vcpus_is_saving_the_vm() -> None:
-    h = peek_harness()
-    h.create_vcpu(fd=6, vcpu_id=1)
-    h.run(5, IO, IN_60)
-    h.run(6, IO, IN_60)  # the same thread runs both vCPUs
-    h.ioctl(5, GET_REGS)
-    h.ioctl(6, GET_REGS)
-    assert sorted((v.vcpu_id, v.judged_on) for v in h.violations) == [
-        (0, "second_vcpu"), (1, "second_vcpu")]
-    h.complete(5)
-    h.complete(6)
-    assert h.sink.inspections == []
-
-
-def test_reading_an_idle_second_vcpu_after_a_peek_is_saving_the_vm() -> None:
-    h = peek_harness()
-    h.create_vcpu(fd=6, vcpu_id=1)
-    h.run(5, IO, IN_60)
-    h.ioctl(5, GET_REGS)
-    h.ioctl(6, GET_REGS)  # vCPU 1 has nothing pending: only the probes' open-window event
-    [v] = h.violations
-    assert (v.vcpu_id, v.judged_on) == (0, "second_vcpu")
+    h.model.process_exit(PID)
+    h.model.drain()  # the ring dropped the exit event
+    h.proc.dead.add(PID)
+    h.tracker.sweep()
+    assert h.violations == [] and h.tracker.stats.inspections == {}
+    assert h.tracker.unverified() == {f"guest-{PID}": 1}
 
 
 def test_vcpu_threads_peeking_their_own_vcpus_at_once_are_inspections() -> None:
@@ -663,7 +689,7 @@ def test_vcpu_threads_peeking_their_own_vcpus_at_once_are_inspections() -> None:
     h.ioctl(6, GET_REGS, tid=VCPU_TID + 1)
     h.complete(5)
     h.complete(6, tid=VCPU_TID + 1)
-    assert h.violations == [] and len(h.sink.inspections) == 2
+    assert h.violations == [] and sum(_inspections(h).values()) == 2
 
 
 def test_strict_policy_reports_every_peek_at_once() -> None:
@@ -674,24 +700,27 @@ def test_strict_policy_reports_every_peek_at_once() -> None:
     [v] = h.violations
     assert v.judged_on == "ioctl"
     h.complete(5)
-    assert h.sink.inspections == []
+    assert _inspections(h) == {}
 
 
 def test_peek_ioctls_come_from_the_policy() -> None:
-    h = Harness(inspection="benign", peek_ioctls=["KVM_GET_REGS", "KVM_GET_SREGS"])
+    h = Harness(inspection="benign", peek_ioctls=["KVM_GET_REGS"])
     h.create_vcpu(fd=5)
     h.run(5, IO, IN_60)
-    h.ioctl(5, GET_REGS)
-    h.ioctl(5, GET_SREGS)
+    h.ioctl(5, GET_SREGS)  # not a peek here: a finding at once
+    assert [v.ioctl for v in h.violations] == ["KVM_GET_SREGS"]
     h.complete(5)
-    assert h.violations == [] and len(h.sink.inspections) == 2
+    h.run(5, IO, IN_60)
+    h.ioctl(5, GET_REGS)
+    h.complete(5)
+    assert len(h.violations) == 1 and sum(_inspections(h).values()) == 1
 
 
 def test_held_peeks_at_shutdown_are_named_not_counted() -> None:
     h = peek_harness()
     h.run(5, IO, IN_60)
     h.ioctl(5, GET_REGS)
-    assert h.tracker.flush_held() == 1
+    assert h.tracker.unresolved_held() == 1
     assert h.violations == [] and h.sink.notices[-1][0] == "inspections_unresolved"
 
 

@@ -26,9 +26,6 @@ from tracer.vmm.kvm import (
 PORT_7E: Final = 0x7E
 RULE_PORT_7E: Final = "port-0x7e"
 RULE_RESTORE_AFTER_PIO: Final = "restore-after-pio"
-# The tracer's default register peeks (tracer.policy.DEFAULT_PEEK_IOCTLS), restated here: the
-# expectations are the VMM's own reading of the rule, not the policy's code.
-PEEK_IOCTLS: Final = frozenset({"KVM_GET_REGS", "KVM_GET_ONE_REG"})
 _SAVES: Final = frozenset(i.name for i in abi.IOCTLS.values() if i.kind is abi.IoctlKind.SAVE)
 _RESTORES: Final = frozenset(i.name for i in abi.IOCTLS.values()
                              if i.kind is abi.IoctlKind.RESTORE)
@@ -210,37 +207,35 @@ def _window(rec: MidCompletionIoctl) -> WindowKey:
     return (rec.vm_fd, rec.vcpu_id, rec.pending.since_ns)
 
 
-def inspections(records: list[MidCompletionIoctl], ioctl_log: list[LoggedIoctl],
-                completed: dict[WindowKey, int], fd_vcpu: dict[int, tuple[int, int]]
-                ) -> set[MidCompletionIoctl]:
-    """The mid-completion saves that were register peeks of a window closed by completion.
+VcpuLife = tuple[int, int, int, int | None]  # (vm fd, vCPU id, created ns, closed ns or None)
 
-    A window qualifies when every unsanctioned ioctl in it is a peek (PEEK_IOCTLS), a KVM_RUN
-    completed it, no restore was issued in the process between its first peek and that
-    KVM_RUN, and no thread that peeked in it read another vCPU's state meanwhile (nor while
-    holding a peek of another vCPU whose window was still open: one thread reading several
-    vCPUs is saving the VM). ``fd_vcpu`` maps every vCPU fd (and dup) to (vm fd, vCPU id).
+
+def inspections(records: list[MidCompletionIoctl], ioctl_log: list[LoggedIoctl],
+                completed: dict[WindowKey, int], lives: list[VcpuLife]
+                ) -> set[MidCompletionIoctl]:
+    """The mid-completion reads that were inspections: the tracer's default rule
+    (tracer.windows), restated as the VMM reads it, not the tracer's code.
+
+    A window qualifies when every state ioctl in it is a read of one and the same save ioctl
+    (one kind of state), and no restore was issued in the process between its first read and
+    its end: the KVM_RUN that completed it, else the vCPU's close (``lives``), else the end of
+    the process.
     """
     windows: dict[WindowKey, list[MidCompletionIoctl]] = {}
     for rec in records:
-        if sanction_rule(rec) is None:
-            windows.setdefault(_window(rec), []).append(rec)
+        windows.setdefault(_window(rec), []).append(rec)
     found: set[MidCompletionIoctl] = set()
     for key, recs in windows.items():
-        end = completed.get(key)
-        if end is None or any(r.kind != "save" or r.name not in PEEK_IOCTLS for r in recs):
+        if any(r.kind != "save" for r in recs) or len({r.name for r in recs}) != 1:
             continue
         first = min(r.ts_ns for r in recs)
-        tids = {r.tid for r in recs}
-        if any(first < e.ts_ns < end and e.name in _RESTORES for e in ioctl_log):
-            continue
-        if any(first < e.ts_ns < end and e.tid in tids and e.name in _SAVES
-               and fd_vcpu.get(e.fd, key[:2]) != key[:2] for e in ioctl_log):
-            continue
-        # The same thread peeked another vCPU before, and that window was still open.
-        if any(o_key != key and o.tid in tids and o.ts_ns <= first
-               and completed.get(o_key, end) > first and o.name in PEEK_IOCTLS
-               for o_key, others in windows.items() for o in others):
+        end = completed.get(key)
+        if end is None:
+            end = next((closed for vm_fd, vcpu_id, created, closed in lives
+                        if (vm_fd, vcpu_id) == key[:2] and created <= first
+                        and (closed is None or first <= closed)), None)
+        if any(first < e.ts_ns and (end is None or e.ts_ns < end) and e.name in _RESTORES
+               for e in ioctl_log):
             continue
         found.update(recs)
     return found
@@ -256,10 +251,10 @@ def split_expectations(
     inspected: list[ExpectedViolation] = []
     for rec in sorted(records, key=lambda r: r.ts_ns):
         rule = sanction_rule(rec)
-        if rule:
-            sanctioned.append(expected_entry(rec, rule))
-        elif peeks and rec in peeks:
+        if peeks and rec in peeks:  # judged in the kernel, before any sanction
             inspected.append(expected_entry(rec, None))
+        elif rule:
+            sanctioned.append(expected_entry(rec, rule))
         else:
             violations.append(expected_entry(rec, None))
     return violations, sanctioned, inspected

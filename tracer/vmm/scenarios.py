@@ -117,9 +117,9 @@ class _Session:
     def report(self, *, keep_open: bool = False) -> ScenarioReport:
         finished = time.monotonic_ns()
         kvm = self.kvm
-        fd_vcpu = {fd: (v.vm.fd, v.vcpu_id) for v, _ in self.vcpus
-                   for fd in (v.fd, *v.dup_history)}
-        peeks = inspections(kvm.mid_completion, kvm.ioctl_log, kvm.completed_windows, fd_vcpu)
+        lives = [(info.vm_fd, info.vcpu_id, info.created_ns, v.closed_ns)
+                 for v, info in self.vcpus]
+        peeks = inspections(kvm.mid_completion, kvm.ioctl_log, kvm.completed_windows, lives)
         violations, sanctioned, inspected = split_expectations(kvm.mid_completion, peeks)
         pending = [
             pending_info(v.vm.fd, v.vcpu_id, v.fd, v.pending)
@@ -906,6 +906,24 @@ def peek_mmio(iterations: int = DEFAULT_ITERATIONS) -> ScenarioReport:
         s.close()
 
 
+def peek_events(iterations: int = DEFAULT_ITERATIONS) -> ScenarioReport:
+    """IN exit, KVM_GET_VCPU_EVENTS alone (a VMM checking for a pending interrupt or NMI
+    before injecting one), answer, complete: one kind of state other than the registers, never
+    restored: inspections (the rule is one kind, whichever)."""
+    program = guest.in_loop()
+    s = _Session("peek-events", iterations)
+    try:
+        vcpu = s.vcpu(s.vm(), 0, program)
+        for i in range(iterations):
+            _exit(vcpu, program, i)
+            vcpu.get_vcpu_events()
+            _complete(vcpu)
+            _check_read_completed(vcpu, snapshot.save(vcpu), i, program)
+        return s.report()
+    finally:
+        s.close()
+
+
 def _decode_then(name: str, iterations: int,
                  between: Callable[[Vcpu], object]) -> ScenarioReport:
     """The request loop: IN exit, decode it (KVM_GET_REGS), then ``between(vcpu)`` before the
@@ -945,8 +963,8 @@ def peek_then_restore(iterations: int = DEFAULT_ITERATIONS) -> ScenarioReport:
 
 
 def peek_then_close(iterations: int = DEFAULT_ITERATIONS) -> ScenarioReport:
-    """IN exit, KVM_GET_REGS, then the vCPU (and its VM) closed without completing: the
-    instruction never finishes (violation)."""
+    """IN exit, KVM_GET_REGS, then the vCPU (and its VM) closed without completing: one kind
+    of state read and never restored, the window ends with the vCPU (an inspection)."""
     s = _Session("peek-then-close", iterations)
     try:
         for i in range(iterations):
@@ -963,7 +981,8 @@ def peek_then_close(iterations: int = DEFAULT_ITERATIONS) -> ScenarioReport:
 
 def peek_two_vcpus(iterations: int = DEFAULT_ITERATIONS) -> ScenarioReport:
     """One thread runs two vCPUs to an IN exit each, then reads both vCPUs' registers before
-    completing either: a VM-wide save, not a request decode (violations)."""
+    completing either: per window one kind of state, nothing restored (inspections: registers
+    alone cannot restore a VM, whichever thread reads them)."""
     s = _Session("peek-two-vcpus", iterations)
     try:
         vm = s.vm()
@@ -983,7 +1002,7 @@ def peek_two_vcpus(iterations: int = DEFAULT_ITERATIONS) -> ScenarioReport:
 
 def peek_then_exit(iterations: int = DEFAULT_ITERATIONS) -> ScenarioReport:
     """IN exit, KVM_GET_REGS, and the process exits with the exit still pending (the VM stays
-    open until then): a violation judged at process exit."""
+    open until then): one kind read, nothing restored, an inspection judged at process exit."""
     s, vm, vcpu = _peek_session("peek-then-exit", iterations, guest.hypercall_in_loop())
     try:
         for i in range(iterations):
@@ -1001,10 +1020,9 @@ PEEK_HOLD_S: Final = 1.5  # longer than the tracer's default idle time (1 s)
 
 
 def peek_idle(iterations: int = 1) -> ScenarioReport:
-    """IN exit, KVM_GET_REGS, then the exit left pending for PEEK_HOLD_S before completing:
-    longer than the tracer waits for a window to close (--snapshot-idle, default 1 s), so the
-    peek is reported as a violation (judged_on "idle") though the VMM completed it in the end.
-    The expectations list it as an inspection: the VMM does not know the tracer's idle time."""
+    """IN exit, KVM_GET_REGS, then the exit left pending for PEEK_HOLD_S (longer than the
+    tracer's --snapshot-idle) before completing: the kernel judges the window when it closes,
+    however long it stays open, so the peek is an inspection, never an idle-time violation."""
     report = _decode_then("peek-idle", iterations, lambda _vcpu: time.sleep(PEEK_HOLD_S))
     report.facts["held_s"] = PEEK_HOLD_S
     return report
@@ -1042,6 +1060,7 @@ SCENARIOS: Final[dict[str, ScenarioFn]] = {
     "process-exit": process_exit,
     "peek-io": peek_io,
     "peek-mmio": peek_mmio,
+    "peek-events": peek_events,
     "peek-then-snapshot": peek_then_snapshot,
     "peek-then-restore": peek_then_restore,
     "peek-then-close": peek_then_close,
