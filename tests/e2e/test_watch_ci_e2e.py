@@ -5,6 +5,9 @@
 ``debug_dump_sregs`` on even iterations and from ``checkpoint_sregs`` on odd ones. The VMM is
 built with ``-g -O0 -fno-omit-frame-pointer`` from its path in this checkout, so its line table
 names ``tests/vmms/buggy_vmm.c`` under the source root (the checkout, watch's working directory).
+Each read is alone in its window, which the default policy judges an inspection (one kind of
+state, never restored): these runs use the strict policy (``--inspection violation``), as a
+project that wants no state read mid-completion at all does, so each read is a finding.
 """
 
 from __future__ import annotations
@@ -51,7 +54,8 @@ class Run:
 def watch(tmp: Path, vmm: Path, *args: str, mode: str = "--two-sites") -> Run:
     out = tmp / "watch.json"
     out.unlink(missing_ok=True)
-    argv = [sys.executable, "-m", "tracer", "watch", "--json", str(out), *args, "--",
+    argv = [sys.executable, "-m", "tracer", "watch", "--inspection", "violation", "--json",
+            str(out), *args, "--",
             str(vmm), mode, str(ITERATIONS)]
     proc = subprocess.Popen(argv, cwd=REPO, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
