@@ -18,7 +18,7 @@ from prometheus_client import CollectorRegistry, ProcessCollector
 from tracer import __version__, handover, vmident
 from tracer.alerts import AlertSink, LogSink
 from tracer.counters import PATHS, RunState, VcpuCounters, total
-from tracer.events import MalformedEvent, decode_event
+from tracer.events import CapturePairer, KernelEvent, MalformedEvent, UserCapture, decode_event
 from tracer.metrics import CompletionCollector, ExporterHealth, MetricsOptions, start_server
 from tracer.policy import CompletionPolicy, describe
 from tracer.preflight import effective_caps
@@ -87,8 +87,9 @@ class ProbeStacks:
         self._taken[stack_id] = frames
         return frames
 
-    def symbolize(self, pid: int, frames: list[Any]) -> dict[str, Any]:
-        return self.symbolizer.symbolize(pid, frames).to_dict()
+    def symbolize(self, pid: int, frames: list[Any],
+                  capture: UserCapture | None = None) -> dict[str, Any]:
+        return self.symbolizer.symbolize(pid, frames, capture).to_dict()
 
     def remember(self, pid: int) -> None:
         self.symbolizer.remember(pid)
@@ -156,6 +157,7 @@ class Daemon:
         self.poll_cap_ms: float = MAX_POLL_MS
         self.started = False
         self.events_handled = 0
+        self.pairer = CapturePairer()  # a violation's user stack record joins it
         self._lost_reported = 0
 
     def set_labels(self, labels: dict[str, str]) -> None:
@@ -180,6 +182,13 @@ class Daemon:
             self.tracker.stats.malformed_events += 1
             self.sink.notice("malformed_event", "warning", error=str(err))
             return
+        self._to_tracker(self.pairer.feed(event))
+
+    def _to_tracker(self, events: list[KernelEvent]) -> None:
+        for event in events:
+            self._to_tracker_one(event)
+
+    def _to_tracker_one(self, event: KernelEvent) -> None:
         try:
             self.tracker.handle(event)
         except Exception as err:
@@ -249,6 +258,7 @@ class Daemon:
         self.health.loop_beat = time.monotonic()
         self.probes.poll(timeout_ms)
         with self.lock:
+            self._to_tracker(self.pairer.polled())
             self.health.ringbuf_polls += 1
             self.health.last_poll_unix = time.time()
             self.tracker.tick()
@@ -294,6 +304,7 @@ class Daemon:
         self.health.stopping = True  # also when stopped other than by a signal
         self.drain()
         with self.lock:
+            self._to_tracker(self.pairer.flush())
             self.tracker.tick()
             self.check_losses()
             self.tracker.flush_held()

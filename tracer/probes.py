@@ -28,7 +28,7 @@ from typing import Any, Final
 
 from tracer import abi, bpfcache, syscall_abi
 from tracer.counters import HIST_SLOTS, RunState, VcpuCounters, VcpuEntry
-from tracer.events import EXEC_PATH_BYTES, MAX_EVENT_SIZE, EventType
+from tracer.events import EXEC_PATH_BYTES, MAX_EVENT_SIZE, USTACK_BYTES, USTACK_CHUNK, EventType
 from tracer.handover import AdoptState
 from tracer.midcounts import LostWindow, MidKey
 from tracer.policy import CompletionPolicy
@@ -43,7 +43,7 @@ COUNTER_NAMES: Final = (
     "vcpu_map_full", "fd_map_full", "thread_map_full", "inflight_map_full", "proc_map_full",
     "guest_exit_map_full", "guest_entry_map_full", "unknown_fd_map_full", "access_read_failed",
     "untracked_exits", "stack_map_full", "stack_failed", "watch_map_full", "mid_map_full",
-    "lost_window_map_full",
+    "lost_window_map_full", "user_stack_failed",
 )
 # struct bpf_stack_build_id.status (<linux/bpf.h>): a frame's module resolved, or its bare ip.
 BUILD_ID_VALID: Final = 1
@@ -199,7 +199,8 @@ def cflags(config: ProbeConfig) -> list[str]:
         "RINGBUF_PAGES": config.ringbuf_pages,
     }
     if config.stacks:
-        defs.update(STACKS=1, MAX_STACKS=config.max_stacks, STACK_ERR_EXIST=f"(-{errno.EEXIST})")
+        defs.update(STACKS=1, MAX_STACKS=config.max_stacks, STACK_ERR_EXIST=f"(-{errno.EEXIST})",
+                    USTACK_BYTES=USTACK_BYTES, USTACK_CHUNK=USTACK_CHUNK)
     if config.watch:
         defs.update(WATCH=1, MAX_WATCHED=config.max_watched, EXEC_PATH_BYTES=EXEC_PATH_BYTES)
     flags = [f"-D{k}={v}" for k, v in defs.items()]

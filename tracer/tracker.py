@@ -19,7 +19,14 @@ from typing import Any, Protocol
 from tracer import abi, vmident
 from tracer.alerts import AlertSink, SnapshotAlert, ViolationAlert
 from tracer.counters import RunState, VcpuCounters, VmLedger
-from tracer.events import EventFlag, EventType, KernelEvent, PendingAccess, split_exit_aux
+from tracer.events import (
+    EventFlag,
+    EventType,
+    KernelEvent,
+    PendingAccess,
+    UserCapture,
+    split_exit_aux,
+)
 from tracer.handover import AdoptState, Relearner
 from tracer.midcounts import LostWindow, MidKey, key_of_event
 from tracer.policy import CompletionPolicy, Kind, Verdict
@@ -60,7 +67,8 @@ class StackResolver(Protocol):
 
     def take(self, stack_id: int) -> list[Any] | None: ...
 
-    def symbolize(self, pid: int, frames: list[Any]) -> dict[str, Any]: ...
+    def symbolize(self, pid: int, frames: list[Any],
+                  capture: UserCapture | None = None) -> dict[str, Any]: ...
 
     def remember(self, pid: int) -> None: ...
 
@@ -375,8 +383,9 @@ class Tracker:
             self.stats.sanctioned[(ident.name, ruling.rule)] += 1
             self.sink.sanctioned(alert)
             return
-        if addresses is not None and self.stacks is not None:
-            alert = replace(alert, user_stack=self.stacks.symbolize(ev.tgid, addresses))
+        if (addresses is not None or ev.capture is not None) and self.stacks is not None:
+            alert = replace(alert, user_stack=self.stacks.symbolize(ev.tgid, addresses or [],
+                                                                    ev.capture))
         if kind is Kind.RESTORE:
             # State written in the process: every peek it holds was read to be restored.
             self._release_held(lambda w: w.pid == ev.tgid, "restore")
