@@ -60,6 +60,9 @@ SYSTEM_MODULES: Final = ("libc.so", "libc-", "ld-linux", "libc.musl", "ld-musl",
                          "libdl", "[vdso]", "linux-vdso")
 SELF: Final = "\0self"
 _RUST_HASH: Final = re.compile(r"::h[0-9a-f]{16}$")
+_RUST_ESCAPE: Final = re.compile(r"\$(SP|BP|RF|LT|GT|LP|RP|C|u[0-9a-f]{1,6})\$")
+_RUST_ESCAPES: Final = {"SP": "@", "BP": "*", "RF": "&", "LT": "<", "GT": ">", "LP": "(",
+                        "RP": ")", "C": ","}
 _SYMBOL_VERSION: Final = re.compile(r"@@?[A-Za-z0-9_.]+$")  # __libc_start_main@GLIBC_2.2.5
 
 
@@ -183,9 +186,17 @@ def find_llvm_symbolizer() -> str | None:
 
 
 def rust_name(name: str) -> str:
-    """A demangled name as a person reads it: a Rust legacy symbol without its hash (as
-    rustc-demangle's alternate form prints it), a versioned ELF symbol without its version."""
-    return _RUST_HASH.sub("", _SYMBOL_VERSION.sub("", name))
+    """A demangled name as a person reads it: a versioned ELF symbol without its version; a
+    Rust legacy symbol (the Itanium demangler leaves its hash and escapes) as rustc-demangle's
+    alternate form prints it: without the hash, ``$LT$``/``$u7b$``... as the characters."""
+    name = _SYMBOL_VERSION.sub("", name)
+    if not _RUST_HASH.search(name) and not _RUST_ESCAPE.search(name):
+        return name
+    name = _RUST_HASH.sub("", name)
+    name = re.sub(r"(^|::|\.\.)_(?=\$)", r"\1", name)
+    name = _RUST_ESCAPE.sub(lambda m: _RUST_ESCAPES.get(m[1]) or chr(int(m[1][1:], 16))
+                            if m[1] in _RUST_ESCAPES or m[1][0] == "u" else m[0], name)
+    return name.replace("..", "::")
 
 
 class DebugFiles:
@@ -525,8 +536,10 @@ class Symbolizer:
             out.append(StackFrame(
                 raw.address, raw.module, raw.build_id, raw.file_offset, name,
                 vaddr - start if last and start is not None and name else None,
-                ans.get("FileName") or None, ans.get("Line") or None,
-                ans.get("Column") or None, inlined=not last))
+                # A file without a line is a compile unit's name (a Rust crate built without
+                # debug info keeps one): nothing to point at.
+                ans.get("FileName") or None if ans.get("Line") else None,
+                ans.get("Line") or None, ans.get("Column") or None, inlined=not last))
         return out or [base]
 
 
