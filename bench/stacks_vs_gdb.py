@@ -23,6 +23,9 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "tests"))
+from gdb_frames import frames as gdb_frames_of  # noqa: E402 (the tests' helper)
+
 VMMS = REPO / "tests" / "vmms"
 KVM_GET_REGS = 0x8090AE81
 INLINE = "-DSAVE_VCPU_STATE_ATTR=static inline __attribute__((always_inline))"
@@ -39,27 +42,6 @@ BUILDS: dict[str, list[str]] = {
     "Rust release stripped": ["rustc", "-C", "opt-level=3", "-C", "strip=symbols"],
 }
 
-GDB_PY = r"""
-import gdb, json
-maps = []
-for line in gdb.execute("info proc mappings", to_string=True).splitlines():
-    p = line.split()
-    if len(p) >= 5 and p[0].startswith("0x") and p[-1].startswith("/"):
-        maps.append((int(p[0], 16), int(p[1], 16), int(p[3], 16), p[-1]))
-out = []
-f = gdb.newest_frame()
-while f is not None:
-    pc = f.pc()
-    m = next((m for m in maps if m[0] <= pc < m[1]), None)
-    sal = f.find_sal()
-    out.append({"module": m[3] if m else None, "file_offset": pc - m[0] + m[2] if m else None,
-                "function": f.name(), "line": sal.line or None,
-                "inlined": f.type() == gdb.INLINE_FRAME})
-    f = f.older()
-print("GDBJSON " + json.dumps(out))
-"""
-
-
 def build(name: str, cmd: list[str], out: Path) -> Path:
     binary = out / name.replace(" ", "_").replace("(", "").replace(")", "").replace("+", "p")
     if cmd[0] == "gcc":
@@ -72,17 +54,9 @@ def build(name: str, cmd: list[str], out: Path) -> Path:
 
 
 def gdb_frames(binary: Path, tmp: Path) -> list[dict[str, Any]]:
-    script = tmp / "bt.py"
-    script.write_text(GDB_PY)
-    out = subprocess.run(["gdb", "-batch", "-nx", "-ex", "set pagination off",
-                          "-ex", "set backtrace past-main on", "-ex", "set backtrace past-entry on",
-                          "-ex", "catch syscall ioctl",
+    return gdb_frames_of(["-ex", "catch syscall ioctl",
                           "-ex", f"condition 1 $rsi == {KVM_GET_REGS:#x}", "-ex", "run",
-                          "-ex", f"source {script}", "-ex", "kill", "--args", str(binary), "1"],
-                         capture_output=True, text=True, timeout=120, check=False).stdout
-    line = next(x for x in out.splitlines() if x.startswith("GDBJSON "))
-    frames: list[dict[str, Any]] = json.loads(line.removeprefix("GDBJSON "))
-    return frames
+                          "--args", str(binary), "1"], tmp)
 
 
 def tracer_frames(tracer: list[str], binary: Path, tmp: Path) -> dict[str, Any]:
