@@ -80,7 +80,7 @@ enum counter {
     C_WATCH_MAP_FULL,   // a fork of a watched process could not be recorded: it is not watched
     C_MID_MAP_FULL,     // a report could not be counted in mid_counts (its key was new, map full)
     C_LOST_WINDOW_MAP_FULL,  // a window that lost an event could not be kept in lost_windows
-    C_USTACK_FAILED,    // a report's user registers or top of stack could not be read
+    C_USER_STACK_FAILED,    // a report's user registers or top of stack could not be read
     C_COUNTERS,
 };
 
@@ -420,7 +420,7 @@ static __always_inline void capture_user_stack(struct event *ev)
     void *regs = (void *)bpf_task_pt_regs(bpf_get_current_task_btf());
     if (bpf_probe_read_kernel(r->regs, sizeof(r->regs), regs)) {
         events.ringbuf_discard(r, 0);
-        count(C_USTACK_FAILED);
+        count(C_USER_STACK_FAILED);
         return;
     }
     u64 sp = r->regs[19];
@@ -433,7 +433,7 @@ static __always_inline void capture_user_stack(struct event *ev)
     }
     if (!r->size) {
         events.ringbuf_discard(r, 0);
-        count(C_USTACK_FAILED);
+        count(C_USER_STACK_FAILED);
         return;
     }
     ev->flags |= EV_F_USER_STACK;

@@ -62,7 +62,8 @@ USTACK_BYTES: Final = 8192
 USTACK_CHUNK: Final = 512  # copied in pieces: a stack's top less than 8 KiB away still copies
 PT_REGS: Final = ("r15", "r14", "r13", "r12", "rbp", "rbx", "r11", "r10", "r9", "r8", "rax",
                   "rcx", "rdx", "rsi", "rdi", "orig_rax", "rip", "cs", "eflags", "rsp", "ss")
-MAX_EVENT_SIZE: Final = max(EVENT_SIZE + EXEC_PATH_BYTES, USTACK_HEADER.size + USTACK_BYTES)
+EXEC_EVENT_SIZE: Final = EVENT_SIZE + EXEC_PATH_BYTES
+MAX_EVENT_SIZE: Final = max(EXEC_EVENT_SIZE, USTACK_HEADER.size + USTACK_BYTES)
 
 
 @dataclass(frozen=True)
@@ -224,7 +225,7 @@ def encode_user_stack(tgid: int, tid: int, seq: int, uid: int, capture: UserCapt
 
 
 def _exec_path(raw: bytes) -> str | None:
-    tail = raw[EVENT_SIZE:MAX_EVENT_SIZE].split(b"\0", 1)[0]
+    tail = raw[EVENT_SIZE:EXEC_EVENT_SIZE].split(b"\0", 1)[0]
     return tail.decode("utf-8", "surrogateescape") if tail else None
 
 

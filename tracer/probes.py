@@ -860,7 +860,8 @@ class Probes:
             out[f"{which}_map_full"] += n
         for etype in EventType:
             out[f"lost_{etype.name.lower()}"] = totals[int(etype)]
-        out["events_lost"] = sum(totals[:EVENT_TYPES])
+        # A lost USER_STACK record loses a report's stack, not an event (stacks_missed).
+        out["events_lost"] = sum(totals[:EVENT_TYPES]) - totals[int(EventType.USER_STACK)]
         return out
 
     def guest_exit_counts(self) -> dict[tuple[int, int, int, int], int]:

@@ -472,6 +472,16 @@ class Symbolizer:
         names = self.llvm.lookup(mod.path_for_symbols, vaddr - 1, mod.identity)
         return any(rust_name(s.get("FunctionName") or "") in OUTERMOST for s in names)
 
+    def _mapping(self, pid: int, address: int) -> Mapping | None:
+        def find() -> Mapping | None:
+            return next((m for m in self._maps.get(pid, []) if m.start <= address < m.end), None)
+
+        found = find()
+        if found is None and os.path.exists(self.proc_root / str(pid)):
+            self.remember(pid)  # alive: new mappings (dlopen), or never seen
+            found = find()
+        return found
+
     def _frame_pointer(self, pid: int, raw: Sequence[KernelFrame | int]
                        ) -> tuple[Unwound, list[bool]] | None:
         """The kernel's walk, each frame checked as the CFI unwinder checks its own: in a known
@@ -481,7 +491,7 @@ class Symbolizer:
         for item in raw:
             build_id, value = (None, item) if isinstance(item, int) else item
             if build_id is None:
-                m = next((m for m in self._maps.get(pid, []) if m.start <= value < m.end), None)
+                m = self._mapping(pid, value)
                 mod = self._module(pid, m) if m is not None else None
                 if m is None or mod is None:
                     why = f"{value:#x} is in no executable mapping of the process"

@@ -80,7 +80,10 @@ class ModuleCFI:
 
     @classmethod
     def open(cls, path: str) -> ModuleCFI:
-        f = open(path, "rb")  # noqa: SIM115 -- kept open for code bytes while the module is cached
+        try:
+            f = open(path, "rb")  # noqa: SIM115 -- kept open while the module is cached
+        except OSError as err:
+            raise UnwindError(f"{path}: {err.strerror}") from err
         try:
             return cls._parse(path, f)
         except (ELFError, OSError, ValueError, struct.error, AssertionError) as err:

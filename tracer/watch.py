@@ -32,7 +32,9 @@ FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 INIT_PID_NS_INO = 0xEFFFFFFC  # PROC_PID_INIT_INO (include/linux/proc_ns.h): the host's ns
 WATCH_POLL_MS = 100  # how soon CMD's exit is noticed (SIGCHLD also wakes the poll)
 EXIT_CANNOT_RUN = 127  # like a shell: CMD could not be started
-STACK_COUNTERS = ("stack_map_full", "stack_failed")  # reports that went without their stack
+# Reports that went without a stack (kernel walk), or without the registers and stack bytes the
+# CFI unwinder needs (then the kernel walk is what they have).
+STACK_COUNTERS = ("stack_map_full", "stack_failed", "user_stack_failed", "lost_user_stack")
 
 
 @dataclass(frozen=True)
