@@ -19,7 +19,7 @@ import shutil
 import subprocess
 from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Final
 
@@ -92,11 +92,14 @@ class UserStack:
     method: str  # "cfi" | "frame-pointer" | "none"
     complete: bool
     why_partial: str | None
+    copied_bytes: int = 0  # cfi: the stack bytes the probe copied, and how many the walk read
+    used_bytes: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return {"frames": [f.to_dict() for f in self.frames], "method": self.method,
                 "complete": self.complete, "partial": not self.complete,
-                "why_partial": self.why_partial}
+                "why_partial": self.why_partial, "copied_bytes": self.copied_bytes,
+                "used_bytes": self.used_bytes}
 
 
 def read_maps(pid: int, proc_root: Path = Path("/proc")) -> list[Mapping]:
@@ -395,7 +398,9 @@ class Symbolizer:
         fp = self._frame_pointer(pid, kernel_frames) if kernel_frames else None
         if cfi is not None and (cfi.complete or fp is None or not fp[0].complete
                                 or len(cfi.frames) >= len(fp[0].frames)):
-            return self._stack(cfi, "cfi", [True] * len(cfi.frames))
+            return replace(self._stack(cfi, "cfi", [True] * len(cfi.frames)),
+                           copied_bytes=len(capture.stack) if capture else 0,
+                           used_bytes=cfi.bytes_used)
         if fp is not None:
             return self._stack(fp[0], "frame-pointer", fp[1])
         return UserStack((), "none", False, "no stack was captured")

@@ -299,6 +299,7 @@ class Unwound:
     frames: list[RawFrame]
     complete: bool
     why_incomplete: str | None
+    bytes_used: int = 0  # how far up the stack copy the walk read
 
 
 @dataclass(frozen=True)
@@ -318,14 +319,16 @@ def unwind(regs: dict[str, int], stack: bytes, mappings: Sequence[Mapping],
     ``mappings``: the process's executable file mappings; ``module(m)``: the parsed file of
     one (None when unreadable); ``outermost(frame)``: the frame is a thread's start by name (a
     walk that stops there for any reason is complete)."""
-    result = _unwind(regs, stack, mappings, module)
+    used = [0]
+    result = _unwind(regs, stack, mappings, module, used)
+    result.bytes_used = used[0]
     if not result.complete and result.frames and outermost(result.frames[-1]):
-        return Unwound(result.frames, True, None)
+        return Unwound(result.frames, True, None, used[0])
     return result
 
 
 def _unwind(regs: dict[str, int], stack: bytes, mappings: Sequence[Mapping],
-            module: Callable[[Mapping], ModuleCFI | None]) -> Unwound:
+            module: Callable[[Mapping], ModuleCFI | None], used: list[int]) -> Unwound:
     sp0 = regs["rsp"]
     cur = {r: regs.get(r) for r in (*CALLEE_SAVED, "rsp")}
     pc = regs["rip"]
@@ -334,6 +337,7 @@ def _unwind(regs: dict[str, int], stack: bytes, mappings: Sequence[Mapping],
     def read(addr: int) -> int | None:
         off = addr - sp0
         if off >= 0 and off + 8 <= len(stack):
+            used[0] = max(used[0], off + 8)
             return int.from_bytes(stack[off:off + 8], "little")
         return None
 
