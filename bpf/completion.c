@@ -27,7 +27,8 @@
 // MAX_PROCS, VCPU_SLOTS, VCPU_SLOT_BITS, VCPU_SLOT_MASK, PENDING_SAMPLE, MAX_GUEST_EXIT_KEYS, MAX_MID_KEYS, MAX_LOST_WINDOWS, RINGBUF_PAGES; KVM_EXIT_IO_NR and
 // KVM_EXIT_HYPERV_NR (the exits whose access head the policy's sanctions look at); HAVE_GROUP_DEAD, TRACE_EXITS, RAW_SYSCALLS
 // optional; STACKS (with MAX_STACKS, STACK_ERR_EXIST, USTACK_BYTES, USTACK_CHUNK): the user stack
-// of every reported ioctl (registers and stack bytes, and the kernel's frame-pointer walk);
+// of every reported ioctl (the kernel's frame-pointer walk, and with USER_STACK_CAPTURE, kernel
+// >= 5.15 with BTF, the registers and stack bytes);
 // WATCH (with MAX_WATCHED): only the processes in `watched` (`watch -- CMD`) are followed.
 
 #include <uapi/linux/ptrace.h>
@@ -398,7 +399,7 @@ static __always_inline void keep_lost_window(u64 uid, struct vcpu_state *st, str
         count(C_LOST_WINDOW_MAP_FULL);
 }
 
-#ifdef STACKS
+#ifdef USER_STACK_CAPTURE
 // The user registers of the current task and the top of its user stack, as an EV_USER_STACK
 // record (reserved after ev, submitted before it: committed when ev is). Only at a report.
 // bpf_task_pt_regs(bpf_get_current_task_btf()) (kernel >= 5.15, BTF) hands the registers the
@@ -490,7 +491,9 @@ static __always_inline void report_violation(void *ctx, u32 tgid, u32 tid, s32 f
     if (stack_id < 0)
         count(stack_id == STACK_ERR_EXIST ? C_STACK_MAP_FULL : C_STACK_FAILED);
     ev->stack_id = stack_id;
+#ifdef USER_STACK_CAPTURE
     capture_user_stack(ev);
+#endif
 #endif
     events.ringbuf_submit(ev, 0);
 }

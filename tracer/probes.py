@@ -154,6 +154,14 @@ def _tracepoint_exists(category: str, event: str) -> bool:
     return root is not None and (root / "events" / category / event).is_dir()
 
 
+def user_stack_capture_supported(release: str | None = None,
+                                 btf: Path = Path("/sys/kernel/btf/vmlinux")) -> bool:
+    """bpf_task_pt_regs and bpf_get_current_task_btf: kernel >= 5.15 with BTF. Without them
+    stacks come from the kernel's frame-pointer walk alone (docs/stacks.md)."""
+    found = re.match(r"(\d+)\.(\d+)", release or os.uname().release)
+    return bool(found) and (int(found[1]), int(found[2])) >= (5, 15) and btf.exists()
+
+
 def _has_field(category: str, event: str, field_name: str) -> bool:
     root = tracefs_root()
     if root is None:
@@ -201,6 +209,8 @@ def cflags(config: ProbeConfig) -> list[str]:
     if config.stacks:
         defs.update(STACKS=1, MAX_STACKS=config.max_stacks, STACK_ERR_EXIST=f"(-{errno.EEXIST})",
                     USTACK_BYTES=USTACK_BYTES, USTACK_CHUNK=USTACK_CHUNK)
+        if user_stack_capture_supported():
+            defs.update(USER_STACK_CAPTURE=1)
     if config.watch:
         defs.update(WATCH=1, MAX_WATCHED=config.max_watched, EXEC_PATH_BYTES=EXEC_PATH_BYTES)
     flags = [f"-D{k}={v}" for k, v in defs.items()]

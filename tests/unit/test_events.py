@@ -655,3 +655,17 @@ def test_pairer_matches_by_thread_and_window_and_gives_up_after_a_poll() -> None
     assert pairer.feed(_stack_event(9, 9)) == [] and pairer.orphans == 1
     assert pairer.feed(_violation(7, 2)) == []
     assert [e.tid for e in pairer.flush()] == [7] and pairer.unpaired == 2
+
+
+@pytest.mark.parametrize(("release", "btf", "supported"), [
+    ("6.18.44-fc-v1300", True, True), ("5.15.0-91-generic", True, True),
+    ("5.10.0-28-amd64", True, False), ("6.1.0-18-amd64", False, False), ("garbage", True, False),
+])
+def test_the_capture_needs_kernel_5_15_and_btf(tmp_path: Path, release: str, btf: bool,
+                                               supported: bool) -> None:
+    vmlinux = tmp_path / "vmlinux"
+    if btf:
+        vmlinux.write_bytes(b"")
+    assert probes.user_stack_capture_supported(release, vmlinux) is supported
+    # the capture is compiled only then: the frame-pointer walk alone otherwise
+    assert "#ifdef USER_STACK_CAPTURE\n    capture_user_stack(ev);" in SOURCE
