@@ -159,7 +159,9 @@ def user_stack_capture_supported(release: str | None = None,
     """bpf_task_pt_regs and bpf_get_current_task_btf: kernel >= 5.15 with BTF. Without them
     stacks come from the kernel's frame-pointer walk alone (docs/stacks.md)."""
     found = re.match(r"(\d+)\.(\d+)", release or os.uname().release)
-    return bool(found) and (int(found[1]), int(found[2])) >= (5, 15) and btf.exists()
+    if found is None:
+        return False
+    return (int(found[1]), int(found[2])) >= (5, 15) and btf.exists()
 
 
 def _has_field(category: str, event: str, field_name: str) -> bool:
