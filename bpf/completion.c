@@ -26,7 +26,7 @@
 // tracer/syscall_abi.py (RAW_SYSCALLS only); map sizes MAX_VCPUS, MAX_VCPU_FDS, MAX_THREADS,
 // MAX_PROCS, VCPU_SLOTS, VCPU_SLOT_BITS, VCPU_SLOT_MASK, PENDING_SAMPLE, MAX_GUEST_EXIT_KEYS, MAX_MID_KEYS, MAX_LOST_WINDOWS, RINGBUF_PAGES; KVM_EXIT_IO_NR and
 // KVM_EXIT_HYPERV_NR (the exits whose access head the policy's sanctions look at); HAVE_GROUP_DEAD, TRACE_EXITS, RAW_SYSCALLS
-// optional; STACKS (with MAX_STACKS, STACK_ERR_EXIST, USTACK_BYTES, USTACK_CHUNK): the user stack
+// optional; STACKS (with MAX_STACKS, STACK_ERR_EXIST, USTACK_BYTES, USTACK_CHUNK, USTACK_TOKENS): the user stack
 // of every reported ioctl (the kernel's frame-pointer walk, and with USER_STACK_CAPTURE, kernel
 // >= 5.15 with BTF, the registers and stack bytes);
 // WATCH (with MAX_WATCHED): only the processes in `watched` (`watch -- CMD`) are followed.
@@ -291,6 +291,7 @@ struct user_stack_rec {
     u64 regs[21];
     u8 stack[USTACK_BYTES];
 };
+BPF_ARRAY(ustack_tokens, s64, 1);  // captures left until Python next reads the ring
 #endif
 #ifdef WATCH
 // `watch -- CMD`: CMD and every process forked from a watched one, keyed by task id (a new
@@ -407,6 +408,15 @@ static __always_inline void keep_lost_window(u64 uid, struct vcpu_state *st, str
 // kernel struct is read. A failed copy or a full ring is counted, and ev says no record follows.
 static __always_inline void capture_user_stack(struct event *ev)
 {
+    // A storm of reports must not crowd the reports out of the ring: at most USTACK_TOKENS
+    // captures between two reads of the ring by Python (which refills the tokens); past them,
+    // none (counted as lost; the report keeps the kernel's frame-pointer walk).
+    u32 zero = 0;
+    s64 *tokens = ustack_tokens.lookup(&zero);
+    if (!tokens || __sync_fetch_and_add(tokens, -1) <= 0) {
+        count(C_LOST_BASE + EV_USER_STACK);
+        return;
+    }
     struct user_stack_rec *r = events.ringbuf_reserve(sizeof(struct user_stack_rec));
     if (!r) {
         count(C_LOST_BASE + EV_USER_STACK);

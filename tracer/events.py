@@ -60,6 +60,9 @@ EXEC_PATH_BYTES: Final = 256  # an EXEC event's file name, after the struct
 USTACK_HEADER: Final = struct.Struct("<IIIIQQ21Q")
 USTACK_BYTES: Final = 8192
 USTACK_CHUNK: Final = 512  # copied in pieces: a stack's top less than 8 KiB away still copies
+# Captures allowed between two reads of the ring (Python refills them after each): 8 records
+# are 67 KiB, a quarter of the default 256 KiB ring, so a storm of reports keeps its reports.
+USTACK_TOKENS: Final = 8
 PT_REGS: Final = ("r15", "r14", "r13", "r12", "rbp", "rbx", "r11", "r10", "r9", "r8", "rax",
                   "rcx", "rdx", "rsi", "rdi", "orig_rax", "rip", "cs", "eflags", "rsp", "ss")
 EXEC_EVENT_SIZE: Final = EVENT_SIZE + EXEC_PATH_BYTES

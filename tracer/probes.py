@@ -28,7 +28,14 @@ from typing import Any, Final
 
 from tracer import abi, bpfcache, syscall_abi
 from tracer.counters import HIST_SLOTS, RunState, VcpuCounters, VcpuEntry
-from tracer.events import EXEC_PATH_BYTES, MAX_EVENT_SIZE, USTACK_BYTES, USTACK_CHUNK, EventType
+from tracer.events import (
+    EXEC_PATH_BYTES,
+    MAX_EVENT_SIZE,
+    USTACK_BYTES,
+    USTACK_CHUNK,
+    USTACK_TOKENS,
+    EventType,
+)
 from tracer.handover import AdoptState
 from tracer.midcounts import LostWindow, MidKey
 from tracer.policy import CompletionPolicy
@@ -210,7 +217,8 @@ def cflags(config: ProbeConfig) -> list[str]:
     }
     if config.stacks:
         defs.update(STACKS=1, MAX_STACKS=config.max_stacks, STACK_ERR_EXIST=f"(-{errno.EEXIST})",
-                    USTACK_BYTES=USTACK_BYTES, USTACK_CHUNK=USTACK_CHUNK)
+                    USTACK_BYTES=USTACK_BYTES, USTACK_CHUNK=USTACK_CHUNK,
+                    USTACK_TOKENS=USTACK_TOKENS)
         if user_stack_capture_supported():
             defs.update(USER_STACK_CAPTURE=1)
     if config.watch:
@@ -503,6 +511,7 @@ class Probes:
                 self._save_cache(cache)
             _release_compile_heap()
         self._ring_poller: select.poll | None = None  # set by on_event
+        self._stack_tokens: tuple[Any, Any] | None = None  # (ustack_tokens, key 0), with capture
         self._closed = False
         self._adopted = 0  # vCPUs adopted so far: the counter in their uids
         self._slot_mask = (1 << self.config.slot_bits) - 1
@@ -585,6 +594,14 @@ class Probes:
         ring = self._bpf[b"events"]
         ring.open_ring_buffer(_callback)
         self._ring_poller = select.poll()
+        if self.config.stacks:
+            try:
+                tokens = self._bpf[b"ustack_tokens"]
+            except KeyError:  # no capture on this kernel (user_stack_capture_supported)
+                tokens = None
+            if tokens is not None:
+                self._stack_tokens = (tokens, tokens.Key(0))
+                self._refill_stack_tokens()
         self._ring_poller.register(ring.map_fd, select.POLLIN)
 
     def poll(self, timeout_ms: int) -> None:
@@ -597,6 +614,14 @@ class Probes:
         libbpf call."""
         if self._ring_poller is not None and self._ring_poller.poll(timeout_ms):
             _consume_holding_gil()(self._bpf._ringbuf_manager)
+        self._refill_stack_tokens()
+
+    def _refill_stack_tokens(self) -> None:
+        """The ring was read: USTACK_TOKENS more user stack captures may go into it."""
+        if self._stack_tokens is None:
+            return
+        table, key = self._stack_tokens
+        table[key] = table.Leaf(USTACK_TOKENS)
 
     # ---- map maintenance from Python -----------------------------------------------------------
     def adopt_vcpu(self, pid: int, fd: int, vcpu_id: int, run_addr: int | None,
