@@ -412,12 +412,19 @@ class Symbolizer:
         if not maps or not any(m.start <= rip < m.end for m in maps):
             self.remember(pid)  # alive: new mappings (dlopen), or never seen
             maps = self._maps.get(pid, [])
+        found = None
         if any(m.start <= rip < m.end for m in maps):
-            return unwind(capture.regs, capture.stack, maps, lambda m: self._module(pid, m),
-                          self._outermost)
+            found = unwind(capture.regs, capture.stack, maps, lambda m: self._module(pid, m),
+                           self._outermost)
+            if found.complete:
+                return found
+        # Mappings read while the process was exiting can be partial: the capture's own say.
         derived, known = self._derived_maps(pid, capture, kernel_frames)
-        return unwind(capture.regs, capture.stack, derived, lambda m: known.get(m.start),
-                      self._outermost)
+        own = unwind(capture.regs, capture.stack, derived, lambda m: known.get(m.start),
+                     self._outermost)
+        if found is None or own.complete or len(own.frames) > len(found.frames):
+            return own
+        return found
 
     def _derived_maps(self, pid: int, capture: UserCapture,
                       kernel_frames: Sequence[KernelFrame | int]

@@ -209,6 +209,21 @@ def _rustc() -> str | None:
 
 
 @pytest.fixture(scope="session")
+def rust_vmm(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """tests/vmms/buggy_vmm.rs, optimized, with debug info."""
+    rustc = _rustc()
+    if rustc is None:
+        _skip_tool("rustc is not installed (neither on PATH nor in ~/.cargo/bin: install "
+                   "Debian's rustc or rustup)")
+    assert rustc is not None
+    where = tmp_path_factory.mktemp("rust-vmm")
+    out = where / "buggy_vmm_rs"
+    subprocess.run([rustc, "--edition", "2021", "-O", "-g", "-o", str(out),
+                    str(VMMS / "buggy_vmm.rs")], check=True, timeout=300, cwd=where)
+    return out
+
+
+@pytest.fixture(scope="session")
 def qemu_binary() -> str:
     from qemu_vm import qemu_or_skip
 

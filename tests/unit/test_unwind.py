@@ -205,3 +205,32 @@ def test_a_return_address_not_after_a_call_is_never_a_frame(tmp_path: Path) -> N
     assert not bad.complete and "does not follow a call" in (bad.why_partial or "")
     assert [f.address for f in lost.frames] == [full.frames[0].address]
     assert not lost.complete and "no executable mapping" in (lost.why_partial or "")
+
+
+@needs_ptrace
+def test_a_process_gone_before_its_maps_were_read_unwinds_from_the_capture(
+        tmp_path: Path) -> None:
+    """What a test VMM that lives 5 ms gives: no /proc/PID. The kernel's walk names the module of
+    rip (libc, by build-id); the auxiliary vector in the copy places the executable the process
+    exec'd; the stack is the same as with the process alive."""
+    from ptrace_capture import capture
+
+    binary = _build(tmp_path, "O2-g", FLAVOURS["O2-g"])
+    with _blocked(binary) as proc:
+        got = capture(_blocked_tid(proc, False))
+        alive = Symbolizer().symbolize(proc.pid, [], got)
+        libc = alive.frames[0]
+    assert libc.build_id and libc.file_offset is not None and alive.complete
+    gone = tmp_path / "proc"  # a /proc where the VMM is gone; this process's own maps remain
+    (gone / str(os.getpid())).mkdir(parents=True)
+    (gone / str(os.getpid()) / "maps").write_text(Path("/proc/self/maps").read_text())
+    symbolizer = Symbolizer(gone)
+    symbolizer.index_binary(proc.pid, str(binary))  # what the EXEC event does (watch)
+    stack = symbolizer.symbolize(proc.pid, [(libc.build_id, libc.file_offset)], got)
+    assert stack.method == "cfi" and stack.complete
+    assert [(f.file_offset, f.function) for f in stack.frames] == [
+        (f.file_offset, f.function) for f in alive.frames]
+    # Without the executable known, the stack stops where its frames begin, and says so.
+    blind = Symbolizer(gone).symbolize(proc.pid, [(libc.build_id, libc.file_offset)], got)
+    assert not blind.complete and len(blind.frames) < len(alive.frames)
+    assert "no executable mapping" in (blind.why_partial or "")
