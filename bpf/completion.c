@@ -410,7 +410,7 @@ static __always_inline void capture_user_stack(struct event *ev)
 {
     // A storm of reports must not crowd the reports out of the ring: at most USTACK_TOKENS
     // captures between two reads of the ring by Python (which refills the tokens); past them,
-    // none (counted as lost; the report keeps the kernel's frame-pointer walk).
+    // none (counted as user_stack_dropped; the report keeps the kernel's frame-pointer walk).
     u32 zero = 0;
     s64 *tokens = ustack_tokens.lookup(&zero);
     if (!tokens || __sync_fetch_and_add(tokens, -1) <= 0) {

@@ -896,8 +896,11 @@ class Probes:
         for which, n in self.python_map_full.items():
             out[f"{which}_map_full"] += n
         for etype in EventType:
-            out[f"lost_{etype.name.lower()}"] = totals[int(etype)]
-        # A lost USER_STACK record loses a report's stack, not an event (stacks_missed).
+            if etype is not EventType.USER_STACK:
+                out[f"lost_{etype.name.lower()}"] = totals[int(etype)]
+        # A USER_STACK record not sent (ring full, or no capture left until the next read)
+        # loses a report's stack, not an event: watch's stacks_missed, not events_lost.
+        out["user_stack_dropped"] = totals[int(EventType.USER_STACK)]
         out["events_lost"] = sum(totals[:EVENT_TYPES]) - totals[int(EventType.USER_STACK)]
         return out
 

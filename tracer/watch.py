@@ -34,7 +34,7 @@ WATCH_POLL_MS = 100  # how soon CMD's exit is noticed (SIGCHLD also wakes the po
 EXIT_CANNOT_RUN = 127  # like a shell: CMD could not be started
 # Reports that went without a stack (kernel walk), or without the registers and stack bytes the
 # CFI unwinder needs (then the kernel walk is what they have).
-STACK_COUNTERS = ("stack_map_full", "stack_failed", "user_stack_failed", "lost_user_stack")
+STACK_COUNTERS = ("stack_map_full", "stack_failed", "user_stack_failed", "user_stack_dropped")
 
 
 @dataclass(frozen=True)

@@ -303,7 +303,7 @@ def test_buggy_vmm_fails_with_one_block_per_finding_and_full_json_and_junit(tmp:
     assert meta["finished_unix"] >= meta["started_unix"]
     assert set(result["timings"]) == {"startup_s", "spawn_s", "command_s"}
     assert set(result["stacks_missed"]) == {"stack_map_full", "stack_failed",
-                                            "user_stack_failed", "lost_user_stack"}
+                                            "user_stack_failed", "user_stack_dropped"}
 
     # --junit: one failed testcase per finding.
     cases = run.testcases()
