@@ -393,7 +393,16 @@ class Symbolizer:
     def symbolize(self, pid: int, kernel_frames: Sequence[KernelFrame | int],
                   capture: UserCapture | None = None) -> UserStack:
         """The report's stack: unwound with CFI from ``capture`` when there is one, else (or
-        when that gives less) the kernel's frame-pointer walk ``kernel_frames``."""
+        when that gives less) the kernel's frame-pointer walk ``kernel_frames``. Never raises:
+        the alert goes out whatever its stack."""
+        try:
+            return self._symbolize(pid, kernel_frames, capture)
+        except Exception as err:  # unreadable modules of every kind: the stack says so
+            return UserStack((), "none", False, f"the stack could not be read: "
+                                                f"{type(err).__name__}: {err}")
+
+    def _symbolize(self, pid: int, kernel_frames: Sequence[KernelFrame | int],
+                   capture: UserCapture | None) -> UserStack:
         cfi = self._unwind(pid, capture, kernel_frames) if capture is not None else None
         fp = self._frame_pointer(pid, kernel_frames) if kernel_frames else None
         if cfi is not None and (cfi.complete or fp is None or not fp[0].complete

@@ -17,6 +17,7 @@ import bisect
 import io
 import os
 import struct
+from array import array
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -72,9 +73,10 @@ class ModuleCFI:
     entry: int = 0  # e_entry
     fixed: bool = False  # ET_EXEC: loaded at its link addresses
     _cfi: CallFrameInfo | None = None
+    _eh_frame: tuple[int, int] | None = None  # file offset and size, read at the first use
     _eh_frame_vaddr: int = 0
-    _table_pcs: list[int] = field(default_factory=list)
-    _table_fdes: list[int] = field(default_factory=list)
+    _table_pcs: array[int] = field(default_factory=lambda: array("q"))
+    _table_fdes: array[int] = field(default_factory=lambda: array("q"))
     _all_fdes: list[FDE] | None = None
     _decoded: OrderedDict[int, list[tuple[int, Rules]]] = field(default_factory=OrderedDict)
 
@@ -108,9 +110,9 @@ class ModuleCFI:
                   elf.header["e_type"] == "ET_EXEC")
         eh = elf.get_section_by_name(".eh_frame")
         if eh is not None and eh["sh_type"] != "SHT_NOBITS":
-            structs = DWARFStructs(little_endian=True, dwarf_format=32, address_size=8)
-            mod._cfi = CallFrameInfo(io.BytesIO(eh.data()), eh["sh_size"], eh["sh_addr"],
-                                     structs, for_eh_frame=True)
+            # Read when a stack first needs it: a process remembered at its first vCPU costs
+            # only its headers and the .eh_frame_hdr table.
+            mod._eh_frame = (eh["sh_offset"], eh["sh_size"])
             mod._eh_frame_vaddr = eh["sh_addr"]
             hdr = elf.get_section_by_name(".eh_frame_hdr")
             if hdr is not None:
@@ -128,8 +130,8 @@ class ModuleCFI:
         if 12 + 8 * count > len(data):
             return
         pairs = struct.unpack_from(f"<{2 * count}i", data, 12)
-        self._table_pcs = [vaddr + p for p in pairs[0::2]]
-        self._table_fdes = [vaddr + p for p in pairs[1::2]]
+        self._table_pcs = array("q", (vaddr + p for p in pairs[0::2]))
+        self._table_fdes = array("q", (vaddr + p for p in pairs[1::2]))
 
     def close(self) -> None:
         self._file.close()
@@ -161,17 +163,30 @@ class ModuleCFI:
         return b""
 
     # ---- rules ---------------------------------------------------------------------------------
+    def _call_frame_info(self) -> CallFrameInfo | None:
+        if self._cfi is None and self._eh_frame is not None:
+            offset, size = self._eh_frame
+            self._file.seek(offset)
+            data = self._file.read(size)
+            if len(data) != size:
+                raise UnwindError(f"{self.path}: .eh_frame truncated")
+            structs = DWARFStructs(little_endian=True, dwarf_format=32, address_size=8)
+            self._cfi = CallFrameInfo(io.BytesIO(data), size, self._eh_frame_vaddr, structs,
+                                      for_eh_frame=True)
+        return self._cfi
+
     def _fde_for(self, vaddr: int) -> FDE | None:
-        if self._cfi is None:
+        cfi = self._call_frame_info()
+        if cfi is None:
             return None
         if self._table_pcs:
             i = bisect.bisect_right(self._table_pcs, vaddr) - 1
             if i < 0:
                 return None
-            entry = self._cfi._parse_entry_at(self._table_fdes[i] - self._eh_frame_vaddr)
+            entry = cfi._parse_entry_at(self._table_fdes[i] - self._eh_frame_vaddr)
             return entry if isinstance(entry, FDE) else None
         if self._all_fdes is None:
-            self._all_fdes = sorted((e for e in self._cfi.get_entries() if isinstance(e, FDE)),
+            self._all_fdes = sorted((e for e in cfi.get_entries() if isinstance(e, FDE)),
                                     key=lambda e: e.header.initial_location)
         starts = [e.header.initial_location for e in self._all_fdes]
         i = bisect.bisect_right(starts, vaddr) - 1
@@ -367,7 +382,11 @@ def _unwind(regs: dict[str, int], stack: bytes, mappings: Sequence[Mapping],
         frame = RawFrame(pc, m.path, file_offset, mod.build_id)
         frames.append(frame)
         # A return address belongs to the call before it: look up the call's row.
-        rules = mod.rules_at(vaddr - 1 if caller else vaddr)
+        try:
+            rules = mod.rules_at(vaddr - 1 if caller else vaddr)
+        except Exception as err:  # a corrupt .eh_frame: pyelftools raises many kinds
+            return Unwound(frames, False, f"unreadable call frame information in "
+                                          f"{os.path.basename(m.path)}: {err}")
         if rules is None:
             return Unwound(frames, False,
                            f"no call frame information for {os.path.basename(m.path)}"

@@ -234,3 +234,25 @@ def test_a_process_gone_before_its_maps_were_read_unwinds_from_the_capture(
     blind = Symbolizer(gone).symbolize(proc.pid, [(libc.build_id, libc.file_offset)], got)
     assert not blind.complete and len(blind.frames) < len(alive.frames)
     assert "no executable mapping" in (blind.why_partial or "")
+
+
+@needs_ptrace
+def test_a_corrupt_eh_frame_ends_the_stack_and_never_raises(tmp_path: Path) -> None:
+    from elftools.elf.elffile import ELFFile
+    from ptrace_capture import capture
+
+    binary = _build(tmp_path, "O2-g", FLAVOURS["O2-g"])
+    with binary.open("rb") as f:
+        eh = ELFFile(f).get_section_by_name(".eh_frame")
+        assert eh is not None
+        offset, size = eh["sh_offset"], eh["sh_size"]
+    data = bytearray(binary.read_bytes())
+    data[offset:offset + size] = b"\xff" * size  # every CIE/FDE length and id garbage
+    binary.write_bytes(bytes(data))
+    with _blocked(binary) as proc:
+        got = capture(_blocked_tid(proc, False))
+        stack = Symbolizer().symbolize(proc.pid, [], got)
+    assert not stack.complete and stack.why_partial
+    assert [os.path.basename(f.module or "") for f in stack.frames][:1] == ["libc.so.6"]
+    assert all(os.path.basename(f.module or "") != binary.name or f is stack.frames[-1]
+               for f in stack.frames)
