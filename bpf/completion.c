@@ -505,7 +505,9 @@ static __always_inline void report_violation(void *ctx, u32 tgid, u32 tid, s32 f
     capture_user_stack(ev);
 #endif
 #endif
-    events.ringbuf_submit(ev, 0);
+    // With a stack record behind it, the report is committed after that record: wake the
+    // reader for it in any case (a commit wakes it only when it is the next record to read).
+    events.ringbuf_submit(ev, (ev->flags & EV_F_USER_STACK) ? BPF_RB_FORCE_WAKEUP : 0);
 }
 
 static __always_inline void emit_simple(u32 type, u32 tgid, u32 tid, s32 fd, u32 vcpu_id,

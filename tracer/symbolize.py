@@ -17,6 +17,7 @@ import os
 import re
 import shutil
 import subprocess
+import time
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -41,6 +42,7 @@ from tracer.unwind import (
 MAX_PROCESSES: Final = 4096  # remembered mappings (LRU)
 MAX_MODULES: Final = 64  # opened ELF files (LRU, by build-id or file identity)
 MAX_SYMBOLIZED: Final = 65536  # symbolizer answers (LRU, by object and address)
+REFRESH_S: Final = 1.0  # a live process's mappings are re-read at most this often
 MAX_DEBUG_FILES: Final = 1024  # debug file look-ups (LRU, by build-id)
 SYMBOLIZER_TIMEOUT_S: Final = 10.0
 DEBUGINFOD_TIMEOUT_S: Final = 30
@@ -281,6 +283,8 @@ class Symbolizer:
         self._modules: OrderedDict[tuple[str, int], ModuleCFI | None] = OrderedDict()
         self._by_build_id: OrderedDict[str, ModuleCFI] = OrderedDict()
         self._exe: OrderedDict[int, ModuleCFI] = OrderedDict()  # pid -> the binary it exec'd
+        self._refreshed: dict[int, float] = {}  # pid -> when its mappings were last re-read
+        self._named_cache: OrderedDict[tuple[RawFrame, bool], list[StackFrame]] = OrderedDict()
         self._own_indexed = False
 
     def close(self) -> None:
@@ -302,7 +306,23 @@ class Symbolizer:
         for m in maps:  # open while the files are surely reachable
             self._module(pid, m)
 
+    def _refresh(self, pid: int) -> bool:
+        """Read ``pid``'s mappings again, at most once a second (a report's frames that no
+        mapping holds, such as the kernel's walk through garbage, must not make every report
+        of a busy VMM read /proc); False when it is gone or was read just now."""
+        now = time.monotonic()
+        if now - self._refreshed.get(pid, -REFRESH_S) < REFRESH_S:
+            return False
+        self._refreshed[pid] = now
+        while len(self._refreshed) > MAX_PROCESSES:
+            self._refreshed.pop(next(iter(self._refreshed)))
+        if not os.path.exists(self.proc_root / str(pid)):
+            return False
+        self.remember(pid)
+        return True
+
     def forget(self, pid: int) -> None:
+        self._refreshed.pop(pid, None)
         self._maps.pop(pid, None)
         self._exe.pop(pid, None)
 
@@ -381,8 +401,7 @@ class Symbolizer:
 
     def _by_id(self, pid: int, build_id: str) -> ModuleCFI | None:
         hit = self._by_build_id.get(build_id)
-        if hit is None and os.path.exists(self.proc_root / str(pid)):
-            self.remember(pid)  # alive: its mappings name the module
+        if hit is None and self._refresh(pid):  # alive: its mappings name the module
             hit = self._by_build_id.get(build_id)
         if hit is None and not self._own_indexed:
             self._index_own_libraries()
@@ -419,7 +438,7 @@ class Symbolizer:
         rip = capture.regs["rip"]
         maps = self._maps.get(pid)
         if not maps or not any(m.start <= rip < m.end for m in maps):
-            self.remember(pid)  # alive: new mappings (dlopen), or never seen
+            self._refresh(pid)  # alive: new mappings (dlopen), or never seen
             maps = self._maps.get(pid, [])
         found = None
         if any(m.start <= rip < m.end for m in maps):
@@ -498,8 +517,7 @@ class Symbolizer:
             return next((m for m in self._maps.get(pid, []) if m.start <= address < m.end), None)
 
         found = find()
-        if found is None and os.path.exists(self.proc_root / str(pid)):
-            self.remember(pid)  # alive: new mappings (dlopen), or never seen
+        if found is None and self._refresh(pid):  # alive: new mappings, or never seen
             found = find()
         return found
 
@@ -545,7 +563,21 @@ class Symbolizer:
         return UserStack(tuple(frames), method, unwound.complete, unwound.why_incomplete)
 
     def _named(self, raw: RawFrame, caller: bool) -> list[StackFrame]:
-        """The frame (and the frames inlined at its address, innermost first)."""
+        """The frame (and the frames inlined at its address, innermost first); the same
+        frame of a loop's next report is a dictionary look-up."""
+        key = (raw, caller)
+        hit = self._named_cache.get(key)
+        if hit is not None:
+            self._named_cache.move_to_end(key)
+            return hit
+        named = self._name(raw, caller)
+        if raw.build_id:  # a frame without a build-id names nothing for sure later
+            self._named_cache[key] = named
+            while len(self._named_cache) > MAX_SYMBOLIZED:
+                self._named_cache.popitem(last=False)
+        return named
+
+    def _name(self, raw: RawFrame, caller: bool) -> list[StackFrame]:
         mod = self._by_build_id.get(raw.build_id or "") or next(
             (m for m in self._modules.values() if m is not None and m.path == raw.module), None)
         vaddr = mod.vaddr_of(raw.file_offset) if mod is not None else None

@@ -78,7 +78,10 @@ class ModuleCFI:
     _table_pcs: array[int] = field(default_factory=lambda: array("q"))
     _table_fdes: array[int] = field(default_factory=lambda: array("q"))
     _all_fdes: list[FDE] | None = None
-    _decoded: OrderedDict[int, list[tuple[int, Rules]]] = field(default_factory=OrderedDict)
+    _fdes: dict[int, FDE] = field(default_factory=dict)  # by start, bounded like _decoded
+    # FDE start -> (row addresses, rows)
+    _decoded: OrderedDict[int, tuple[list[int], list[Rules]]] = field(
+        default_factory=OrderedDict)
 
     @classmethod
     def open(cls, path: str) -> ModuleCFI:
@@ -183,8 +186,18 @@ class ModuleCFI:
             i = bisect.bisect_right(self._table_pcs, vaddr) - 1
             if i < 0:
                 return None
-            entry = cfi._parse_entry_at(self._table_fdes[i] - self._eh_frame_vaddr)
-            return entry if isinstance(entry, FDE) else None
+            fde_at = self._table_fdes[i] - self._eh_frame_vaddr
+            start = self._table_pcs[i]
+            known = self._fdes.get(start)
+            if known is not None:  # parsed before
+                return known
+            entry = cfi._parse_entry_at(fde_at)
+            if not isinstance(entry, FDE):
+                return None
+            self._fdes[start] = entry
+            if len(self._fdes) > MAX_DECODED_FDES:
+                self._fdes.pop(next(iter(self._fdes)))
+            return entry
         if self._all_fdes is None:
             self._all_fdes = sorted((e for e in cfi.get_entries() if isinstance(e, FDE)),
                                     key=lambda e: e.header.initial_location)
@@ -202,14 +215,15 @@ class ModuleCFI:
             return None
         rows = self._decoded.get(start)
         if rows is None:
-            rows = [(line["pc"], _rules(line, start)) for line in fde.get_decoded().table]
+            table = fde.get_decoded().table
+            rows = ([line["pc"] for line in table], [_rules(line, start) for line in table])
             self._decoded[start] = rows
             while len(self._decoded) > MAX_DECODED_FDES:
                 self._decoded.popitem(last=False)
         else:
             self._decoded.move_to_end(start)
-        i = bisect.bisect_right([pc for pc, _ in rows], vaddr) - 1
-        return rows[i][1] if i >= 0 else None
+        i = bisect.bisect_right(rows[0], vaddr) - 1
+        return rows[1][i] if i >= 0 else None
 
 
 def _rules(line: dict[Any, Any], start: int) -> Rules:
