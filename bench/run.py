@@ -496,7 +496,7 @@ class Bench:
         ts_file = self.work / f"violations-{sess.config}{'-peek' if peek else ''}.ts"
         k = self.args.peek_violations if peek else self.args.violations
         start_index = len(sess.snapshot())
-        extra = ["--save-ioctls", "1" if peek or sess.config != "daemon" else "2"]
+        extra = ["--save-ioctls", "1" if peek or not sess.config.startswith("daemon") else "2"]
         if peek:
             extra += ["--hold-us", str(int(PEEK_HOLD_S * 1e6))]
         # In-kernel run time over the loop (the daemon's: report paths with and without the

@@ -134,6 +134,8 @@ class Daemon:
         self.lock = threading.Lock()
         self.probes = Probes(options.policy, options.probe_config)
         stacks = ProbeStacks(self.probes) if options.probe_config.stacks else None
+        if stacks is not None:
+            stacks.symbolizer.warm_system_libraries()
         self.tracker = Tracker(options.policy, self.sink, SystemProcView(), self.probes,
                                snapshot_idle_s=options.snapshot_idle_s, stacks=stacks)
         missing = self.probes.missing()

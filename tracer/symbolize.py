@@ -284,6 +284,7 @@ class Symbolizer:
         self._by_build_id: OrderedDict[str, ModuleCFI] = OrderedDict()
         self._exe: OrderedDict[int, ModuleCFI] = OrderedDict()  # pid -> the binary it exec'd
         self._refreshed: dict[int, float] = {}  # pid -> when its mappings were last re-read
+        self._warmed: set[str] = set()  # modules llvm-symbolizer has loaded (by identity)
         self._named_cache: OrderedDict[tuple[RawFrame, bool], list[StackFrame]] = OrderedDict()
         self._own_indexed = False
 
@@ -304,7 +305,23 @@ class Symbolizer:
         while len(self._maps) > MAX_PROCESSES:
             self._maps.popitem(last=False)
         for m in maps:  # open while the files are surely reachable
-            self._module(pid, m)
+            mod = self._module(pid, m)
+            if mod is not None:
+                self._warm(mod)
+
+    def _warm(self, mod: ModuleCFI) -> None:
+        """Have llvm-symbolizer load a module's symbols and debug info once, when its process
+        is first seen (its first vCPU), not at its first finding: that first look-up costs
+        tens of milliseconds for a large binary."""
+        if mod.identity in self._warmed:
+            return
+        if len(self._warmed) >= MAX_DEBUG_FILES:  # bounded: warming again is only slower
+            self._warmed.clear()
+        self._warmed.add(mod.identity)
+        own = mod.path_for_symbols
+        obj = self.debug_files.find(own, mod.build_id, str(Path(mod.path).parent))
+        if obj:
+            self.llvm.lookup(obj, mod.entry, f"{mod.identity}:debug")
 
     def _refresh(self, pid: int) -> bool:
         """Read ``pid``'s mappings again, at most once a second (a report's frames that no
@@ -398,6 +415,16 @@ class Symbolizer:
         for m in read_maps(os.getpid(), self.proc_root):
             if Path(m.path).name.startswith(OWN_LIBRARIES):
                 self._module(os.getpid(), m)
+
+    def warm_system_libraries(self) -> None:
+        """At start-up: open libc and the loader (the files every VMM maps too) and have
+        llvm-symbolizer load them (~110 ms here, with libc's debug info), so a VMM's first
+        finding does not wait for it."""
+        if not self._own_indexed:
+            self._index_own_libraries()
+        for mod in list(self._modules.values()):
+            if mod is not None:
+                self._warm(mod)
 
     def _by_id(self, pid: int, build_id: str) -> ModuleCFI | None:
         hit = self._by_build_id.get(build_id)
