@@ -60,7 +60,7 @@ enum event_flag {
     EV_F_AT_RETURN = 4,
     EV_F_IMMEDIATE_EXIT = 8,
     EV_F_WINDOW_OPEN = 16,  // EV_STATE_IOCTL sent because proc_state.open_windows > 0
-    EV_F_USER_STACK = 32,   // EV_VIOLATION: an EV_USER_STACK record with its tid and seq follows
+    EV_F_USER_STACK = 64,   // EV_VIOLATION: an EV_USER_STACK record with its tid and seq follows
 };
 
 // Indexes of the per-CPU `counters` array; tracer/probes.py names them (COUNTER_NAMES).

@@ -44,7 +44,8 @@ class EventFlag(enum.IntFlag):
     AT_RETURN = 4  # detected when the ioctl returned (it waited on a running KVM_RUN)
     IMMEDIATE_EXIT = 8  # the re-entry had kvm_run->immediate_exit set
     WINDOW_OPEN = 16  # STATE_IOCTL sent because the process has a window with reports open
-    USER_STACK = 32  # VIOLATION: a USER_STACK record with its tid and seq follows
+    # VIOLATION: a USER_STACK record with its tid and seq follows (32 is issue 20's HELD)
+    USER_STACK = 64
 
 
 # struct event: u32 type, tgid, tid, vcpu_id; s32 fd; u32 cmd, exit_reason, flags;
