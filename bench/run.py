@@ -519,7 +519,7 @@ class Bench:
                         "--vcpus", str(n), "--start-delay", str(SCALE_START_DELAY_S)))
             if "cpu" in rows and config in ("baseline", "daemon", "bpftrace"):
                 self.add("cpu", config, self.cpu(sess))
-            if "latency" in rows and sess and config in ("daemon", "bpftrace"):
+            if "latency" in rows and sess and config in ("daemon", "bpftrace", "daemon_nostacks"):
                 self.add("latency", config, self.latency(sess))
         finally:
             if sess:
@@ -570,10 +570,16 @@ class Bench:
         ts_file = self.work / f"violations-{sess.config}.ts"
         k = self.args.violations
         start_index = len(sess.snapshot())
-        extra = ["--save-ioctls", "1" if sess.config != "daemon" else "2"]
-        out = self.kvmloop("--violations", str(k), "--ts-file", str(ts_file),
-                           "--pace-us", str(self.args.pace_us), *extra,
-                           seconds=k * 0.01 + 30)
+        extra = ["--save-ioctls", "1" if not sess.config.startswith("daemon") else "2"]
+        # In-kernel run time over the loop (the daemon's: report paths with and without the
+        # stack capture): kernel.bpf_stats_enabled adds ~60 ns per program run, not ms.
+        daemon = sess.config.startswith("daemon")
+        with bpf_stats_enabled() if daemon else contextlib.nullcontext():
+            before = bpf_prog_stats(sess.pid) if daemon else {}
+            out = self.kvmloop("--violations", str(k), "--ts-file", str(ts_file),
+                               "--pace-us", str(self.args.pace_us), *extra,
+                               seconds=k * 0.01 + 30)
+            per_prog = bpf_delta(before, bpf_prog_stats(sess.pid)) if daemon else {}
         pid = out["pid"]
         stamps = [tuple(map(int, line.split())) for line in ts_file.read_text().splitlines()]
         deadline = time.monotonic() + ALERT_WAIT_S
@@ -587,7 +593,7 @@ class Bench:
         for a in alerts:  # a snapshot's first line: its first save
             if a.get("window") is not None:
                 by_window.setdefault(a["window"], a)
-        if sess.config == "daemon" and by_window:
+        if sess.config.startswith("daemon") and by_window:
             matched_by = "window"
             for ts, window in stamps:
                 a = by_window.get(window)
@@ -602,13 +608,14 @@ class Bench:
                 "matched": len(arrival_ms), "matched_by": matched_by,
                 "judged_on": sorted({str(a.get("judged_on")) for a in alerts}),
                 "arrival_latency_ms": arrival_ms, "timestamp_latency_ms": stamp_ms,
-                "ns_per_exit": out["ns_per_exit"]}
+                "ns_per_exit": out["ns_per_exit"], "exits": out["exits"],
+                "bpf_run_ns": sum(v[0] for v in per_prog.values()) if daemon else None}
 
     @staticmethod
     def alerts(sess: Session, pid: int, start: int) -> list[dict[str, Any]]:
         found = []
         for arrival, line in sess.snapshot()[start:]:
-            if sess.config == "daemon":
+            if sess.config.startswith("daemon"):
                 if '"completion_violation"' not in line:
                     continue
                 try:
@@ -625,6 +632,39 @@ class Bench:
                 if len(parts) >= 4 and parts[0] == "violation" and parts[2] == str(pid):
                     found.append({"arrival_ns": arrival, "nsecs": int(parts[1])})
         return found
+
+
+def finding_cost_rows(latency: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """What a finding's stack costs: the daemon against daemon_nostacks on the same violations
+    (paired per round). User space (unwind + symbolize, alert out): the alert latency's p50 and
+    the round's first alert (cold: modules opened, llvm-symbolizer started); the kernel (the
+    capture of registers and 8 KiB of stack, and the frame-pointer walk): BPF run time per
+    violation, less the same loop's without stacks."""
+    on, off = latency.get("daemon", []), latency.get("daemon_nostacks", [])
+    pairs = list(zip(on, off, strict=False))
+    if not pairs:
+        return []
+    rows: list[dict[str, Any]] = []
+
+    def row(name: str, diffs: list[float], unit: str, note: str) -> None:
+        rows.append({"row": name, "config": "daemon - daemon_nostacks", "median": med(diffs),
+                     "min": min(diffs) if diffs else None, "n": len(diffs), "unit": unit,
+                     "ratio": None, "target": "", "result": "", "note": note})
+
+    p50 = [pct(a["arrival_latency_ms"], 50) - pct(b["arrival_latency_ms"], 50)
+           for a, b in pairs if a["arrival_latency_ms"] and b["arrival_latency_ms"]]
+    first = [a["arrival_latency_ms"][0] - b["arrival_latency_ms"][0]
+             for a, b in pairs if a["arrival_latency_ms"] and b["arrival_latency_ms"]]
+    kernel = [(a["bpf_run_ns"] / max(1, a["violations_issued"])
+               - b["bpf_run_ns"] / max(1, b["violations_issued"])) / 1000
+              for a, b in pairs if a.get("bpf_run_ns") is not None
+              and b.get("bpf_run_ns") is not None]
+    row("5 stack per finding: alert p50", p50, "ms", "user space, warm caches (paired p50s)")
+    row("5 stack per finding: first alert", first, "ms",
+        "user space, cold: the round's first alert (daemon started fresh)")
+    row("5 stack per finding: in kernel", kernel, "us",
+        "BPF run time per violation (capture + frame-pointer walk), both configs' loops")
+    return rows
 
 
 def iso_ns(stamp: object) -> int | None:
@@ -818,6 +858,7 @@ def summarize(s: dict[str, Any], configs: list[str]) -> list[dict[str, Any]]:
                                  "unit": "ms", "ratio": None, "target": "", "result": "",
                                  "note": "from the line's own timestamp (us); min col = p50"})
         cmp("4 alert latency p99", "p99", p99.get("daemon"), p99.get("bpftrace"), "ms")
+        rows.extend(finding_cost_rows(s["latency"]))
 
     busy = s.get("busy", {})
     if busy:
@@ -1068,8 +1109,10 @@ def main(argv: list[str] | None = None) -> int:
                 log(f"warning: other tracers are running, numbers will be skewed: {interference}")
             needed = set()
             for c in args.config_list:
-                if c in ("floor", "floor_raw", "daemon_raw", "daemon_nostacks") \
+                if c in ("floor", "floor_raw", "daemon_raw") \
                         and not args.rows & {"per_exit", "getppid"}:
+                    continue
+                if c == "daemon_nostacks" and not args.rows & {"per_exit", "getppid", "latency"}:
                     continue
                 if c == "baseline" and not args.rows & {"per_exit", "getppid", "scale", "cpu"}:
                     continue

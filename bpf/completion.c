@@ -28,7 +28,9 @@
 // tracer/syscall_abi.py (RAW_SYSCALLS only); map sizes MAX_VCPUS, MAX_VCPU_FDS, MAX_THREADS,
 // MAX_PROCS, VCPU_SLOTS, VCPU_SLOT_BITS, VCPU_SLOT_MASK, PENDING_SAMPLE, MAX_GUEST_EXIT_KEYS, MAX_MID_KEYS, MAX_LOST_WINDOWS, RINGBUF_PAGES; KVM_EXIT_IO_NR and
 // KVM_EXIT_HYPERV_NR (the exits whose access head the policy's sanctions look at); HAVE_GROUP_DEAD, TRACE_EXITS, RAW_SYSCALLS
-// optional; STACKS (with MAX_STACKS, STACK_ERR_EXIST): the user stack of every reported ioctl;
+// optional; STACKS (with MAX_STACKS, STACK_ERR_EXIST, USTACK_BYTES, USTACK_CHUNK, USTACK_TOKENS): the user stack
+// of every reported ioctl (the kernel's frame-pointer walk, and with USER_STACK_CAPTURE, kernel
+// >= 5.15 with BTF, the registers and stack bytes);
 // WATCH (with MAX_WATCHED): only the processes in `watched` (`watch -- CMD`) are followed.
 
 #include <uapi/linux/ptrace.h>
@@ -50,6 +52,7 @@ enum event_type {
     EV_USERSPACE_EXIT = 11,
     EV_STATE_IOCTL = 12,
     EV_EXEC = 13,  // WATCH: a watched process exec'd; EXEC_PATH_BYTES of its file name follow
+    EV_USER_STACK = 14,  // STACKS: struct user_stack_rec, the registers and stack of a report
     EV_TYPES = 16,
 };
 
@@ -60,6 +63,7 @@ enum event_flag {
     EV_F_IMMEDIATE_EXIT = 8,
     EV_F_HELD = 32,  // EV_VIOLATION of a read held in its window (aux: enum held_why | n << 8)
                      // or EV_PROCESS_EXIT of a process with held reads (aux: restore_gen)
+    EV_F_USER_STACK = 64,   // EV_VIOLATION: an EV_USER_STACK record with its tid and seq follows
 };
 
 // Why a held read (see vcpu_state.held_cmd) was reported after all.
@@ -84,6 +88,7 @@ enum counter {
     C_MID_MAP_FULL,     // a report could not be counted in mid_counts (its key was new, map full)
     C_LOST_WINDOW_MAP_FULL,  // a window that lost an event could not be kept in lost_windows
     C_INSPECTION_MAP_FULL,   // an inspection could not be counted in `inspections` (map full)
+    C_USER_STACK_FAILED,    // a report's user registers or top of stack could not be read
     C_COUNTERS,
 };
 
@@ -309,6 +314,24 @@ BPF_F_TABLE("hash", struct window_key, struct lost_window, lost_windows, MAX_LOS
 // is freed when Python has read it; a report whose bucket is still taken goes without a stack.
 BPF_STACK_TRACE_BUILDID(stacks, MAX_STACKS);
 #endif
+#ifdef STACKS
+// STACKS: a report's user registers and the top of its user stack (USTACK_BYTES, copied in
+// USTACK_CHUNK pieces up to the first unreadable one), for the CFI unwinder in user space.
+// Layout: tracer/events.py USTACK_HEADER; regs is the x86-64 UAPI struct pt_regs (<asm/ptrace.h>,
+// 21 u64: r15 r14 r13 r12 bp bx r11 r10 r9 r8 ax cx dx si di orig_ax ip cs flags sp ss; the
+// offsets tracer/syscall_abi.py checks).
+struct user_stack_rec {
+    u32 type;
+    u32 tgid;
+    u32 tid;
+    u32 size;  // bytes of stack[] copied from regs.sp up
+    u64 seq;
+    u64 vcpu_uid;
+    u64 regs[21];
+    u8 stack[USTACK_BYTES];
+};
+BPF_ARRAY(ustack_tokens, s64, 1);  // captures left until Python next reads the ring
+#endif
 #ifdef WATCH
 // `watch -- CMD`: CMD and every process forked from a watched one, keyed by task id (a new
 // thread's id is added too, and removed when it exits, so a recycled id never stays watched).
@@ -456,6 +479,58 @@ static __always_inline void count_mid(u32 tgid, u32 cmd, struct vcpu_state *st, 
     }
 }
 
+#ifdef USER_STACK_CAPTURE
+// The user registers of the current task and the top of its user stack, as an EV_USER_STACK
+// record (reserved after ev, submitted before it: committed when ev is). Only at a report.
+// bpf_task_pt_regs(bpf_get_current_task_btf()) (kernel >= 5.15, BTF) hands the registers the
+// task saved on entering the kernel; they are copied as the UAPI struct pt_regs, no field of a
+// kernel struct is read. A failed copy or a full ring is counted, and ev says no record follows.
+static __always_inline void capture_user_stack(struct event *ev)
+{
+    // A storm of reports must not crowd the reports out of the ring: at most USTACK_TOKENS
+    // captures between two reads of the ring by Python (which refills the tokens); past them,
+    // none (counted as user_stack_dropped; the report keeps the kernel's frame-pointer walk).
+    u32 zero = 0;
+    s64 *tokens = ustack_tokens.lookup(&zero);
+    if (!tokens || __sync_fetch_and_add(tokens, -1) <= 0) {
+        count(C_LOST_BASE + EV_USER_STACK);
+        return;
+    }
+    struct user_stack_rec *r = events.ringbuf_reserve(sizeof(struct user_stack_rec));
+    if (!r) {
+        count(C_LOST_BASE + EV_USER_STACK);
+        return;
+    }
+    r->type = EV_USER_STACK;
+    r->tgid = ev->tgid;
+    r->tid = ev->tid;
+    r->seq = ev->seq;
+    r->vcpu_uid = ev->vcpu_uid;
+    r->size = 0;
+    void *regs = (void *)bpf_task_pt_regs(bpf_get_current_task_btf());
+    if (bpf_probe_read_kernel(r->regs, sizeof(r->regs), regs)) {
+        events.ringbuf_discard(r, 0);
+        count(C_USER_STACK_FAILED);
+        return;
+    }
+    u64 sp = r->regs[19];
+#pragma unroll
+    for (int i = 0; i < USTACK_BYTES / USTACK_CHUNK; i++) {
+        if (bpf_probe_read_user(r->stack + i * USTACK_CHUNK, USTACK_CHUNK,
+                                (void *)(sp + i * USTACK_CHUNK)))
+            break;
+        r->size += USTACK_CHUNK;
+    }
+    if (!r->size) {
+        events.ringbuf_discard(r, 0);
+        count(C_USER_STACK_FAILED);
+        return;
+    }
+    ev->flags |= EV_F_USER_STACK;
+    events.ringbuf_submit(r, 0);
+}
+#endif
+
 // ctx: the syscall tracepoint's context, for the user stack of the ioctl being reported.
 static __always_inline void report_violation(void *ctx, u32 tgid, u32 tid, s32 fd, u32 cmd,
                                              u64 uid, struct vcpu_state *st, u32 extra_flags)
@@ -478,8 +553,13 @@ static __always_inline void report_violation(void *ctx, u32 tgid, u32 tid, s32 f
     if (stack_id < 0)
         count(stack_id == STACK_ERR_EXIST ? C_STACK_MAP_FULL : C_STACK_FAILED);
     ev->stack_id = stack_id;
+#ifdef USER_STACK_CAPTURE
+    capture_user_stack(ev);
 #endif
-    events.ringbuf_submit(ev, 0);
+#endif
+    // With a stack record behind it, the report is committed after that record: wake the
+    // reader for it in any case (a commit wakes it only when it is the next record to read).
+    events.ringbuf_submit(ev, (ev->flags & EV_F_USER_STACK) ? BPF_RB_FORCE_WAKEUP : 0);
 }
 
 // The window's held read turned out part of a finding: reported now, as the held_n reads it
@@ -515,9 +595,12 @@ static __always_inline void report_held(void *ctx, u32 tgid, u64 uid, struct vcp
         if (stack_id < 0)
             count(stack_id == STACK_ERR_EXIST ? C_STACK_MAP_FULL : C_STACK_FAILED);
         ev->stack_id = stack_id;
+#ifdef USER_STACK_CAPTURE
+        capture_user_stack(ev);
+#endif
     }
 #endif
-    events.ringbuf_submit(ev, 0);
+    events.ringbuf_submit(ev, (ev->flags & EV_F_USER_STACK) ? BPF_RB_FORCE_WAKEUP : 0);
 }
 
 // --trace-exits: a held read is an EV_STATE_IOCTL (EV_F_HELD), so a replay sees every ioctl.

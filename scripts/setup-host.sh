@@ -49,10 +49,12 @@ system_python=/usr/bin/python3
 venv="$repo/.venv"
 stamp="$venv/.kvm-completion-tracer-installed-$mode"
 
-base_packages=(python3-bpfcc python3-venv)
+# llvm: llvm-symbolizer names the stacks' frames; debuginfod: its client fetches debug info
+# when DEBUGINFOD_URLS is set (docs/stacks.md).
+base_packages=(python3-bpfcc python3-venv llvm debuginfod)
 if [[ "$mode" == test ]]; then
     base_packages+=(
-        gcc g++ libc6-dev linux-libc-dev make util-linux procps systemd git
+        gcc g++ libc6-dev linux-libc-dev make util-linux procps systemd git gdb binutils iproute2
         qemu-system-x86 prometheus prometheus-alertmanager bpftrace python3-seccomp
         buildah mmdebstrap
     )

@@ -18,7 +18,7 @@ from prometheus_client import CollectorRegistry, ProcessCollector
 from tracer import __version__, handover, vmident
 from tracer.alerts import AlertSink, LogSink
 from tracer.counters import PATHS, RunState, VcpuCounters, total
-from tracer.events import MalformedEvent, decode_event
+from tracer.events import CapturePairer, KernelEvent, MalformedEvent, UserCapture, decode_event
 from tracer.metrics import CompletionCollector, ExporterHealth, MetricsOptions, start_server
 from tracer.policy import CompletionPolicy, describe
 from tracer.preflight import effective_caps
@@ -94,7 +94,10 @@ class ProbeStacks:
         self._taken[stack_id] = frames
         return frames
 
-    def symbolize(self, pid: int, frames: list[Any]) -> dict[str, Any]:
+    def symbolize(self, pid: int, frames: list[Any],
+                  capture: UserCapture | None = None) -> dict[str, Any]:
+        if capture is not None:  # registers and stack bytes: unwound for this report
+            return self.symbolizer.symbolize(pid, frames, capture).to_dict()
         key = (pid, tuple(frames))
         known = self._symbolized.get(key)
         if known is None:
@@ -149,6 +152,8 @@ class Daemon:
         self.lock = threading.Lock()
         self.probes = Probes(options.policy, options.probe_config)
         stacks = ProbeStacks(self.probes) if options.probe_config.stacks else None
+        if stacks is not None:
+            stacks.symbolizer.warm_system_libraries()
         self.tracker = Tracker(options.policy, self.sink, SystemProcView(), self.probes,
                                snapshot_idle_s=options.snapshot_idle_s, stacks=stacks)
         missing = self.probes.missing()
@@ -172,6 +177,7 @@ class Daemon:
         self.poll_cap_ms: float = MAX_POLL_MS
         self.started = False
         self.events_handled = 0
+        self.pairer = CapturePairer()  # a violation's user stack record joins it
         self._lost_reported = 0
 
     def set_labels(self, labels: dict[str, str]) -> None:
@@ -196,6 +202,13 @@ class Daemon:
             self.tracker.stats.malformed_events += 1
             self.sink.notice("malformed_event", "warning", error=str(err))
             return
+        self._to_tracker(self.pairer.feed(event))
+
+    def _to_tracker(self, events: list[KernelEvent]) -> None:
+        for event in events:
+            self._to_tracker_one(event)
+
+    def _to_tracker_one(self, event: KernelEvent) -> None:
         try:
             self.tracker.handle(event)
         except Exception as err:
@@ -265,6 +278,7 @@ class Daemon:
         self.health.loop_beat = time.monotonic()
         self.probes.poll(timeout_ms)
         with self.lock:
+            self._to_tracker(self.pairer.polled())
             self.health.ringbuf_polls += 1
             self.health.last_poll_unix = time.time()
             self.tracker.tick()
@@ -313,6 +327,7 @@ class Daemon:
         self.health.stopping = True  # also when stopped other than by a signal
         self.drain()
         with self.lock:
+            self._to_tracker(self.pairer.flush())
             self.tracker.tick()
             self.check_losses()
             self.tracker.unresolved_held()

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import enum
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Final
 
 from tracer import abi
@@ -31,6 +31,8 @@ class EventType(enum.IntEnum):
     # a save/restore with nothing pending on its vCPU: only with --trace-exits
     STATE_IOCTL = 12
     EXEC = 13  # watch: a watched process exec'd; ``path`` is the file it runs
+    # stacks: the user registers and top of stack of the VIOLATION before it (same tid and seq)
+    USER_STACK = 14
 
 
 class EventFlag(enum.IntFlag):
@@ -44,6 +46,7 @@ class EventFlag(enum.IntFlag):
     # tracer.windows.HeldWhy | reads << 8; no stack). PROCESS_EXIT: the process had windows
     # holding a read (aux: its final restore generation; tracer.windows judges them).
     HELD = 32
+    USER_STACK = 64  # VIOLATION: a USER_STACK record with its tid and seq follows
 
 
 # struct event: u32 type, tgid, tid, vcpu_id; s32 fd; u32 cmd, exit_reason, flags;
@@ -52,7 +55,32 @@ class EventFlag(enum.IntFlag):
 EVENT_STRUCT: Final = struct.Struct("<IIIIiIIIQQQqQ24s16siI")
 EVENT_SIZE: Final = EVENT_STRUCT.size  # 120, asserted against the C side by the probes
 EXEC_PATH_BYTES: Final = 256  # an EXEC event's file name, after the struct
-MAX_EVENT_SIZE: Final = EVENT_SIZE + EXEC_PATH_BYTES
+# struct user_stack_rec: u32 type, tgid, tid, size; u64 seq, vcpu_uid; u64 regs[21] (UAPI
+# struct pt_regs); u8 stack[USTACK_BYTES]. USTACK_BYTES: the copy from the stack pointer up;
+# 8 KiB reach the thread's start from the ioctl in the test VMMs (~1.5 KiB C, ~3 KiB Rust) and
+# Debian's QEMU vCPU threads (~2.5 KiB) with room for deeper VMMs (docs/stacks.md).
+USTACK_HEADER: Final = struct.Struct("<IIIIQQ21Q")
+USTACK_BYTES: Final = 8192
+USTACK_CHUNK: Final = 512  # copied in pieces: a stack's top less than 8 KiB away still copies
+# Captures allowed between two reads of the ring (Python refills them after each): 8 records
+# are 67 KiB, a quarter of the default 256 KiB ring, so a storm of reports keeps its reports.
+USTACK_TOKENS: Final = 8
+PT_REGS: Final = ("r15", "r14", "r13", "r12", "rbp", "rbx", "r11", "r10", "r9", "r8", "rax",
+                  "rcx", "rdx", "rsi", "rdi", "orig_rax", "rip", "cs", "eflags", "rsp", "ss")
+EXEC_EVENT_SIZE: Final = EVENT_SIZE + EXEC_PATH_BYTES
+MAX_EVENT_SIZE: Final = max(EXEC_EVENT_SIZE, USTACK_HEADER.size + USTACK_BYTES)
+
+
+@dataclass(frozen=True)
+class UserCapture:
+    """A report's user registers (UAPI pt_regs names) and the stack bytes from rsp up."""
+
+    regs: dict[str, int]
+    stack: bytes
+
+    @property
+    def sp(self) -> int:
+        return self.regs["rsp"]
 
 
 @dataclass(frozen=True)
@@ -148,6 +176,7 @@ class KernelEvent:
     comm: str
     stack_id: int = -1  # key of the probes' stack map (VIOLATION with stacks on), -1: none
     path: str | None = None  # EXEC: the file name the process exec'd
+    capture: UserCapture | None = None  # USER_STACK (and its VIOLATION once paired)
 
     @property
     def pending_ns(self) -> int:
@@ -164,6 +193,8 @@ class MalformedEvent(ValueError):
 
 
 def decode_event(raw: bytes) -> KernelEvent:
+    if len(raw) >= 4 and int.from_bytes(raw[:4], "little") == EventType.USER_STACK:
+        return decode_user_stack(raw)
     if len(raw) < EVENT_SIZE:
         raise MalformedEvent(f"event of {len(raw)} bytes, expected {EVENT_SIZE}")
     (etype, tgid, tid, vcpu_id, fd, cmd, reason, flags, seq, since, ts, aux, uid, access,
@@ -179,8 +210,27 @@ def decode_event(raw: bytes) -> KernelEvent:
                        stack_id, _exec_path(raw) if event_type is EventType.EXEC else None)
 
 
+def decode_user_stack(raw: bytes) -> KernelEvent:
+    if len(raw) < USTACK_HEADER.size:
+        raise MalformedEvent(f"user stack record of {len(raw)} bytes, expected at least "
+                             f"{USTACK_HEADER.size}")
+    _t, tgid, tid, size, seq, uid, *regs = USTACK_HEADER.unpack_from(raw, 0)
+    stack = raw[USTACK_HEADER.size:USTACK_HEADER.size + size]
+    if len(stack) != size:
+        raise MalformedEvent(f"user stack record says {size} stack bytes, has {len(stack)}")
+    return KernelEvent(EventType.USER_STACK, tgid, tid, 0, -1, 0, 0, EventFlag(0), seq, 0, 0, 0,
+                       uid, None, "", capture=UserCapture(dict(zip(PT_REGS, regs, strict=True)),
+                                                          stack))
+
+
+def encode_user_stack(tgid: int, tid: int, seq: int, uid: int, capture: UserCapture) -> bytes:
+    """Inverse of :func:`decode_user_stack` (tests)."""
+    return USTACK_HEADER.pack(int(EventType.USER_STACK), tgid, tid, len(capture.stack), seq, uid,
+                              *(capture.regs.get(r, 0) for r in PT_REGS)) + capture.stack
+
+
 def _exec_path(raw: bytes) -> str | None:
-    tail = raw[EVENT_SIZE:MAX_EVENT_SIZE].split(b"\0", 1)[0]
+    tail = raw[EVENT_SIZE:EXEC_EVENT_SIZE].split(b"\0", 1)[0]
     return tail.decode("utf-8", "surrogateescape") if tail else None
 
 
@@ -195,3 +245,65 @@ def encode_event(ev: KernelEvent, access_raw: bytes = b"") -> bytes:
         return raw
     path = (ev.path or "").encode("utf-8", "surrogateescape")[:EXEC_PATH_BYTES - 1]
     return raw + path.ljust(EXEC_PATH_BYTES, b"\0")
+
+
+class CapturePairer:
+    """Gives each VIOLATION flagged USER_STACK the USER_STACK record that follows it (same tid
+    and seq), keeping the order of every event: from a flagged violation on, events wait until
+    its record came. The probes submit the record before the violation, so it is nearly always
+    the next one; a record still missing one poll later (another CPU's uncommitted record in
+    between keeps it for the next poll) or never sent lets the violation go without it
+    (``unpaired``)."""
+
+    MAX_HELD: Final = 4096  # bounded: past it the oldest waiting violation goes without
+
+    def __init__(self) -> None:
+        self._queue: list[KernelEvent] = []
+        self._waiting_since_poll: int | None = None
+        self._polls = 0
+        self.unpaired = 0
+        self.orphans = 0  # USER_STACK records with no violation waiting (not counted lost)
+
+    @staticmethod
+    def _waits(ev: KernelEvent) -> bool:
+        return (ev.type is EventType.VIOLATION and bool(ev.flags & EventFlag.USER_STACK)
+                and ev.capture is None)
+
+    def feed(self, ev: KernelEvent) -> list[KernelEvent]:
+        """The events that can go to the tracker now, in order."""
+        if ev.type is EventType.USER_STACK:
+            for i, held in enumerate(self._queue):
+                if self._waits(held) and (held.tid, held.seq, held.vcpu_uid) == (
+                        ev.tid, ev.seq, ev.vcpu_uid):
+                    self._queue[i] = replace(held, capture=ev.capture)
+                    return self._release()
+            self.orphans += 1
+            return []
+        self._queue.append(ev)
+        if len(self._queue) > self.MAX_HELD:
+            return self._release(force=1)
+        return self._release()
+
+    def polled(self) -> list[KernelEvent]:
+        """After each poll: a violation that waited through a whole poll goes without."""
+        self._polls += 1
+        if self._waiting_since_poll is not None and self._polls - self._waiting_since_poll >= 2:
+            return self._release(force=1)
+        return []
+
+    def flush(self) -> list[KernelEvent]:
+        """Everything held (at the end)."""
+        return self._release(force=len(self._queue))
+
+    def _release(self, force: int = 0) -> list[KernelEvent]:
+        out = []
+        while self._queue:
+            head = self._queue[0]
+            if self._waits(head):
+                if not force:
+                    break
+                force -= 1
+                self.unpaired += 1
+            out.append(self._queue.pop(0))
+        self._waiting_since_poll = self._polls if self._queue else None
+        return out

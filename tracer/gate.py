@@ -28,7 +28,7 @@ from typing import Any, Final
 from tracer.alerts import SnapshotAlert, ViolationAlert
 from tracer.gate_junit import JunitCase, junit_tree, write_junit_file
 from tracer.policy import Severity
-from tracer.symbolize import stack_lines
+from tracer.symbolize import is_system_frame, stack_lines
 
 TOOL: Final = "kvm-completion-tracer"
 FAIL_ON_CHOICES: Final = ("warning", "error", "critical", "snapshot")
@@ -93,18 +93,22 @@ class CallSite:
     module: str | None = None
     function: str | None = None
     file_offset: int | None = None
+    file: str | None = None  # where the debug info says (not part of what tells findings apart)
+    line: int | None = field(default=None, compare=False)
 
     def describe(self) -> str:
         module = os.path.basename(self.module) if self.module else "unknown module"
+        where = f" {self.file}:{self.line}" if self.file and self.line else ""
         if self.function is not None:
-            return f"{self.function} ({module})"
+            return f"{self.function}{where} ({module})"
         if self.file_offset is not None:
             return f"{module}+0x{self.file_offset:x}"
         return "unknown call site"
 
     def to_json(self) -> dict[str, Any]:
         return {"module": self.module, "function": self.function,
-                "file_offset": self.file_offset, "text": self.describe()}
+                "file_offset": self.file_offset, "file": self.file, "line": self.line,
+                "text": self.describe()}
 
 
 UNKNOWN_CALL_SITE: Final = CallSite()
@@ -122,13 +126,15 @@ def is_ioctl_wrapper(frame: Mapping[str, Any]) -> bool:
 
 
 def call_site(stack: Mapping[str, Any] | None) -> CallSite:
-    """The first frame past the ioctl wrapper: (module, function), else (module, offset)."""
+    """The first frame in the VMM's own code past the ioctl wrapper (libc, the loader and the
+    vDSO are not its code): (module, function, file:line), else (module, offset)."""
     frames: Sequence[Mapping[str, Any]] = (stack or {}).get("frames") or []
     for frame in frames:
-        if is_ioctl_wrapper(frame):
+        if is_ioctl_wrapper(frame) or is_system_frame(dict(frame)):
             continue
         if frame.get("function"):
-            return CallSite(module=frame.get("module"), function=frame["function"])
+            return CallSite(module=frame.get("module"), function=frame["function"],
+                            file=frame.get("file"), line=frame.get("line"))
         if frame.get("file_offset") is not None:
             return CallSite(module=frame.get("module"), file_offset=frame["file_offset"])
         return UNKNOWN_CALL_SITE

@@ -28,7 +28,14 @@ from typing import Any, Final
 
 from tracer import abi, bpfcache, syscall_abi, windows
 from tracer.counters import HIST_SLOTS, RunState, VcpuCounters, VcpuEntry
-from tracer.events import EXEC_PATH_BYTES, MAX_EVENT_SIZE, EventType
+from tracer.events import (
+    EXEC_PATH_BYTES,
+    MAX_EVENT_SIZE,
+    USTACK_BYTES,
+    USTACK_CHUNK,
+    USTACK_TOKENS,
+    EventType,
+)
 from tracer.handover import AdoptState
 from tracer.midcounts import LostWindow, MidKey
 from tracer.policy import CompletionPolicy
@@ -44,7 +51,7 @@ COUNTER_NAMES: Final = (
     "vcpu_map_full", "fd_map_full", "thread_map_full", "inflight_map_full", "proc_map_full",
     "guest_exit_map_full", "guest_entry_map_full", "unknown_fd_map_full", "access_read_failed",
     "untracked_exits", "stack_map_full", "stack_failed", "watch_map_full", "mid_map_full",
-    "lost_window_map_full", "inspection_map_full",
+    "lost_window_map_full", "inspection_map_full", "user_stack_failed",
 )
 # struct bpf_stack_build_id.status (<linux/bpf.h>): a frame's module resolved, or its bare ip.
 BUILD_ID_VALID: Final = 1
@@ -155,6 +162,16 @@ def _tracepoint_exists(category: str, event: str) -> bool:
     return root is not None and (root / "events" / category / event).is_dir()
 
 
+def user_stack_capture_supported(release: str | None = None,
+                                 btf: Path = Path("/sys/kernel/btf/vmlinux")) -> bool:
+    """bpf_task_pt_regs and bpf_get_current_task_btf: kernel >= 5.15 with BTF. Without them
+    stacks come from the kernel's frame-pointer walk alone (docs/stacks.md)."""
+    found = re.match(r"(\d+)\.(\d+)", release or os.uname().release)
+    if found is None:
+        return False
+    return (int(found[1]), int(found[2])) >= (5, 15) and btf.exists()
+
+
 def _has_field(category: str, event: str, field_name: str) -> bool:
     root = tracefs_root()
     if root is None:
@@ -200,7 +217,11 @@ def cflags(config: ProbeConfig) -> list[str]:
         "RINGBUF_PAGES": config.ringbuf_pages,
     }
     if config.stacks:
-        defs.update(STACKS=1, MAX_STACKS=config.max_stacks, STACK_ERR_EXIST=f"(-{errno.EEXIST})")
+        defs.update(STACKS=1, MAX_STACKS=config.max_stacks, STACK_ERR_EXIST=f"(-{errno.EEXIST})",
+                    USTACK_BYTES=USTACK_BYTES, USTACK_CHUNK=USTACK_CHUNK,
+                    USTACK_TOKENS=USTACK_TOKENS)
+        if user_stack_capture_supported():
+            defs.update(USER_STACK_CAPTURE=1)
     if config.watch:
         defs.update(WATCH=1, MAX_WATCHED=config.max_watched, EXEC_PATH_BYTES=EXEC_PATH_BYTES)
     flags = [f"-D{k}={v}" for k, v in defs.items()]
@@ -491,6 +512,7 @@ class Probes:
                 self._save_cache(cache)
             _release_compile_heap()
         self._ring_poller: select.poll | None = None  # set by on_event
+        self._stack_tokens: tuple[Any, Any] | None = None  # (ustack_tokens, key 0), with capture
         self._closed = False
         self._adopted = 0  # vCPUs adopted so far: the counter in their uids
         self._slot_mask = (1 << self.config.slot_bits) - 1
@@ -571,6 +593,14 @@ class Probes:
         ring = self._bpf[b"events"]
         ring.open_ring_buffer(_callback)
         self._ring_poller = select.poll()
+        if self.config.stacks:
+            try:
+                tokens = self._bpf[b"ustack_tokens"]
+            except KeyError:  # no capture on this kernel (user_stack_capture_supported)
+                tokens = None
+            if tokens is not None:
+                self._stack_tokens = (tokens, tokens.Key(0))
+                self._refill_stack_tokens()
         self._ring_poller.register(ring.map_fd, select.POLLIN)
 
     def poll(self, timeout_ms: int) -> None:
@@ -583,6 +613,14 @@ class Probes:
         libbpf call."""
         if self._ring_poller is not None and self._ring_poller.poll(timeout_ms):
             _consume_holding_gil()(self._bpf._ringbuf_manager)
+        self._refill_stack_tokens()
+
+    def _refill_stack_tokens(self) -> None:
+        """The ring was read: USTACK_TOKENS more user stack captures may go into it."""
+        if self._stack_tokens is None:
+            return
+        table, key = self._stack_tokens
+        table[key] = table.Leaf(USTACK_TOKENS)
 
     # ---- map maintenance from Python -----------------------------------------------------------
     def adopt_vcpu(self, pid: int, fd: int, vcpu_id: int, run_addr: int | None,
@@ -882,8 +920,12 @@ class Probes:
         for which, n in self.python_map_full.items():
             out[f"{which}_map_full"] += n
         for etype in EventType:
-            out[f"lost_{etype.name.lower()}"] = totals[int(etype)]
-        out["events_lost"] = sum(totals[:EVENT_TYPES])
+            if etype is not EventType.USER_STACK:
+                out[f"lost_{etype.name.lower()}"] = totals[int(etype)]
+        # A USER_STACK record not sent (ring full, or no capture left until the next read)
+        # loses a report's stack, not an event: watch's stacks_missed, not events_lost.
+        out["user_stack_dropped"] = totals[int(EventType.USER_STACK)]
+        out["events_lost"] = sum(totals[:EVENT_TYPES]) - totals[int(EventType.USER_STACK)]
         return out
 
     def guest_exit_counts(self) -> dict[tuple[int, int, int, int], int]:

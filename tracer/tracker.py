@@ -19,7 +19,14 @@ from typing import Any, Protocol
 from tracer import abi, vmident
 from tracer.alerts import AlertSink, SnapshotAlert, ViolationAlert
 from tracer.counters import RunState, VcpuCounters, VmLedger
-from tracer.events import EventFlag, EventType, KernelEvent, PendingAccess, split_exit_aux
+from tracer.events import (
+    EventFlag,
+    EventType,
+    KernelEvent,
+    PendingAccess,
+    UserCapture,
+    split_exit_aux,
+)
 from tracer.handover import AdoptState, Relearner
 from tracer.midcounts import LostWindow, MidKey, key_of_event
 from tracer.policy import CompletionPolicy, Kind, Verdict
@@ -67,7 +74,8 @@ class StackResolver(Protocol):
 
     def take(self, stack_id: int) -> list[Any] | None: ...
 
-    def symbolize(self, pid: int, frames: list[Any]) -> dict[str, Any]: ...
+    def symbolize(self, pid: int, frames: list[Any],
+                  capture: UserCapture | None = None) -> dict[str, Any]: ...
 
     def remember(self, pid: int) -> None: ...
 
@@ -404,10 +412,11 @@ class Tracker:
             return
         ident = self.identity(ev.tgid, ev.comm)
         sanctioned = ruling.verdict is Verdict.SANCTIONED
-        # Symbolized once per distinct stack (tracer.daemon.ProbeStacks caches it).
-        user_stack = (self.stacks.symbolize(ev.tgid, addresses)
-                      if addresses is not None and self.stacks is not None and not sanctioned
-                      else None)
+        # Symbolized once per distinct kernel stack (tracer.daemon.ProbeStacks caches those);
+        # a captured user stack (registers and stack bytes) is unwound each time.
+        user_stack = (self.stacks.symbolize(ev.tgid, addresses or [], ev.capture)
+                      if (addresses is not None or ev.capture is not None)
+                      and self.stacks is not None and not sanctioned else None)
         alert = ViolationAlert(
             pid=ev.tgid, tid=ev.tid, comm=ev.comm, vm=ident.name, vmm=ident.vmm,
             vcpu_id=ev.vcpu_id, vcpu_fd=ev.fd, exit_reason=abi.exit_reason_name(ev.exit_reason),

@@ -35,7 +35,6 @@ FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 INIT_PID_NS_INO = 0xEFFFFFFC  # PROC_PID_INIT_INO (include/linux/proc_ns.h): the host's ns
 WATCH_POLL_MS = 100  # how soon CMD's exit is noticed (SIGCHLD also wakes the poll)
 EXIT_CANNOT_RUN = 127  # like a shell: CMD could not be started
-STACK_COUNTERS = ("stack_map_full", "stack_failed")  # reports that went without their stack
 # The gate's ring buffer unless --ringbuf-pages says otherwise: 64 MiB of pages (4 KiB), the
 # kernel's memory for as long as the gate runs. A correct VMM sends no event per exit (the
 # kernel judges its peeks); this is for a buggy one's flood of findings, and the lifecycle
@@ -45,6 +44,9 @@ WATCH_RINGBUF_PAGES = 16384
 # runner whose cores a parallel test suite saturates, the default weight gets the reader a
 # share of a core too small to drain a flood of findings.
 READER_NICE = -10
+# Reports that went without a stack (kernel walk), or without the registers and stack bytes the
+# CFI unwinder needs (then the kernel walk is what they have).
+STACK_COUNTERS = ("stack_map_full", "stack_failed", "user_stack_failed", "user_stack_dropped")
 
 
 @dataclass(frozen=True)

@@ -24,8 +24,13 @@ from tracer import abi, counters, probes, tracker
 from tracer.events import (
     EVENT_SIZE,
     EVENT_STRUCT,
+    EXEC_EVENT_SIZE,
     EXEC_PATH_BYTES,
     MAX_EVENT_SIZE,
+    PT_REGS,
+    USTACK_BYTES,
+    USTACK_HEADER,
+    CapturePairer,
     EventFlag,
     EventType,
     HypercallAccess,
@@ -35,9 +40,11 @@ from tracer.events import (
     MmioAccess,
     MsrAccess,
     PioAccess,
+    UserCapture,
     decode_access,
     decode_event,
     encode_event,
+    encode_user_stack,
 )
 
 REPO = Path(__file__).resolve().parents[2]
@@ -241,7 +248,7 @@ def test_struct_event_is_found_in_the_bpf_source() -> None:
 
 
 # Fields that do not live in struct event: an EXEC event's file name follows the struct.
-TRAILER_FIELDS = ["path"]
+TRAILER_FIELDS = ["path", "capture"]  # after the struct (EXEC), or their own record
 
 
 def test_c_member_names_match_kernel_event_fields_in_order() -> None:
@@ -254,13 +261,13 @@ def test_c_member_names_match_kernel_event_fields_in_order() -> None:
 def test_the_exec_trailer_size_is_the_one_the_probes_compile_with() -> None:
     # the C side reserves sizeof(struct event) + EXEC_PATH_BYTES, defined by probes.py
     assert "sizeof(struct event) + EXEC_PATH_BYTES" in SOURCE
-    assert MAX_EVENT_SIZE == EVENT_SIZE + EXEC_PATH_BYTES
+    assert EXEC_EVENT_SIZE == EVENT_SIZE + EXEC_PATH_BYTES <= MAX_EVENT_SIZE
 
 
 def test_exec_event_decodes_its_path_and_round_trips() -> None:
     ev = dataclasses.replace(make_event(EventType.EXEC), path="/usr/bin/qemu-system-x86_64")
     raw = encode_event(ev)
-    assert len(raw) == MAX_EVENT_SIZE
+    assert len(raw) == EXEC_EVENT_SIZE
     assert decode_event(raw).path == "/usr/bin/qemu-system-x86_64"
     assert decode_event(raw) == ev
 
@@ -409,12 +416,12 @@ def make_event(etype: EventType, access_raw: bytes = b"", **kw: Any) -> KernelEv
     return KernelEvent(**values)
 
 
-@pytest.mark.parametrize("etype", list(EventType))
+@pytest.mark.parametrize("etype", [t for t in EventType if t is not EventType.USER_STACK])
 def test_round_trip_every_event_type(etype: EventType) -> None:
     raw_access = io_union(1, 2, 0x7E, 1)
     ev = make_event(etype, raw_access, aux=-(2**63), fd=-1, seq=2**64 - 1)
     raw = encode_event(ev, raw_access)
-    assert len(raw) == (MAX_EVENT_SIZE if etype is EventType.EXEC else EVENT_SIZE)
+    assert len(raw) == (EXEC_EVENT_SIZE if etype is EventType.EXEC else EVENT_SIZE)
     back = decode_event(raw)
     assert back == ev
     assert back.type is etype
@@ -440,7 +447,7 @@ def test_decode_accepts_a_longer_record() -> None:
 
 def test_unknown_flag_bits_are_dropped() -> None:
     raw = bytearray(encode_event(make_event(EventType.VIOLATION, flags=EventFlag(0))))
-    struct.pack_into("<I", raw, 28, 0xFFFFFFC0 | int(EventFlag.AT_RETURN))
+    struct.pack_into("<I", raw, 28, 0xFFFFFF90 | int(EventFlag.AT_RETURN))
     assert decode_event(bytes(raw)).flags == EventFlag.AT_RETURN
 
 
@@ -453,7 +460,7 @@ def test_short_buffer_is_malformed(length: int) -> None:
         decode_event(raw)
 
 
-@pytest.mark.parametrize("etype", [0, 14, 15, 16, 0xFFFFFFFF])
+@pytest.mark.parametrize("etype", [0, 15, 16, 0xFFFFFFFF])
 def test_unknown_event_type_is_malformed(etype: int) -> None:
     raw = bytearray(encode_event(make_event(EventType.VIOLATION)))
     struct.pack_into("<I", raw, 0, etype)
@@ -580,3 +587,85 @@ def test_vcpu_statistics_slots_match_the_c_enums(c_facts: CFacts) -> None:
               for n in enum_names(ENUM_RUN_STATE)}
     assert states == {s.name.lower(): s.value for s in counters.RunState}
     assert tuple(states) == tracker.RUN_STATES
+
+
+# ---- the user stack record and its pairing with the violation -----------------------------------
+
+def test_user_stack_record_matches_the_c_struct() -> None:
+    body = re.search(r"struct user_stack_rec \{(.*?)\};", SOURCE, re.S)
+    assert body is not None
+    members = re.findall(r"^\s*(u8|u32|u64) (\w+)(\[\w+\])?;", body[1], re.M)
+    assert members == [("u32", "type", ""), ("u32", "tgid", ""), ("u32", "tid", ""),
+                       ("u32", "size", ""), ("u64", "seq", ""), ("u64", "vcpu_uid", ""),
+                       ("u64", "regs", "[21]"), ("u8", "stack", "[USTACK_BYTES]")]
+    assert USTACK_HEADER.size == 4 * 4 + 8 * 2 + 21 * 8
+    assert len(PT_REGS) == 21 and PT_REGS[16] == "rip" and PT_REGS[19] == "rsp"
+    assert USTACK_HEADER.size + USTACK_BYTES <= MAX_EVENT_SIZE
+    # the registers are read as the UAPI struct pt_regs: the same 21 names in the same order
+    assert "sizeof(r->regs)" in SOURCE and "r->regs[19]" in SOURCE  # sp
+
+
+def _capture(n: int = 64) -> UserCapture:
+    return UserCapture({r: i * 0x1111 for i, r in enumerate(PT_REGS)}, bytes(range(n)))
+
+
+def test_user_stack_round_trips_and_a_lie_about_its_size_is_malformed() -> None:
+    raw = encode_user_stack(10, 11, 7, 99, _capture())
+    ev = decode_event(raw)
+    assert ev.type is EventType.USER_STACK and (ev.tgid, ev.tid, ev.seq, ev.vcpu_uid) == (
+        10, 11, 7, 99)
+    assert ev.capture == _capture()
+    with pytest.raises(MalformedEvent, match="says 64 stack bytes, has 63"):
+        decode_event(raw[:-1])
+    with pytest.raises(MalformedEvent, match="user stack record of 20 bytes"):
+        decode_event(raw[:20])
+
+
+def _violation(tid: int, seq: int, stack: bool = True) -> KernelEvent:
+    return make_event(EventType.VIOLATION, tid=tid, seq=seq, vcpu_uid=99,
+                      flags=EventFlag.USER_STACK if stack else EventFlag(0))
+
+
+def _stack_event(tid: int, seq: int) -> KernelEvent:
+    return decode_event(encode_user_stack(1, tid, seq, 99, _capture()))
+
+
+def test_pairer_joins_the_record_and_keeps_the_order() -> None:
+    pairer = CapturePairer()
+    other = make_event(EventType.WINDOW_CLOSED, tid=5)
+    assert pairer.feed(_violation(5, 1)) == []  # waits for its record
+    assert pairer.feed(other) == []  # and so does everything after it
+    out = pairer.feed(_stack_event(5, 1))
+    assert [e.type for e in out] == [EventType.VIOLATION, EventType.WINDOW_CLOSED]
+    assert out[0].capture == _capture() and out[1] == other
+    # A violation without the flag goes straight through.
+    assert pairer.feed(_violation(6, 1, stack=False)) == [_violation(6, 1, stack=False)]
+    assert pairer.unpaired == pairer.orphans == 0
+
+
+def test_pairer_matches_by_thread_and_window_and_gives_up_after_a_poll() -> None:
+    pairer = CapturePairer()
+    first, second = _violation(5, 1), _violation(6, 1)
+    assert pairer.feed(first) == [] and pairer.feed(second) == []
+    assert pairer.feed(_stack_event(6, 1)) == []  # second's: first still waits at the head
+    assert pairer.polled() == []  # the same poll round
+    out = pairer.polled()  # a whole poll later: first goes without, second with its record
+    assert [(e.tid, e.capture is not None) for e in out] == [(5, False), (6, True)]
+    assert pairer.unpaired == 1
+    assert pairer.feed(_stack_event(9, 9)) == [] and pairer.orphans == 1
+    assert pairer.feed(_violation(7, 2)) == []
+    assert [e.tid for e in pairer.flush()] == [7] and pairer.unpaired == 2
+
+
+@pytest.mark.parametrize(("release", "btf", "supported"), [
+    ("6.18.44-fc-v1300", True, True), ("5.15.0-91-generic", True, True),
+    ("5.10.0-28-amd64", True, False), ("6.1.0-18-amd64", False, False), ("garbage", True, False),
+])
+def test_the_capture_needs_kernel_5_15_and_btf(tmp_path: Path, release: str, btf: bool,
+                                               supported: bool) -> None:
+    vmlinux = tmp_path / "vmlinux"
+    if btf:
+        vmlinux.write_bytes(b"")
+    assert probes.user_stack_capture_supported(release, vmlinux) is supported
+    # the capture is compiled only then: the frame-pointer walk alone otherwise
+    assert "#ifdef USER_STACK_CAPTURE\n    capture_user_stack(ev);" in SOURCE

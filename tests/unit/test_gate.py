@@ -49,15 +49,18 @@ def snapshot(severity: str = "critical") -> SnapshotAlert:
 
 
 def frame(function: str | None, module: str | None = VMM, offset: int | None = 0x1234,
-          address: int = 0x5581_0000_1234) -> dict[str, Any]:
+          address: int = 0x5581_0000_1234, file: str | None = None, line: int | None = None,
+          inlined: bool = False) -> dict[str, Any]:
     return {"address": address, "module": module, "build_id": "3f2a9c" if module else None,
             "file_offset": offset, "function": function,
-            "function_offset": 0x2c if function else None}
+            "function_offset": 0x2c if function else None, "file": file, "line": line,
+            "column": 9 if line else None, "inlined": inlined}
 
 
 def stack(*frames: dict[str, Any], partial: bool = False,
           why: str | None = None) -> dict[str, Any]:
-    return {"frames": list(frames), "partial": partial, "why_partial": why}
+    return {"frames": list(frames), "method": "cfi", "complete": not partial,
+            "partial": partial, "why_partial": why}
 
 
 def c_stack(caller: str, partial: bool = False) -> dict[str, Any]:
@@ -186,8 +189,8 @@ def test_text_has_one_block_per_finding_and_a_summary() -> None:
             "port 0x3f8 OUT size 1, pending 18.2 us, detected at ioctl entry") in text
     assert "  why: KVM_GET_REGS read vCPU state" in text
     assert "  fix: complete the exit first" in text
-    assert "    #0 0x7f120000001b in __GI___ioctl+0x2c (" + LIBC in text
-    assert "    #1 0x558100001234 in save_vcpu_state+0x2c (/tmp/testvmm, build-id 3f2a9c)" in text
+    assert "    #0 0x7f120000001b in __GI___ioctl+0x2c (libc.so.6+0x1234)" in text
+    assert "    #1 0x558100001234 in save_vcpu_state+0x2c (testvmm+0x1234)" in text
     assert "snapshot (KVM_GET_REGS + KVM_GET_SREGS) while KVM_EXIT_IO is pending" in text
     assert ("SUMMARY: kvm-completion-tracer: 3 findings (7 occurrences: 5 saves, 1 restore, "
             "1 snapshot) in 1 process; 3 register peeks judged benign; 17 sanctioned; "
@@ -206,7 +209,7 @@ def test_partial_stack_is_flagged_and_missing_stack_said() -> None:
     report.add_violation(violation(), c_stack("save_vcpu_state", partial=True))
     report.add_violation(violation(ioctl="KVM_GET_SREGS"))
     text = report.render_text()
-    assert "  stack (may be partial: frame pointers missing):" in text
+    assert "  stack (cfi, incomplete: frame pointers missing):" in text
     assert "  stack: not captured" in text
 
 
@@ -215,9 +218,27 @@ def test_frames_without_symbols_show_module_offsets() -> None:
     report.add_violation(violation(), stack(frame(None, offset=0xABC), frame(None, None, None,
                                                                           address=0x10)))
     text = report.render_text()
-    assert "    #0 0x558100001234 (/tmp/testvmm+0xabc, build-id 3f2a9c)" in text
+    assert "    #0 0x558100001234 (testvmm+0xabc)" in text
     assert "    #1 0x10 (unknown module)" in text
     assert "  call site: testvmm+0xabc" in text
+
+
+def test_call_site_is_the_vmms_own_code_with_file_and_line() -> None:
+    """Past the ioctl wrapper and every frame of libc, the loader or the vDSO; an inlined
+    frame counts (it is the VMM's code); its file:line is in the report."""
+    report = GateReport()
+    report.add_violation(violation(), stack(
+        frame("__GI___ioctl", LIBC, address=0x7F12_0000_001B),
+        frame("__some_libc_helper", LIBC, address=0x7F12_0000_0100),
+        frame("save_vcpu_state", file="src/vcpu.c", line=119, inlined=True),
+        frame("vmm_run", file="src/vcpu.c", line=137)))
+    [finding] = report.findings
+    assert finding.call_site == CallSite(VMM, "save_vcpu_state", file="src/vcpu.c", line=119)
+    text = report.render_text()
+    assert "  call site: save_vcpu_state src/vcpu.c:119 (testvmm)" in text
+    assert ("    #2 0x558100001234 in save_vcpu_state src/vcpu.c:119:9 (testvmm+0x1234) "
+            "[inlined]") in text
+    assert report.to_json()["findings"][0]["call_site"]["line"] == 119
 
 
 def test_color_only_when_asked() -> None:

@@ -1,4 +1,7 @@
-"""tracer.symbolize and tracer.elf against real processes.
+"""tracer.symbolize against real processes: the frame-pointer path (the kernel's walk, the
+fallback when no registers and stack were captured), names from llvm-symbolizer (C, C++, Rust,
+file:line, inlined frames), where debug info is found, and how a stack is printed. The CFI path
+is tests/unit/test_unwind.py.
 
 The fixtures in symbolize_fixtures/ are stand-in VMMs (C, C++, Rust) built into tmp_path at test
 time. Each prints a stack the way bpf_get_stack(BPF_F_USER_STACK) would capture it (innermost
@@ -9,23 +12,20 @@ used only where a real process cannot show the case (a garbage ELF mapped, LRU b
 
 from __future__ import annotations
 
-import io
 import json
 import os
-import random
 import re
 import shutil
 import subprocess
 from collections.abc import Iterator
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
 
 import pytest
 
-from tracer import elf, symbolize
-from tracer.symbolize import StackFrame, Symbolizer, UserStack
+from tracer import symbolize
+from tracer.symbolize import DebugFiles, Symbolizer, UserStack, frame_text, rust_name, stack_lines
 
 FIXTURES = Path(__file__).resolve().parent / "symbolize_fixtures"
 RUSTC = shutil.which("rustc") or "/root/.cargo/bin/rustc"
@@ -33,8 +33,8 @@ RUSTC = shutil.which("rustc") or "/root/.cargo/bin/rustc"
 
 def build_c(tmp_path: Path, *flags: str, name: str = "vmm") -> Path:
     out = tmp_path / name
-    subprocess.run(["gcc", "-O0", "-fno-omit-frame-pointer", *flags, str(FIXTURES / "vmm.c"),
-                    "-o", str(out)], check=True)
+    subprocess.run(["gcc", "-O0", "-g", "-fno-omit-frame-pointer", *flags,
+                    str(FIXTURES / "vmm.c"), "-o", str(out)], check=True)
     return out
 
 
@@ -88,49 +88,28 @@ def names(stack: UserStack) -> list[str | None]:
     return [f.function for f in stack.frames]
 
 
-# --- C: live, exited, deleted -------------------------------------------------------------------
+# --- C: live, exited, deleted (the kernel's frame-pointer walk) ---------------------------------
 
 
 def test_live_process_frames(tmp_path: Path) -> None:
     binary = build_c(tmp_path)
     with running(str(binary)) as vmm:
         stack = Symbolizer().symbolize(vmm.pid, vmm.frames)  # never remembered: reads live maps
+    assert stack.method == "frame-pointer"
     assert names(stack)[:3] == ["vmm_ioctl_wrapper", "vmm_save_state", "main"]
     first, second = stack.frames[0], stack.frames[1]
     assert first.address == vmm.frames[0]  # the reported address is the original one
     assert first.function_offset == 4  # the innermost frame is not a return address
     assert first.module == str(binary)
     assert first.build_id == readelf_build_id(binary)
-    assert second.function_offset is not None and second.function_offset > 0
-    # The return into libc's start code: the module is known even where libc has no .symtab.
+    assert first.file and first.file.endswith("vmm.c") and first.column
+    assert second.file and second.line and second.line != first.line
+    # The return into libc's start code: the module is known, and a libc frame is no wrong
+    # frame (it follows a call), but the walk stops past it: not complete.
     libc = stack.frames[3]
     assert libc.module is not None and "libc" in Path(libc.module).name
     assert libc.build_id == readelf_build_id(Path(libc.module))
-    # Walked past main into libc: a complete stack, not one cut short by missing frame pointers.
-    assert not stack.partial and stack.why_partial is None
-    assert first.describe() == (
-        f"vmm_ioctl_wrapper+0x4 ({binary}, build-id {readelf_build_id(binary)})")
     json.dumps(stack.to_dict())  # what goes into an alert
-
-
-def test_file_offset_maps_to_the_symbol(tmp_path: Path) -> None:
-    binary = build_c(tmp_path)
-    with running(str(binary)) as vmm:
-        frame = Symbolizer().symbolize(vmm.pid, vmm.frames[:1]).frames[0]
-    nm = subprocess.run(["nm", str(binary)], capture_output=True, text=True, check=True).stdout
-    value = int(next(line.split()[0] for line in nm.splitlines()
-                     if line.endswith(" vmm_ioctl_wrapper")), 16)
-    with binary.open("rb") as f:
-        symbols = elf.read_symbols(f)
-    assert frame.file_offset is not None
-    assert symbols.vaddr_of(frame.file_offset) == value + 4
-
-
-def test_libc_function(tmp_path: Path) -> None:
-    with running(str(build_c(tmp_path))) as vmm:
-        frame = Symbolizer().symbolize(vmm.pid, [vmm.values["read"]]).frames[0]
-    assert frame.function in {"read", "__read", "__libc_read"}
-    assert frame.function_offset == 0
 
 
 def test_after_exit_and_after_deletion(tmp_path: Path) -> None:
@@ -144,12 +123,12 @@ def test_after_exit_and_after_deletion(tmp_path: Path) -> None:
         assert symbolizer.symbolize(vmm.pid, vmm.frames) == alive
         binary.unlink()
         assert symbolizer.symbolize(vmm.pid, vmm.frames) == alive
-        # Without the snapshot nothing names the module, but nothing raises either.
+        # Without the snapshot nothing names the module: no frame, and the reason.
         symbolizer.forget(vmm.pid)
         gone = symbolizer.symbolize(vmm.pid, vmm.frames)
     assert names(alive)[:3] == ["vmm_ioctl_wrapper", "vmm_save_state", "main"]
-    assert all(f.module is None and f.function is None for f in gone.frames)
-    assert gone.partial
+    assert gone.frames == () and not gone.complete
+    assert gone.why_partial and "no executable mapping" in gone.why_partial
 
 
 def test_kernel_build_id_frames_after_exit(tmp_path: Path) -> None:
@@ -163,7 +142,7 @@ def test_kernel_build_id_frames_after_exit(tmp_path: Path) -> None:
     assert all(b is not None and o is not None for b, o in raw)
     by_id = symbolizer.symbolize(vmm.pid, raw)  # type: ignore[arg-type]
     assert names(by_id) == names(live)
-    assert [f.function_offset for f in by_id.frames] == [f.function_offset for f in live.frames]
+    assert [(f.file, f.line) for f in by_id.frames] == [(f.file, f.line) for f in live.frames]
 
 
 def test_binary_deleted_while_running_reads_map_files(tmp_path: Path) -> None:
@@ -183,25 +162,25 @@ def test_non_pie(tmp_path: Path) -> None:
     assert names(stack)[:3] == ["vmm_ioctl_wrapper", "vmm_save_state", "main"]
 
 
-def test_one_parse_per_binary(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_one_open_per_binary(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     binary = build_c(tmp_path)
-    parsed: list[str] = []
-    real = elf.read_symbols
+    opened: list[str] = []
+    real = symbolize.ModuleCFI.open
 
-    def counting(f: BinaryIO) -> elf.ElfSymbols:
-        parsed.append(os.path.realpath(f.name))  # map_files/<range> links to the real path
-        return real(f)
+    def counting(path: str) -> symbolize.ModuleCFI:
+        opened.append(os.path.realpath(path))  # map_files/<range> links to the real path
+        return real(path)
 
-    monkeypatch.setattr(elf, "read_symbols", counting)
+    monkeypatch.setattr(symbolize.ModuleCFI, "open", counting)
     symbolizer = Symbolizer()
     with running(str(binary)) as a, running(str(binary)) as b:
         symbolizer.remember(a.pid)
         symbolizer.remember(b.pid)
         assert names(symbolizer.symbolize(b.pid, b.frames))[0] == "vmm_ioctl_wrapper"
-    assert parsed.count(str(binary)) == 1, parsed
+    assert opened.count(str(binary)) == 1, opened
 
 
-# --- stripped and broken binaries ----------------------------------------------------------------
+# --- stripped binaries, frames that are not ---------------------------------------------------
 
 
 def test_stripped_binary(tmp_path: Path) -> None:
@@ -213,49 +192,30 @@ def test_stripped_binary(tmp_path: Path) -> None:
     assert len(own) == 3
     assert all(f.function is None and f.build_id == readelf_build_id(binary) for f in own)
     assert all(f.file_offset is not None for f in own)  # enough to symbolize offline later
-    assert stack.frames[0].describe().startswith("?? (")
+    assert frame_text(stack.frames[0].to_dict()) == (
+        f"{vmm.frames[0]:#x} ({binary.name}+{own[0].file_offset:#x})")
 
 
 def test_stripped_binary_keeps_dynsym(tmp_path: Path) -> None:
     binary = build_c(tmp_path, "-rdynamic")  # exports its functions in .dynsym
     subprocess.run(["strip", "--strip-all", str(binary)], check=True)
-    with binary.open("rb") as f:
-        assert "vmm_save_state" in elf.read_symbols(f).names
     with running(str(binary)) as vmm:
         stack = Symbolizer().symbolize(vmm.pid, vmm.frames)
     assert names(stack)[:3] == ["vmm_ioctl_wrapper", "vmm_save_state", "main"]
+    assert stack.frames[1].function_offset and not stack.frames[1].line
 
 
-@pytest.mark.parametrize("data", [b"", b"\x7fELF", b"MZ" + b"\0" * 100,
-                                  b"\x7fELF\x01\x01" + b"\0" * 58,  # 32-bit
-                                  b"\x7fELF\x02\x02" + b"\0" * 58])  # big-endian
-def test_not_an_elf64_le(data: bytes) -> None:
-    with pytest.raises(elf.ElfError):
-        elf.read_symbols(io.BytesIO(data))
-
-
-def test_truncated_and_corrupt_elf(tmp_path: Path) -> None:
-    data = build_c(tmp_path).read_bytes()
-    for size in range(0, len(data), 101):  # section headers sit at the end: all truncated
-        with pytest.raises(elf.ElfError):
-            elf.read_symbols(io.BytesIO(data[:size]))
-    rnd = random.Random(7)
-    for _ in range(400):  # flipped header/table bytes: a typed error or a result, nothing else
-        corrupt = bytearray(data)
-        for _ in range(rnd.randint(1, 6)):
-            area = rnd.choice([64, 64 + 56 * 13, len(data)])
-            pos = rnd.randrange(area) if area != len(data) else len(data) - 1 - rnd.randrange(
-                64 * 31)
-            corrupt[pos] = rnd.randrange(256)
-        with suppress(elf.ElfError):
-            elf.read_symbols(io.BytesIO(bytes(corrupt)))
-    # A huge offset in a real file: refused before seek/read try to use it.
-    big = bytearray(data)
-    big[32:40] = (1 << 62).to_bytes(8, "little")  # e_phoff
-    path = tmp_path / "huge"
-    path.write_bytes(bytes(big))
-    with path.open("rb") as f, pytest.raises(elf.ElfError):
-        elf.read_symbols(f)
+def test_a_walk_into_garbage_stops_before_it(tmp_path: Path) -> None:
+    """What a frame-pointer walk through a function without frame pointers gives: whatever rbp
+    held. Never printed as a frame: not in a mapping, or not after a call."""
+    binary = build_c(tmp_path)
+    with running(str(binary)) as vmm:
+        symbolizer = Symbolizer()
+        wild = symbolizer.symbolize(vmm.pid, [vmm.frames[0], 0x10B0008FFFFFFFF])
+        entry = symbolizer.symbolize(vmm.pid, [vmm.frames[0], vmm.values["entry"]])
+    assert len(wild.frames) == 1 and not wild.complete
+    assert "no executable mapping" in (wild.why_partial or "")
+    assert len(entry.frames) == 1 and "does not follow a call" in (entry.why_partial or "")
 
 
 def make_proc(root: Path, pid: int, maps: str) -> None:
@@ -263,42 +223,21 @@ def make_proc(root: Path, pid: int, maps: str) -> None:
     (root / str(pid) / "maps").write_text(maps)
 
 
-def test_garbage_module_gives_no_function(tmp_path: Path) -> None:
+def test_garbage_module_gives_no_frame(tmp_path: Path) -> None:
     garbage = tmp_path / "garbage.so"
     garbage.write_bytes(b"\x7fELF\x02\x01" + os.urandom(200))
     proc = tmp_path / "proc"
     make_proc(proc, 42, f"7f0000000000-7f0000001000 r-xp 00002000 08:01 99 {garbage}\n")
     stack = Symbolizer(proc).symbolize(42, [0x7F0000000010, 0x7F0000000020])
-    assert [f.module for f in stack.frames] == [str(garbage)] * 2
-    assert [f.file_offset for f in stack.frames] == [0x2010, 0x2020]
-    assert names(stack) == [None, None] and stack.partial
+    assert stack.frames == () and not stack.complete
 
 
-def test_unknown_process_and_unmapped_addresses(tmp_path: Path) -> None:
+def test_unknown_process_and_nothing_captured(tmp_path: Path) -> None:
     stack = Symbolizer(tmp_path).symbolize(12345, [0x1000, 0x2000])  # no such pid, ever
-    assert stack.frames == (StackFrame(0x1000, None, None, None, None, None),
-                            StackFrame(0x2000, None, None, None, None, None))
-    assert stack.partial
+    assert stack.frames == () and not stack.complete and stack.why_partial
     empty = Symbolizer(tmp_path).symbolize(12345, [])
-    assert empty.partial and empty.why_partial
-
-
-def test_new_mapping_refreshes_the_snapshot(tmp_path: Path) -> None:
-    """An address outside every remembered mapping (a dlopen since) re-reads a live process."""
-    binary = build_c(tmp_path)
-    proc = tmp_path / "proc"
-    make_proc(proc, 7, "")
-    symbolizer = Symbolizer(proc)
-    symbolizer.remember(7)
-    nm = subprocess.run(["nm", str(binary)], capture_output=True, text=True, check=True).stdout
-    value = int(next(line.split()[0] for line in nm.splitlines()
-                     if line.endswith(" vmm_save_state")), 16)
-    # A PIE's text: vaddr == file offset in gcc's layout, mapped with its page offset.
-    start, page = 0x555500000000, value & ~0xFFF
-    (proc / "7" / "maps").write_text(
-        f"{start:x}-{start + 0x1000:x} r-xp {page:08x} 08:01 1 {binary}\n")
-    frame = symbolizer.symbolize(7, [start + (value - page)]).frames[0]
-    assert frame.function == "vmm_save_state" and frame.function_offset == 0
+    assert empty.method == "none" and not empty.complete and empty.why_partial
+    assert stack_lines(empty.to_dict()) == ["  stack: not captured (no stack was captured)"]
 
 
 def test_process_snapshots_are_bounded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -311,21 +250,82 @@ def test_process_snapshots_are_bounded(tmp_path: Path, monkeypatch: pytest.Monke
         make_proc(proc, pid, line)
         symbolizer.remember(pid)
     shutil.rmtree(proc)  # all gone: only the snapshots remain
-    assert symbolizer.symbolize(1, [0x555500000010]).frames[0].module is None  # evicted
+    assert symbolizer.symbolize(1, [0x555500000010]).frames == ()  # evicted
     assert symbolizer.symbolize(3, [0x555500000010]).frames[0].module == str(binary)
 
 
-def test_partial_stacks() -> None:
-    def frame(function: str | None) -> StackFrame:
-        return StackFrame(0, "/x", None, 0, function, 0)
+# --- where debug info comes from ------------------------------------------------------------------
 
-    partial = Symbolizer._partial  # the heuristic alone, on made-up walks
-    assert partial([frame("ioctl")])[0]
-    cut, why = partial([frame("ioctl"), frame("vmm_run_vcpu")])
-    assert cut and why is not None and "vmm_run_vcpu" in why and "frame pointer" in why
-    assert partial([frame("ioctl"), frame(None)])[0]
-    assert partial([frame("a"), frame("main"), frame(None)]) == (False, None)
-    assert partial([frame("a"), frame("start_thread"), frame("clone3")]) == (False, None)
+
+def _split_debug(binary: Path, debug: Path) -> None:
+    subprocess.run(["objcopy", "--only-keep-debug", str(binary), str(debug)], check=True)
+    subprocess.run(["objcopy", "--strip-debug", str(binary)], check=True)
+
+
+def test_debug_file_by_build_id_directory(tmp_path: Path) -> None:
+    binary = build_c(tmp_path)
+    bid = readelf_build_id(binary)
+    root = tmp_path / "debug"
+    (root / ".build-id" / bid[:2]).mkdir(parents=True)
+    _split_debug(binary, root / ".build-id" / bid[:2] / f"{bid[2:]}.debug")
+    with running(str(binary)) as vmm:
+        without = Symbolizer(debug_files=DebugFiles(tmp_path / "none")).symbolize(
+            vmm.pid, vmm.frames)
+        found = Symbolizer(debug_files=DebugFiles(root)).symbolize(vmm.pid, vmm.frames)
+    assert without.frames[0].function == "vmm_ioctl_wrapper" and without.frames[0].line is None
+    assert found.frames[0].file and found.frames[0].file.endswith("vmm.c")
+    assert found.frames[0].line
+
+
+def test_debug_file_by_gnu_debuglink(tmp_path: Path) -> None:
+    binary = build_c(tmp_path)
+    (tmp_path / ".debug").mkdir()
+    debug = tmp_path / ".debug" / "vmm.dbg"
+    _split_debug(binary, debug)
+    subprocess.run(["objcopy", f"--add-gnu-debuglink={debug}", str(binary)], check=True,
+                   cwd=tmp_path)
+    with running(str(binary)) as vmm:
+        stack = Symbolizer(debug_files=DebugFiles(tmp_path / "none")).symbolize(
+            vmm.pid, vmm.frames)
+    assert stack.frames[0].file and stack.frames[0].file.endswith("vmm.c")
+
+
+# --- printing -------------------------------------------------------------------------------------
+
+
+def test_frames_print_as_asan_does() -> None:
+    inlined = {"address": 0x55D0, "module": "/usr/bin/vmm", "build_id": "ab", "file_offset": 0x15D0,
+               "function": "save_vcpu_state", "function_offset": None, "file": "src/vcpu.c",
+               "line": 119, "column": 9, "inlined": True}
+    caller = dict(inlined, function="vmm_run", line=137, column=13, inlined=False)
+    bare = dict(inlined, function="kvm_vcpu_ioctl", function_offset=0x67, file=None, line=None,
+                column=None, inlined=False)
+    none = dict(bare, function=None, function_offset=None, module=None, file_offset=None)
+    assert frame_text(inlined) == ("0x55d0 in save_vcpu_state src/vcpu.c:119:9 (vmm+0x15d0) "
+                                   "[inlined]")
+    assert frame_text(caller) == "0x55d0 in vmm_run src/vcpu.c:137:13 (vmm+0x15d0)"
+    assert frame_text(bare) == "0x55d0 in kvm_vcpu_ioctl+0x67 (vmm+0x15d0)"
+    assert frame_text(none) == "0x55d0 (unknown module)"
+    lines = stack_lines({"frames": [inlined, caller], "method": "cfi", "complete": True})
+    assert lines == ["  stack (cfi):", f"    #0 {frame_text(inlined)}",
+                     f"    #1 {frame_text(caller)}"]
+    cut = stack_lines({"frames": [bare], "method": "frame-pointer", "complete": False,
+                       "why_partial": "the frame-pointer walk left the mappings"})
+    assert cut[0] == ("  stack (frame-pointer, incomplete: the frame-pointer walk left the "
+                      "mappings):")
+
+
+@pytest.mark.parametrize(("raw", "shown"), [
+    ("buggy_vmm::save_vcpu_state::h1684c1ab45a3a335", "buggy_vmm::save_vcpu_state"),
+    ("std::rt::lang_start::_$u7b$$u7b$closure$u7d$$u7d$::h0123456789abcdef",
+     "std::rt::lang_start::{{closure}}"),
+    ("_$LT$T$u20$as$u20$core..fmt..Debug$GT$::fmt::h0123456789abcdef",
+     "<T as core::fmt::Debug>::fmt"),
+    ("__libc_start_main@GLIBC_2.2.5", "__libc_start_main"),
+    ("ns::Class::method(int)", "ns::Class::method(int)"),
+])
+def test_names_as_a_person_reads_them(raw: str, shown: str) -> None:
+    assert rust_name(raw) == shown
 
 
 # --- C++ and Rust ---------------------------------------------------------------------------------

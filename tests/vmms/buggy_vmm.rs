@@ -9,8 +9,8 @@
 //! `--exit-now`: `_exit(0)` right after the last save, with the exit still pending.
 //!
 //! usage: buggy_vmm [--correct] [--fork] [--exit-now] [ITERATIONS]
-//! Build with frame pointers so the probes' stack walk reaches `save_vcpu_state`:
-//!   rustc -O -C force-frame-pointers=yes -g -o buggy_vmm_rs buggy_vmm.rs
+//! Any build: the report's stack is unwound with the binary's CFI (.eh_frame); e.g.
+//!   rustc -O -g -o buggy_vmm_rs buggy_vmm.rs
 
 use std::ffi::c_void;
 use std::fs::{File, OpenOptions};

@@ -6,6 +6,8 @@
 #include <stdio.h>
 #include <unistd.h>
 
+void vmm_save_state(void);
+
 __attribute__((noinline)) void vmm_ioctl_wrapper(void) {
     void **fp = __builtin_frame_address(0);
     char buf[1];
@@ -18,6 +20,8 @@ __attribute__((noinline)) void vmm_ioctl_wrapper(void) {
         fp = (void **)fp[0];
     }
     printf("read %#lx\n", (unsigned long)(uintptr_t)read);
+    /* A function's entry: mapped and executable, but no call instruction before it. */
+    printf("entry %#lx\n", (unsigned long)(uintptr_t)vmm_save_state);
     printf("ready\n");
     fflush(stdout);
     while (read(0, buf, sizeof buf) > 0) {
