@@ -319,7 +319,7 @@ BPF_STACK_TRACE_BUILDID(stacks, MAX_STACKS);
 // USTACK_CHUNK pieces up to the first unreadable one), for the CFI unwinder in user space.
 // Layout: tracer/events.py USTACK_HEADER; regs is the x86-64 UAPI struct pt_regs (<asm/ptrace.h>,
 // 21 u64: r15 r14 r13 r12 bp bx r11 r10 r9 r8 ax cx dx si di orig_ax ip cs flags sp ss; the
-// offsets tracer/syscall_abi.py checks).
+// offsets tracer/syscall_abi.py checks; PT_REGS_IP_IDX and PT_REGS_SP_IDX index ip and sp).
 struct user_stack_rec {
     u32 type;
     u32 tgid;
@@ -331,6 +331,20 @@ struct user_stack_rec {
     u8 stack[USTACK_BYTES];
 };
 BPF_ARRAY(ustack_tokens, s64, 1);  // captures left until Python next reads the ring
+// Where a window's held read was issued, by vCPU uid: its user ip and sp and the top
+// HELD_STACK_BYTES of its stack (the libc ioctl wrapper's frame and its return address), taken
+// at the first held read of a window so that a held read reported later names its own call
+// site. LRU: only windows holding a read at once need an entry; an evicted one leaves its
+// report without a stack (counted as user_stack_failed).
+struct held_top {
+    u64 ip;
+    u64 sp;
+    u32 tid;
+    u32 pad;
+    u8 stack[HELD_STACK_BYTES];
+};
+BPF_TABLE("lru_hash", u64, struct held_top, held_tops, MAX_HELD_TOPS);
+BPF_PERCPU_ARRAY(held_scratch, struct held_top, 1);  // too big for the BPF stack
 #endif
 #ifdef WATCH
 // `watch -- CMD`: CMD and every process forked from a watched one, keyed by task id (a new
@@ -485,7 +499,7 @@ static __always_inline void count_mid(u32 tgid, u32 cmd, struct vcpu_state *st, 
 // bpf_task_pt_regs(bpf_get_current_task_btf()) (kernel >= 5.15, BTF) hands the registers the
 // task saved on entering the kernel; they are copied as the UAPI struct pt_regs, no field of a
 // kernel struct is read. A failed copy or a full ring is counted, and ev says no record follows.
-static __always_inline void capture_user_stack(struct event *ev)
+static __always_inline void capture_user_stack(struct event *ev, struct vcpu_state *held)
 {
     // A storm of reports must not crowd the reports out of the ring: at most USTACK_TOKENS
     // captures between two reads of the ring by Python (which refills the tokens); past them,
@@ -513,13 +527,30 @@ static __always_inline void capture_user_stack(struct event *ev)
         count(C_USER_STACK_FAILED);
         return;
     }
-    u64 sp = r->regs[19];
+    u64 sp = r->regs[PT_REGS_SP_IDX];
 #pragma unroll
     for (int i = 0; i < USTACK_BYTES / USTACK_CHUNK; i++) {
         if (bpf_probe_read_user(r->stack + i * USTACK_CHUNK, USTACK_CHUNK,
                                 (void *)(sp + i * USTACK_CHUNK)))
             break;
         r->size += USTACK_CHUNK;
+    }
+    if (held) {
+        // A held read reported now: its own ip, sp and top of stack. At the same stack depth in
+        // the same thread (the usual case: one function issues both ioctls) every frame above
+        // that top is the same memory, so the held top laid over this copy is the held read's
+        // whole stack; otherwise the held top alone (its caller, then the copy ends).
+        struct held_top *h = held_tops.lookup(&ev->vcpu_uid);
+        if (!h || !h->sp) {
+            events.ringbuf_discard(r, 0);
+            count(C_USER_STACK_FAILED);
+            return;
+        }
+        if (h->sp != sp || h->tid != ev->tid || r->size < HELD_STACK_BYTES)
+            r->size = HELD_STACK_BYTES;
+        r->regs[PT_REGS_IP_IDX] = h->ip;
+        r->regs[PT_REGS_SP_IDX] = h->sp;
+        bpf_probe_read_kernel(r->stack, HELD_STACK_BYTES, h->stack);
     }
     if (!r->size) {
         events.ringbuf_discard(r, 0);
@@ -554,12 +585,32 @@ static __always_inline void report_violation(void *ctx, u32 tgid, u32 tid, s32 f
         count(stack_id == STACK_ERR_EXIST ? C_STACK_MAP_FULL : C_STACK_FAILED);
     ev->stack_id = stack_id;
 #ifdef USER_STACK_CAPTURE
-    capture_user_stack(ev);
+    capture_user_stack(ev, 0);
 #endif
 #endif
     // With a stack record behind it, the report is committed after that record: wake the
     // reader for it in any case (a commit wakes it only when it is the next record to read).
     events.ringbuf_submit(ev, (ev->flags & EV_F_USER_STACK) ? BPF_RB_FORCE_WAKEUP : 0);
+}
+
+// At a window's first held read: the ioctl's user ip and sp and the top of its stack
+// (bpf_task_pt_regs: the UAPI struct pt_regs the task saved entering the kernel; no kernel
+// struct field is read). Zero sp when unreadable: the held read is then reported without a stack.
+static __always_inline void hold_call_site(u64 uid, u32 tid)
+{
+#ifdef USER_STACK_CAPTURE
+    u32 zero = 0;
+    struct held_top *h = held_scratch.lookup(&zero);
+    if (!h)
+        return;
+    u64 *regs = (u64 *)bpf_task_pt_regs(bpf_get_current_task_btf());
+    h->tid = tid;
+    if (bpf_probe_read_kernel(&h->ip, sizeof(h->ip), regs + PT_REGS_IP_IDX) ||
+        bpf_probe_read_kernel(&h->sp, sizeof(h->sp), regs + PT_REGS_SP_IDX) ||
+        bpf_probe_read_user(h->stack, HELD_STACK_BYTES, (void *)h->sp))
+        h->sp = 0;
+    held_tops.update(&uid, h);
+#endif
 }
 
 // The window's held read turned out part of a finding: reported now, as the held_n reads it
@@ -596,7 +647,7 @@ static __always_inline void report_held(void *ctx, u32 tgid, u64 uid, struct vcp
             count(stack_id == STACK_ERR_EXIST ? C_STACK_MAP_FULL : C_STACK_FAILED);
         ev->stack_id = stack_id;
 #ifdef USER_STACK_CAPTURE
-        capture_user_stack(ev);
+        capture_user_stack(ev, st);
 #endif
     }
 #endif
@@ -646,6 +697,7 @@ static __always_inline void state_ioctl_mid(void *ctx, u32 tgid, u32 tid, s32 fd
                 st->held_n = 1;
                 st->held_flags = extra_flags;
                 st->held_ts = bpf_ktime_get_ns();
+                hold_call_site(uid, tid);
                 st->held_cmd = cmd;
                 held_windows_add(tgid, 1);
                 trace_held(tgid, tid, fd, cmd, uid, st, extra_flags);

@@ -405,8 +405,8 @@ class GateReport:
             lines.append(f"  call site: {finding.call_site.describe()}")
             if getattr(first, "judged_on", "ioctl") != "ioctl":
                 lines.append("  note: held in the kernel as a lone read until its window "
-                             "became a finding: the stack is that of the ioctl that made it "
-                             "one (none when the window's end did)")
+                             "became a finding: its stack is rebuilt from the top of stack "
+                             "kept at the read (none when the window's end made it one)")
             lines.extend(stack_lines(finding.stack))
         return lines
 

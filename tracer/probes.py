@@ -53,6 +53,10 @@ COUNTER_NAMES: Final = (
     "untracked_exits", "stack_map_full", "stack_failed", "watch_map_full", "mid_map_full",
     "lost_window_map_full", "inspection_map_full", "user_stack_failed",
 )
+# A held read's stack top kept in the kernel (bpf/completion.c held_tops): glibc's ioctl wrapper
+# keeps 0x58 bytes of frame under its return address; 256 covers it and a small caller's locals.
+HELD_STACK_BYTES: Final = 256
+MAX_HELD_TOPS: Final = 1024  # windows holding a read at once (LRU)
 # struct bpf_stack_build_id.status (<linux/bpf.h>): a frame's module resolved, or its bare ip.
 BUILD_ID_VALID: Final = 1
 BUILD_ID_IP: Final = 2
@@ -221,7 +225,10 @@ def cflags(config: ProbeConfig) -> list[str]:
                     USTACK_BYTES=USTACK_BYTES, USTACK_CHUNK=USTACK_CHUNK,
                     USTACK_TOKENS=USTACK_TOKENS)
         if user_stack_capture_supported():
-            defs.update(USER_STACK_CAPTURE=1)
+            defs.update(USER_STACK_CAPTURE=1,
+                        PT_REGS_IP_IDX=syscall_abi.PT_REGS_IP_SP_OFFSETS["rip"] // 8,
+                        PT_REGS_SP_IDX=syscall_abi.PT_REGS_IP_SP_OFFSETS["rsp"] // 8,
+                        HELD_STACK_BYTES=HELD_STACK_BYTES, MAX_HELD_TOPS=MAX_HELD_TOPS)
     if config.watch:
         defs.update(WATCH=1, MAX_WATCHED=config.max_watched, EXEC_PATH_BYTES=EXEC_PATH_BYTES)
     flags = [f"-D{k}={v}" for k, v in defs.items()]

@@ -22,6 +22,9 @@ PT_REGS_OFFSETS: Final = {
     "r10": 56, "r9": 64, "r8": 72, "rax": 80, "rcx": 88, "rdx": 96, "rsi": 104, "rdi": 112,
     "orig_rax": 120, "rip": 128, "cs": 136,
 }
+# The user ip and stack pointer in the same struct: where a held read was issued (its return
+# address is at rsp), and the indexes of the u64 regs[] copy of a user stack record.
+PT_REGS_IP_SP_OFFSETS: Final = {"rip": 128, "rsp": 152}
 # __USER_CS: GDT entry 6 (GDT_ENTRY_DEFAULT_USER_CS), RPL 3. A 32-bit syscall comes from
 # __USER32_CS (entry 4) and uses other numbers.
 USER64_CS: Final = 6 * 8 + 3

@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 from conftest import has_c_compiler
 
-from tracer import abi, counters, probes, tracker
+from tracer import abi, counters, probes, syscall_abi, tracker
 from tracer.events import (
     EVENT_SIZE,
     EVENT_STRUCT,
@@ -602,7 +602,8 @@ def test_user_stack_record_matches_the_c_struct() -> None:
     assert len(PT_REGS) == 21 and PT_REGS[16] == "rip" and PT_REGS[19] == "rsp"
     assert USTACK_HEADER.size + USTACK_BYTES <= MAX_EVENT_SIZE
     # the registers are read as the UAPI struct pt_regs: the same 21 names in the same order
-    assert "sizeof(r->regs)" in SOURCE and "r->regs[19]" in SOURCE  # sp
+    assert "sizeof(r->regs)" in SOURCE and "r->regs[PT_REGS_SP_IDX]" in SOURCE  # sp
+    assert syscall_abi.PT_REGS_IP_SP_OFFSETS["rsp"] // 8 == 19 == PT_REGS.index("rsp")
 
 
 def _capture(n: int = 64) -> UserCapture:
@@ -668,4 +669,4 @@ def test_the_capture_needs_kernel_5_15_and_btf(tmp_path: Path, release: str, btf
         vmlinux.write_bytes(b"")
     assert probes.user_stack_capture_supported(release, vmlinux) is supported
     # the capture is compiled only then: the frame-pointer walk alone otherwise
-    assert "#ifdef USER_STACK_CAPTURE\n    capture_user_stack(ev);" in SOURCE
+    assert "#ifdef USER_STACK_CAPTURE\n    capture_user_stack(ev, 0);" in SOURCE

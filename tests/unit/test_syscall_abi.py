@@ -27,6 +27,12 @@ def test_pt_regs_offsets_match_ptrace_h(tmp_path: Path) -> None:
     assert run_c(tmp_path, body, ["asm/ptrace.h"]) == syscall_abi.PT_REGS_OFFSETS
 
 
+def test_ip_and_sp_offsets_match_ptrace_h(tmp_path: Path) -> None:
+    body = [f'    printf("{f} %zu\\n", offsetof(struct pt_regs, {f}));'
+            for f in syscall_abi.PT_REGS_IP_SP_OFFSETS]
+    assert run_c(tmp_path, body, ["asm/ptrace.h"]) == syscall_abi.PT_REGS_IP_SP_OFFSETS
+
+
 def test_the_one_read_covers_r10_to_cs_contiguously() -> None:
     # struct syscall_regs in bpf/completion.c: eleven u64 from r10 up to and including cs.
     offsets = list(syscall_abi.PT_REGS_OFFSETS.values())
