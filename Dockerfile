@@ -73,12 +73,12 @@ ARG METRICS_PORT
 
 # See above for the unpinned versions.  python3-bpfcc pulls LLVM 14 and libclang-cpp 14 (bcc
 # compiles the probes in-process): about 250 MB of the image's size, and not optional.  llvm
-# (llvm-symbolizer, on the same libLLVM) names the alerts' stack frames; debuginfod's client
-# fetches debug info when DEBUGINFOD_URLS is set (docs/stacks.md).
+# (llvm-symbolizer, on the same libLLVM) names the alerts' stack frames; libdebuginfod1 (the client
+# library, no server) fetches debug info when DEBUGINFOD_URLS is set (docs/stacks.md).
 # hadolint ignore=DL3008
 RUN apt-get update \
     && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends python3-bpfcc \
-       llvm debuginfod \
+       llvm libdebuginfod1 \
     && apt-get clean \
     && rm -rf /var/lib/apt/lists/* /var/cache/debconf/*-old /var/log/apt/* /var/log/dpkg.log
 

@@ -49,12 +49,13 @@ system_python=/usr/bin/python3
 venv="$repo/.venv"
 stamp="$venv/.kvm-completion-tracer-installed-$mode"
 
-# llvm: llvm-symbolizer names the stacks' frames; debuginfod: its client fetches debug info
-# when DEBUGINFOD_URLS is set (docs/stacks.md).
-base_packages=(python3-bpfcc python3-venv llvm debuginfod)
+# llvm: llvm-symbolizer names the stacks' frames; libdebuginfod1: elfutils' debuginfod client
+# library fetches debug info when DEBUGINFOD_URLS is set (docs/stacks.md); no server.
+base_packages=(python3-bpfcc python3-venv llvm libdebuginfod1)
 if [[ "$mode" == test ]]; then
     base_packages+=(
         gcc g++ libc6-dev linux-libc-dev make util-linux procps systemd git gdb binutils iproute2
+        debuginfod
         qemu-system-x86 prometheus prometheus-alertmanager bpftrace python3-seccomp
         buildah mmdebstrap
     )

@@ -12,6 +12,9 @@ gone, or of a binary deleted since, still resolves.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
+import functools
 import json
 import os
 import re
@@ -260,16 +263,46 @@ class DebugFiles:
 
 
 def fetch_debuginfod(build_id: str) -> str | None:
-    tool = shutil.which("debuginfod-find")
-    if tool is None or not re.fullmatch(r"[0-9a-f]{2,}", build_id):
+    """The debug file of ``build_id`` from the servers in DEBUGINFOD_URLS, through elfutils'
+    client library (libdebuginfod: its cache, timeouts and URL list; Debian's libdebuginfod1,
+    no server installed). None when the library, the servers or the file are not there."""
+    if not re.fullmatch(r"[0-9a-f]{2,}", build_id):
         return None
+    lib = _libdebuginfod()
+    if lib is None:
+        return None
+    # Read by debuginfod_begin: a server that does not answer stalls this report at most this
+    # long (the library's own default is 90 s).
+    os.environ.setdefault("DEBUGINFOD_TIMEOUT", str(DEBUGINFOD_TIMEOUT_S))
+    client = lib.debuginfod_begin()
+    if not client:
+        return None
+    path = ctypes.c_char_p()
     try:
-        out = subprocess.run([tool, "debuginfo", build_id], capture_output=True, text=True,
-                             timeout=DEBUGINFOD_TIMEOUT_S, check=False)
-    except (OSError, subprocess.TimeoutExpired):
+        # build_id_len 0: the build-id is given as a hex string (<elfutils/debuginfod.h>).
+        fd = lib.debuginfod_find_debuginfo(client, build_id.encode(), 0, ctypes.byref(path))
+    finally:
+        lib.debuginfod_end(client)
+    if fd < 0 or not path.value:
         return None
-    found = out.stdout.strip().splitlines()
-    return found[-1] if out.returncode == 0 and found and os.path.isfile(found[-1]) else None
+    os.close(fd)
+    found = os.fsdecode(path.value)
+    return found if os.path.isfile(found) else None
+
+
+@functools.cache
+def _libdebuginfod() -> Any:
+    name = ctypes.util.find_library("debuginfod") or "libdebuginfod.so.1"
+    try:
+        lib = ctypes.CDLL(name)
+    except OSError:
+        return None
+    lib.debuginfod_begin.restype = ctypes.c_void_p
+    lib.debuginfod_end.argtypes = [ctypes.c_void_p]
+    lib.debuginfod_find_debuginfo.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_int,
+                                              ctypes.POINTER(ctypes.c_char_p)]
+    lib.debuginfod_find_debuginfo.restype = ctypes.c_int
+    return lib
 
 
 class Symbolizer:
