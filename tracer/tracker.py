@@ -645,6 +645,14 @@ class Tracker:
             if started is None or not self.proc.alive(pid, started):
                 self._forget_process(pid)  # its exit event was lost: held reads unverified
         if self.control is not None:
+            # A process the tracker never tracked (the ring buffer dropped its vCPU's creation
+            # event as well as its exit event) still has the kernel's counts of its reports:
+            # folded once it is gone, or they would stay in mid_counts and inspections for good.
+            counted = {k.pid for k in self.control.mid_counts()} | \
+                {k.pid for k in self.control.inspections()}
+            for pid in counted - {rec.pid for rec in self.vcpus.values()}:
+                if self.proc.start_time(pid) is None:
+                    self._forget_process(pid)
             states = self.control.vcpu_states()
             self.sync(states, self.control.vcpu_comms())
             # A lost window is counted here once the kernel has closed it (a new window, or

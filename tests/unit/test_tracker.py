@@ -378,6 +378,28 @@ def test_sweep_forgets_processes_whose_exit_event_was_lost() -> None:
     assert h.tracker.vcpus == {} and h.model.vcpus == {}
 
 
+def test_sweep_folds_a_gone_process_the_tracker_never_saw() -> None:
+    """The ring dropped every event of a process (its vCPU's creation, its snapshot's reports,
+    its exit): the kernel's counts of it are folded by the sweep once it is gone, under its
+    name, not kept in mid_counts for good."""
+    h = Harness()
+    h.model.ioctl_enter(PID, VCPU_TID, VM_FD, abi.KVM_CREATE_VCPU, 0)
+    h.model.ioctl_exit(PID, VCPU_TID, 5)
+    h.model.ioctl_enter(PID, VCPU_TID, 5, abi.KVM_RUN)
+    h.model.userspace_exit(VCPU_TID, IO, 0, OUT_3F8)
+    for cmd in (GET_REGS, GET_SREGS):
+        h.model.ioctl_enter(PID, VCPU_TID, 5, cmd)
+        h.model.ioctl_exit(PID, VCPU_TID, 0)
+    h.model.process_exit(PID)
+    h.model.drain()  # all lost
+    h.tracker.sweep()
+    assert h.model.mid_counts()  # alive: its counts stay live
+    h.proc.dead.add(PID)
+    h.tracker.sweep()
+    assert h.model.mid_counts() == {}
+    assert h.tracker.unverified() == {f"unknown[{PID}]": 2}
+
+
 def test_hyperv_synic_exit_is_not_pending() -> None:
     from tracer.events import HypervAccess
 
