@@ -1,6 +1,7 @@
 """CFI unwinding of a captured user stack (x86-64): the registers the task saved at the syscall
 and a copy of the top of its stack (tracer.events.UserCapture), unwound with each module's
-``.eh_frame`` (found through ``.eh_frame_hdr``'s sorted table), as a debugger does without
+``.eh_frame`` (found through ``.eh_frame_hdr``'s sorted table; ``.debug_frame`` where
+``.eh_frame`` does not cover a pc), as a debugger does without
 frame pointers.
 
 pyelftools reads the ELF file and decodes a CIE/FDE into its rule table; only the FDE of each
@@ -78,6 +79,11 @@ class ModuleCFI:
     _table_pcs: array[int] = field(default_factory=lambda: array("q"))
     _table_fdes: array[int] = field(default_factory=lambda: array("q"))
     _all_fdes: list[FDE] | None = None
+    # .debug_frame (a build with -fno-asynchronous-unwind-tables -g has no .eh_frame for its
+    # own code): every FDE parsed once, at the first pc .eh_frame does not cover
+    _debug_frame: tuple[int, int] | None = None
+    _debug_fdes: list[FDE] | None = None
+    _debug_starts: list[int] = field(default_factory=list)
     _fdes: dict[int, FDE] = field(default_factory=dict)  # by start, bounded like _decoded
     # FDE start -> (row addresses, rows)
     _decoded: OrderedDict[int, tuple[list[int], list[Rules]]] = field(
@@ -120,6 +126,9 @@ class ModuleCFI:
             hdr = elf.get_section_by_name(".eh_frame_hdr")
             if hdr is not None:
                 mod._read_hdr(hdr.data(), hdr["sh_addr"])
+        dbg = elf.get_section_by_name(".debug_frame")
+        if dbg is not None and dbg["sh_type"] != "SHT_NOBITS" and dbg["sh_size"]:
+            mod._debug_frame = (dbg["sh_offset"], dbg["sh_size"])
         return mod
 
     def _read_hdr(self, data: bytes, vaddr: int) -> None:
@@ -205,14 +214,32 @@ class ModuleCFI:
         i = bisect.bisect_right(starts, vaddr) - 1
         return self._all_fdes[i] if i >= 0 else None
 
+    def _debug_frame_fde_for(self, vaddr: int) -> FDE | None:
+        if self._debug_frame is None:
+            return None
+        if self._debug_fdes is None:
+            offset, size = self._debug_frame
+            self._file.seek(offset)
+            data = self._file.read(size)
+            if len(data) != size:
+                raise UnwindError(f"{self.path}: .debug_frame truncated")
+            structs = DWARFStructs(little_endian=True, dwarf_format=32, address_size=8)
+            cfi = CallFrameInfo(io.BytesIO(data), size, 0, structs, for_eh_frame=False)
+            self._debug_fdes = sorted((e for e in cfi.get_entries() if isinstance(e, FDE)),
+                                      key=lambda e: e.header.initial_location)
+            self._debug_starts = [e.header.initial_location for e in self._debug_fdes]
+        i = bisect.bisect_right(self._debug_starts, vaddr) - 1
+        return self._debug_fdes[i] if i >= 0 else None
+
     def rules_at(self, vaddr: int) -> Rules | None:
-        """The unwind row covering ``vaddr``, None where no FDE covers it."""
+        """The unwind row covering ``vaddr``, None where no FDE covers it: .eh_frame's, else
+        .debug_frame's."""
         fde = self._fde_for(vaddr)
-        if fde is None:
+        if fde is None or not _covers(fde, vaddr):
+            fde = self._debug_frame_fde_for(vaddr)
+        if fde is None or not _covers(fde, vaddr):
             return None
         start = fde.header.initial_location
-        if not start <= vaddr < start + fde.header.address_range:
-            return None
         rows = self._decoded.get(start)
         if rows is None:
             table = fde.get_decoded().table
@@ -224,6 +251,12 @@ class ModuleCFI:
             self._decoded.move_to_end(start)
         i = bisect.bisect_right(rows[0], vaddr) - 1
         return rows[1][i] if i >= 0 else None
+
+
+def _covers(fde: FDE, vaddr: int) -> bool:
+    start: int = fde.header.initial_location
+    size: int = fde.header.address_range
+    return start <= vaddr < start + size
 
 
 def _rules(line: dict[Any, Any], start: int) -> Rules:

@@ -32,6 +32,8 @@ FLAVOURS = {
     "O2-fp": ["-O2", "-g", "-fno-omit-frame-pointer"],
     "O2-stripped": ["-O2", "-s"],
     "O2-inlined": ["-O2", "-g", INLINE],
+    # no .eh_frame for the program's own code: its CFI is in .debug_frame only
+    "O2-debug-frame": ["-O2", "-g", "-fno-asynchronous-unwind-tables", "-fno-unwind-tables"],
 }
 
 needs_ptrace = pytest.mark.skipif(os.geteuid() != 0, reason="ptrace of a child needs root here")
