@@ -19,11 +19,12 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Final
 
 from tracer.gate import TOOL, Finding, GateReport
-from tracer.gate_location import fingerprint, review_location
+from tracer.gate_location import SourceLine, fingerprint, review_location
 
 ANNOTATE_CHOICES: Final = ("github", "gitlab")
 GITHUB_COMMANDS: Final = {"critical": "error", "error": "error", "warning": "warning",
@@ -49,15 +50,20 @@ def _message(finding: Finding) -> str:
             f"Fix: {finding.fix()}")
 
 
-def github_lines(report: GateReport, source_root: str | os.PathLike[str]) -> list[str]:
-    """One workflow command per finding with a file:line under ``source_root``."""
+def _located(report: GateReport,
+             source_root: str | os.PathLike[str]) -> Iterator[tuple[Finding, SourceLine]]:
+    """Each finding with a file:line under ``source_root``, and that place."""
     root = os.path.abspath(source_root)
-    lines = []
     for finding in report.findings:
         found = review_location(finding.stack, root)
-        if found is None:
-            continue
-        where, _frame = found
+        if found is not None:
+            yield finding, found[0]
+
+
+def github_lines(report: GateReport, source_root: str | os.PathLike[str]) -> list[str]:
+    """One workflow command per finding with a file:line under ``source_root``."""
+    lines = []
+    for finding, where in _located(report, source_root):
         props = [f"file={_escape_property(str(where.path))}", f"line={where.line}"]
         if where.column is not None:
             props.append(f"col={where.column}")
@@ -72,11 +78,7 @@ def gitlab_issues(report: GateReport,
     """GitLab Code Quality issues, one per finding with a file:line under ``source_root``."""
     root = os.path.abspath(source_root)
     issues = []
-    for finding in report.findings:
-        found = review_location(finding.stack, root)
-        if found is None:
-            continue
-        where, _frame = found
+    for finding, where in _located(report, root):
         issues.append({
             "description": _message(finding).replace("\n", " "),
             "check_name": finding.rule,

@@ -175,16 +175,20 @@ class ModuleCFI:
         return b""
 
     # ---- rules ---------------------------------------------------------------------------------
+    def _read_cfi(self, where: tuple[int, int], vaddr: int, eh_frame: bool) -> CallFrameInfo:
+        """pyelftools' reader of one CFI section (file offset and size), read whole."""
+        offset, size = where
+        self._file.seek(offset)
+        data = self._file.read(size)
+        if len(data) != size:
+            raise UnwindError(f"{self.path}: {'.eh_frame' if eh_frame else '.debug_frame'} "
+                              "truncated")
+        structs = DWARFStructs(little_endian=True, dwarf_format=32, address_size=8)
+        return CallFrameInfo(io.BytesIO(data), size, vaddr, structs, for_eh_frame=eh_frame)
+
     def _call_frame_info(self) -> CallFrameInfo | None:
         if self._cfi is None and self._eh_frame is not None:
-            offset, size = self._eh_frame
-            self._file.seek(offset)
-            data = self._file.read(size)
-            if len(data) != size:
-                raise UnwindError(f"{self.path}: .eh_frame truncated")
-            structs = DWARFStructs(little_endian=True, dwarf_format=32, address_size=8)
-            self._cfi = CallFrameInfo(io.BytesIO(data), size, self._eh_frame_vaddr, structs,
-                                      for_eh_frame=True)
+            self._cfi = self._read_cfi(self._eh_frame, self._eh_frame_vaddr, eh_frame=True)
         return self._cfi
 
     def _fde_for(self, vaddr: int) -> FDE | None:
@@ -218,13 +222,7 @@ class ModuleCFI:
         if self._debug_frame is None:
             return None
         if self._debug_fdes is None:
-            offset, size = self._debug_frame
-            self._file.seek(offset)
-            data = self._file.read(size)
-            if len(data) != size:
-                raise UnwindError(f"{self.path}: .debug_frame truncated")
-            structs = DWARFStructs(little_endian=True, dwarf_format=32, address_size=8)
-            cfi = CallFrameInfo(io.BytesIO(data), size, 0, structs, for_eh_frame=False)
+            cfi = self._read_cfi(self._debug_frame, 0, eh_frame=False)
             self._debug_fdes = sorted((e for e in cfi.get_entries() if isinstance(e, FDE)),
                                       key=lambda e: e.header.initial_location)
             self._debug_starts = [e.header.initial_location for e in self._debug_fdes]
