@@ -28,7 +28,8 @@
 // tracer/syscall_abi.py (RAW_SYSCALLS only); map sizes MAX_VCPUS, MAX_VCPU_FDS, MAX_THREADS,
 // MAX_PROCS, VCPU_SLOTS, VCPU_SLOT_BITS, VCPU_SLOT_MASK, PENDING_SAMPLE, MAX_GUEST_EXIT_KEYS, MAX_MID_KEYS, MAX_LOST_WINDOWS, RINGBUF_PAGES; KVM_EXIT_IO_NR and
 // KVM_EXIT_HYPERV_NR (the exits whose access head the policy's sanctions look at); HAVE_GROUP_DEAD, TRACE_EXITS, RAW_SYSCALLS
-// optional; STACKS (with MAX_STACKS, STACK_ERR_EXIST, USTACK_BYTES, USTACK_CHUNK, USTACK_TOKENS): the user stack
+// optional; STACKS (with MAX_STACKS, STACK_ERR_EXIST, USTACK_BYTES, USTACK_CHUNK, USTACK_TOKENS,
+// USER_PAGE_SIZE): the user stack
 // of every reported ioctl (the kernel's frame-pointer walk, and with USER_STACK_CAPTURE, kernel
 // >= 5.15 with BTF, the registers and stack bytes);
 // WATCH (with MAX_WATCHED): only the processes in `watched` (`watch -- CMD`) are followed.
@@ -316,7 +317,8 @@ BPF_STACK_TRACE_BUILDID(stacks, MAX_STACKS);
 #endif
 #ifdef STACKS
 // STACKS: a report's user registers and the top of its user stack (USTACK_BYTES, copied in
-// USTACK_CHUNK pieces up to the first unreadable one), for the CFI unwinder in user space.
+// USTACK_CHUNK pieces up to the first page that is not present), for the CFI unwinder in user
+// space.
 // Layout: tracer/events.py USTACK_HEADER; regs is the x86-64 UAPI struct pt_regs (<asm/ptrace.h>,
 // 21 u64: r15 r14 r13 r12 bp bx r11 r10 r9 r8 ax cx dx si di orig_ax ip cs flags sp ss; the
 // offsets tracer/syscall_abi.py checks; PT_REGS_IP_IDX and PT_REGS_SP_IDX index ip and sp).
@@ -530,9 +532,19 @@ static __always_inline void capture_user_stack(struct event *ev, struct vcpu_sta
     u64 sp = r->regs[PT_REGS_SP_IDX];
 #pragma unroll
     for (int i = 0; i < USTACK_BYTES / USTACK_CHUNK; i++) {
-        if (bpf_probe_read_user(r->stack + i * USTACK_CHUNK, USTACK_CHUNK,
-                                (void *)(sp + i * USTACK_CHUNK)))
+        u64 at = sp + i * USTACK_CHUNK;
+        if (bpf_probe_read_user(r->stack + i * USTACK_CHUNK, USTACK_CHUNK, (void *)at)) {
+            // The piece runs into a page that is not present (no fault is taken here): keep
+            // its part below that page. Above the main thread's auxiliary vector, exec leaves
+            // a random gap of never-touched pages; the vector (where the executable is loaded,
+            // for a process gone before its mappings were read) is the last thing below it.
+            u64 to_page = USER_PAGE_SIZE - (at & (USER_PAGE_SIZE - 1));
+            if (to_page < USTACK_CHUNK &&
+                !bpf_probe_read_user(r->stack + i * USTACK_CHUNK, to_page & (USTACK_CHUNK - 1),
+                                     (void *)at))
+                r->size += to_page;
             break;
+        }
         r->size += USTACK_CHUNK;
     }
     if (held) {

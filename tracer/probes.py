@@ -166,6 +166,13 @@ def _tracepoint_exists(category: str, event: str) -> bool:
     return root is not None and (root / "events" / category / event).is_dir()
 
 
+def user_page_size() -> int:
+    """The page size of user memory (a power of two of at least USTACK_CHUNK bytes): the
+    stack copy stops at the first page that is not present."""
+    size = os.sysconf("SC_PAGE_SIZE")
+    return size if size >= USTACK_CHUNK and not size & (size - 1) else USTACK_CHUNK
+
+
 def user_stack_capture_supported(release: str | None = None,
                                  btf: Path = Path("/sys/kernel/btf/vmlinux")) -> bool:
     """bpf_task_pt_regs and bpf_get_current_task_btf: kernel >= 5.15 with BTF. Without them
@@ -223,7 +230,7 @@ def cflags(config: ProbeConfig) -> list[str]:
     if config.stacks:
         defs.update(STACKS=1, MAX_STACKS=config.max_stacks, STACK_ERR_EXIST=f"(-{errno.EEXIST})",
                     USTACK_BYTES=USTACK_BYTES, USTACK_CHUNK=USTACK_CHUNK,
-                    USTACK_TOKENS=USTACK_TOKENS)
+                    USTACK_TOKENS=USTACK_TOKENS, USER_PAGE_SIZE=user_page_size())
         if user_stack_capture_supported():
             defs.update(USER_STACK_CAPTURE=1,
                         PT_REGS_IP_IDX=syscall_abi.PT_REGS_IP_SP_OFFSETS["rip"] // 8,

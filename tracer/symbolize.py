@@ -678,6 +678,10 @@ def stack_lines(stack: dict[str, Any] | None) -> list[str]:
     gate's report and the console log renderer print it alike."""
     if not stack or not stack.get("frames"):
         why = (stack or {}).get("why_partial")
+        copied = (stack or {}).get("copied_bytes")
+        if copied:  # captured, but its first address was in no module known
+            return [f"  stack: captured ({copied} bytes) but not unwound"
+                    f"{f' ({why})' if why else ''}"]
         return [f"  stack: not captured{f' ({why})' if why else ''}"]
     method = stack.get("method") or "frame-pointer"
     if stack.get("complete", not stack.get("partial")):

@@ -12,14 +12,26 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 from conftest import requires_kvm_bpf
-from test_watch_e2e import REPO, VMMS, _rustc, _skip_tool, build_id, watch
+from test_watch_e2e import (
+    REPO,
+    VMMS,
+    _rustc,
+    _skip_tool,
+    build_id,
+    finish_watch,
+    kill_group,
+    start_watch,
+    watch,
+)
 
 
 @pytest.fixture
@@ -171,6 +183,83 @@ def test_every_build_names_the_offending_line(tmp: Path, builds: dict[str, Path]
         names = [fr["function"] for fr in frames if fr["function"]]
         assert "buggy_vmm::main" in names
         assert not any(re.search(r"::h[0-9a-f]{16}$|\$u[0-9a-f]+\$|^_ZN|^_R", n) for n in names)
+
+
+def _cmdline(pid: int) -> list[str]:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
+    except OSError:
+        return []
+
+
+def _gone_before_read(tmp: Path, cmd: list[str]) -> Any:
+    """``watch -- cmd`` with watch stopped (SIGSTOP) from before cmd starts until it has
+    exited: every event of the VMM, its exec and first vCPU included, is read after it is gone,
+    so its mappings are never read from /proc and its stacks are placed from the captures
+    alone (the auxiliary vector in the stack copy, the kernel's walk)."""
+    go = tmp / "go"
+    go.unlink(missing_ok=True)
+    script = f'while [ ! -e "{go}" ]; do sleep 0.01; done; exec "$@"'
+    started = time.monotonic()
+    proc = start_watch(tmp, ["sh", "-c", script, "sh", *cmd])
+    try:
+        deadline = time.monotonic() + 60
+        child = None
+        while child is None:  # watch forks CMD once its probes are attached
+            assert proc.poll() is None and time.monotonic() < deadline, "CMD did not start"
+            kids = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+            child = next((int(k) for k in kids if _cmdline(int(k))[:2] == ["sh", "-c"]), None)
+            time.sleep(0.02)
+        os.kill(proc.pid, signal.SIGSTOP)
+        try:
+            go.touch()
+            while Path(f"/proc/{child}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+                assert time.monotonic() < deadline, "the VMM did not exit"
+                time.sleep(0.02)
+        finally:
+            os.kill(proc.pid, signal.SIGCONT)
+    except BaseException:
+        kill_group(proc)
+        raise
+    return finish_watch(proc, tmp, started)
+
+
+@pytest.mark.parametrize("flavour", ["c-O2-g", "rust-release"])
+def test_a_vmm_gone_before_its_mappings_were_read_gets_its_whole_stack(
+        tmp: Path, builds: dict[str, Path], flavour: str) -> None:
+    """A test VMM lives milliseconds: gone before the reader reads its first event (forced
+    here, by stopping watch), its stack still reaches _start with the right call site."""
+    function = "buggy_vmm::save_vcpu_state" if flavour.startswith("rust") else "save_vcpu_state"
+    for _attempt in range(3):  # the stack's top pages are laid out anew by each exec
+        run = _gone_before_read(tmp, [str(builds[flavour]), "3"])
+        assert run.status == 66, run.explain()
+        assert run.result is not None
+        assert set(run.result["stacks_missed"].values()) == {0}, run.result["stacks_missed"]
+        finding = _save_finding(run.findings)
+        stack = finding["stack"]
+        assert stack["method"] == "cfi" and stack["complete"] is True, (
+            stack["why_partial"], stack["copied_bytes"], [fr["function"] for fr in stack["frames"]])
+        assert finding["call_site"]["function"] == function, finding["call_site"]
+
+
+SHORT_STACK_BYTES = int(re.search(r"#define SHORT_STACK_BYTES (\d+)",
+                                  (VMMS / "buggy_vmm.c").read_text())[1])
+
+
+def test_the_stack_copy_reaches_the_first_page_not_present(tmp: Path,
+                                                           builds: dict[str, Path]) -> None:
+    """The copy of the stack's top stops at the first page that is not present, to the byte:
+    a main thread's auxiliary vector (where its executable is loaded) lies just below such a
+    page, and a copy rounded down to whole 512-byte pieces lost it. Here the save is issued on
+    a stack that ends SHORT_STACK_BYTES below a page never touched."""
+    run = watch(tmp, [str(builds["c-O2-g"]), "--short-stack", "2"])
+    assert run.status == 66, run.explain()
+    assert run.result is not None
+    assert set(run.result["stacks_missed"].values()) == {0}, run.result["stacks_missed"]
+    finding = next(f for f in run.findings if f["kind"] == "save" and f["ioctl"] == "KVM_GET_SREGS")
+    stack = finding["stack"]
+    assert stack["method"] == "cfi" and stack["copied_bytes"] == SHORT_STACK_BYTES, stack
+    assert stack["frames"][0]["function"] == "ioctl_on_short_stack", stack
 
 
 # ---- QEMU ----------------------------------------------------------------------------------------

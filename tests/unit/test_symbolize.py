@@ -238,6 +238,12 @@ def test_unknown_process_and_nothing_captured(tmp_path: Path) -> None:
     empty = Symbolizer(tmp_path).symbolize(12345, [])
     assert empty.method == "none" and not empty.complete and empty.why_partial
     assert stack_lines(empty.to_dict()) == ["  stack: not captured (no stack was captured)"]
+    # Captured, but its first address in no module known: said so, not "not captured".
+    unplaced = UserStack((), "cfi", False, "0x7f00 is in no executable mapping of the process",
+                         copied_bytes=4096)
+    assert stack_lines(unplaced.to_dict()) == [
+        "  stack: captured (4096 bytes) but not unwound (0x7f00 is in no executable mapping "
+        "of the process)"]
 
 
 def test_process_snapshots_are_bounded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

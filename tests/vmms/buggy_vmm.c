@@ -7,8 +7,10 @@
  * --correct: the exit is completed first (KVM_RUN with immediate_exit=1, -EINTR), then saved.
  * --fork: the VM is created and run in a forked child; the parent waits and passes its status.
  * --exit-now: _exit(0) right after the last save, with the exit still pending.
+ * --short-stack: the save's KVM_GET_SREGS is issued on a stack that ends SHORT_STACK_BYTES
+ *   below a page never touched (see ioctl_on_short_stack).
  *
- * usage: buggy_vmm [--correct] [--fork] [--exit-now] [ITERATIONS]
+ * usage: buggy_vmm [--correct] [--fork] [--exit-now] [--two-sites] [--short-stack] [ITERATIONS]
  * Any build: the report's stack is unwound with the binary's CFI (.eh_frame), e.g.
  *   gcc -g -O2 -o buggy_vmm buggy_vmm.c
  */
@@ -21,6 +23,7 @@
 #include <string.h>
 #include <sys/ioctl.h>
 #include <sys/mman.h>
+#include <sys/syscall.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -145,7 +148,40 @@ __attribute__((noinline)) void checkpoint_sregs(struct vm *v, struct kvm_sregs *
         die("KVM_GET_SREGS (checkpoint)");
 }
 
-static int two_sites;
+static int two_sites, short_stack;
+
+/* --short-stack: an ioctl issued (raw syscall, x86-64) on a stack of our own that ends
+ * SHORT_STACK_BYTES below a page never touched, so not present: as a main thread's stack
+ * ends below the gap of untouched pages exec leaves above the auxiliary vector. The probe's
+ * copy of the stack top must stop exactly at that page, not at the last whole 512-byte piece
+ * (which here is none of it). */
+#define SHORT_STACK_BYTES 96
+__attribute__((noinline)) long ioctl_on_short_stack(int fd, unsigned long request, void *arg)
+{
+    static uint8_t *area;
+    long page = sysconf(_SC_PAGESIZE);
+    if (!area) {
+        area = mmap(NULL, 2 * (size_t)page, PROT_READ | PROT_WRITE,
+                    MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+        if (area == MAP_FAILED)
+            die("mmap short stack");
+        memset(area, 0xa5, (size_t)page);  /* the first page only: the second stays absent */
+    }
+    void *sp = area + page - SHORT_STACK_BYTES;
+    long ret;
+    __asm__ volatile("mov %%rsp, %%r12\n\t"
+                     "mov %[sp], %%rsp\n\t"
+                     "syscall\n\t"
+                     "mov %%r12, %%rsp"
+                     : "=a"(ret)
+                     : "0"((long)SYS_ioctl), "D"((long)fd), "S"(request), "d"(arg), [sp] "r"(sp)
+                     : "rcx", "r11", "r12", "memory");
+    if (ret < 0) {
+        errno = (int)-ret;
+        return -1;
+    }
+    return ret;
+}
 
 static int vmm(int iterations, int correct, int exit_now)
 {
@@ -166,7 +202,14 @@ static int vmm(int iterations, int correct, int exit_now)
             complete_exit(&v);
             save_vcpu_state(&v, &regs, &sregs);
         } else {
-            save_vcpu_state(&v, &regs, &sregs);  /* the bug: the OUT is still pending */
+            if (short_stack) {  /* the same bug, its second read on a short stack */
+                if (ioctl(v.vcpu, KVM_GET_REGS, &regs) < 0)
+                    die("KVM_GET_REGS");
+                if (ioctl_on_short_stack(v.vcpu, KVM_GET_SREGS, &sregs) < 0)
+                    die("KVM_GET_SREGS (short stack)");
+            } else {
+                save_vcpu_state(&v, &regs, &sregs);  /* the bug: the OUT is still pending */
+            }
             if (exit_now && i == iterations - 1)
                 _exit(0);  /* gone at once, the exit never completed */
             complete_exit(&v);
@@ -190,11 +233,13 @@ int main(int argc, char **argv)
             exit_now = 1;
         else if (!strcmp(argv[i], "--two-sites"))
             two_sites = 1;
+        else if (!strcmp(argv[i], "--short-stack"))
+            short_stack = 1;
         else if (argv[i][0] != '-' && atoi(argv[i]) > 0)
             iterations = atoi(argv[i]);
         else {
             fprintf(stderr, "usage: %s [--correct] [--fork] [--exit-now] [--two-sites] "
-                    "[ITERATIONS]\n", argv[0]);
+                    "[--short-stack] [ITERATIONS]\n", argv[0]);
             return 2;
         }
     }
