@@ -18,6 +18,12 @@ from typing import Final
 
 from tracer import abi
 
+# Why a report went out without its user stack (probe counters; watch's ``stacks_missed``, the
+# metric ``stacks_missed_total{reason}``): the kernel walk's map full or failed, the capture of
+# registers and stack bytes failed, or was not sent (ring full, or no capture left until the
+# daemon's next read of the ring).
+STACK_MISS_REASONS: Final = ("stack_map_full", "stack_failed", "user_stack_failed",
+                             "user_stack_dropped")
 # bpf/completion.c: exits[] has one slot per reason below MAX_EXIT_REASON, then these two.
 EXIT_SLOT_OTHER: Final = abi.MAX_EXIT_REASON
 EXIT_SLOT_ERROR: Final = abi.MAX_EXIT_REASON + 1

@@ -32,7 +32,15 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from tracer import __version__, abi
-from tracer.counters import PATHS, RunState, VcpuCounters, VcpuEntry, exit_slot_name, total
+from tracer.counters import (
+    PATHS,
+    STACK_MISS_REASONS,
+    RunState,
+    VcpuCounters,
+    VcpuEntry,
+    exit_slot_name,
+    total,
+)
 from tracer.guest_exits import guest_exit_name
 from tracer.midcounts import MidKey
 from tracer.policy import Kind, Verdict
@@ -470,6 +478,15 @@ class CompletionCollector(Collector):
             fam = f.counter(name, doc)
             if name in counters:
                 f.add(fam, [], counters[name])
+        missed = f.counter("stacks_missed", "Reports sent without their user stack, by reason: "
+                           "stack_map_full/stack_failed (the kernel's frame-pointer walk), "
+                           "user_stack_failed/user_stack_dropped (the registers and stack bytes "
+                           "for the CFI unwinder: not readable, or not sent because the ring was "
+                           "full or a storm used the captures allowed between two reads).",
+                           ["reason"])
+        for reason in STACK_MISS_REASONS:
+            if reason in counters:
+                f.add(missed, [reason], counters[reason])
         have = set(attached)
         expected = f.gauge("probes_expected", "Probes the daemon needs on this kernel.")
         f.add(expected, [], len(health.expected_probes))

@@ -24,6 +24,7 @@ from typing import Any
 
 from tracer import __version__
 from tracer.alerts import AlertSink, SnapshotAlert, ViolationAlert
+from tracer.counters import STACK_MISS_REASONS
 from tracer.daemon import Daemon, DaemonOptions
 from tracer.gate import GateReport, exit_status
 from tracer.gate_ci import CiOptions, account, write_outputs
@@ -46,7 +47,6 @@ WATCH_RINGBUF_PAGES = 16384
 READER_NICE = -10
 # Reports that went without a stack (kernel walk), or without the registers and stack bytes the
 # CFI unwinder needs (then the kernel walk is what they have).
-STACK_COUNTERS = ("stack_map_full", "stack_failed", "user_stack_failed", "user_stack_dropped")
 
 
 @dataclass(frozen=True)
@@ -197,8 +197,8 @@ def watch(options: DaemonOptions, gate: WatchOptions, log: AlertSink | None = No
         # call site unknown), so it does not make the run inconclusive; --max-vcpus, the
         # remedy for the other maps, would not help it either.
         maps_full = {k: v for k, v in counters.items()
-                     if k.endswith("_map_full") and v and k not in STACK_COUNTERS}
-        stacks_missed = {k: int(counters.get(k, 0)) for k in STACK_COUNTERS}
+                     if k.endswith("_map_full") and v and k not in STACK_MISS_REASONS}
+        stacks_missed = {k: int(counters.get(k, 0)) for k in STACK_MISS_REASONS}
         report.set_losses(counters["events_lost"], maps_full,
                           ringbuf_pages=probe_config.ringbuf_pages,
                           max_vcpus=probe_config.max_vcpus)

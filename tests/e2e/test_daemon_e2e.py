@@ -417,6 +417,10 @@ def test_metrics_count_what_the_alerts_said(daemon: DaemonProcess) -> None:
     health = series(got, "kvm_completion_probes_attached")
     assert list(health.values()) == list(series(got, "kvm_completion_probes_expected").values())
     assert sum(series(got, "kvm_completion_events_lost_total").values()) == 0
+    # Every reason a report can go without its stack is exported (here none did).
+    missed = series(got, "kvm_completion_stacks_missed_total")
+    assert {dict(k)["reason"] for k in missed} == {"stack_map_full", "stack_failed",
+                                                   "user_stack_failed", "user_stack_dropped"}
 
 
 def test_scrapes_while_the_daemon_stops_stay_valid() -> None:

@@ -48,7 +48,9 @@ class ModelProbes:
                 for v in self.model.vcpus.values()]
 
     def counters(self) -> dict[str, int]:
-        return {"lost_violation": self.lost, "vcpu_map_full": 0, "untracked_exits": 7}
+        return {"lost_violation": self.lost, "vcpu_map_full": 0, "untracked_exits": 7,
+                "stack_map_full": 0, "stack_failed": 1, "user_stack_failed": 2,
+                "user_stack_dropped": 3}
 
     def guest_exit_counts(self) -> dict[tuple[int, int, int, int], int]:
         return self.guest

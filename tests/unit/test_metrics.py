@@ -136,6 +136,9 @@ def test_self_health_series() -> None:
     assert value(got, "kvm_completion_events_lost_total", event_type="violation") == 2
     assert value(got, "kvm_completion_map_full_total", map="vcpu") == 0
     assert value(got, "kvm_completion_untracked_exits_total") == 7
+    for reason, n in (("stack_map_full", 0), ("stack_failed", 1), ("user_stack_failed", 2),
+                      ("user_stack_dropped", 3)):
+        assert value(got, "kvm_completion_stacks_missed_total", reason=reason) == n
     assert value(got, "kvm_completion_ringbuf_polls_total") == 12
     assert value(got, "kvm_completion_last_poll_timestamp_seconds") == 1700000000.5
     import platform
