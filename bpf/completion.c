@@ -32,7 +32,8 @@
 // USER_PAGE_SIZE): the user stack
 // of every reported ioctl (the kernel's frame-pointer walk, and with USER_STACK_CAPTURE, kernel
 // >= 5.15 with BTF, the registers and stack bytes);
-// WATCH (with MAX_WATCHED): only the processes in `watched` (`watch -- CMD`) are followed.
+// WATCH (with MAX_WATCHED): only the processes in `watched` (`watch -- CMD`) are followed;
+// without it (`run`), MAX_EXEC_PATHS. EXEC_PATH_BYTES always.
 
 #include <uapi/linux/ptrace.h>
 
@@ -52,7 +53,8 @@ enum event_type {
     EV_RUN_ENTER = 10,
     EV_USERSPACE_EXIT = 11,
     EV_STATE_IOCTL = 12,
-    EV_EXEC = 13,  // WATCH: a watched process exec'd; EXEC_PATH_BYTES of its file name follow
+    EV_EXEC = 13,  // the file a process exec'd (EXEC_PATH_BYTES of its name follow): WATCH at
+                   // the exec of a watched process, `run` at a process's first vCPU
     EV_USER_STACK = 14,  // STACKS: struct user_stack_rec, the registers and stack of a report
     EV_TYPES = 16,
 };
@@ -241,6 +243,18 @@ BPF_HASH(inflight, u32, struct inflight, MAX_THREADS);  // tid -> syscall awaiti
 // a map declared after functions when the kernel headers are broken.)
 BPF_ARRAY(inflight_count, u64, 1);
 BPF_HASH(procs, u32, struct proc_state, MAX_PROCS);
+#ifndef WATCH
+// `run`: the file each process last exec'd (sched_process_exec's filename, as given to
+// execve), by tgid, for the most recent MAX_EXEC_PATHS execs on the host (LRU). Sent to Python
+// as an EV_EXEC when the process first appears in `procs` (its first vCPU), then dropped; also
+// dropped at the process's exit. So a VMM gone before Python read its /proc (a test VMM lives
+// milliseconds) still has its executable known to place its stack's frames.
+struct exec_path {
+    char path[EXEC_PATH_BYTES];
+};
+BPF_TABLE("lru_hash", u32, struct exec_path, exec_paths, MAX_EXEC_PATHS);
+BPF_PERCPU_ARRAY(exec_scratch, struct exec_path, 1);  // too big for the BPF stack
+#endif
 BPF_TABLE("lru_hash", struct fd_key, u8, unknown_fds, 1024);  // UNKNOWN_FD sent once per fd
 BPF_ARRAY(pending_exits, u8, MAX_EXIT_REASON);      // policy: 1 = exit leaves a completion
 BPF_HASH(ioctl_kinds, u32, u32, 128);               // policy: see KIND_MASK, by full cmd
@@ -763,6 +777,33 @@ static __always_inline void emit_simple(u32 type, u32 tgid, u32 tid, s32 fd, u32
     events.ringbuf_submit(ev, 0);
 }
 
+#ifndef WATCH
+// A process new in `procs`: the file it exec'd, if that exec was seen, as an EV_EXEC (the
+// event watch sends at the exec itself), ahead of any report of the process.
+static __always_inline void send_exec_path(u32 tgid)
+{
+    struct exec_path *known = exec_paths.lookup(&tgid);
+    if (!known)
+        return;
+    struct event *ev = events.ringbuf_reserve(sizeof(struct event) + EXEC_PATH_BYTES);
+    if (!ev) {
+        count(C_LOST_BASE + EV_EXEC);
+        return;
+    }
+    __builtin_memset(ev, 0, sizeof(*ev));
+    u64 id = bpf_get_current_pid_tgid();
+    ev->type = EV_EXEC;
+    ev->tgid = tgid;
+    ev->tid = (u32)id;
+    ev->stack_id = -1;
+    ev->ts_ns = bpf_ktime_get_ns();
+    bpf_get_current_comm(&ev->comm, sizeof(ev->comm));
+    bpf_probe_read_kernel((char *)(ev + 1), EXEC_PATH_BYTES, known->path);
+    events.ringbuf_submit(ev, 0);
+    exec_paths.delete(&tgid);
+}
+#endif
+
 static __always_inline struct proc_state *proc_get(u32 tgid)
 {
     struct proc_state zero = {};
@@ -773,6 +814,9 @@ static __always_inline struct proc_state *proc_get(u32 tgid)
         count(C_PROC_MAP_FULL);
         return 0;
     }
+#ifndef WATCH
+    send_exec_path(tgid);
+#endif
     return procs.lookup(&tgid);
 }
 
@@ -1423,6 +1467,9 @@ TRACEPOINT_PROBE(sched, sched_process_exit)
 #ifdef WATCH
     if (group_dead)
         watched.delete(&tgid);
+#else
+    if (group_dead)
+        exec_paths.delete(&tgid);
 #endif
     return 0;
 }
@@ -1469,6 +1516,16 @@ TRACEPOINT_PROBE(sched, sched_process_exec)
     path[0] = 0;
     TP_DATA_LOC_READ_STR(path, filename, EXEC_PATH_BYTES);
     events.ringbuf_submit(ev, 0);
+#else
+    // `run` follows every process: keep the file name until the process creates a vCPU.
+    u32 zero = 0;
+    struct exec_path *scratch = exec_scratch.lookup(&zero);
+    if (!scratch)
+        return 0;
+    u32 tgid = id >> 32;
+    scratch->path[0] = 0;
+    TP_DATA_LOC_READ_STR(scratch->path, filename, EXEC_PATH_BYTES);
+    exec_paths.update(&tgid, scratch);
 #endif
     return 0;
 }

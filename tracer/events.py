@@ -30,7 +30,7 @@ class EventType(enum.IntEnum):
     USERSPACE_EXIT = 11  # exit_reason, aux = errno
     # a save/restore with nothing pending on its vCPU: only with --trace-exits
     STATE_IOCTL = 12
-    EXEC = 13  # watch: a watched process exec'd; ``path`` is the file it runs
+    EXEC = 13  # the file a process exec'd (``path``): watch at the exec, run at its first vCPU
     # stacks: the user registers and top of stack of the VIOLATION before it (same tid and seq)
     USER_STACK = 14
 

@@ -57,6 +57,9 @@ COUNTER_NAMES: Final = (
 # keeps 0x58 bytes of frame under its return address; 256 covers it and a small caller's locals.
 HELD_STACK_BYTES: Final = 256
 MAX_HELD_TOPS: Final = 1024  # windows holding a read at once (LRU)
+# `run`: the file names of the most recent execs on the host (LRU, 264 bytes each), kept until
+# the process creates its first vCPU (a VMM does so within moments of its exec).
+MAX_EXEC_PATHS: Final = 1024
 # struct bpf_stack_build_id.status (<linux/bpf.h>): a frame's module resolved, or its bare ip.
 BUILD_ID_VALID: Final = 1
 BUILD_ID_IP: Final = 2
@@ -236,8 +239,11 @@ def cflags(config: ProbeConfig) -> list[str]:
                         PT_REGS_IP_IDX=syscall_abi.PT_REGS_IP_SP_OFFSETS["rip"] // 8,
                         PT_REGS_SP_IDX=syscall_abi.PT_REGS_IP_SP_OFFSETS["rsp"] // 8,
                         HELD_STACK_BYTES=HELD_STACK_BYTES, MAX_HELD_TOPS=MAX_HELD_TOPS)
+    defs["EXEC_PATH_BYTES"] = EXEC_PATH_BYTES
     if config.watch:
-        defs.update(WATCH=1, MAX_WATCHED=config.max_watched, EXEC_PATH_BYTES=EXEC_PATH_BYTES)
+        defs.update(WATCH=1, MAX_WATCHED=config.max_watched)
+    else:
+        defs["MAX_EXEC_PATHS"] = MAX_EXEC_PATHS
     flags = [f"-D{k}={v}" for k, v in defs.items()]
     if _has_field("sched", "sched_process_exit", "group_dead"):
         flags.append("-DHAVE_GROUP_DEAD")

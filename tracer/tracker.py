@@ -357,7 +357,8 @@ class Tracker:
                          why=f"{abi.ioctl_name(ev.aux)} on an fd created before the probes")
 
     def _on_exec(self, ev: KernelEvent) -> None:
-        """watch: a process of the tree runs a new binary; index it while it is there."""
+        """The binary a process runs (watch: at its exec; run: at its first vCPU): indexed
+        while it is there, for the stacks of a process gone before its /proc was read."""
         if self.stacks is not None and ev.path:
             self.stacks.index_binary(ev.tgid, ev.path)
 

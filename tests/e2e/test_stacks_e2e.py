@@ -242,6 +242,37 @@ def test_a_vmm_gone_before_its_mappings_were_read_gets_its_whole_stack(
         assert finding["call_site"]["function"] == function, finding["call_site"]
 
 
+def test_run_places_the_stack_of_a_vmm_gone_before_its_first_event_was_read(
+        builds: dict[str, Path]) -> None:
+    """`run` (every process on the host, no exec events of its own): the daemon stopped while a
+    test VMM execs, races and exits, so all its events are read after it is gone. The file it
+    exec'd, kept in the kernel until its first vCPU, still places its frames."""
+    from daemon_proc import DaemonProcess
+
+    binary = builds["rust-release"]
+    daemon = DaemonProcess()
+    try:
+        os.kill(daemon.proc.pid, signal.SIGSTOP)
+        try:
+            vmm = subprocess.run([str(binary), "3"], capture_output=True, text=True, timeout=60,
+                                 check=True)
+        finally:
+            os.kill(daemon.proc.pid, signal.SIGCONT)
+        pid = int(re.search(r"pid (\d+)", vmm.stdout)[1])  # type: ignore[index]
+        daemon.settle()
+        saves = [a for a in daemon.for_pid(pid, "completion_violation")
+                 if a["ioctl"] == "KVM_GET_REGS"]
+        assert len(saves) == 3, daemon.for_pid(pid, "completion_violation")
+        for alert in saves:
+            stack = alert["user_stack"]
+            assert stack["method"] == "cfi" and stack["complete"] is True, (
+                stack["why_partial"], [fr["function"] for fr in stack["frames"]])
+            assert "buggy_vmm::save_vcpu_state" in [fr["function"] for fr in stack["frames"]]
+    finally:
+        daemon.stop()
+        daemon.cleanup()
+
+
 SHORT_STACK_BYTES = int(re.search(r"#define SHORT_STACK_BYTES (\d+)",
                                   (VMMS / "buggy_vmm.c").read_text())[1])
 

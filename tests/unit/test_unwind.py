@@ -236,6 +236,15 @@ def test_a_process_gone_before_its_maps_were_read_unwinds_from_the_capture(
     blind = Symbolizer(gone).symbolize(proc.pid, [(libc.build_id, libc.file_offset)], got)
     assert not blind.complete and len(blind.frames) < len(alive.frames)
     assert "no executable mapping" in (blind.why_partial or "")
+    # Another binary under the name it exec'd (rebuilt since, or a relative name resolved in
+    # another directory): none of its frames is printed (its entry is not where AT_ENTRY says,
+    # or the return addresses do not follow a call in it).
+    other = _build(tmp_path, "O0-g", FLAVOURS["O0-g"])
+    wrong = Symbolizer(gone)
+    wrong.index_binary(proc.pid, str(other))
+    misled = wrong.symbolize(proc.pid, [(libc.build_id, libc.file_offset)], got)
+    assert [(f.module, f.file_offset) for f in misled.frames] == [
+        (f.module, f.file_offset) for f in blind.frames]
 
 
 @needs_ptrace
