@@ -19,6 +19,7 @@ from tracer import __version__, handover, vmident
 from tracer.alerts import AlertSink, LogSink
 from tracer.counters import PATHS, RunState, VcpuCounters, total
 from tracer.events import CapturePairer, KernelEvent, MalformedEvent, UserCapture, decode_event
+from tracer.fairlock import FairLock
 from tracer.metrics import CompletionCollector, ExporterHealth, MetricsOptions, start_server
 from tracer.policy import CompletionPolicy, describe
 from tracer.preflight import effective_caps
@@ -148,8 +149,9 @@ class Daemon:
         self.options = options
         self.sink: AlertSink = sink or LogSink()
         # Held by the loop while it handles events and by a scrape while it reads: the exporter's
-        # HTTP thread sees the tracker between two events, never in the middle of one.
-        self.lock = threading.Lock()
+        # HTTP thread sees the tracker between two events, never in the middle of one. Taken in
+        # turn (tracer.fairlock): a scrape waits for one event, not for the loop's backlog.
+        self.lock = FairLock()
         self.probes = Probes(options.policy, options.probe_config)
         stacks = ProbeStacks(self.probes) if options.probe_config.stacks else None
         if stacks is not None:

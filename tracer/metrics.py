@@ -41,6 +41,7 @@ from tracer.counters import (
     exit_slot_name,
     total,
 )
+from tracer.fairlock import FairLock
 from tracer.guest_exits import guest_exit_name
 from tracer.midcounts import MidKey
 from tracer.policy import Kind, Verdict
@@ -226,7 +227,7 @@ class _Families:
 class CompletionCollector(Collector):
     """Reads the probes' maps and the tracker when Prometheus scrapes."""
 
-    def __init__(self, tracker: Tracker, probes: ProbeStats, lock: threading.Lock,
+    def __init__(self, tracker: Tracker, probes: ProbeStats, lock: FairLock,
                  health: ExporterHealth, options: MetricsOptions,
                  now: Callable[[], int] | None = None) -> None:
         self.tracker = tracker
