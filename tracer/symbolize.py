@@ -316,6 +316,9 @@ class Symbolizer:
         self._modules: OrderedDict[tuple[str, int], ModuleCFI | None] = OrderedDict()
         self._by_build_id: OrderedDict[str, ModuleCFI] = OrderedDict()
         self._exe: OrderedDict[int, ModuleCFI] = OrderedDict()  # pid -> the binary it exec'd
+        # pid -> where the captures placed its modules (a gone process's address space): a
+        # report whose kernel walk is missing (its stack map bucket was taken) uses them.
+        self._placed: OrderedDict[int, list[tuple[Mapping, ModuleCFI]]] = OrderedDict()
         self._refreshed: dict[int, float] = {}  # pid -> when its mappings were last re-read
         self._warmed: set[str] = set()  # modules llvm-symbolizer has loaded (by identity)
         self._named_cache: OrderedDict[tuple[RawFrame, bool], list[StackFrame]] = OrderedDict()
@@ -375,6 +378,7 @@ class Symbolizer:
         self._refreshed.pop(pid, None)
         self._maps.pop(pid, None)
         self._exe.pop(pid, None)
+        self._placed.pop(pid, None)
 
     def index_file(self, path: Path) -> None:
         """Open one file and index it by its build-id (a binary about to run)."""
@@ -560,6 +564,19 @@ class Symbolizer:
             loader = next((m for m in self._modules.values()
                            if m is not None and Path(m.path).name.startswith("ld-linux")), None)
             add(loader, aux[AT_BASE])
+        # What earlier captures of this address space placed (its libc, from a report whose
+        # kernel walk resolved rip), and what this one adds for the next.
+        placed = self._placed.setdefault(pid, [])
+        for m, mod in placed:
+            if not any(o.start < m.end and m.start < o.end for o in out):
+                out.append(m)
+                known[m.start] = mod
+        for m in out:
+            if not any(p.start == m.start for p, _ in placed):
+                placed.append((m, known[m.start]))
+        self._placed.move_to_end(pid)
+        while len(self._placed) > MAX_PROCESSES:
+            self._placed.popitem(last=False)
         return out, known
 
     def _outermost(self, frame: RawFrame) -> bool:

@@ -232,6 +232,13 @@ def test_a_process_gone_before_its_maps_were_read_unwinds_from_the_capture(
     assert stack.method == "cfi" and stack.complete
     assert [(f.file_offset, f.function) for f in stack.frames] == [
         (f.file_offset, f.function) for f in alive.frames]
+    # A later report of the same process whose kernel walk is missing (its bucket in the stack
+    # map was taken): the modules earlier captures placed still place its frames.
+    again = symbolizer.symbolize(proc.pid, [], got)
+    assert again.complete and [f.file_offset for f in again.frames] == [
+        f.file_offset for f in alive.frames]
+    symbolizer.forget(proc.pid)  # the process is gone from the tracker: so are its placements
+    assert not symbolizer.symbolize(proc.pid, [], got).complete
     # Without the executable known, the stack stops where its frames begin, and says so.
     blind = Symbolizer(gone).symbolize(proc.pid, [(libc.build_id, libc.file_offset)], got)
     assert not blind.complete and len(blind.frames) < len(alive.frames)
