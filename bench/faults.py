@@ -650,7 +650,14 @@ class Campaign:
                   and windows <= set(f.windows) and lines <= 1)
         false = len(d.alerts_for(correct["pid"])) + \
             len(d.alerts_for(correct["pid"], "completion_snapshot"))
+        # Which names the alerts and the series gave the process (a failure says where the
+        # counts went).
+        alert_vms = sorted({a.vm or "" for a in v})
+        series_vms = sorted({labels.get("vm", "") for n, labels, _ in m
+                             if n == "kvm_completion_violations_total"
+                             and f"[{f.pid}]" in labels.get("vm", "")})
         return {"reported": ok and folded is not None, "violation_lines": len(v),
+                "alert_vms": alert_vms, "series_vms": series_vms,
                 "counter": total, "snapshots_total": snaps, "alerts_lost": alerts_lost,
                 "events_lost_meanwhile": lost, "folded_after_s": folded,
                 "correct_vmm_alerts": false, "pid": f.pid, "correct_pid": correct["pid"]}
