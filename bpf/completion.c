@@ -777,6 +777,25 @@ static __always_inline void emit_simple(u32 type, u32 tgid, u32 tid, s32 fd, u32
     events.ringbuf_submit(ev, 0);
 }
 
+// An EV_EXEC with its header filled; the caller writes the EXEC_PATH_BYTES of file name after
+// it and submits it. NULL (counted as lost) when the ring is full.
+static __always_inline struct event *new_exec_event(u32 tgid, u32 tid)
+{
+    struct event *ev = events.ringbuf_reserve(sizeof(struct event) + EXEC_PATH_BYTES);
+    if (!ev) {
+        count(C_LOST_BASE + EV_EXEC);
+        return 0;
+    }
+    __builtin_memset(ev, 0, sizeof(*ev));
+    ev->type = EV_EXEC;
+    ev->tgid = tgid;
+    ev->tid = tid;
+    ev->stack_id = -1;
+    ev->ts_ns = bpf_ktime_get_ns();
+    bpf_get_current_comm(&ev->comm, sizeof(ev->comm));
+    return ev;
+}
+
 #ifndef WATCH
 // A process new in `procs`: the file it exec'd, if that exec was seen, as an EV_EXEC (the
 // event watch sends at the exec itself), ahead of any report of the process.
@@ -785,19 +804,9 @@ static __always_inline void send_exec_path(u32 tgid)
     struct exec_path *known = exec_paths.lookup(&tgid);
     if (!known)
         return;
-    struct event *ev = events.ringbuf_reserve(sizeof(struct event) + EXEC_PATH_BYTES);
-    if (!ev) {
-        count(C_LOST_BASE + EV_EXEC);
+    struct event *ev = new_exec_event(tgid, (u32)bpf_get_current_pid_tgid());
+    if (!ev)
         return;
-    }
-    __builtin_memset(ev, 0, sizeof(*ev));
-    u64 id = bpf_get_current_pid_tgid();
-    ev->type = EV_EXEC;
-    ev->tgid = tgid;
-    ev->tid = (u32)id;
-    ev->stack_id = -1;
-    ev->ts_ns = bpf_ktime_get_ns();
-    bpf_get_current_comm(&ev->comm, sizeof(ev->comm));
     bpf_probe_read_kernel((char *)(ev + 1), EXEC_PATH_BYTES, known->path);
     events.ringbuf_submit(ev, 0);
     exec_paths.delete(&tgid);
@@ -1500,18 +1509,9 @@ TRACEPOINT_PROBE(sched, sched_process_exec)
     u32 tgid = id >> 32;
     if (!watched.lookup(&tgid))
         return 0;
-    struct event *ev = events.ringbuf_reserve(sizeof(struct event) + EXEC_PATH_BYTES);
-    if (!ev) {
-        count(C_LOST_BASE + EV_EXEC);
+    struct event *ev = new_exec_event(tgid, (u32)id);
+    if (!ev)
         return 0;
-    }
-    __builtin_memset(ev, 0, sizeof(*ev));
-    ev->type = EV_EXEC;
-    ev->tgid = tgid;
-    ev->tid = (u32)id;
-    ev->stack_id = -1;
-    ev->ts_ns = bpf_ktime_get_ns();
-    bpf_get_current_comm(&ev->comm, sizeof(ev->comm));
     char *path = (char *)(ev + 1);
     path[0] = 0;
     TP_DATA_LOC_READ_STR(path, filename, EXEC_PATH_BYTES);

@@ -175,7 +175,9 @@ def test_every_build_names_the_offending_line(tmp: Path, builds: dict[str, Path]
     if flavour == "c-O2-inlined":
         caller = frames[index + 1]
         assert save["inlined"] is True and caller["inlined"] is False
-        assert caller["address"] == save["address"] and caller["function"] in ("vmm", "main")
+        # gcc names a specialised copy of vmm vmm.isra.0 (gcc 14) or vmm.constprop.0
+        assert caller["address"] == save["address"]
+        assert caller["function"].split(".")[0] in ("vmm", "main"), caller
         assert "[inlined]" in block
     else:
         assert save["inlined"] is False
@@ -337,8 +339,11 @@ def test_qemu_stack_reaches_the_vcpu_threads_start(tmp: Path) -> None:
     assert os.path.samefile(frames[1]["module"], os.path.realpath(qemu))
     assert names[1] == "kvm_vcpu_ioctl" and "kvm_cpu_exec" in names
     assert finding["call_site"]["function"] == "kvm_arch_get_registers"
-    # ... up to the thread's start: libc's start_thread and clone3
-    assert names[-2:] == ["start_thread", "__GI___clone3"] or names[-1] in ("clone3", "clone")
+    # ... up to the thread's start in libc: start_thread and clone3, named where libc's symbols
+    # are installed (Debian 12 here), module+offset elsewhere (Debian 13's stripped libc)
+    assert modules[-1].startswith("libc.so"), modules
+    assert names[-2:] in (["start_thread", "__GI___clone3"], [None, None]) or \
+        names[-1] in ("clone3", "clone"), names
     assert not any("glib" in m for m in modules), modules  # g_free is not on a vCPU's stack
     assert len(frames) >= 12
 
