@@ -1082,15 +1082,14 @@ class Campaign:
             scraper = subprocess.Popen([sys.executable, "-c", SCRAPER, d.url(), "20"],
                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                        text=True)
-            t0 = time.monotonic()
             try:
                 f = self.flood(k, pace_us)
             finally:
                 out, _ = scraper.communicate("", timeout=60)  # stdin closed: it stops
-            rate_lat = json.loads(out or "{}")
-            lat: list[float] = rate_lat.get("latency_ms", [])
-            errors: list[str] = rate_lat.get("errors", [])
-            rate = len(lat) / max(rate_lat.get("seconds", 0.0) or (time.monotonic() - t0), 1e-9)
+            scraped = json.loads(out or '{"latency_ms": [], "errors": ["scraper died"]}')
+            lat: list[float] = scraped["latency_ms"]
+            errors: list[str] = scraped["errors"]
+            rate = len(lat) / scraped["seconds"] if lat else 0.0
             fig = self.flood_figures(d, f, lost1)
         row.figures = {**fig, "baseline_flood": base, "scrapes": len(lat),
                        "scrape_hz": rate, "scrape_errors_http": errors[:5],

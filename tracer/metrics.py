@@ -563,17 +563,19 @@ class _QuietHandler(WSGIRequestHandler):
         pass  # probes and scrapes every few seconds: no access log on stderr
 
 
-# The exporter's threads (its accept loop and each request's) run at this nice value: a scrape
-# or a health probe is a few ms of CPU, but each of its many GIL hand-overs (every map read and
-# socket call releases the GIL) waited for the ring reader's thread to be scheduled when the
-# CPUs were busy: the storm row failed 1 run in 8 with a CPU hog beside it (single scrapes of
-# 0.3-0.7 s); ahead of the busy threads, 8 of 8 pass with one hog and 6 of 6 with two.
+# The exporter's threads (its accept loop, and each request's, started by it) run at this
+# nice value: a scrape or a health probe is a few ms of CPU, but each of its many GIL
+# hand-overs (every map read and socket call releases the GIL) waited for the ring reader's
+# thread to be scheduled when the CPUs were busy: the storm row failed 1 run in 8 with a CPU
+# hog beside it (single scrapes of 0.3-0.7 s); ahead of the busy threads, 8 of 8 pass with one
+# hog and 6 of 6 with two.
 HTTP_NICE: Final = -5
 
 
 def _raise_priority() -> None:
-    """This thread (the exporter's) at HTTP_NICE, when permitted (CAP_SYS_NICE)."""
-    with contextlib.suppress(OSError, AttributeError):
+    """This thread (the exporter's accept loop) at HTTP_NICE, when permitted (CAP_SYS_NICE); the
+    thread it starts for each request inherits it."""
+    with contextlib.suppress(OSError):
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), HTTP_NICE)
 
 
@@ -601,10 +603,6 @@ def start_server(addr: str, registry: CollectorRegistry,
         class Server(ThreadingMixIn, WSGIServer):
             address_family = family
             daemon_threads = True  # a hung client must not hold up the exit
-
-            def process_request_thread(self, request: Any, client_address: Any) -> None:
-                _raise_priority()
-                super().process_request_thread(request, client_address)
 
         server = make_server(str(sockaddr[0]), port, app, Server, handler_class=_QuietHandler)
     except OSError as err:

@@ -318,7 +318,7 @@ class Symbolizer:
         self._exe: OrderedDict[int, ModuleCFI] = OrderedDict()  # pid -> the binary it exec'd
         # pid -> where the captures placed its modules (a gone process's address space): a
         # report whose kernel walk is missing (its stack map bucket was taken) uses them.
-        self._placed: OrderedDict[int, list[tuple[Mapping, ModuleCFI]]] = OrderedDict()
+        self._placed: OrderedDict[int, dict[int, tuple[Mapping, ModuleCFI]]] = OrderedDict()
         self._refreshed: dict[int, float] = {}  # pid -> when its mappings were last re-read
         self._warmed: set[str] = set()  # modules llvm-symbolizer has loaded (by identity)
         self._named_cache: OrderedDict[tuple[RawFrame, bool], list[StackFrame]] = OrderedDict()
@@ -566,14 +566,13 @@ class Symbolizer:
             add(loader, aux[AT_BASE])
         # What earlier captures of this address space placed (its libc, from a report whose
         # kernel walk resolved rip), and what this one adds for the next.
-        placed = self._placed.setdefault(pid, [])
-        for m, mod in placed:
+        placed = self._placed.setdefault(pid, {})
+        for m, mod in list(placed.values()):
             if not any(o.start < m.end and m.start < o.end for o in out):
                 out.append(m)
                 known[m.start] = mod
         for m in out:
-            if not any(p.start == m.start for p, _ in placed):
-                placed.append((m, known[m.start]))
+            placed.setdefault(m.start, (m, known[m.start]))
         self._placed.move_to_end(pid)
         while len(self._placed) > MAX_PROCESSES:
             self._placed.popitem(last=False)
@@ -694,12 +693,10 @@ def stack_lines(stack: dict[str, Any] | None) -> list[str]:
     """A symbolized stack (``UserStack.to_dict()``) as the indented lines of a report: the
     gate's report and the console log renderer print it alike."""
     if not stack or not stack.get("frames"):
-        why = (stack or {}).get("why_partial")
-        copied = (stack or {}).get("copied_bytes")
-        if copied:  # captured, but its first address was in no module known
-            return [f"  stack: captured ({copied} bytes) but not unwound"
-                    f"{f' ({why})' if why else ''}"]
-        return [f"  stack: not captured{f' ({why})' if why else ''}"]
+        why = f" ({stack['why_partial']})" if stack and stack.get("why_partial") else ""
+        if stack and stack.get("copied_bytes"):  # captured; its first address in no module
+            return [f"  stack: captured ({stack['copied_bytes']} bytes) but not unwound{why}"]
+        return [f"  stack: not captured{why}"]
     method = stack.get("method") or "frame-pointer"
     if stack.get("complete", not stack.get("partial")):
         header = f"  stack ({method}):"
