@@ -20,9 +20,8 @@ import time
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from socketserver import ThreadingMixIn
 from typing import Any, Final, Protocol
-from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+from wsgiref.simple_server import WSGIRequestHandler, make_server
 from wsgiref.types import StartResponse, WSGIApplication, WSGIEnvironment
 
 from prometheus_client.core import (
@@ -45,6 +44,7 @@ from tracer.counters import (
 )
 from tracer.fairlock import FairLock
 from tracer.guest_exits import guest_exit_name
+from tracer.httppool import REQUEST_TIMEOUT_S, PooledWSGIServer
 from tracer.midcounts import MidKey
 from tracer.policy import Kind, Verdict
 from tracer.tracker import Tracker
@@ -559,22 +559,24 @@ def _monotonic_ns() -> int:
 
 
 class _QuietHandler(WSGIRequestHandler):
+    timeout = REQUEST_TIMEOUT_S  # a silent client frees its pool thread
+
     def log_message(self, format: str, *args: Any) -> None:
         pass  # probes and scrapes every few seconds: no access log on stderr
 
 
-# The exporter's threads (its accept loop, and each request's, started by it) run at this
-# nice value: a scrape or a health probe is a few ms of CPU, but each of its many GIL
-# hand-overs (every map read and socket call releases the GIL) waited for the ring reader's
-# thread to be scheduled when the CPUs were busy: the storm row failed 1 run in 8 with a CPU
-# hog beside it (single scrapes of 0.3-0.7 s); ahead of the busy threads, 8 of 8 pass with one
-# hog and 6 of 6 with two.
+# The exporter's threads (its accept loop and its pool, tracer.httppool) run at this nice
+# value: a scrape or a health probe is a few ms of CPU, but each of its many GIL hand-overs
+# (every map read and socket call releases the GIL) waited for the ring reader's thread to be
+# scheduled when the CPUs were busy: the storm row failed 1 run in 8 with a CPU hog beside it
+# (single scrapes of 0.3-0.7 s); ahead of the busy threads, 8 of 8 pass with one hog and 6 of 6
+# with two.
 HTTP_NICE: Final = -5
 
 
 def _raise_priority() -> None:
-    """This thread (the exporter's accept loop) at HTTP_NICE, when permitted (CAP_SYS_NICE); the
-    thread it starts for each request inherits it."""
+    """This thread (the exporter's accept loop, each of its pool's) at HTTP_NICE, when
+    permitted (CAP_SYS_NICE)."""
     with contextlib.suppress(OSError):
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), HTTP_NICE)
 
@@ -594,15 +596,15 @@ def start_server(addr: str, registry: CollectorRegistry,
     if health is not None:
         app = with_health(app, health)
     # prometheus_client's start_http_server builds its own app, so the server is built here the
-    # same way (address family from getaddrinfo, a thread per request, no request log), with
-    # the wrapped app in it from the first request on.
+    # same way (address family from getaddrinfo, no request log), with the wrapped app in it
+    # from the first request on, and its requests served by a pool (tracer.httppool).
     try:
         family, _, _, _, sockaddr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
                                                        flags=socket.AI_PASSIVE)[0]
 
-        class Server(ThreadingMixIn, WSGIServer):
+        class Server(PooledWSGIServer):
             address_family = family
-            daemon_threads = True  # a hung client must not hold up the exit
+            on_thread_start = staticmethod(_raise_priority)
 
         server = make_server(str(sockaddr[0]), port, app, Server, handler_class=_QuietHandler)
     except OSError as err:
