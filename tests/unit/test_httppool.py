@@ -69,6 +69,9 @@ def test_every_request_is_served_by_the_threads_started_with_the_server() -> Non
         assert threading.active_count() == before  # no thread started for a request
         assert len(served) == 3 * POOL_THREADS
         assert set(served) <= set(server.pool_native_ids)
+        # One after another: the thread that went idle last serves the next (its malloc arena
+        # already holds a page; round the pool each thread's would grow to one).
+        assert len(set(served)) == 1
         assert sorted(started) == sorted(i for i in server.pool_native_ids if i is not None)
         assert len(started) == POOL_THREADS
 
@@ -111,12 +114,17 @@ def test_the_exporter_frees_a_silent_clients_thread() -> None:
     assert _QuietHandler.timeout == REQUEST_TIMEOUT_S
 
 
-def test_closing_the_server_ends_its_pool() -> None:
+def test_closing_the_server_ends_its_pool_busy_threads_included() -> None:
     started: list[int] = []
-    with serving(started) as (server, _served, url):
+    with serving(started, timeout=0.5) as (server, _served, url):
         assert _get(url) == b"ok\n"
         pool = list(server._pool)
-    assert pool and not any(thread.is_alive() for thread in pool)
+        host, port = url.removeprefix("http://").rstrip("/").split(":")
+        silent = socket.create_connection((host, int(port)))  # holds a thread until its timeout
+        time.sleep(0.1)
+    silent.close()
+    assert len(pool) == POOL_THREADS
+    assert not any(thread.is_alive() for thread in pool)
 
 
 def test_a_server_whose_bind_failed_closes_cleanly() -> None:
