@@ -102,6 +102,11 @@ class PooledWSGIServer(WSGIServer):
             thread.join(timeout=REQUEST_TIMEOUT_S)
 
     @property
+    def idle_threads(self) -> int:
+        with self._handover:
+            return len(self._idle)
+
+    @property
     def pool_native_ids(self) -> list[int | None]:
         """The pool threads' kernel ids (tests: the same threads serve every request)."""
         return [thread.native_id for thread in self._pool]
