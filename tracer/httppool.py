@@ -4,8 +4,8 @@ socketserver's ThreadingMixIn starts a thread for each request. On a host whose 
 that start was the slow part of a scrape: with a CPU hog beside a flood, while the ring's reader
 held the GIL, a new thread needed 50-80 ms (once 850 ms) to get from its creation to its first
 line of the request, so a 20 Hz scrape storm saw single scrapes of 200-300 ms (the fault
-campaign's storm row, over its 250 ms bound in 1 of 4 campaigns). The same requests served by
-threads that already exist: 6 of 6 runs under the bound, worst 139 ms. A fixed pool also bounds
+campaign's storm row, over its 250 ms bound in 1 of 4 campaigns). Served by threads that
+already exist: 10 of 10 runs of the row under the bound (docs/reliability.md). A pool also bounds
 the threads a flood of connections can make, and each connection's timeout frees a worker that
 a silent client holds, so a health probe is still answered.
 
@@ -103,10 +103,6 @@ class PooledWSGIServer(WSGIServer):
 
     @property
     def idle_threads(self) -> int:
+        """Pool threads waiting for a request now."""
         with self._handover:
             return len(self._idle)
-
-    @property
-    def pool_native_ids(self) -> list[int | None]:
-        """The pool threads' kernel ids (tests: the same threads serve every request)."""
-        return [thread.native_id for thread in self._pool]

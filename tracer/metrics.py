@@ -615,6 +615,7 @@ def start_server(addr: str, registry: CollectorRegistry,
         hint = ("another process listens there: pick another port with --metrics-addr"
                 if "in use" in reason.lower() else "check the address")
         raise MetricsConfigError(f"cannot serve metrics on {addr}: {reason}; {hint}") from None
+
     def serve() -> None:
         _raise_priority()
         server.serve_forever()

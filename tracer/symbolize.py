@@ -25,7 +25,7 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
 from tracer.events import UserCapture
 from tracer.unwind import (
@@ -156,9 +156,7 @@ class LlvmSymbolizer:
             self._cache.move_to_end(key)
             return self._cache[key]
         frames = self._ask(obj, vaddr)
-        self._cache[key] = frames
-        while len(self._cache) > MAX_SYMBOLIZED:
-            self._cache.popitem(last=False)
+        _put_recent(self._cache, key, frames, MAX_SYMBOLIZED)
         return frames
 
     def _ask(self, obj: str, vaddr: int) -> list[dict[str, Any]]:
@@ -183,6 +181,18 @@ class LlvmSymbolizer:
                 continue
             return [s for s in answer.get("Symbol", []) if isinstance(s, dict)]
         return []
+
+
+K = TypeVar("K")
+V = TypeVar("V")
+
+
+def _put_recent(lru: OrderedDict[K, V], key: K, value: V, most: int) -> None:
+    """``lru[key] = value`` as its most recent entry, the least recent dropped past ``most``."""
+    lru[key] = value
+    lru.move_to_end(key)
+    while len(lru) > most:
+        lru.popitem(last=False)
 
 
 def find_llvm_symbolizer() -> str | None:
@@ -336,10 +346,7 @@ class Symbolizer:
         maps = read_maps(pid, self.proc_root)
         if not maps:
             return
-        self._maps[pid] = maps
-        self._maps.move_to_end(pid)
-        while len(self._maps) > MAX_PROCESSES:
-            self._maps.popitem(last=False)
+        _put_recent(self._maps, pid, maps, MAX_PROCESSES)
         for m in maps:  # open while the files are surely reachable
             mod = self._module(pid, m)
             if mod is not None:
@@ -392,10 +399,7 @@ class Symbolizer:
                           Path(path)):
             mod = self._index_path(candidate, path)
             if mod is not None:
-                self._exe[pid] = mod
-                self._exe.move_to_end(pid)
-                while len(self._exe) > MAX_PROCESSES:
-                    self._exe.popitem(last=False)
+                _put_recent(self._exe, pid, mod, MAX_PROCESSES)
                 return
 
     def _index_path(self, candidate: Path, name: str) -> ModuleCFI | None:
@@ -529,13 +533,16 @@ class Symbolizer:
         out: list[Mapping] = []
         known: dict[int, ModuleCFI] = {}
 
+        def place(m: Mapping, mod: ModuleCFI) -> None:  # unless it overlaps one placed
+            if not any(o.start < m.end and m.start < o.end for o in out):
+                out.append(m)
+                known[m.start] = mod
+
         def add(mod: ModuleCFI | None, bias: int) -> None:
             if mod is None or bias % 4096:
                 return
             for m in mappings_of(mod, bias, mod.path):
-                if not any(o.start < m.end and m.start < o.end for o in out):
-                    out.append(m)
-                    known[m.start] = mod
+                place(m, mod)
 
         def word(addr: int) -> int | None:
             off = addr - capture.sp
@@ -566,16 +573,12 @@ class Symbolizer:
             add(loader, aux[AT_BASE])
         # What earlier captures of this address space placed (its libc, from a report whose
         # kernel walk resolved rip), and what this one adds for the next.
-        placed = self._placed.setdefault(pid, {})
+        placed = self._placed.get(pid, {})
         for m, mod in list(placed.values()):
-            if not any(o.start < m.end and m.start < o.end for o in out):
-                out.append(m)
-                known[m.start] = mod
+            place(m, mod)
         for m in out:
             placed.setdefault(m.start, (m, known[m.start]))
-        self._placed.move_to_end(pid)
-        while len(self._placed) > MAX_PROCESSES:
-            self._placed.popitem(last=False)
+        _put_recent(self._placed, pid, placed, MAX_PROCESSES)
         return out, known
 
     def _outermost(self, frame: RawFrame) -> bool:
@@ -648,9 +651,7 @@ class Symbolizer:
             return hit
         named = self._name(raw, caller)
         if raw.build_id:  # a frame without a build-id names nothing for sure later
-            self._named_cache[key] = named
-            while len(self._named_cache) > MAX_SYMBOLIZED:
-                self._named_cache.popitem(last=False)
+            _put_recent(self._named_cache, key, named, MAX_SYMBOLIZED)
         return named
 
     def _name(self, raw: RawFrame, caller: bool) -> list[StackFrame]:

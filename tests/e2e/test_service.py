@@ -249,6 +249,7 @@ def effects(svc: Service) -> dict[str, Any]:
     MMIO run before it has been handled: no violation for that pid by then means none at all."""
     mmio = run_vmm("buggy-mmio-write", 1)
     pio = run_vmm("buggy-io-out", 1)
+
     def pio_lines() -> list[dict[str, Any]]:
         return [e for e in svc.lines() if e["event"] == "completion_violation"
                 and e["pid"] == pio.pid]

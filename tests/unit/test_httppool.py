@@ -73,11 +73,12 @@ def test_every_request_is_served_by_the_threads_started_with_the_server() -> Non
                 time.sleep(0.01)
         assert threading.active_count() == before  # no thread started for a request
         assert len(served) == 3 * POOL_THREADS
-        assert set(served) <= set(server.pool_native_ids)
+        pool_ids = [thread.native_id for thread in server._pool]
+        assert set(served) <= set(pool_ids)
         # One after another: the thread that went idle last serves the next (its malloc arena
         # already holds a page; round the pool each thread's would grow to one).
         assert len(set(served)) == 1
-        assert sorted(started) == sorted(i for i in server.pool_native_ids if i is not None)
+        assert sorted(started) == sorted(i for i in pool_ids if i is not None)
         assert len(started) == POOL_THREADS
 
 
