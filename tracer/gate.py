@@ -26,6 +26,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Final
 
 from tracer.alerts import SnapshotAlert, ViolationAlert
+from tracer.events import USTACK_TOKENS
 from tracer.gate_junit import JunitCase, junit_tree, write_junit_file
 from tracer.policy import Severity
 from tracer.symbolize import is_system_frame, stack_lines
@@ -39,6 +40,15 @@ DEFAULT_RERUN_PAGES: Final = 65536  # 256 MiB: the rerun hint when the ring size
 SNAPSHOT_RULE: Final = "snapshot-mid-completion"
 REPORT_SCHEMA: Final = "kvm-completion-tracer/watch-report/1"
 
+# Why reports went without their user stack (tracer.counters.STACK_MISS_REASONS), in words: a
+# finding reported without it says "unknown call site", and the report says why.
+_STACK_MISS_TEXT: Final = {
+    "stack_map_full": "the kernel's stack map full",
+    "stack_failed": "the kernel's stack walk failed",
+    "user_stack_failed": "registers or stack bytes not readable",
+    "user_stack_dropped": (f"not sent: more reports at once than the {USTACK_TOKENS} stack "
+                           "captures allowed between two reads of the ring, or the ring full"),
+}
 _SEVERITY_RANK: Final = {severity.value: rank for rank, severity in enumerate(Severity)}
 
 # Frames of the ioctl wrapper itself, innermost first on every stack: the call site is the
@@ -263,6 +273,7 @@ class GateReport:
         # reached us: no call site, only that they happened (tracer.tracker.unverified)
         self.unverified: dict[str, int] = {}
         self.maps_full: dict[str, int] = {}
+        self.stacks_missed: dict[str, int] = {}  # reason -> reports without their user stack
         self.ringbuf_pages: int | None = None
         self.max_vcpus: int | None = None
         self.reader_nice: int | None = None  # the ring reader's nice value (None: unchanged)
@@ -326,6 +337,11 @@ class GateReport:
         self.ringbuf_pages = ringbuf_pages
         self.max_vcpus = max_vcpus
 
+    def set_stacks_missed(self, by_reason: Mapping[str, int]) -> None:
+        """Reports that went without their user stack, by reason: counted, never a loss (the
+        finding is there, its call site may be unknown)."""
+        self.stacks_missed = {reason: n for reason, n in by_reason.items() if n}
+
     def set_exit_totals(self, exits_traced: int, pending_exits: int) -> None:
         """Exits seen and how many left a completion pending: what a clean run covered."""
         self.exits_traced = exits_traced
@@ -382,6 +398,8 @@ class GateReport:
             lines.extend(self._finding_lines(finding, color))
             lines.append("")
         lines.append(self._summary_line())
+        if self.stacks_missed:
+            lines.append(self._stacks_missed_line())
         lines.extend(self.suppression_lines)
         if self.lossy:
             lines.append(_paint(self._losses_line(), _YELLOW_BOLD, color))
@@ -435,6 +453,13 @@ class GateReport:
         return (f"SUMMARY: {TOOL}: {_plural(len(self._findings), 'finding')} "
                 f"({_plural(total, 'occurrence')}: {kinds}) in "
                 f"{_plural(processes, 'process')}; {tail}")
+
+    def _stacks_missed_line(self) -> str:
+        why = "; ".join(f"{reason} {n} ({_STACK_MISS_TEXT.get(reason, reason)})"
+                        for reason, n in sorted(self.stacks_missed.items()))
+        total = sum(self.stacks_missed.values())
+        return (f"{TOOL}: {_plural(total, 'report')} went without a user stack, so without a "
+                f"call site: {why}")
 
     def _losses_text(self) -> str:
         parts = []
