@@ -10,8 +10,9 @@
 // --violations K (busy vCPU 0 only): about every --pace-us microseconds, right after an IO exit
 // and while its completion is pending, issue KVM_GET_REGS on the vCPU fd (a save mid-completion:
 // the violation the daemon reports), stamping CLOCK_REALTIME right before the ioctl; then
-// re-enter KVM_RUN.  The stamps (ns) and the vCPU's exit count at that moment (= the daemon's
-// `window`) go to --ts-file, one "ts_ns window" pair a line.
+// re-enter KVM_RUN.  The stamps (ns), the vCPU's exit count at that moment (= the daemon's
+// `window`) and when the KVM_RUN that exited was entered (CLOCK_REALTIME ns: the window opened
+// between the two stamps) go to --ts-file, one "ts_ns window entry_ns" line each.
 //   --save-ioctls 2 (default) follows the KVM_GET_REGS with KVM_GET_SREGS: a snapshot, which the
 //   daemon reports at once.  --save-ioctls 1 issues the KVM_GET_REGS alone: a register peek,
 //   which the daemon holds until the window shows what it was (an inspection when re-entry
@@ -92,6 +93,7 @@ struct vcpu {
     long violations_done;
     uint64_t *ts;       // violation stamps (CLOCK_REALTIME ns)
     uint64_t *windows;  // exit count at each violation
+    uint64_t *entries;  // when the KVM_RUN that exited before each violation was entered
     int error;
 };
 
@@ -173,7 +175,10 @@ static void *busy(void *arg)
     uint64_t next_violation = start + (uint64_t)pace_us * 1000;
     int violating = v->index == 0 && violations > 0;
     uint64_t n = 0;
+    uint64_t entered = 0;
     for (;;) {
+        if (violating)
+            entered = now_ns(CLOCK_REALTIME);
         if (ioctl(v->fd, KVM_RUN, 0) < 0) {
             if (errno == EINTR)
                 continue;
@@ -197,6 +202,7 @@ static void *busy(void *arg)
                 }
                 v->ts[v->violations_done] = stamp;
                 v->windows[v->violations_done] = n;
+                v->entries[v->violations_done] = entered;
                 v->violations_done++;
                 next_violation = t + (uint64_t)pace_us * 1000;
                 if (v->violations_done >= violations)
@@ -334,7 +340,8 @@ int main(int argc, char **argv)
     if (violations) {
         vcpus[0].ts = calloc((size_t)violations, sizeof(uint64_t));
         vcpus[0].windows = calloc((size_t)violations, sizeof(uint64_t));
-        if (!vcpus[0].ts || !vcpus[0].windows)
+        vcpus[0].entries = calloc((size_t)violations, sizeof(uint64_t));
+        if (!vcpus[0].ts || !vcpus[0].windows || !vcpus[0].entries)
             die("calloc");
     }
 
@@ -365,8 +372,9 @@ int main(int argc, char **argv)
         if (!f)
             die(ts_file);
         for (long i = 0; i < vcpus[0].violations_done; i++)
-            fprintf(f, "%llu %llu\n", (unsigned long long)vcpus[0].ts[i],
-                    (unsigned long long)vcpus[0].windows[i]);
+            fprintf(f, "%llu %llu %llu\n", (unsigned long long)vcpus[0].ts[i],
+                    (unsigned long long)vcpus[0].windows[i],
+                    (unsigned long long)vcpus[0].entries[i]);
         fclose(f);
     }
     printf("{\"exits\": %llu, \"seconds\": %.6f, \"ns_per_exit\": %.2f, \"exits_per_s\": %.0f, "
