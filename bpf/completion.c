@@ -28,7 +28,7 @@
 // tracer/syscall_abi.py (RAW_SYSCALLS only); map sizes MAX_VCPUS, MAX_VCPU_FDS, MAX_THREADS,
 // MAX_PROCS, VCPU_SLOTS, VCPU_SLOT_BITS, VCPU_SLOT_MASK, PENDING_SAMPLE, MAX_GUEST_EXIT_KEYS, MAX_MID_KEYS, MAX_LOST_WINDOWS, RINGBUF_PAGES; KVM_EXIT_IO_NR and
 // KVM_EXIT_HYPERV_NR (the exits whose access head the policy's sanctions look at); HAVE_GROUP_DEAD, TRACE_EXITS, RAW_SYSCALLS
-// optional; STACKS (with MAX_STACKS, STACK_ERR_EXIST, USTACK_BYTES, USTACK_CHUNK, USTACK_TOKENS,
+// optional; STACKS (with MAX_STACKS, STACK_ERR_EXIST, USTACK_BYTES, USTACK_CHUNK,
 // USER_PAGE_SIZE): the user stack
 // of every reported ioctl (the kernel's frame-pointer walk, and with USER_STACK_CAPTURE, kernel
 // >= 5.15 with BTF, the registers and stack bytes);
@@ -517,9 +517,10 @@ static __always_inline void count_mid(u32 tgid, u32 cmd, struct vcpu_state *st, 
 // kernel struct is read. A failed copy or a full ring is counted, and ev says no record follows.
 static __always_inline void capture_user_stack(struct event *ev, struct vcpu_state *held)
 {
-    // A storm of reports must not crowd the reports out of the ring: at most USTACK_TOKENS
-    // captures between two reads of the ring by Python (which refills the tokens); past them,
-    // none (counted as user_stack_dropped; the report keeps the kernel's frame-pointer walk).
+    // A storm of reports must not crowd the reports out of the ring: at most ustack_tokens
+    // captures between two reads of the ring by Python (which refills them: one per 32 KiB of
+    // ring, tracer.events.stack_capture_budget); past them, none (counted as
+    // user_stack_dropped; the report keeps the kernel's frame-pointer walk).
     u32 zero = 0;
     s64 *tokens = ustack_tokens.lookup(&zero);
     if (!tokens || __sync_fetch_and_add(tokens, -1) <= 0) {

@@ -62,9 +62,19 @@ EXEC_PATH_BYTES: Final = 256  # an EXEC event's file name, after the struct
 USTACK_HEADER: Final = struct.Struct("<IIIIQQ21Q")
 USTACK_BYTES: Final = 8192
 USTACK_CHUNK: Final = 512  # copied in pieces: a stack's top less than 8 KiB away still copies
-# Captures allowed between two reads of the ring (Python refills them after each): 8 records
-# are 67 KiB, a quarter of the default 256 KiB ring, so a storm of reports keeps its reports.
-USTACK_TOKENS: Final = 8
+# Captures allowed between two reads of the ring (Python refills them after each read): one
+# per 32 KiB of ring, so the records (8.2 KiB each) fill at most about a quarter of it and a
+# storm of reports keeps room for its reports: 8 in the default 256 KiB ring, 256 at most (the
+# cap: watch's 64 MiB ring), for the VMM that reads a dozen kinds of state in one burst.
+USTACK_RING_BYTES_PER_TOKEN: Final = 32 * 1024
+USTACK_TOKENS_MAX: Final = 256
+
+
+def stack_capture_budget(ring_bytes: int) -> int:
+    """User stack captures allowed between two reads of a ring of ``ring_bytes``."""
+    return max(1, min(USTACK_TOKENS_MAX, ring_bytes // USTACK_RING_BYTES_PER_TOKEN))
+
+
 PT_REGS: Final = ("r15", "r14", "r13", "r12", "rbp", "rbx", "r11", "r10", "r9", "r8", "rax",
                   "rcx", "rdx", "rsi", "rdi", "orig_rax", "rip", "cs", "eflags", "rsp", "ss")
 EXEC_EVENT_SIZE: Final = EVENT_SIZE + EXEC_PATH_BYTES

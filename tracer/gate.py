@@ -26,7 +26,6 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Final
 
 from tracer.alerts import SnapshotAlert, ViolationAlert
-from tracer.events import USTACK_TOKENS
 from tracer.gate_junit import JunitCase, junit_tree, write_junit_file
 from tracer.policy import Severity
 from tracer.symbolize import is_system_frame, stack_lines
@@ -46,7 +45,7 @@ _STACK_MISS_TEXT: Final = {
     "stack_map_full": "the kernel's stack map full",
     "stack_failed": "the kernel's stack walk failed",
     "user_stack_failed": "registers or stack bytes not readable",
-    "user_stack_dropped": (f"not sent: more reports at once than the {USTACK_TOKENS} stack "
+    "user_stack_dropped": ("not sent: more reports at once than the {allowed} stack "
                            "captures allowed between two reads of the ring, or the ring full"),
 }
 _SEVERITY_RANK: Final = {severity.value: rank for rank, severity in enumerate(Severity)}
@@ -274,6 +273,7 @@ class GateReport:
         self.unverified: dict[str, int] = {}
         self.maps_full: dict[str, int] = {}
         self.stacks_missed: dict[str, int] = {}  # reason -> reports without their user stack
+        self.captures_allowed = 0  # stack captures between two reads of the ring
         self.ringbuf_pages: int | None = None
         self.max_vcpus: int | None = None
         self.reader_nice: int | None = None  # the ring reader's nice value (None: unchanged)
@@ -337,10 +337,12 @@ class GateReport:
         self.ringbuf_pages = ringbuf_pages
         self.max_vcpus = max_vcpus
 
-    def set_stacks_missed(self, by_reason: Mapping[str, int]) -> None:
+    def set_stacks_missed(self, by_reason: Mapping[str, int], captures_allowed: int) -> None:
         """Reports that went without their user stack, by reason: counted, never a loss (the
-        finding is there, its call site may be unknown)."""
+        finding is there, its call site may be unknown). ``captures_allowed``: the probes'
+        stack captures between two reads of the ring (ProbeConfig.stack_tokens)."""
         self.stacks_missed = {reason: n for reason, n in by_reason.items() if n}
+        self.captures_allowed = captures_allowed
 
     def set_exit_totals(self, exits_traced: int, pending_exits: int) -> None:
         """Exits seen and how many left a completion pending: what a clean run covered."""
@@ -455,8 +457,10 @@ class GateReport:
                 f"{_plural(processes, 'process')}; {tail}")
 
     def _stacks_missed_line(self) -> str:
-        why = "; ".join(f"{reason} {n} ({_STACK_MISS_TEXT.get(reason, reason)})"
-                        for reason, n in sorted(self.stacks_missed.items()))
+        why = "; ".join(
+            f"{reason} {n} "
+            f"({_STACK_MISS_TEXT.get(reason, reason).format(allowed=self.captures_allowed)})"
+            for reason, n in sorted(self.stacks_missed.items()))
         total = sum(self.stacks_missed.values())
         return (f"{TOOL}: {_plural(total, 'report')} went without a user stack, so without a "
                 f"call site: {why}")

@@ -13,6 +13,7 @@ import errno
 import fcntl
 import functools
 import json
+import mmap
 import os
 import re
 import select
@@ -33,8 +34,8 @@ from tracer.events import (
     MAX_EVENT_SIZE,
     USTACK_BYTES,
     USTACK_CHUNK,
-    USTACK_TOKENS,
     EventType,
+    stack_capture_budget,
 )
 from tracer.handover import AdoptState
 from tracer.midcounts import LostWindow, MidKey
@@ -114,6 +115,11 @@ class ProbeConfig:
     # The pending-time histogram times one completed window in pending_sample (a power of
     # two; 1: every window, two clock reads more per exit)
     pending_sample: int = 16
+
+    @property
+    def stack_tokens(self) -> int:
+        """User stack captures allowed between two reads of the ring (tracer.events)."""
+        return stack_capture_budget(self.ringbuf_pages * mmap.PAGESIZE)
 
     # The other maps follow max_vcpus, so one key sizes them all.
     @property
@@ -233,7 +239,7 @@ def cflags(config: ProbeConfig) -> list[str]:
     if config.stacks:
         defs.update(STACKS=1, MAX_STACKS=config.max_stacks, STACK_ERR_EXIST=f"(-{errno.EEXIST})",
                     USTACK_BYTES=USTACK_BYTES, USTACK_CHUNK=USTACK_CHUNK,
-                    USTACK_TOKENS=USTACK_TOKENS, USER_PAGE_SIZE=user_page_size())
+                    USER_PAGE_SIZE=user_page_size())
         if user_stack_capture_supported():
             defs.update(USER_STACK_CAPTURE=1,
                         PT_REGS_IP_IDX=syscall_abi.PT_REGS_IP_SP_OFFSETS["rip"] // 8,
@@ -636,11 +642,11 @@ class Probes:
         self._refill_stack_tokens()
 
     def _refill_stack_tokens(self) -> None:
-        """The ring was read: USTACK_TOKENS more user stack captures may go into it."""
+        """The ring was read: ``config.stack_tokens`` more user stack captures may go in."""
         if self._stack_tokens is None:
             return
         table, key = self._stack_tokens
-        table[key] = table.Leaf(USTACK_TOKENS)
+        table[key] = table.Leaf(self.config.stack_tokens)
 
     # ---- map maintenance from Python -----------------------------------------------------------
     def adopt_vcpu(self, pid: int, fd: int, vcpu_id: int, run_addr: int | None,

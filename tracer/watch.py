@@ -199,7 +199,7 @@ def watch(options: DaemonOptions, gate: WatchOptions, log: AlertSink | None = No
         maps_full = {k: v for k, v in counters.items()
                      if k.endswith("_map_full") and v and k not in STACK_MISS_REASONS}
         stacks_missed = {k: int(counters.get(k, 0)) for k in STACK_MISS_REASONS}
-        report.set_stacks_missed(stacks_missed)
+        report.set_stacks_missed(stacks_missed, probe_config.stack_tokens)
         report.set_losses(counters["events_lost"], maps_full,
                           ringbuf_pages=probe_config.ringbuf_pages,
                           max_vcpus=probe_config.max_vcpus)

@@ -45,6 +45,7 @@ from tracer.events import (
     decode_event,
     encode_event,
     encode_user_stack,
+    stack_capture_budget,
 )
 
 REPO = Path(__file__).resolve().parents[2]
@@ -670,3 +671,18 @@ def test_the_capture_needs_kernel_5_15_and_btf(tmp_path: Path, release: str, btf
     assert probes.user_stack_capture_supported(release, vmlinux) is supported
     # the capture is compiled only then: the frame-pointer walk alone otherwise
     assert "#ifdef USER_STACK_CAPTURE\n    capture_user_stack(ev, 0);" in SOURCE
+
+
+def test_stack_captures_between_two_reads_fill_at_most_a_quarter_of_the_ring() -> None:
+    # The ring's record: its 8-byte header, then struct user_stack_rec (kernel/bpf/ringbuf.c).
+    record = 8 + USTACK_HEADER.size + USTACK_BYTES
+    page = 4096
+    assert stack_capture_budget(64 * page) == 8  # run's default ring: as before
+    assert stack_capture_budget(16384 * page) == 256  # watch's 64 MiB ring: the cap
+    assert stack_capture_budget(1 * page) == 1  # a tiny ring still gets its first call site
+    for pages in (2 ** k for k in range(15)):
+        budget = stack_capture_budget(pages * page)
+        assert budget == 1 or budget * record <= 0.26 * pages * page, pages
+    # A burst of a dozen kinds of state read at once (tracer.vmm's snapshot reads 10) keeps
+    # every call site under watch, whose ring is at least 64 MiB.
+    assert stack_capture_budget(16384 * page) >= 2 * 12

@@ -214,20 +214,20 @@ def test_partial_stack_is_flagged_and_missing_stack_said() -> None:
 
 
 def test_reports_without_their_user_stack_are_said_with_the_reason() -> None:
-    """watch of a VMM whose snapshot reads 10 kinds of state at once: the probes capture 8
-    stacks between two reads of the ring; the findings of the rest say "unknown call site",
-    and the report says why (counted, never a loss: the gate's verdict is unchanged)."""
+    """watch of a VMM whose reports outran the probes' stack captures (8 between two reads of
+    the ring here): the findings of the rest say "unknown call site", and the report says why
+    and how many captures were allowed (counted, never a loss: the verdict is unchanged)."""
     report = GateReport()
     report.add_violation(violation(ioctl="KVM_GET_MSRS"))
     report.set_stacks_missed({"stack_map_full": 0, "stack_failed": 0, "user_stack_failed": 0,
-                              "user_stack_dropped": 12})
+                              "user_stack_dropped": 12}, captures_allowed=8)
     text = report.render_text()
     assert ("kvm-completion-tracer: 12 reports went without a user stack, so without a call "
             "site: user_stack_dropped 12 (not sent: more reports at once than the 8 stack "
             "captures allowed between two reads of the ring, or the ring full)") in text
     assert text.index("SUMMARY:") < text.index("went without a user stack")
     assert report.verdict().status == "fail" and not report.lossy
-    report.set_stacks_missed({"user_stack_dropped": 0, "user_stack_failed": 0})
+    report.set_stacks_missed({"user_stack_dropped": 0, "user_stack_failed": 0}, 8)
     assert "without a user stack" not in report.render_text()
 
 
