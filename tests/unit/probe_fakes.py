@@ -49,7 +49,8 @@ class ModelProbes:
 
     def counters(self) -> dict[str, int]:
         return {"lost_violation": self.lost, "vcpu_map_full": 0, "untracked_exits": 7,
-                "stack_map_full": 0, "stack_failed": 1, "user_stack_failed": 2,
+                "stack_map_full": 4, "stack_failed": 1, "user_stack_failed": 2,
+                "lost_window_map_full": 5,
                 "user_stack_dropped": 3}
 
     def guest_exit_counts(self) -> dict[tuple[int, int, int, int], int]:

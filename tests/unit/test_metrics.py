@@ -136,9 +136,16 @@ def test_self_health_series() -> None:
     assert value(got, "kvm_completion_events_lost_total", event_type="violation") == 2
     assert value(got, "kvm_completion_map_full_total", map="vcpu") == 0
     assert value(got, "kvm_completion_untracked_exits_total") == 7
-    for reason, n in (("stack_map_full", 0), ("stack_failed", 1), ("user_stack_failed", 2),
+    for reason, n in (("stack_map_full", 4), ("stack_failed", 1), ("user_stack_failed", 2),
                       ("user_stack_dropped", 3)):
         assert value(got, "kvm_completion_stacks_missed_total", reason=reason) == n
+    # A taken stack bucket costs a stack, not tracking: not a full map for the MapFull alert
+    # (which says violations go unseen).
+    assert value(got, "kvm_completion_map_full_total", map="stack") is None
+    # lost_windows is a map, not an event type, whatever its name starts with.
+    assert value(got, "kvm_completion_map_full_total", map="lost_window") == 5
+    assert {dict(labels)["event_type"] for name, labels in got
+            if name == "kvm_completion_events_lost_total"} == {"violation"}
     assert value(got, "kvm_completion_ringbuf_polls_total") == 12
     assert value(got, "kvm_completion_last_poll_timestamp_seconds") == 1700000000.5
     import platform
