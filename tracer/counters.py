@@ -12,7 +12,7 @@ Pure Python: no bcc, no prometheus_client.
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Final
 
@@ -24,6 +24,22 @@ from tracer import abi
 # daemon's next read of the ring).
 STACK_MISS_REASONS: Final = ("stack_map_full", "stack_failed", "user_stack_failed",
                              "user_stack_dropped")
+
+
+def maps_full(counters: Mapping[str, int]) -> dict[str, int]:
+    """The probe counters (``<map>_map_full``) of failed inserts into the tracking maps. Not the
+    stack map's taken buckets: they cost a report its stack, not tracking (STACK_MISS_REASONS).
+    By suffix: lost_window_map_full is a map's, not a lost event type's."""
+    return {name: n for name, n in counters.items()
+            if name.endswith("_map_full") and name not in STACK_MISS_REASONS}
+
+
+def events_lost_by_type(counters: Mapping[str, int]) -> dict[str, int]:
+    """The probe counters of ring-buffer events dropped, by event type."""
+    return {name.removeprefix("lost_"): n for name, n in counters.items()
+            if name.startswith("lost_") and not name.endswith("_map_full")}
+
+
 # bpf/completion.c: exits[] has one slot per reason below MAX_EXIT_REASON, then these two.
 EXIT_SLOT_OTHER: Final = abi.MAX_EXIT_REASON
 EXIT_SLOT_ERROR: Final = abi.MAX_EXIT_REASON + 1

@@ -17,7 +17,14 @@ from prometheus_client import CollectorRegistry, ProcessCollector
 
 from tracer import __version__, handover, vmident
 from tracer.alerts import AlertSink, LogSink
-from tracer.counters import PATHS, STACK_MISS_REASONS, RunState, VcpuCounters, total
+from tracer.counters import (
+    PATHS,
+    RunState,
+    VcpuCounters,
+    events_lost_by_type,
+    maps_full,
+    total,
+)
 from tracer.events import CapturePairer, KernelEvent, MalformedEvent, UserCapture, decode_event
 from tracer.fairlock import FairLock
 from tracer.metrics import CompletionCollector, ExporterHealth, MetricsOptions, start_server
@@ -289,15 +296,12 @@ class Daemon:
         counters = self.probes.counters()
         lost = counters["events_lost"]
         if lost > self._lost_reported:
-            by_type = {k.removeprefix("lost_"): v for k, v in counters.items()
-                       if k.startswith("lost_") and not k.endswith("_map_full") and v}
+            by_type = {k: v for k, v in events_lost_by_type(counters).items() if v}
             self.sink.notice("events_lost", "warning", lost=lost - self._lost_reported,
                              total=lost, by_type=by_type,
                              hint="raise --ringbuf-pages; alerts may be missing")
             self._lost_reported = lost
-        # The stack map's taken buckets cost stacks, not tracking (kvm_completion_stacks_missed)
-        full = {k: v for k, v in counters.items()
-                if k.endswith("_map_full") and v and k not in STACK_MISS_REASONS}
+        full = {k: v for k, v in maps_full(counters).items() if v}
         if full:
             self.sink.notice("maps_full", "warning", **full)
 

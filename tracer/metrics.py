@@ -39,7 +39,9 @@ from tracer.counters import (
     RunState,
     VcpuCounters,
     VcpuEntry,
+    events_lost_by_type,
     exit_slot_name,
+    maps_full,
     total,
 )
 from tracer.fairlock import FairLock
@@ -468,15 +470,10 @@ class CompletionCollector(Collector):
                          "by event type: alerts may be missing.", ["event_type"])
         full = f.counter("map_full", "Entries the kernel could not add because a BPF map was "
                          "full, by map.", ["map"])
-        for name, value in sorted(counters.items()):
-            if name.endswith("_map_full"):  # first: lost_window_map_full is a map's
-                # A taken stack bucket costs a report its stack, not tracking: it is counted
-                # in stacks_missed, and kept out of map_full, whose alert says violations go
-                # unseen.
-                if name not in STACK_MISS_REASONS:
-                    f.add(full, [name.removesuffix("_map_full")], value)
-            elif name.startswith("lost_"):
-                f.add(lost, [name.removeprefix("lost_")], value)
+        for event_type, value in sorted(events_lost_by_type(counters).items()):
+            f.add(lost, [event_type], value)
+        for name, value in sorted(maps_full(counters).items()):
+            f.add(full, [name.removesuffix("_map_full")], value)
         for name, doc in (("untracked_exits", "Exits to userspace from threads whose vCPU the "
                            "probes do not know (VMs older than the daemon until their next "
                            "state ioctl)."),

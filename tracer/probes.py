@@ -538,7 +538,8 @@ class Probes:
                 self._save_cache(cache)
             _release_compile_heap()
         self._ring_poller: select.poll | None = None  # set by on_event
-        self._stack_tokens: tuple[Any, Any] | None = None  # (ustack_tokens, key 0), with capture
+        # (ustack_tokens, key 0, the refill leaf), with capture
+        self._stack_tokens: tuple[Any, Any, Any] | None = None
         self._closed = False
         self._adopted = 0  # vCPUs adopted so far: the counter in their uids
         self._slot_mask = (1 << self.config.slot_bits) - 1
@@ -625,7 +626,8 @@ class Probes:
             except KeyError:  # no capture on this kernel (user_stack_capture_supported)
                 tokens = None
             if tokens is not None:
-                self._stack_tokens = (tokens, tokens.Key(0))
+                self._stack_tokens = (tokens, tokens.Key(0),
+                                      tokens.Leaf(self.config.stack_tokens))
                 self._refill_stack_tokens()
         self._ring_poller.register(ring.map_fd, select.POLLIN)
 
@@ -645,8 +647,8 @@ class Probes:
         """The ring was read: ``config.stack_tokens`` more user stack captures may go in."""
         if self._stack_tokens is None:
             return
-        table, key = self._stack_tokens
-        table[key] = table.Leaf(self.config.stack_tokens)
+        table, key, leaf = self._stack_tokens
+        table[key] = leaf
 
     # ---- map maintenance from Python -----------------------------------------------------------
     def adopt_vcpu(self, pid: int, fd: int, vcpu_id: int, run_addr: int | None,

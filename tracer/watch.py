@@ -24,7 +24,7 @@ from typing import Any
 
 from tracer import __version__
 from tracer.alerts import AlertSink, SnapshotAlert, ViolationAlert
-from tracer.counters import STACK_MISS_REASONS
+from tracer.counters import STACK_MISS_REASONS, maps_full
 from tracer.daemon import Daemon, DaemonOptions
 from tracer.gate import GateReport, exit_status
 from tracer.gate_ci import CiOptions, account, write_outputs
@@ -196,11 +196,10 @@ def watch(options: DaemonOptions, gate: WatchOptions, log: AlertSink | None = No
         # A full stack map costs a stack, not an event: the finding is still reported (its
         # call site unknown), so it does not make the run inconclusive; --max-vcpus, the
         # remedy for the other maps, would not help it either.
-        maps_full = {k: v for k, v in counters.items()
-                     if k.endswith("_map_full") and v and k not in STACK_MISS_REASONS}
+        full = {k: v for k, v in maps_full(counters).items() if v}
         stacks_missed = {k: int(counters.get(k, 0)) for k in STACK_MISS_REASONS}
         report.set_stacks_missed(stacks_missed, probe_config.stack_tokens)
-        report.set_losses(counters["events_lost"], maps_full,
+        report.set_losses(counters["events_lost"], full,
                           ringbuf_pages=probe_config.ringbuf_pages,
                           max_vcpus=probe_config.max_vcpus)
         with daemon.lock:
